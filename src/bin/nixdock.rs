@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("nixdock: not implemented yet");
+    std::process::exit(1);
+}

@@ -1,0 +1,1 @@
+//! nixdock: Nix's build hook, served by Docker builders over SSH.
