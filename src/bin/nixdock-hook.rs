@@ -1,4 +1,44 @@
+//! `nixdock-hook`: Nix's build hook, served by Docker builders. Set `build-hook` to this
+//! program; Nix runs it with the verbosity as its last argument.
+
+use nixdock::hook::{self, parent::Parent};
+use nixdock::state::StateDir;
+
 fn main() {
-    eprintln!("nixdock-hook: not implemented yet");
-    std::process::exit(1);
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!(
+            "nixdock-hook: a drop-in replacement for Nix's build hook.\n\n\
+             Nix starts it itself; set `build-hook = {}` (see `nixdock install`).\n\
+             It speaks the build-hook protocol on fds 0, 2 and 4 and is not meant to be run by hand.\n\n\
+             Environment: NIXDOCK_CONFIG (default /etc/nixdock/nixdock.toml), NIXDOCK_STATE_DIR,\n\
+             NIXDOCK_LOG (log filter for the hook's log file, e.g. debug).",
+            std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| "/path/to/nixdock-hook".into())
+        );
+        return;
+    }
+    // The verbosity Nix passes is for its own messages; our log file has its own filter.
+    let _verbosity = hook_protocol::hook::verbosity_from_args(&args[1..]);
+    let state_dir = StateDir::default_path();
+    if std::fs::create_dir_all(&state_dir).is_ok() {
+        nixdock::logfile::init(&state_dir.join("hook.log"), "info");
+    }
+    let parent = Parent::new();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            parent.error(&format!("nixdock-hook: cannot start: {e}"));
+            std::process::exit(1);
+        }
+    };
+    let code = rt.block_on(hook::run(&parent));
+    // Do not wait for lingering tasks (a child daemon, an SSH reader): Nix takes EOF on our
+    // stderr as the end of the build, so exit now with the status we mean.
+    rt.shutdown_background();
+    std::process::exit(code);
 }

@@ -1,0 +1,523 @@
+//! Starting, reusing and recreating builder containers, and the readiness check: a builder is
+//! ready only when an SSH handshake with its pinned host key succeeded and `nix-daemon
+//! --stdio` answered. The ready connection is handed to the caller, so the check costs a
+//! build nothing.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bollard::errors::Error as DockerError;
+use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, VolumeCreateRequest};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, LogsOptions,
+    RemoveContainerOptions, StartContainerOptions, StopContainerOptions, UploadToContainerOptions,
+};
+use futures_util::StreamExt;
+use hook_protocol::worker::WorkerClient;
+
+use crate::state::{FileLock, StateDir, StateError};
+use crate::transport::keys::{self, ClientKey};
+use crate::transport::ssh::{self, ExecOutput, ExecStdin, SshError, SshSession};
+
+use super::engine::{Engine, EngineError};
+use super::provision::{self, BuilderSpec, REMOTE_NIX_DAEMON, SSH_PORT};
+use super::slots;
+
+pub type DaemonConnection = WorkerClient<ExecOutput, ExecStdin>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuilderError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(
+        "builder image {image} for {system} is not available: {reason}\nBuild it with `nixdock image build`, or set `image` for this system in the nixdock config."
+    )]
+    ImageMissing {
+        image: String,
+        system: String,
+        reason: String,
+    },
+    #[error("builder {container} stopped while starting ({status}); its last output:\n{logs}")]
+    Exited {
+        container: String,
+        status: String,
+        logs: String,
+    },
+    #[error("builder {container} did not become ready within {secs} s: {last}")]
+    NotReady {
+        container: String,
+        secs: u64,
+        last: String,
+    },
+    #[error("builder {container}: {what}")]
+    Broken { container: String, what: String },
+    #[error("builder {container}: SSH: {source}")]
+    Ssh {
+        container: String,
+        #[source]
+        source: Box<SshError>,
+    },
+    #[error("builder {container}: nix-daemon did not answer: {source}")]
+    Daemon {
+        container: String,
+        #[source]
+        source: Box<hook_protocol::worker::WorkerError>,
+    },
+    #[error("cannot make an SSH key: {0}")]
+    Key(String),
+}
+
+impl BuilderError {
+    pub fn is_host_key_mismatch(&self) -> bool {
+        matches!(self, BuilderError::Ssh { source, .. } if matches!(**source, SshError::HostKeyMismatch { .. }))
+    }
+}
+
+/// A builder that answered, with the connection that proved it.
+pub struct ReadyBuilder {
+    pub spec: BuilderSpec,
+    pub container: String,
+    pub addr: SocketAddr,
+    pub session: SshSession,
+    pub daemon: DaemonConnection,
+    /// Whether this call created or started the container (a cold start).
+    pub started: bool,
+}
+
+/// This installation's builders on one engine.
+pub struct Builders {
+    pub engine: Engine,
+    pub state: StateDir,
+    pub client_key: ClientKey,
+}
+
+fn is_not_found(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+fn is_conflict(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::DockerResponseServerError {
+            status_code: 409,
+            ..
+        }
+    )
+}
+
+/// The loopback port the engine published for sshd.
+fn published_port(c: &ContainerInspectResponse) -> Option<u16> {
+    c.network_settings
+        .as_ref()?
+        .ports
+        .as_ref()?
+        .get(SSH_PORT)?
+        .as_ref()?
+        .iter()
+        .find_map(|b| b.host_port.as_deref()?.parse().ok())
+}
+
+fn label<'a>(c: &'a ContainerInspectResponse, key: &str) -> Option<&'a str> {
+    c.config
+        .as_ref()?
+        .labels
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
+}
+
+fn status(c: &ContainerInspectResponse) -> Option<ContainerStateStatusEnum> {
+    c.state.as_ref()?.status
+}
+
+impl Builders {
+    pub fn new(engine: Engine, state: StateDir) -> Result<Builders, BuilderError> {
+        let client_key = keys::load_or_create_client_key(state.path())
+            .map_err(|e| BuilderError::Key(e.to_string()))?;
+        Ok(Builders {
+            engine,
+            state,
+            client_key,
+        })
+    }
+
+    /// Makes sure the builder for `spec` runs with its current configuration and answers,
+    /// creating, starting or recreating its container as needed. Concurrent callers (other
+    /// hook processes) wait on a lock in the state dir, so one system never gets two
+    /// containers and nobody connects to a half-started one.
+    pub async fn ensure_ready(&self, spec: &BuilderSpec) -> Result<ReadyBuilder, BuilderError> {
+        let name = spec.container_name();
+        let lock_path = self.state.lock_path(&format!("builder-{name}"));
+        let _lock = tokio::task::spawn_blocking(move || FileLock::exclusive(&lock_path))
+            .await
+            .map_err(|e| BuilderError::Broken {
+                container: name.clone(),
+                what: format!("lock task failed: {e}"),
+            })??;
+
+        let image_id = self.image_id(spec).await?;
+        let hash = spec.config_hash(&image_id, self.client_key.public_openssh());
+        let mut started = false;
+
+        let existing = match self.inspect(&name).await? {
+            Some(c) if label(&c, provision::LABEL_CONFIG) == Some(hash.as_str()) => Some(c),
+            Some(c) => {
+                // Configuration changed: recreate, but never under a running build.
+                let old_jobs = label(&c, provision::LABEL_MAX_JOBS)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(spec.max_jobs);
+                match slots::try_acquire_all(&self.state.load_dir(), &name, old_jobs)? {
+                    Some(_all) => {
+                        tracing::info!(container = %name, "configuration changed; recreating the builder");
+                        self.remove(&name).await?;
+                        None
+                    }
+                    None => {
+                        tracing::warn!(container = %name, "configuration changed, but builds are running on it; reusing it until they finish");
+                        Some(c)
+                    }
+                }
+            }
+            None => None,
+        };
+        let c = match existing {
+            Some(c) => c,
+            None => {
+                started = true;
+                self.create(spec, &image_id, &hash).await?
+            }
+        };
+        if !matches!(status(&c), Some(ContainerStateStatusEnum::RUNNING)) {
+            started = true;
+            tracing::info!(container = %name, "starting builder");
+            self.engine
+                .docker
+                .start_container(&name, None::<StartContainerOptions>)
+                .await
+                .map_err(self.engine.api_err())?;
+        }
+        self.wait_ready(spec, &name, started).await
+    }
+
+    async fn image_id(&self, spec: &BuilderSpec) -> Result<String, BuilderError> {
+        let docker = &self.engine.docker;
+        match docker.inspect_image(&spec.image).await {
+            Ok(i) => {
+                return i.id.ok_or_else(|| BuilderError::Broken {
+                    container: spec.container_name(),
+                    what: "image has no id".into(),
+                });
+            }
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(self.engine.api_err()(e).into()),
+        }
+        // Not local: pull it. Only here does a platform go to the engine; a local image runs
+        // as it is, whatever architecture its label claims.
+        tracing::info!(image = %spec.image, "pulling builder image");
+        let opts = CreateImageOptions {
+            from_image: Some(spec.image.clone()),
+            platform: spec.platform.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        let mut pull = docker.create_image(Some(opts), None, None);
+        while let Some(item) = pull.next().await {
+            if let Err(e) = item {
+                return Err(BuilderError::ImageMissing {
+                    image: spec.image.clone(),
+                    system: spec.system.clone(),
+                    reason: format!("not found locally, and pulling failed: {e}"),
+                });
+            }
+        }
+        let i =
+            docker
+                .inspect_image(&spec.image)
+                .await
+                .map_err(|e| BuilderError::ImageMissing {
+                    image: spec.image.clone(),
+                    system: spec.system.clone(),
+                    reason: e.to_string(),
+                })?;
+        i.id.ok_or_else(|| BuilderError::Broken {
+            container: spec.container_name(),
+            what: "image has no id".into(),
+        })
+    }
+
+    pub async fn inspect(
+        &self,
+        name: &str,
+    ) -> Result<Option<ContainerInspectResponse>, BuilderError> {
+        match self
+            .engine
+            .docker
+            .inspect_container(name, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(c) => Ok(Some(c)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(self.engine.api_err()(e).into()),
+        }
+    }
+
+    pub async fn remove(&self, name: &str) -> Result<(), BuilderError> {
+        let opts = RemoveContainerOptions {
+            force: true,
+            ..Default::default()
+        };
+        match self.engine.docker.remove_container(name, Some(opts)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(self.engine.api_err()(e).into()),
+        }
+    }
+
+    pub async fn stop(&self, name: &str) -> Result<(), BuilderError> {
+        let opts = StopContainerOptions {
+            t: Some(5),
+            ..Default::default()
+        };
+        match self.engine.docker.stop_container(name, Some(opts)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(DockerError::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(self.engine.api_err()(e).into()),
+        }
+    }
+
+    async fn create(
+        &self,
+        spec: &BuilderSpec,
+        image_id: &str,
+        hash: &str,
+    ) -> Result<ContainerInspectResponse, BuilderError> {
+        let docker = &self.engine.docker;
+        let name = spec.container_name();
+        let volume = spec.volume_name(image_id);
+        docker
+            .create_volume(VolumeCreateRequest {
+                name: Some(volume.clone()),
+                labels: Some(spec.volume_labels()),
+                ..Default::default()
+            })
+            .await
+            .map_err(self.engine.api_err())?;
+        let host_key = keys::generate_host_key().map_err(|e| BuilderError::Key(e.to_string()))?;
+        let labels = spec.labels(hash, &host_key.public_openssh(), image_id);
+        let body = spec.container_body(image_id, &volume, labels);
+        let opts = CreateContainerOptions {
+            name: Some(name.clone()),
+            ..Default::default()
+        };
+        tracing::info!(container = %name, image = %spec.image, %volume, emulated = spec.emulated, "creating builder");
+        if let Err(e) = docker.create_container(Some(opts), body).await {
+            if is_conflict(&e) {
+                // Someone outside our lock (an older nixdock?) made it: use theirs.
+                return self
+                    .inspect(&name)
+                    .await?
+                    .ok_or_else(|| BuilderError::Broken {
+                        container: name.clone(),
+                        what: "name conflict, but no such container".into(),
+                    });
+            }
+            return Err(self.engine.api_err()(e).into());
+        }
+        let tar = spec
+            .provisioning_tar(host_key.private_openssh(), self.client_key.public_openssh())
+            .map_err(|e| BuilderError::Broken {
+                container: name.clone(),
+                what: format!("cannot build the provisioning archive: {e}"),
+            })?;
+        let upload = docker
+            .upload_to_container(
+                &name,
+                Some(UploadToContainerOptions {
+                    path: "/".into(),
+                    ..Default::default()
+                }),
+                bollard::body_full(tar.into()),
+            )
+            .await;
+        if let Err(e) = upload {
+            let _ = self.remove(&name).await;
+            return Err(self.engine.api_err()(e).into());
+        }
+        self.inspect(&name)
+            .await?
+            .ok_or_else(|| BuilderError::Broken {
+                container: name,
+                what: "vanished right after creation".into(),
+            })
+    }
+
+    async fn logs_tail(&self, name: &str, lines: usize) -> String {
+        let opts = LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: lines.to_string(),
+            ..Default::default()
+        };
+        let mut s = self.engine.docker.logs(name, Some(opts));
+        let mut out = String::new();
+        while let Some(Ok(chunk)) = s.next().await {
+            out.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+        }
+        out.trim_end().to_string()
+    }
+
+    async fn wait_ready(
+        &self,
+        spec: &BuilderSpec,
+        name: &str,
+        started: bool,
+    ) -> Result<ReadyBuilder, BuilderError> {
+        let t0 = Instant::now();
+        let limit = if spec.emulated {
+            Duration::from_secs(180)
+        } else {
+            Duration::from_secs(60)
+        };
+        let mut last;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            let c = self
+                .inspect(name)
+                .await?
+                .ok_or_else(|| BuilderError::Broken {
+                    container: name.to_string(),
+                    what: "the container disappeared".into(),
+                })?;
+            match status(&c) {
+                Some(ContainerStateStatusEnum::RUNNING) => {}
+                other => {
+                    let exit = c.state.as_ref().and_then(|s| s.exit_code).unwrap_or(-1);
+                    return Err(BuilderError::Exited {
+                        container: name.to_string(),
+                        status: format!(
+                            "{}, exit code {exit}",
+                            other.map(|s| s.to_string()).unwrap_or_default()
+                        ),
+                        logs: self.logs_tail(name, 20).await,
+                    });
+                }
+            }
+            let pinned = label(&c, provision::LABEL_HOST_KEY)
+                .ok_or_else(|| BuilderError::Broken {
+                    container: name.to_string(),
+                    what: "no pinned host key label; remove the container".into(),
+                })
+                .and_then(|k| {
+                    keys::parse_public_key(k).map_err(|e| BuilderError::Broken {
+                        container: name.to_string(),
+                        what: format!("bad pinned host key: {e}"),
+                    })
+                })?;
+            if let Some(port) = published_port(&c) {
+                let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                match self.connect(name, addr, &pinned).await {
+                    Ok((session, daemon)) => {
+                        tracing::info!(container = %name, %addr, ms = t0.elapsed().as_millis() as u64, started, "builder ready");
+                        return Ok(ReadyBuilder {
+                            spec: spec.clone(),
+                            container: name.to_string(),
+                            addr,
+                            session,
+                            daemon,
+                            started,
+                        });
+                    }
+                    // A mismatched host key never gets better by waiting.
+                    Err(e @ BuilderError::Ssh { .. }) if e.is_host_key_mismatch() => return Err(e),
+                    Err(e) if !started => return Err(e),
+                    Err(e) => last = e.to_string(),
+                }
+            } else {
+                last = "no published ssh port yet".into();
+            }
+            if t0.elapsed() > limit {
+                return Err(BuilderError::NotReady {
+                    container: name.to_string(),
+                    secs: limit.as_secs(),
+                    last,
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// One SSH connection plus a `nix-daemon --stdio` handshake on it.
+    pub async fn connect(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+        pinned: &russh::keys::PublicKey,
+    ) -> Result<(SshSession, DaemonConnection), BuilderError> {
+        let ssh_err = |source| BuilderError::Ssh {
+            container: name.to_string(),
+            source: Box::new(source),
+        };
+        let session = ssh::connect(
+            addr,
+            "root",
+            &self.client_key,
+            pinned,
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(ssh_err)?;
+        let daemon = open_daemon(&session, name).await?;
+        Ok((session, daemon))
+    }
+}
+
+/// Opens another `nix-daemon --stdio` on an existing session (for parallel copies).
+pub async fn open_daemon(
+    session: &SshSession,
+    name: &str,
+) -> Result<DaemonConnection, BuilderError> {
+    let ch = session
+        .exec(REMOTE_NIX_DAEMON)
+        .await
+        .map_err(|source| BuilderError::Ssh {
+            container: name.to_string(),
+            source: Box::new(source),
+        })?;
+    let ssh::ExecChannel {
+        stdin,
+        stdout,
+        mut stderr,
+        ..
+    } = ch;
+    // The remote daemon's own stderr (startup warnings) goes to our log, never to the build.
+    let n = name.to_string();
+    tokio::spawn(async move {
+        while let Some(Ok(chunk)) = stderr.next_chunk().await {
+            tracing::debug!(container = %n, "builder nix-daemon stderr: {}", String::from_utf8_lossy(&chunk).trim_end());
+        }
+    });
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        WorkerClient::handshake(stdout, stdin),
+    )
+    .await
+    .map_err(|_| BuilderError::Broken {
+        container: name.to_string(),
+        what: "nix-daemon --stdio did not answer the handshake within 30 s".into(),
+    })?
+    .map_err(|source| BuilderError::Daemon {
+        container: name.to_string(),
+        source: Box::new(source),
+    })
+}

@@ -1,0 +1,13 @@
+//! Builder lifecycle on Docker: finding the engine, deciding what each system's container looks
+//! like, creating/reusing/recreating it, counting its build slots across processes, and proving
+//! it ready over SSH.
+
+pub mod engine;
+pub mod lifecycle;
+pub mod provision;
+pub mod slots;
+pub mod systems;
+
+pub use engine::{Engine, EngineError};
+pub use lifecycle::{BuilderError, Builders, ReadyBuilder};
+pub use provision::BuilderSpec;

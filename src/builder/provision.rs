@@ -1,0 +1,396 @@
+//! What goes into a builder container: the files nixdock uploads through the Engine API before
+//! the container starts (no bind mount of host files), and the container's own configuration.
+//! Everything that decides whether a running container is still right goes into
+//! [`BuilderSpec::config_hash`].
+
+use std::collections::HashMap;
+
+use bollard::models::{
+    ContainerCreateBody, DeviceMapping, HostConfig, Mount, MountType, PortBinding,
+};
+use sha2::{Digest, Sha256};
+
+use crate::config::{BuilderConfig, Config, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_JOBS, parse_memory};
+
+use super::systems;
+
+/// Bumped whenever the provisioning below changes in a way that needs new containers.
+const PROVISION_VERSION: &str = "1";
+pub const ENTRY_SCRIPT: &str = include_str!("entry.sh");
+pub const SSH_PORT: &str = "22/tcp";
+/// The command the hook runs over SSH; the entry script links it to the image's nix-daemon.
+pub const REMOTE_NIX_DAEMON: &str = "/etc/nixdock/bin/nix-daemon --stdio";
+
+pub const LABEL_INSTANCE: &str = "nixdock.instance";
+pub const LABEL_SYSTEM: &str = "nixdock.system";
+pub const LABEL_CONFIG: &str = "nixdock.config-hash";
+pub const LABEL_HOST_KEY: &str = "nixdock.host-key";
+pub const LABEL_IMAGE: &str = "nixdock.image";
+pub const LABEL_MAX_JOBS: &str = "nixdock.max-jobs";
+
+/// Default image per system when the config names none (`nixdock image build` makes it).
+pub fn default_image(system: &str) -> String {
+    format!("nixdock/builder:{system}")
+}
+
+/// Features every builder offers; `kvm` and `nixos-test` only with `/dev/kvm` passed through.
+pub fn default_features(kvm: bool) -> Vec<String> {
+    let mut f = vec!["big-parallel".to_string(), "benchmark".to_string()];
+    if kvm {
+        f.push("kvm".into());
+        f.push("nixos-test".into());
+    }
+    f
+}
+
+/// A builder as configured for one system on one engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuilderSpec {
+    pub instance: String,
+    pub system: String,
+    pub image: String,
+    pub platform: Option<String>,
+    pub max_jobs: u32,
+    pub nano_cpus: Option<i64>,
+    pub memory: Option<i64>,
+    pub idle_timeout_secs: u64,
+    pub features: Vec<String>,
+    pub extra_nix_conf: Vec<String>,
+    pub kvm: bool,
+    pub emulated: bool,
+}
+
+impl BuilderSpec {
+    pub fn from_config(
+        instance: &str,
+        system: &str,
+        c: &BuilderConfig,
+        engine_arch: &str,
+    ) -> BuilderSpec {
+        BuilderSpec {
+            instance: instance.to_string(),
+            system: system.to_string(),
+            image: c.image.clone().unwrap_or_else(|| default_image(system)),
+            platform: c.platform.clone(),
+            max_jobs: c.max_jobs.unwrap_or(DEFAULT_MAX_JOBS),
+            nano_cpus: c.cpus.map(|c| (c * 1e9) as i64),
+            memory: c.memory.as_deref().and_then(parse_memory),
+            idle_timeout_secs: c.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT.as_secs()),
+            features: c
+                .features
+                .clone()
+                .unwrap_or_else(|| default_features(c.kvm)),
+            extra_nix_conf: c.extra_nix_conf.clone(),
+            kvm: c.kvm,
+            emulated: systems::is_emulated(system, engine_arch),
+        }
+    }
+
+    /// Every builder this installation serves: the config's tables, or the engine's sensible
+    /// defaults when there are none.
+    pub fn all(
+        cfg: &Config,
+        instance: &str,
+        engine_arch: &str,
+        engine_is_local: bool,
+    ) -> Vec<BuilderSpec> {
+        if cfg.builders.is_empty() {
+            systems::default_systems(engine_arch, engine_is_local)
+                .iter()
+                .map(|s| Self::from_config(instance, s, &BuilderConfig::default(), engine_arch))
+                .collect()
+        } else {
+            cfg.builders
+                .iter()
+                .map(|(s, c)| Self::from_config(instance, s, c, engine_arch))
+                .collect()
+        }
+    }
+
+    /// Container name: the instance id keeps two installations on one engine apart.
+    pub fn container_name(&self) -> String {
+        format!("nixdock-{}-{}", self.instance, sanitize(&self.system))
+    }
+
+    /// `/nix` lives on a volume per system and image, so the store survives restarts while a
+    /// new image never runs over an old image's `/nix`.
+    pub fn volume_name(&self, image_id: &str) -> String {
+        let short: String = image_id
+            .trim_start_matches("sha256:")
+            .chars()
+            .take(12)
+            .collect();
+        format!(
+            "nixdock-{}-{}-{}",
+            self.instance,
+            sanitize(&self.system),
+            short
+        )
+    }
+
+    /// The static part of the builder's nix.conf (the entry script adds build-users-group and
+    /// the emulation settings it verified).
+    pub fn nix_conf(&self) -> String {
+        let mut s = String::new();
+        s.push_str("trusted-users = root\n");
+        s.push_str("sandbox = false\n");
+        s.push_str(&format!("max-jobs = {}\n", self.max_jobs));
+        s.push_str("cores = 0\n");
+        s.push_str(&format!("system-features = {}\n", self.features.join(" ")));
+        if self.system == "i686-linux" {
+            s.push_str("extra-platforms = i686-linux\n");
+        }
+        // Collect garbage before the volume fills: start below 1 GiB free, stop at 4 GiB.
+        s.push_str("min-free = 1073741824\nmax-free = 4294967296\n");
+        for l in &self.extra_nix_conf {
+            s.push_str(l);
+            s.push('\n');
+        }
+        s
+    }
+
+    pub fn sshd_config(&self) -> String {
+        [
+            "# written by nixdock",
+            "Port 22",
+            "HostKey /etc/nixdock/ssh_host_ed25519_key",
+            "PermitRootLogin prohibit-password",
+            "AuthorizedKeysFile /etc/nixdock/authorized_keys",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "AllowTcpForwarding no",
+            "AllowAgentForwarding no",
+            "AllowStreamLocalForwarding no",
+            "X11Forwarding no",
+            "PermitTunnel no",
+            "UseDNS no",
+            "PrintMotd no",
+            "PrintLastLog no",
+            "StrictModes no",
+            "MaxSessions 64",
+            "MaxStartups 64:30:128",
+            "PidFile /run/nixdock-sshd.pid",
+            "",
+        ]
+        .join("\n")
+    }
+
+    /// Hash of everything that, when changed, means the container must be recreated.
+    pub fn config_hash(&self, image_id: &str, client_public_key: &str) -> String {
+        let mut h = Sha256::new();
+        for part in [
+            PROVISION_VERSION,
+            ENTRY_SCRIPT,
+            image_id,
+            &self.system,
+            &self.nix_conf(),
+            &self.sshd_config(),
+            &format!(
+                "{:?}/{:?}/{}/{}",
+                self.nano_cpus, self.memory, self.idle_timeout_secs, self.kvm
+            ),
+            &self.emulated.to_string(),
+            client_public_key,
+        ] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        h.finalize()
+            .iter()
+            .take(12)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    pub fn labels(
+        &self,
+        config_hash: &str,
+        host_public_key: &str,
+        image_id: &str,
+    ) -> HashMap<String, String> {
+        HashMap::from([
+            (LABEL_INSTANCE.into(), self.instance.clone()),
+            (LABEL_SYSTEM.into(), self.system.clone()),
+            (LABEL_CONFIG.into(), config_hash.into()),
+            (LABEL_HOST_KEY.into(), host_public_key.into()),
+            (LABEL_IMAGE.into(), image_id.into()),
+            (LABEL_MAX_JOBS.into(), self.max_jobs.to_string()),
+        ])
+    }
+
+    pub fn volume_labels(&self) -> HashMap<String, String> {
+        HashMap::from([
+            (LABEL_INSTANCE.into(), self.instance.clone()),
+            (LABEL_SYSTEM.into(), self.system.clone()),
+        ])
+    }
+
+    pub fn container_body(
+        &self,
+        image_id: &str,
+        volume: &str,
+        labels: HashMap<String, String>,
+    ) -> ContainerCreateBody {
+        let expect_arch = systems::container_arch(&self.system).unwrap_or("");
+        let devices = self.kvm.then(|| {
+            vec![DeviceMapping {
+                path_on_host: Some("/dev/kvm".into()),
+                path_in_container: Some("/dev/kvm".into()),
+                cgroup_permissions: Some("rwm".into()),
+            }]
+        });
+        ContainerCreateBody {
+            // Run the exact image we inspected, by id: a tag moved meanwhile cannot sneak in.
+            image: Some(image_id.to_string()),
+            entrypoint: Some(vec!["/bin/sh".into()]),
+            cmd: Some(vec!["/etc/nixdock/entry.sh".into()]),
+            env: Some(vec![
+                format!("NIXDOCK_SYSTEM={}", self.system),
+                format!("NIXDOCK_EXPECT_ARCH={expect_arch}"),
+                format!("NIXDOCK_EMULATED={}", u8::from(self.emulated)),
+                format!("NIXDOCK_IDLE_TIMEOUT={}", self.idle_timeout_secs),
+            ]),
+            exposed_ports: Some(vec![SSH_PORT.into()]),
+            labels: Some(labels),
+            hostname: Some(format!("nixdock-{}", sanitize(&self.system))),
+            host_config: Some(HostConfig {
+                // sshd only on loopback, on a port the engine picks.
+                port_bindings: Some(HashMap::from([(
+                    SSH_PORT.to_string(),
+                    Some(vec![PortBinding {
+                        host_ip: Some("127.0.0.1".into()),
+                        host_port: Some(String::new()),
+                    }]),
+                )])),
+                mounts: Some(vec![Mount {
+                    target: Some("/nix".into()),
+                    source: Some(volume.to_string()),
+                    typ: Some(MountType::VOLUME),
+                    ..Default::default()
+                }]),
+                init: Some(true),
+                nano_cpus: self.nano_cpus,
+                memory: self.memory,
+                devices,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The tar archive uploaded to `/` of the created container before it starts.
+    pub fn provisioning_tar(
+        &self,
+        host_private_key: &str,
+        client_public_key: &str,
+    ) -> std::io::Result<Vec<u8>> {
+        let mut b = tar::Builder::new(Vec::new());
+        let sshd_config = self.sshd_config();
+        let nix_conf = self.nix_conf();
+        let files: [(&str, &[u8], u32); 5] = [
+            ("etc/nixdock/entry.sh", ENTRY_SCRIPT.as_bytes(), 0o755),
+            ("etc/nixdock/sshd_config", sshd_config.as_bytes(), 0o600),
+            (
+                "etc/nixdock/ssh_host_ed25519_key",
+                host_private_key.as_bytes(),
+                0o600,
+            ),
+            (
+                "etc/nixdock/authorized_keys",
+                client_public_key.as_bytes(),
+                0o600,
+            ),
+            ("etc/nixdock/nix.conf.in", nix_conf.as_bytes(), 0o644),
+        ];
+        let mut dir = tar::Header::new_gnu();
+        dir.set_entry_type(tar::EntryType::Directory);
+        dir.set_mode(0o755);
+        dir.set_size(0);
+        dir.set_mtime(0);
+        b.append_data(&mut dir, "etc/nixdock/", std::io::empty())?;
+        for (path, data, mode) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(mode);
+            h.set_mtime(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            b.append_data(&mut h, path, data)?;
+        }
+        b.into_inner()
+    }
+}
+
+/// Docker names allow `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> BuilderSpec {
+        BuilderSpec::from_config(
+            "abcd1234",
+            "aarch64-linux",
+            &BuilderConfig::default(),
+            "x86_64",
+        )
+    }
+
+    #[test]
+    fn names_carry_the_instance() {
+        let s = spec();
+        assert_eq!(s.container_name(), "nixdock-abcd1234-aarch64-linux");
+        assert_eq!(
+            s.volume_name("sha256:0123456789abcdef0123"),
+            "nixdock-abcd1234-aarch64-linux-0123456789ab"
+        );
+        assert!(s.emulated);
+        assert_eq!(s.max_jobs, 8);
+    }
+
+    #[test]
+    fn config_hash_tracks_what_matters() {
+        let s = spec();
+        let a = s.config_hash("img1", "key");
+        assert_eq!(a, s.config_hash("img1", "key"));
+        assert_ne!(a, s.config_hash("img2", "key"));
+        let mut t = s.clone();
+        t.max_jobs = 2;
+        assert_ne!(a, t.config_hash("img1", "key"));
+    }
+
+    #[test]
+    fn nix_conf_is_static_and_has_no_per_caller_settings() {
+        let c = spec().nix_conf();
+        assert!(c.contains("trusted-users = root"));
+        assert!(c.contains("max-jobs = 8"));
+        assert!(!c.contains("substituters"));
+    }
+
+    #[test]
+    fn tar_holds_the_provisioning_files() {
+        let t = spec()
+            .provisioning_tar("PRIVATE", "ssh-ed25519 AAAA x")
+            .unwrap();
+        let mut a = tar::Archive::new(&t[..]);
+        let names: Vec<String> = a
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert!(names.contains(&"etc/nixdock/entry.sh".to_string()));
+        assert!(names.contains(&"etc/nixdock/ssh_host_ed25519_key".to_string()));
+    }
+}

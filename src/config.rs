@@ -1,0 +1,199 @@
+//! nixdock's configuration file (`$NIXDOCK_CONFIG`, default `/etc/nixdock/nixdock.toml`).
+//!
+//! Every table rejects unknown keys so a typo is an error that names the key instead of a
+//! setting that silently does nothing.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/nixdock/nixdock.toml";
+/// Builder slots when the config names none: Nix retries a postponed build only every
+/// `build-poll-interval` (5 s), so a builder should rarely be full.
+pub const DEFAULT_MAX_JOBS: u32 = 8;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: builders.\"{system}\": {message}")]
+    Invalid {
+        path: PathBuf,
+        system: String,
+        message: String,
+    },
+}
+
+/// The file as written by the user.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// Docker engine address (`unix:///path` or a plain socket path); tried first.
+    pub docker_host: Option<String>,
+    /// Also offload derivations the host could build itself.
+    #[serde(default)]
+    pub offload_local: bool,
+    /// Serve the engine's native and emulated systems when no `[builders]` table is given.
+    #[serde(default)]
+    pub builders: BTreeMap<String, BuilderConfig>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BuilderConfig {
+    pub image: Option<String>,
+    /// Passed to the engine only when an image has to be pulled.
+    pub platform: Option<String>,
+    pub max_jobs: Option<u32>,
+    pub cpus: Option<f64>,
+    /// Memory limit, e.g. "8g" or "512m".
+    pub memory: Option<String>,
+    /// Seconds without a build before the container stops itself.
+    pub idle_timeout: Option<u64>,
+    pub features: Option<Vec<String>>,
+    /// Lines appended to the builder's nix.conf.
+    #[serde(default)]
+    pub extra_nix_conf: Vec<String>,
+    /// Pass `/dev/kvm` through (enables the `kvm` and `nixos-test` features).
+    #[serde(default)]
+    pub kvm: bool,
+}
+
+impl Config {
+    /// The config path from the environment, or the default.
+    pub fn path_from_env() -> PathBuf {
+        std::env::var_os("NIXDOCK_CONFIG")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+    }
+
+    /// Loads the config; a missing file is an empty config, anything else unreadable is an
+    /// error.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        for (system, b) in &cfg.builders {
+            let invalid = |message: &str| ConfigError::Invalid {
+                path: path.to_owned(),
+                system: system.clone(),
+                message: message.to_string(),
+            };
+            if !system.contains('-') {
+                return Err(invalid("a system looks like \"x86_64-linux\""));
+            }
+            if b.max_jobs == Some(0) {
+                return Err(invalid("max-jobs must be at least 1"));
+            }
+            if let Some(m) = &b.memory
+                && parse_memory(m).is_none()
+            {
+                return Err(invalid(
+                    "memory must look like \"8g\", \"512m\" or a byte count",
+                ));
+            }
+            if b.cpus.is_some_and(|c| c.is_nan() || c <= 0.0) {
+                return Err(invalid("cpus must be positive"));
+            }
+            if b.extra_nix_conf.iter().any(|l| l.contains('\n')) {
+                return Err(invalid("extra-nix-conf holds one setting per list element"));
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// Parses "8g", "512m", "1024k" or a plain byte count.
+pub fn parse_memory(s: &str) -> Option<i64> {
+    let s = s.trim().to_ascii_lowercase();
+    let s = s.strip_suffix('b').unwrap_or(&s);
+    let (num, mult) = match s.chars().last()? {
+        'k' => (&s[..s.len() - 1], 1i64 << 10),
+        'm' => (&s[..s.len() - 1], 1 << 20),
+        'g' => (&s[..s.len() - 1], 1 << 30),
+        't' => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    num.trim().parse::<i64>().ok()?.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn full_builder_table() {
+        let c = parse(
+            r#"
+            docker-host = "unix:///run/docker.sock"
+            [builders."aarch64-linux"]
+            image = "nixdock-test/bookworm-arm64"
+            max-jobs = 4
+            cpus = 1.5
+            memory = "2g"
+            idle-timeout = 60
+            features = ["big-parallel"]
+            extra-nix-conf = ["keep-outputs = true"]
+            "#,
+        )
+        .unwrap();
+        let b = &c.builders["aarch64-linux"];
+        assert_eq!(b.image.as_deref(), Some("nixdock-test/bookworm-arm64"));
+        assert_eq!(b.max_jobs, Some(4));
+        assert_eq!(b.idle_timeout, Some(60));
+        assert_eq!(c.docker_host.as_deref(), Some("unix:///run/docker.sock"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse("[builders.\"x86_64-linux\"]\nimgae = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("imgae"), "{e}");
+        let e = parse("dockr-host = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("dockr-host"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(parse("[builders.\"x86_64-linux\"]\nmax-jobs = 0\n").is_err());
+        assert!(parse("[builders.\"x86_64-linux\"]\nmemory = \"lots\"\n").is_err());
+        assert!(parse("[builders.\"linux\"]\n").is_err());
+    }
+
+    #[test]
+    fn missing_file_is_empty_config() {
+        let c = Config::load(Path::new("/nonexistent/nixdock.toml")).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn memory_units() {
+        assert_eq!(parse_memory("2g"), Some(2 << 30));
+        assert_eq!(parse_memory("512m"), Some(512 << 20));
+        assert_eq!(parse_memory("100"), Some(100));
+        assert_eq!(parse_memory("x"), None);
+    }
+}

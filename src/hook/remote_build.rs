@@ -1,0 +1,453 @@
+//! One accepted build: copy the input closure the builder lacks, build with BuildDerivation
+//! while streaming its log to the parent, then bring every missing output back into the local
+//! store (written directly and registered with `--register-validity`, never through the
+//! daemon, which would wait on the output locks the parent holds).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hook_protocol::derivation::Derivation;
+use hook_protocol::hook::{AcceptedWork, Settings};
+use hook_protocol::log::{ActivityType, LogLine};
+use hook_protocol::nar::{DumpOptions, dump_path};
+use hook_protocol::store_path::StorePath;
+use hook_protocol::worker::{
+    BuildMode, BuildResult, BuildStatus, ClientSettings, LogEvent, NarSource, ValidPathInfo,
+    WorkerError,
+};
+use tokio::io::AsyncWrite;
+
+use crate::builder::ReadyBuilder;
+use crate::builder::lifecycle::DaemonConnection;
+use crate::local_daemon::LocalDaemon;
+use crate::local_store::{OutputImporter, PathInfo};
+
+use super::parent::Parent;
+
+/// How a build ended, as the hook's exit status tells Nix (≤ 2.28 maps 100 and 101).
+#[derive(Debug)]
+pub enum Outcome {
+    Built,
+    Failed { exit: i32, message: String },
+}
+
+pub const EXIT_PERMANENT: i32 = 100;
+pub const EXIT_TIMEOUT: i32 = 101;
+
+pub struct Job<'a> {
+    pub parent: &'a Parent,
+    pub settings: &'a Settings,
+    pub drv_path: StorePath,
+    pub drv: Derivation,
+    pub work: AcceptedWork,
+    pub machine: String,
+}
+
+fn fail(message: String) -> Outcome {
+    Outcome::Failed { exit: 1, message }
+}
+
+/// Reads `path` from the local store's file system: the hook runs as root or as the store's
+/// owner, and a NAR made here is byte-identical to the daemon's.
+struct FsNarSource<'a> {
+    case_hack: bool,
+    copied: u64,
+    expected_bytes: u64,
+    act: u64,
+    parent: &'a Parent,
+}
+
+impl NarSource for FsNarSource<'_> {
+    async fn write_nar<W: AsyncWrite + Unpin + Send>(
+        &mut self,
+        info: &ValidPathInfo,
+        out: &mut W,
+    ) -> std::io::Result<()> {
+        let p = info.path.to_absolute();
+        let s = dump_path(
+            Path::new(&p),
+            out,
+            DumpOptions {
+                case_hack: self.case_hack,
+            },
+        )
+        .await
+        .map_err(|e| std::io::Error::other(format!("{p}: {e}")))?;
+        if s.nar_size != info.nar_size {
+            return Err(std::io::Error::other(format!(
+                "{p} changed on disk: its NAR is {} bytes, the store says {}",
+                s.nar_size, info.nar_size
+            )));
+        }
+        self.copied += s.nar_size;
+        self.parent.send(&LogLine::result_progress(
+            self.act,
+            self.copied,
+            self.expected_bytes,
+            0,
+            0,
+        ));
+        Ok(())
+    }
+}
+
+/// Sorts `paths` so every path comes after the ones it references.
+fn topo_sort(infos: BTreeMap<StorePath, ValidPathInfo>) -> Vec<ValidPathInfo> {
+    let mut done: BTreeSet<StorePath> = BTreeSet::new();
+    let mut out = Vec::with_capacity(infos.len());
+    let mut remaining = infos;
+    while !remaining.is_empty() {
+        let ready: Vec<StorePath> = remaining
+            .iter()
+            .filter(|(p, i)| {
+                i.references
+                    .iter()
+                    .all(|r| r == *p || done.contains(r) || !remaining.contains_key(r))
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        // A cycle cannot happen in a valid store; if it does, send the rest as they are.
+        let batch = if ready.is_empty() {
+            remaining.keys().cloned().collect()
+        } else {
+            ready
+        };
+        for p in batch {
+            if let Some(i) = remaining.remove(&p) {
+                done.insert(p);
+                out.push(i);
+            }
+        }
+    }
+    out
+}
+
+fn remote_err(what: &str, e: WorkerError) -> Outcome {
+    fail(format!("{what}: {e}"))
+}
+
+impl Job<'_> {
+    pub async fn run(
+        self,
+        builder: &mut ReadyBuilder,
+        local: &mut LocalDaemon,
+        nix_store: &Path,
+    ) -> Outcome {
+        let t0 = Instant::now();
+        match self.copy_inputs(builder, local).await {
+            Ok(()) => {}
+            Err(o) => return o,
+        }
+        let t_copy = t0.elapsed();
+        let result = match self.build(&mut builder.daemon).await {
+            Ok(r) => r,
+            Err(o) => return o,
+        };
+        let t_build = t0.elapsed() - t_copy;
+        if !result.status.is_success() {
+            let exit = match result.status {
+                BuildStatus::TimedOut => EXIT_TIMEOUT,
+                BuildStatus::PermanentFailure
+                | BuildStatus::OutputRejected
+                | BuildStatus::NotDeterministic => EXIT_PERMANENT,
+                _ => 1,
+            };
+            return Outcome::Failed {
+                exit,
+                message: format!(
+                    "build of '{}' on '{}' failed: {}",
+                    self.drv_path,
+                    self.machine,
+                    result.error_msg.trim_end()
+                ),
+            };
+        }
+        if let Err(o) = self.copy_outputs(builder, local, nix_store).await {
+            return o;
+        }
+        tracing::info!(
+            drv = %self.drv_path,
+            copy_ms = t_copy.as_millis() as u64,
+            build_ms = t_build.as_millis() as u64,
+            total_ms = t0.elapsed().as_millis() as u64,
+            "remote build done"
+        );
+        Outcome::Built
+    }
+
+    async fn copy_inputs(
+        &self,
+        builder: &mut ReadyBuilder,
+        local: &mut LocalDaemon,
+    ) -> Result<(), Outcome> {
+        let mut inputs = BTreeSet::new();
+        for p in &self.work.inputs {
+            inputs.insert(
+                StorePath::from_absolute(p)
+                    .map_err(|e| fail(format!("bad input path from Nix {p}: {e}")))?,
+            );
+        }
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        let daemon = &mut builder.daemon;
+        let substitute = self.settings.builders_use_substitutes();
+        let valid = daemon
+            .query_valid_paths(&inputs, substitute, &mut |_| {})
+            .await
+            .map_err(|e| remote_err("asking the builder which inputs it has", e))?;
+        let missing: Vec<StorePath> = inputs.difference(&valid).cloned().collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut infos = BTreeMap::new();
+        for p in &missing {
+            let info = local
+                .query_path_info(p, &mut |_| {})
+                .await
+                .map_err(|e| fail(format!("reading {p} from the local store: {e}")))?
+                .ok_or_else(|| fail(format!("input {p} is not valid in the local store")))?;
+            infos.insert(p.clone(), info);
+        }
+        let ordered = topo_sort(infos);
+        let bytes: u64 = ordered.iter().map(|i| i.nar_size).sum();
+        let act = self.parent.ids.next_id();
+        self.parent.send(&LogLine::start_copy_paths(
+            act,
+            format!(
+                "copying {} paths ({} MiB) to '{}'",
+                ordered.len(),
+                bytes >> 20,
+                self.machine
+            ),
+        ));
+        self.parent.send(&LogLine::result_set_expected(
+            act,
+            ActivityType::CopyPath,
+            ordered.len() as u64,
+        ));
+        let mut source = FsNarSource {
+            case_hack: self.settings.use_case_hack(),
+            copied: 0,
+            expected_bytes: bytes,
+            act,
+            parent: self.parent,
+        };
+        let t = Instant::now();
+        let what = format!("copying inputs to '{}'", self.machine);
+        let r = if daemon.version().minor() >= 32 {
+            daemon
+                .add_multiple_to_store(&ordered, &mut source, false, true, &mut |_| {})
+                .await
+                .map_err(|e| remote_err(&what, e))
+        } else {
+            // Before 1.32 there is no AddMultipleToStore: one AddToStoreNar per path.
+            let mut r = Ok(());
+            for info in &ordered {
+                let (mut w, mut rd) = tokio::io::duplex(256 * 1024);
+                let path = info.path.to_absolute();
+                let case_hack = source.case_hack;
+                let dump = async move {
+                    let r = dump_path(Path::new(&path), &mut w, DumpOptions { case_hack }).await;
+                    drop(w);
+                    r
+                };
+                let mut quiet = |_| {};
+                let (d, a) = tokio::join!(
+                    dump,
+                    daemon.add_to_store_nar(info, &mut rd, false, true, &mut quiet)
+                );
+                if let Err(e) = d {
+                    r = Err(fail(format!("{what}: reading {}: {e}", info.path)));
+                    break;
+                }
+                if let Err(e) = a {
+                    r = Err(remote_err(&what, e));
+                    break;
+                }
+            }
+            r
+        };
+        self.parent.send(&LogLine::stop(act));
+        r?;
+        tracing::info!(
+            paths = ordered.len(),
+            bytes,
+            ms = t.elapsed().as_millis() as u64,
+            "inputs copied"
+        );
+        Ok(())
+    }
+
+    async fn build(&self, daemon: &mut DaemonConnection) -> Result<BuildResult, Outcome> {
+        // Settings of this caller travel with the connection, never into the builder's nix.conf.
+        let mut opts = ClientSettings {
+            verbosity: 3,
+            max_silent_time: self.settings.max_silent_time().map_or(0, |d| d.as_secs()),
+            use_substitutes: self.settings.builders_use_substitutes(),
+            keep_failed: self.settings.keep_failed(),
+            ..Default::default()
+        };
+        opts.overrides.insert(
+            "substituters".into(),
+            self.settings.substituters().join(" "),
+        );
+        if let Some(t) = self.settings.timeout() {
+            opts.overrides
+                .insert("timeout".into(), t.as_secs().to_string());
+        }
+        daemon
+            .set_options(&opts, &mut |_| {})
+            .await
+            .map_err(|e| remote_err("setting the builder's options", e))?;
+
+        // As Nix's own hook: with input derivations, the whole input closure becomes inputSrcs
+        // (the builder does not have the .drv files).
+        let srcs = if self.drv.input_drvs.is_empty() {
+            None
+        } else {
+            Some(
+                self.work
+                    .inputs
+                    .iter()
+                    .filter_map(|p| StorePath::from_absolute(p).ok())
+                    .collect(),
+            )
+        };
+        let basic = self.drv.to_basic(srcs);
+        let parent = self.parent;
+        let last_output = std::sync::Mutex::new(Instant::now());
+        let mut relay = |ev: LogEvent| {
+            *last_output.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            match &ev {
+                LogEvent::Result {
+                    typ: 104, fields, ..
+                } => {
+                    if let Some(hook_protocol::worker::Field::String(phase)) = fields.first() {
+                        parent.build_log_raw(&LogLine::set_phase(phase.as_str()).to_line());
+                    }
+                }
+                _ => {
+                    if let Some(line) = ev.log_line() {
+                        parent.build_log(line);
+                    }
+                }
+            }
+        };
+        let build = daemon.build_derivation(&self.drv_path, &basic, BuildMode::Normal, &mut relay);
+        let max_silent = self.settings.max_silent_time();
+        let timeout = self.settings.timeout();
+        // Nix's parent does not enforce these for hook builds, so the hook does.
+        let watchdog = async {
+            let start = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if let Some(t) = timeout
+                    && start.elapsed() > t
+                {
+                    return format!("timed out after {} seconds", t.as_secs());
+                }
+                if let Some(s) = max_silent {
+                    let last = *last_output.lock().unwrap_or_else(|p| p.into_inner());
+                    if last.elapsed() > s {
+                        return format!("timed out after {} seconds of silence", s.as_secs());
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            r = build => r.map_err(|e| {
+                if e.is_connection_closed() {
+                    fail(format!("lost the connection to builder '{}' during the build of '{}' (was the container stopped?): {e}", self.machine, self.drv_path))
+                } else {
+                    remote_err(&format!("building '{}' on '{}'", self.drv_path, self.machine), e)
+                }
+            }),
+            why = watchdog => Err(Outcome::Failed {
+                exit: EXIT_TIMEOUT,
+                message: format!("build of '{}' on '{}' {why}", self.drv_path, self.machine),
+            }),
+        }
+    }
+
+    async fn copy_outputs(
+        &self,
+        builder: &mut ReadyBuilder,
+        local: &mut LocalDaemon,
+        nix_store: &Path,
+    ) -> Result<(), Outcome> {
+        let mut outputs = BTreeSet::new();
+        for (name, o) in &self.drv.outputs {
+            let p = o
+                .path()
+                .ok_or_else(|| fail(format!("output '{name}' of '{}' has no known path (content-addressed outputs are not supported)", self.drv_path)))?;
+            outputs.insert(p);
+        }
+        let valid = local
+            .query_valid_paths(&outputs, false, &mut |_| {})
+            .await
+            .map_err(|e| fail(format!("asking the local store which outputs it has: {e}")))?;
+        let missing: Vec<StorePath> = outputs.difference(&valid).cloned().collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let store_dir = Path::new(hook_protocol::store_path::STORE_DIR);
+        let mut importer =
+            OutputImporter::new(store_dir, self.settings.use_case_hack()).map_err(|e| {
+                fail(format!(
+                    "preparing to write outputs into {}: {e}",
+                    store_dir.display()
+                ))
+            })?;
+        let act = self.parent.ids.next_id();
+        self.parent.send(&LogLine::start_copy_paths(
+            act,
+            format!("copying {} outputs from '{}'", missing.len(), self.machine),
+        ));
+        let daemon = &mut builder.daemon;
+        for p in &missing {
+            let info = daemon
+                .query_path_info(p, &mut |_| {})
+                .await
+                .map_err(|e| remote_err(&format!("reading output {p} on the builder"), e))?
+                .ok_or_else(|| {
+                    fail(format!(
+                        "the builder says output {p} is not valid after a successful build"
+                    ))
+                })?;
+            let mut digest = [0u8; 32];
+            let d = info.nar_hash.digest();
+            if d.len() != 32 {
+                return Err(fail(format!(
+                    "output {p}: the builder's NAR hash is not SHA-256"
+                )));
+            }
+            digest.copy_from_slice(d);
+            let pi = PathInfo {
+                path: p.to_absolute(),
+                deriver: Some(self.drv_path.to_absolute()),
+                nar_hash_sha256: digest,
+                nar_size: info.nar_size,
+                references: info.references.iter().map(|r| r.to_absolute()).collect(),
+            };
+            let (mut w, mut r) = tokio::io::duplex(1 << 20);
+            let fetch = async {
+                let res = daemon.nar_from_path(p, &mut w, &mut |_| {}).await;
+                drop(w);
+                res
+            };
+            let (f, a) = tokio::join!(fetch, importer.add(pi, &mut r));
+            f.map_err(|e| remote_err(&format!("copying output {p} from '{}'", self.machine), e))?;
+            a.map_err(|e| fail(format!("writing output {p} into the local store: {e}")))?;
+        }
+        importer.commit(nix_store).await.map_err(|e| {
+            fail(format!(
+                "registering the outputs of '{}': {e}",
+                self.drv_path
+            ))
+        })?;
+        self.parent.send(&LogLine::stop(act));
+        Ok(())
+    }
+}

@@ -1,0 +1,87 @@
+//! A worker-protocol connection to the local store the calling Nix uses (the preamble's
+//! `store` setting): its daemon socket when one answers, else `nix-daemon --stdio` run by the
+//! hook (single-user installs). Only reads go through it; outputs are never imported this way
+//! because the parent holds their locks (see `local_store`).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use hook_protocol::worker::WorkerClient;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+pub type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+pub type LocalDaemon = WorkerClient<BoxRead, BoxWrite>;
+
+pub const DEFAULT_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalDaemonError {
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        program: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("local Nix store ({how}): {source}")]
+    Protocol {
+        how: String,
+        #[source]
+        source: hook_protocol::worker::WorkerError,
+    },
+    #[error(transparent)]
+    NotFound(#[from] crate::nix_tools::NotFound),
+}
+
+/// Connects to the store named by `store` (`auto`, `daemon`, `unix://…`, `local`, a path…).
+pub async fn connect(store: &str) -> Result<LocalDaemon, LocalDaemonError> {
+    let socket = match store {
+        "daemon" => Some(DEFAULT_SOCKET.to_string()),
+        s if s.starts_with("unix://") => Some(s.trim_start_matches("unix://").to_string()),
+        "auto" | "" => Some(DEFAULT_SOCKET.to_string()),
+        _ => None,
+    };
+    if let Some(path) = &socket
+        && let Ok(stream) = tokio::net::UnixStream::connect(path).await
+    {
+        let (r, w) = stream.into_split();
+        return WorkerClient::handshake(Box::new(r) as BoxRead, Box::new(w) as BoxWrite)
+            .await
+            .map_err(|source| LocalDaemonError::Protocol {
+                how: format!("daemon socket {path}"),
+                source,
+            });
+    }
+    let program = crate::nix_tools::find("nix-daemon")?;
+    let mut cmd = tokio::process::Command::new(&program);
+    cmd.arg("--stdio");
+    if !matches!(store, "auto" | "" | "daemon") && !store.starts_with("unix://") {
+        cmd.args(["--store", store]);
+    }
+    // Never let the child inherit fd 2: the parent Nix reads it for replies and EOF on it
+    // means the build is over.
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|source| LocalDaemonError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        return Err(LocalDaemonError::Spawn {
+            program,
+            source: std::io::Error::other("no pipes"),
+        });
+    };
+    // The child lives as long as the process; kill_on_drop is moot once it is detached, so
+    // keep it in a task that ends with the runtime.
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    WorkerClient::handshake(Box::new(stdout) as BoxRead, Box::new(stdin) as BoxWrite)
+        .await
+        .map_err(|source| LocalDaemonError::Protocol {
+            how: format!("{} --stdio", program.display()),
+            source,
+        })
+}
