@@ -1,0 +1,907 @@
+//! The worker-protocol client connection and its operations.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+
+use crate::derivation::BasicDerivation;
+use crate::framed::FramedWriter;
+use crate::nar::{NarError, NarSummary, copy_nar};
+use crate::store_path::{StorePath, put_store_path, put_store_path_set, read_store_path_set};
+use crate::wire::{self, MAX_COLLECTION_LEN, WireError};
+
+use super::error::{OpContext, WorkerError, is_closed_kind};
+use super::stderr::{
+    LogEvent, ReadSource, STDERR_ERROR, process_stderr, process_stderr_with_source, read_error,
+};
+use super::types::{
+    BuildMode, BuildResult, ClientHandshakeInfo, ClientSettings, DerivedPath, KeyedBuildResult,
+    Missing, ValidPathInfo,
+};
+use super::{
+    FEATURE_REALISATION_WITH_PATH_NOT_HASH, Op, ProtocolVersion, WORKER_MAGIC_1, WORKER_MAGIC_2,
+};
+
+/// The first token of every NAR: the string "nix-archive-1" in wire form.
+const NAR_PREFIX: [u8; 24] = *b"\x0d\0\0\0\0\0\0\0nix-archive-1\0\0\0";
+
+/// Size of the read buffer in front of the daemon's output.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// Supplies the NARs for [`WorkerClient::add_multiple_to_store`].
+///
+/// `write_nar` must write exactly the NAR of `info.path` (`info.nar_size` bytes) to `out`.
+/// `out` forwards into the daemon connection; a write error on it means the connection
+/// failed, and the implementation should just return it.
+pub trait NarSource: Send {
+    fn write_nar<W: AsyncWrite + Unpin + Send>(
+        &mut self,
+        info: &ValidPathInfo,
+        out: &mut W,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// A client connection to a Nix daemon speaking the worker protocol.
+///
+/// Created by [`handshake`](Self::handshake). Operations take `&mut self`, so one runs at a
+/// time, as the protocol requires. Each takes a `logs` callback that receives the daemon's
+/// messages while the operation runs (use [`discard_logs`](super::discard_logs) to ignore
+/// them).
+///
+/// After an error that leaves the byte stream out of step (EOF, a malformed reply, a caller's
+/// sink failing in the middle of a NAR, …) the client is marked broken and every later
+/// operation fails with [`WorkerError::Broken`]; after [`WorkerError::Remote`] it remains
+/// usable, as with Nix's own client. Dropping an operation's future before it completes (e.g.
+/// on a timeout) also leaves the connection broken.
+pub struct WorkerClient<R, W> {
+    r: BufReader<R>,
+    w: W,
+    version: ProtocolVersion,
+    daemon_version: ProtocolVersion,
+    info: ClientHandshakeInfo,
+    daemon_features: BTreeSet<String>,
+    features: BTreeSet<String>,
+    broken: bool,
+    /// An operation is in progress (still set if its future was dropped midway).
+    busy: bool,
+}
+
+impl<R, W> std::fmt::Debug for WorkerClient<R, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerClient")
+            .field("version", &self.version)
+            .field("daemon_version", &self.daemon_version)
+            .field("info", &self.info)
+            .field("features", &self.features)
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+fn log_to_tracing(e: LogEvent) {
+    if let LogEvent::Next(s) = e {
+        tracing::warn!(target: "nix-daemon", "{s}");
+    }
+}
+
+impl<R, W> WorkerClient<R, W>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    /// Performs the handshake offering protocol 1.38 and no features; startup messages from
+    /// the daemon go to `tracing`.
+    pub async fn handshake(r: R, w: W) -> Result<Self, WorkerError> {
+        Self::handshake_with(r, w, ProtocolVersion::LATEST, &mut log_to_tracing).await
+    }
+
+    /// Performs the handshake offering `client_version` (1.21 to 1.38), handing the daemon's
+    /// startup messages to `logs`.
+    pub async fn handshake_with(
+        r: R,
+        w: W,
+        client_version: ProtocolVersion,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<Self, WorkerError> {
+        Self::handshake_inner(r, w, client_version, logs)
+            .await
+            .map_err(|e| e.with_context("handshake", None))
+    }
+
+    async fn handshake_inner(
+        r: R,
+        mut w: W,
+        client_version: ProtocolVersion,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<Self, WorkerError> {
+        let unsupported = |v: String| WorkerError::UnsupportedVersion {
+            ctx: OpContext::default(),
+            version: v,
+            min: ProtocolVersion::MIN,
+            max: ProtocolVersion::LATEST,
+        };
+        if client_version < ProtocolVersion::MIN || client_version > ProtocolVersion::LATEST {
+            return Err(unsupported(format!("{client_version} (requested)")));
+        }
+        let mut r = BufReader::with_capacity(READ_BUFFER, r);
+
+        let mut buf = BytesMut::new();
+        wire::put_u64(&mut buf, WORKER_MAGIC_1);
+        wire::put_u64(&mut buf, client_version.to_wire());
+        send(&mut w, &buf).await?;
+
+        let magic = wire::read_u64(&mut r).await?;
+        if magic != WORKER_MAGIC_2 {
+            return Err(WorkerError::protocol(format!(
+                "protocol mismatch: expected daemon magic {WORKER_MAGIC_2:#x}, got {magic:#x}"
+            )));
+        }
+        let raw = wire::read_u64(&mut r).await?;
+        let daemon_version = ProtocolVersion::from_wire(raw)
+            .filter(|v| v.major() == 1)
+            .ok_or_else(|| unsupported(format!("{raw:#x}")))?;
+        if daemon_version < ProtocolVersion::MIN {
+            return Err(unsupported(daemon_version.to_string()));
+        }
+        let version = daemon_version.min(client_version);
+
+        let mut daemon_features = BTreeSet::new();
+        if version.minor() >= 38 {
+            let mut buf = BytesMut::new();
+            // We offer no features.
+            wire::put_strings(&mut buf, std::iter::empty::<&str>());
+            send(&mut w, &buf).await?;
+            daemon_features = wire::read_string_set(&mut r).await?;
+        }
+        // Features both sides offer; we offer none.
+        let features = BTreeSet::new();
+
+        let mut buf = BytesMut::new();
+        if version.minor() >= 14 {
+            wire::put_u64(&mut buf, 0); // obsolete CPU affinity
+        }
+        if version.minor() >= 11 {
+            wire::put_u64(&mut buf, 0); // obsolete reserveSpace
+        }
+        send(&mut w, &buf).await?;
+
+        let info = ClientHandshakeInfo::read(&mut r, version).await?;
+        process_stderr(&mut r, version, logs).await?;
+
+        Ok(WorkerClient {
+            r,
+            w,
+            version,
+            daemon_version,
+            info,
+            daemon_features,
+            features,
+            broken: false,
+            busy: false,
+        })
+    }
+}
+
+impl<R, W> WorkerClient<R, W> {
+    /// The negotiated protocol version (minimum of ours and the daemon's).
+    pub fn version(&self) -> ProtocolVersion {
+        self.version
+    }
+
+    /// The version the daemon announced.
+    pub fn daemon_version(&self) -> ProtocolVersion {
+        self.daemon_version
+    }
+
+    /// The daemon's Nix version, e.g. `2.26.3` (negotiated ≥1.33).
+    pub fn daemon_nix_version(&self) -> Option<&str> {
+        self.info.daemon_nix_version.as_deref()
+    }
+
+    /// Whether the daemon trusts us (negotiated ≥1.35; `None` if unknown).
+    pub fn trusted(&self) -> Option<bool> {
+        self.info.trusted
+    }
+
+    /// Features the daemon offered (≥1.38).
+    pub fn daemon_features(&self) -> &BTreeSet<String> {
+        &self.daemon_features
+    }
+
+    /// Features in effect (offered by both sides; always empty for now).
+    pub fn features(&self) -> &BTreeSet<String> {
+        &self.features
+    }
+
+    /// True after an error that left the connection unusable, or after an operation's future
+    /// was dropped before it finished.
+    pub fn is_broken(&self) -> bool {
+        self.broken || self.busy
+    }
+
+    /// The underlying streams. The reader is returned with its buffer, which may hold bytes
+    /// the daemon sent that were not consumed yet.
+    pub fn into_inner(self) -> (BufReader<R>, W) {
+        (self.r, self.w)
+    }
+
+    fn path_not_hash(&self) -> bool {
+        self.features
+            .contains(FEATURE_REALISATION_WITH_PATH_NOT_HASH)
+    }
+}
+
+async fn send<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, buf: &[u8]) -> Result<(), WorkerError> {
+    w.write_all(buf).await.map_err(WorkerError::conn_io)?;
+    w.flush().await.map_err(WorkerError::conn_io)
+}
+
+/// Who failed during an upload.
+enum UploadError {
+    /// The caller's data source (or the data it supplied).
+    Local(io::Error),
+    /// Writing to the daemon.
+    Conn(io::Error),
+}
+
+/// Produces the payload of a framed upload.
+trait Upload: Send {
+    fn run<'a, O: AsyncWrite + Unpin + Send>(
+        &'a mut self,
+        out: &'a mut O,
+    ) -> impl Future<Output = io::Result<()>> + Send + 'a;
+}
+
+/// `AddToStoreNar`: one NAR, copied (and checked for well-formedness) from a reader.
+struct NarCopy<'a, N> {
+    nar: &'a mut N,
+}
+
+impl<N: AsyncRead + Unpin + Send> Upload for NarCopy<'_, N> {
+    async fn run<'a, O: AsyncWrite + Unpin + Send>(&'a mut self, out: &'a mut O) -> io::Result<()> {
+        match copy_nar(&mut *self.nar, out).await {
+            Ok(_) => Ok(()),
+            // Writing to the daemon (the caller tells by the FramedWriter's state).
+            Err(NarError::Write(e)) => Err(e),
+            Err(NarError::Wire {
+                source: WireError::Io(e),
+                ..
+            }) => Err(e),
+            Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+        }
+    }
+}
+
+/// `AddMultipleToStore`: `u64 count`, then per path its `ValidPathInfo` (format 1.16) and NAR.
+struct MultiUpload<'a, S> {
+    infos: &'a [ValidPathInfo],
+    source: &'a mut S,
+}
+
+impl<S: NarSource> Upload for MultiUpload<'_, S> {
+    async fn run<'a, O: AsyncWrite + Unpin + Send>(&'a mut self, out: &'a mut O) -> io::Result<()> {
+        let mut buf = BytesMut::new();
+        wire::put_u64(&mut buf, self.infos.len() as u64);
+        out.write_all(&buf).await?;
+        for info in self.infos {
+            let mut buf = BytesMut::new();
+            info.write(&mut buf, ProtocolVersion::new(1, 16));
+            out.write_all(&buf).await?;
+            let mut counted = CountingWriter::new(&mut *out);
+            self.source.write_nar(info, &mut counted).await?;
+            if counted.count != info.nar_size {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the NAR supplied for {} has {} bytes, but its narSize is {}",
+                        info.path, counted.count, info.nar_size
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counts the bytes written through it.
+struct CountingWriter<W> {
+    inner: W,
+    count: u64,
+}
+
+impl<W> CountingWriter<W> {
+    fn new(inner: W) -> Self {
+        CountingWriter { inner, count: 0 }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for CountingWriter<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, data))?;
+        this.count += n as u64;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<R, W> WorkerClient<R, W>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    /// Starts an operation: fails if the connection is broken, or if an earlier operation's
+    /// future was dropped before it finished (the stream is then out of step).
+    fn check(&mut self) -> Result<(), WorkerError> {
+        if self.busy {
+            self.broken = true;
+        }
+        if self.broken {
+            return Err(WorkerError::Broken {
+                ctx: OpContext::default(),
+            });
+        }
+        self.busy = true;
+        Ok(())
+    }
+
+    fn need(&self, needed: ProtocolVersion) -> Result<(), WorkerError> {
+        if self.version < needed {
+            Err(WorkerError::TooOld {
+                ctx: OpContext::default(),
+                needed,
+                negotiated: self.version,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Adds context to an operation's outcome and marks the connection broken if needed.
+    fn finish<T>(
+        &mut self,
+        res: Result<T, WorkerError>,
+        op: Op,
+        path: Option<&StorePath>,
+    ) -> Result<T, WorkerError> {
+        self.busy = false;
+        res.map_err(|e| {
+            if e.breaks_connection() {
+                self.broken = true;
+            }
+            e.with_context(op.name(), path.map(|p| p.to_string()).as_deref())
+        })
+    }
+
+    /// Sends a request. If the daemon has closed the connection, tries to read the error it
+    /// may have sent before closing, which explains why.
+    async fn request(
+        &mut self,
+        buf: &[u8],
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<(), WorkerError> {
+        match send(&mut self.w, buf).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_connection_closed() => {
+                self.broken = true;
+                match process_stderr(&mut self.r, self.version, logs).await {
+                    Err(remote @ WorkerError::Remote { .. }) => Err(remote),
+                    _ => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends a request and runs the stderr loop to `STDERR_LAST`.
+    async fn simple(
+        &mut self,
+        buf: &[u8],
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<(), WorkerError> {
+        self.request(buf, logs).await?;
+        process_stderr(&mut self.r, self.version, logs).await
+    }
+
+    fn op_buf(op: Op) -> BytesMut {
+        let mut buf = BytesMut::new();
+        wire::put_u64(&mut buf, op.code());
+        buf
+    }
+
+    /// `SetOptions`: sends client settings; the daemon applies what it allows.
+    pub async fn set_options(
+        &mut self,
+        settings: &ClientSettings,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<(), WorkerError> {
+        let res = async {
+            self.check()?;
+            let mut buf = Self::op_buf(Op::SetOptions);
+            settings.write(&mut buf, self.version);
+            self.simple(&buf, logs).await
+        }
+        .await;
+        self.finish(res, Op::SetOptions, None)
+    }
+
+    /// `IsValidPath`.
+    pub async fn is_valid_path(
+        &mut self,
+        path: &StorePath,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<bool, WorkerError> {
+        let res = async {
+            self.check()?;
+            let mut buf = Self::op_buf(Op::IsValidPath);
+            put_store_path(&mut buf, path);
+            self.simple(&buf, logs).await?;
+            Ok(wire::read_bool(&mut self.r).await?)
+        }
+        .await;
+        self.finish(res, Op::IsValidPath, Some(path))
+    }
+
+    /// `QueryValidPaths`: the subset of `paths` that is valid. `substitute` (sent from 1.27
+    /// on) asks the daemon to try substituting missing paths first.
+    pub async fn query_valid_paths(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        substitute: bool,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<BTreeSet<StorePath>, WorkerError> {
+        let res = async {
+            self.check()?;
+            let mut buf = Self::op_buf(Op::QueryValidPaths);
+            put_store_path_set(&mut buf, paths);
+            if self.version.minor() >= 27 {
+                wire::put_bool(&mut buf, substitute);
+            }
+            self.simple(&buf, logs).await?;
+            Ok(read_store_path_set(&mut self.r).await?)
+        }
+        .await;
+        self.finish(res, Op::QueryValidPaths, None)
+    }
+
+    /// `QueryPathInfo`: `None` if the path is not valid.
+    pub async fn query_path_info(
+        &mut self,
+        path: &StorePath,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<Option<ValidPathInfo>, WorkerError> {
+        let res = async {
+            self.check()?;
+            let mut buf = Self::op_buf(Op::QueryPathInfo);
+            put_store_path(&mut buf, path);
+            self.simple(&buf, logs).await?;
+            // Every supported version (≥1.21) has the `valid` flag (≥1.17).
+            if !wire::read_bool(&mut self.r).await? {
+                return Ok(None);
+            }
+            Ok(Some(
+                ValidPathInfo::read_unkeyed(&mut self.r, path.clone(), self.version).await?,
+            ))
+        }
+        .await;
+        self.finish(res, Op::QueryPathInfo, Some(path))
+    }
+
+    /// `NarFromPath`: streams the NAR of `path` into `out` (never buffering it whole) and
+    /// returns its size and hash. The NAR arrives unframed, so it is parsed to find its end.
+    pub async fn nar_from_path<O: AsyncWrite + Unpin + Send>(
+        &mut self,
+        path: &StorePath,
+        out: &mut O,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<NarSummary, WorkerError> {
+        let res = async {
+            self.check()?;
+            let mut buf = Self::op_buf(Op::NarFromPath);
+            put_store_path(&mut buf, path);
+            self.simple(&buf, logs).await?;
+            // The daemon sends STDERR_LAST before it starts dumping and writes the NAR magic
+            // before it looks at the path, so a path it cannot dump (e.g. one that is not
+            // valid) shows up as STDERR_ERROR right after "nix-archive-1", where the root
+            // node's "(" should be; then the daemon closes the connection. Check for that
+            // before handing the stream to the NAR parser.
+            let mut head = [0u8; 32];
+            self.r
+                .read_exact(&mut head)
+                .await
+                .map_err(WorkerError::conn_io)?;
+            if head[..24] != NAR_PREFIX[..] {
+                return Err(WorkerError::protocol(format!(
+                    "expected a NAR from the daemon, got {:02x?}",
+                    &head[..24]
+                )));
+            }
+            let next = u64::from_le_bytes(head[24..].try_into().unwrap_or([0; 8]));
+            if next == STDERR_ERROR {
+                self.broken = true;
+                return Err(read_error(&mut self.r, self.version).await?);
+            }
+            let mut input = (&head[..]).chain(&mut self.r);
+            match copy_nar(&mut input, out).await {
+                Ok(summary) => Ok(summary),
+                Err(e) => {
+                    // The rest of the NAR is still in the stream.
+                    self.broken = true;
+                    Err(nar_stream_error(e))
+                }
+            }
+        }
+        .await;
+        self.finish(res, Op::NarFromPath, Some(path))
+    }
+
+    /// `AddToStoreNar`: adds `info.path` with the NAR read from `nar` (exactly one NAR is
+    /// read; it must match `info.nar_hash`/`nar_size`, which the daemon checks). From 1.23 the
+    /// NAR is sent as a framed stream while the daemon's messages are read concurrently;
+    /// 1.21–1.22 answer the daemon's `STDERR_READ` requests.
+    ///
+    /// Untrusted clients get `dont_check_sigs` and `info.ultimate` forced to false by the
+    /// daemon, so unsigned paths are then rejected.
+    pub async fn add_to_store_nar<N: AsyncRead + Unpin + Send>(
+        &mut self,
+        info: &ValidPathInfo,
+        nar: &mut N,
+        repair: bool,
+        dont_check_sigs: bool,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<(), WorkerError> {
+        let res = async {
+            self.check()?;
+            let mut buf = Self::op_buf(Op::AddToStoreNar);
+            put_store_path(&mut buf, &info.path);
+            // Path + unkeyed info at 1.16 is exactly the request layout.
+            info.write_unkeyed(&mut buf, ProtocolVersion::new(1, 16));
+            wire::put_bool(&mut buf, repair);
+            wire::put_bool(&mut buf, dont_check_sigs);
+            self.request(&buf, logs).await?;
+            let mut up = NarCopy { nar };
+            if self.version.minor() >= 23 {
+                self.framed_upload(&mut up, logs).await
+            } else {
+                self.read_request_upload(up.nar, logs).await
+            }
+        }
+        .await;
+        self.finish(res, Op::AddToStoreNar, Some(&info.path))
+    }
+
+    /// `AddMultipleToStore` (≥1.32): adds all `infos` in the given order (references before
+    /// referrers, unless they are valid already), with NARs from `source`.
+    pub async fn add_multiple_to_store<S: NarSource>(
+        &mut self,
+        infos: &[ValidPathInfo],
+        source: &mut S,
+        repair: bool,
+        dont_check_sigs: bool,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<(), WorkerError> {
+        let res = async {
+            self.check()?;
+            self.need(ProtocolVersion::new(1, 32))?;
+            let mut buf = Self::op_buf(Op::AddMultipleToStore);
+            wire::put_bool(&mut buf, repair);
+            wire::put_bool(&mut buf, dont_check_sigs);
+            self.request(&buf, logs).await?;
+            let mut up = MultiUpload { infos, source };
+            self.framed_upload(&mut up, logs).await
+        }
+        .await;
+        self.finish(res, Op::AddMultipleToStore, None)
+    }
+
+    /// `BuildDerivation`: builds `drv` (whose name is taken from `drv_path`) on the daemon's
+    /// machine. Input-addressed derivations need a trusted connection.
+    pub async fn build_derivation(
+        &mut self,
+        drv_path: &StorePath,
+        drv: &BasicDerivation,
+        mode: BuildMode,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<BuildResult, WorkerError> {
+        let res = async {
+            self.check()?;
+            let mut buf = Self::op_buf(Op::BuildDerivation);
+            put_store_path(&mut buf, drv_path);
+            drv.write(&mut buf);
+            mode.write(&mut buf);
+            self.simple(&buf, logs).await?;
+            let pnh = self.path_not_hash();
+            Ok(BuildResult::read_with(&mut self.r, self.version, pnh).await?)
+        }
+        .await;
+        self.finish(res, Op::BuildDerivation, Some(drv_path))
+    }
+
+    fn put_derived_paths(
+        &self,
+        buf: &mut BytesMut,
+        paths: &[DerivedPath],
+    ) -> Result<(), WorkerError> {
+        wire::put_u64(buf, paths.len() as u64);
+        for p in paths {
+            p.write(buf, self.version)
+                .map_err(|e| WorkerError::invalid_argument(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// `BuildPaths`: builds or substitutes `paths`; failures come back as
+    /// [`WorkerError::Remote`].
+    pub async fn build_paths(
+        &mut self,
+        paths: &[DerivedPath],
+        mode: BuildMode,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<(), WorkerError> {
+        let res = async {
+            self.check()?;
+            let mut buf = Self::op_buf(Op::BuildPaths);
+            self.put_derived_paths(&mut buf, paths)?;
+            if self.version.minor() >= 15 {
+                mode.write(&mut buf);
+            } else if mode != BuildMode::Normal {
+                return Err(WorkerError::invalid_argument(
+                    "build modes other than Normal need protocol 1.15",
+                ));
+            }
+            self.simple(&buf, logs).await?;
+            wire::read_u64(&mut self.r).await?;
+            Ok(())
+        }
+        .await;
+        self.finish(res, Op::BuildPaths, None)
+    }
+
+    /// `BuildPathsWithResults` (≥1.34): one result per requested path.
+    pub async fn build_paths_with_results(
+        &mut self,
+        paths: &[DerivedPath],
+        mode: BuildMode,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<Vec<KeyedBuildResult>, WorkerError> {
+        let res = async {
+            self.check()?;
+            self.need(ProtocolVersion::new(1, 34))?;
+            let mut buf = Self::op_buf(Op::BuildPathsWithResults);
+            self.put_derived_paths(&mut buf, paths)?;
+            mode.write(&mut buf);
+            self.simple(&buf, logs).await?;
+            let n = wire::read_len(&mut self.r, "build results", MAX_COLLECTION_LEN).await?;
+            let pnh = self.path_not_hash();
+            let mut out = Vec::with_capacity(n.min(1024));
+            for _ in 0..n {
+                out.push(KeyedBuildResult::read_with(&mut self.r, self.version, pnh).await?);
+            }
+            Ok(out)
+        }
+        .await;
+        self.finish(res, Op::BuildPathsWithResults, None)
+    }
+
+    /// `AddTempRoot`: keeps `path` from being garbage-collected while the connection lives.
+    pub async fn add_temp_root(
+        &mut self,
+        path: &StorePath,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<(), WorkerError> {
+        let res = async {
+            self.check()?;
+            let mut buf = Self::op_buf(Op::AddTempRoot);
+            put_store_path(&mut buf, path);
+            self.simple(&buf, logs).await?;
+            wire::read_u64(&mut self.r).await?;
+            Ok(())
+        }
+        .await;
+        self.finish(res, Op::AddTempRoot, Some(path))
+    }
+
+    /// `EnsurePath`: makes `path` valid, substituting it if needed.
+    pub async fn ensure_path(
+        &mut self,
+        path: &StorePath,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<(), WorkerError> {
+        let res = async {
+            self.check()?;
+            let mut buf = Self::op_buf(Op::EnsurePath);
+            put_store_path(&mut buf, path);
+            self.simple(&buf, logs).await?;
+            wire::read_u64(&mut self.r).await?;
+            Ok(())
+        }
+        .await;
+        self.finish(res, Op::EnsurePath, Some(path))
+    }
+
+    /// `QueryMissing`: what building `paths` would build, substitute, or cannot know.
+    pub async fn query_missing(
+        &mut self,
+        paths: &[DerivedPath],
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<Missing, WorkerError> {
+        let res = async {
+            self.check()?;
+            let mut buf = Self::op_buf(Op::QueryMissing);
+            self.put_derived_paths(&mut buf, paths)?;
+            self.simple(&buf, logs).await?;
+            Ok(Missing::read(&mut self.r).await?)
+        }
+        .await;
+        self.finish(res, Op::QueryMissing, None)
+    }
+
+    /// Sends a framed stream produced by `up` while running the stderr loop, so that neither
+    /// side can block the other (the daemon logs while it reads; see `withFramedSink` in
+    /// `2.26.3:src/libstore/remote-store.cc`). If the daemon reports an error before the
+    /// upload is complete, the upload stops and the stream is terminated, as Nix's
+    /// `FramedSink` does.
+    async fn framed_upload<U: Upload>(
+        &mut self,
+        up: &mut U,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<(), WorkerError> {
+        enum First {
+            Upload(Result<(), UploadError>),
+            Stderr(Result<(), WorkerError>),
+        }
+
+        let version = self.version;
+        let WorkerClient { r, w, broken, .. } = self;
+        let mut fw = FramedWriter::new(&mut *w);
+        let stderr = process_stderr(&mut *r, version, logs);
+        tokio::pin!(stderr);
+
+        let first = {
+            let upload = async {
+                match up.run(&mut fw).await {
+                    Ok(()) => fw.finish().await.map_err(UploadError::Conn),
+                    Err(e) if fw.is_poisoned() => Err(UploadError::Conn(e)),
+                    Err(e) => Err(UploadError::Local(e)),
+                }
+            };
+            tokio::pin!(upload);
+            tokio::select! {
+                biased;
+                s = &mut stderr => First::Stderr(s),
+                u = &mut upload => First::Upload(u),
+            }
+        };
+
+        match first {
+            First::Upload(Ok(())) => stderr.await,
+            First::Upload(Err(UploadError::Conn(e))) => {
+                *broken = true;
+                if is_closed_kind(e.kind()) {
+                    // The daemon went away; it may have said why first.
+                    if let Err(remote @ WorkerError::Remote { .. }) = stderr.await {
+                        return Err(remote);
+                    }
+                }
+                Err(WorkerError::conn_io(e))
+            }
+            First::Upload(Err(UploadError::Local(e))) => {
+                // Terminate the stream so the daemon fails the operation and stays in step.
+                if fw.finish().await.is_err() {
+                    *broken = true;
+                    return Err(WorkerError::local(
+                        "the data to upload could not be read",
+                        e,
+                    ));
+                }
+                match stderr.await {
+                    Ok(()) | Err(WorkerError::Remote { .. }) => {}
+                    Err(_) => *broken = true,
+                }
+                Err(WorkerError::local(
+                    "the data to upload could not be read",
+                    e,
+                ))
+            }
+            First::Stderr(Err(e @ WorkerError::Remote { .. })) => {
+                if fw.finish().await.is_err() {
+                    *broken = true;
+                }
+                Err(e)
+            }
+            First::Stderr(Ok(())) => {
+                if fw.is_terminated() && fw.finish().await.is_ok() {
+                    Ok(())
+                } else {
+                    *broken = true;
+                    Err(WorkerError::protocol(
+                        "the daemon finished the operation before the upload was complete",
+                    ))
+                }
+            }
+            First::Stderr(Err(e)) => {
+                *broken = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// The pre-1.23 `AddToStoreNar`: the daemon pulls the NAR with `STDERR_READ`.
+    async fn read_request_upload<N: AsyncRead + Unpin + Send>(
+        &mut self,
+        nar: &mut N,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<(), WorkerError> {
+        let version = self.version;
+        let WorkerClient { r, w, .. } = self;
+        let (mut pipe_r, mut pipe_w) = tokio::io::duplex(64 * 1024);
+        let mut rs = ReadSource {
+            w: &mut *w,
+            src: &mut pipe_r,
+            failed: None,
+        };
+        let mut produced = None;
+        let outcome = {
+            let stderr = process_stderr_with_source(&mut *r, Some(&mut rs), version, logs);
+            tokio::pin!(stderr);
+            let producer = async {
+                let res = copy_nar(&mut *nar, &mut pipe_w).await;
+                let _ = pipe_w.shutdown().await;
+                res.map(|_| ()).map_err(|e| e.to_string())
+            };
+            tokio::pin!(producer);
+            loop {
+                tokio::select! {
+                    biased;
+                    s = &mut stderr => break s,
+                    p = &mut producer, if produced.is_none() => produced = Some(p),
+                }
+            }
+        };
+        if let Some(e) = rs.failed.take() {
+            return Err(WorkerError::local(
+                "passing the NAR to the daemon failed",
+                e,
+            ));
+        }
+        if let Some(Err(msg)) = produced {
+            return Err(WorkerError::local(
+                "the data to upload could not be read",
+                io::Error::new(io::ErrorKind::InvalidData, msg),
+            ));
+        }
+        outcome
+    }
+}
+
+/// An error from [`copy_nar`] while streaming a NAR from the daemon to the caller.
+fn nar_stream_error(e: NarError) -> WorkerError {
+    match e {
+        NarError::Write(e) => WorkerError::local("writing the NAR failed", e),
+        NarError::Wire {
+            source: WireError::Io(e),
+            ..
+        } => WorkerError::conn_io(e),
+        e if e.is_truncated() => WorkerError::ConnectionClosed {
+            ctx: OpContext::default(),
+            detail: format!("in the middle of the NAR ({e})"),
+        },
+        e => WorkerError::protocol(format!("the daemon sent a bad NAR: {e}")),
+    }
+}

@@ -1,0 +1,278 @@
+//! The daemon's stderr message loop (`processStderr` in `2.8.0:src/libstore/remote-store.cc`,
+//! `processStderrReturn` in `2.26.3:src/libstore/worker-protocol-connection.cc`; error encoding
+//! from `readError` in `src/libutil/serialise.cc`).
+//!
+//! After every request the daemon sends log messages, activity events and data requests,
+//! ending in `STDERR_LAST` (the reply follows) or `STDERR_ERROR` (nothing follows).
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::wire::{self, MAX_COLLECTION_LEN};
+
+use super::ProtocolVersion;
+use super::error::{OpContext, WorkerError};
+
+pub const STDERR_NEXT: u64 = 0x6f6c_6d67;
+pub const STDERR_READ: u64 = 0x6461_7461;
+pub const STDERR_WRITE: u64 = 0x6461_7416;
+pub const STDERR_LAST: u64 = 0x616c_7473;
+pub const STDERR_ERROR: u64 = 0x6378_7470;
+pub const STDERR_START_ACTIVITY: u64 = 0x5354_5254;
+pub const STDERR_STOP_ACTIVITY: u64 = 0x5354_4f50;
+pub const STDERR_RESULT: u64 = 0x5253_4c54;
+
+/// `ResultType` values (`src/libutil/logging.hh`) that carry a build log line.
+pub const RES_BUILD_LOG_LINE: u64 = 101;
+pub const RES_POST_BUILD_LOG_LINE: u64 = 107;
+
+/// Largest chunk sent in answer to one `STDERR_READ` (the daemon asks for up to 64 KiB or so;
+/// whatever it asks, we never allocate more than this).
+const MAX_READ_REPLY: usize = 64 * 1024;
+
+/// A field of an activity or result message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Field {
+    Int(u64),
+    /// Decoded lossily: build output need not be UTF-8.
+    String(String),
+}
+
+/// A message from the daemon's stderr channel, handed to the caller while an operation runs.
+///
+/// Texts are decoded lossily (invalid UTF-8 becomes U+FFFD), since they can carry arbitrary
+/// build output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogEvent {
+    /// `STDERR_NEXT`: a log message, with trailing newlines removed.
+    Next(String),
+    /// `STDERR_START_ACTIVITY` (daemon → clients ≥1.20).
+    StartActivity {
+        id: u64,
+        level: u64,
+        typ: u64,
+        text: String,
+        fields: Vec<Field>,
+        parent: u64,
+    },
+    /// `STDERR_STOP_ACTIVITY`.
+    StopActivity { id: u64 },
+    /// `STDERR_RESULT`, e.g. a build log line (`typ` 101) or progress (105).
+    Result {
+        id: u64,
+        typ: u64,
+        fields: Vec<Field>,
+    },
+}
+
+impl LogEvent {
+    /// The text if this event is a log line: a `Next` message or a build log line result
+    /// (`resBuildLogLine`/`resPostBuildLogLine`).
+    pub fn log_line(&self) -> Option<&str> {
+        match self {
+            LogEvent::Next(s) => Some(s),
+            LogEvent::Result { typ, fields, .. }
+                if *typ == RES_BUILD_LOG_LINE || *typ == RES_POST_BUILD_LOG_LINE =>
+            {
+                match fields.first() {
+                    Some(Field::String(s)) => Some(s),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A log sink that drops everything.
+pub fn discard_logs(_: LogEvent) {}
+
+async fn read_lossy<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<String, WorkerError> {
+    let b = wire::read_bytes(r).await?;
+    Ok(match String::from_utf8(b) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
+}
+
+async fn read_fields<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Vec<Field>, WorkerError> {
+    let n = wire::read_len(r, "field list", MAX_COLLECTION_LEN).await?;
+    let mut out = Vec::with_capacity(n.min(16));
+    for _ in 0..n {
+        match wire::read_u64(r).await? {
+            0 => out.push(Field::Int(wire::read_u64(r).await?)),
+            1 => out.push(Field::String(read_lossy(r).await?)),
+            t => {
+                return Err(WorkerError::protocol(format!(
+                    "got unsupported field type {t:#x} from the Nix daemon"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the body of `STDERR_ERROR` and turns it into [`WorkerError::Remote`].
+pub(crate) async fn read_error<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    version: ProtocolVersion,
+) -> Result<WorkerError, WorkerError> {
+    if version.minor() >= 26 {
+        let typ = read_lossy(r).await?;
+        if typ != "Error" {
+            return Err(WorkerError::protocol(format!(
+                "STDERR_ERROR of type {typ:?}, expected \"Error\""
+            )));
+        }
+        let level = wire::read_u64(r).await?;
+        let _name = read_lossy(r).await?; // obsolete, always "Error"
+        let message = read_lossy(r).await?;
+        let have_pos = wire::read_u64(r).await?;
+        if have_pos != 0 {
+            return Err(WorkerError::protocol(format!(
+                "STDERR_ERROR with position tag {have_pos}, expected 0"
+            )));
+        }
+        let n = wire::read_len(r, "error trace list", MAX_COLLECTION_LEN).await?;
+        let mut traces = Vec::with_capacity(n.min(16));
+        for _ in 0..n {
+            let have_pos = wire::read_u64(r).await?;
+            if have_pos != 0 {
+                return Err(WorkerError::protocol(format!(
+                    "error trace with position tag {have_pos}, expected 0"
+                )));
+            }
+            traces.push(read_lossy(r).await?);
+        }
+        Ok(WorkerError::Remote {
+            ctx: OpContext::default(),
+            message,
+            exit_status: None,
+            level: Some(level),
+            traces,
+        })
+    } else {
+        let message = read_lossy(r).await?;
+        let status = wire::read_u64(r).await?;
+        Ok(WorkerError::Remote {
+            ctx: OpContext::default(),
+            message,
+            exit_status: Some(status),
+            level: None,
+            traces: Vec::new(),
+        })
+    }
+}
+
+/// Data for `STDERR_READ` requests: the writer to answer on and the source to read from.
+pub(crate) struct ReadSource<'a, W: ?Sized, S: ?Sized> {
+    pub w: &'a mut W,
+    pub src: &'a mut S,
+    /// The first error reading `src`; from then on the daemon is told EOF.
+    pub failed: Option<std::io::Error>,
+}
+
+/// Runs the stderr loop until `STDERR_LAST` (→ `Ok`) or `STDERR_ERROR` (→ `Err(Remote)`),
+/// handing everything else to `logs`. `STDERR_READ` is an error unless `source` is given.
+pub(crate) async fn process_stderr<R, L>(
+    r: &mut R,
+    version: ProtocolVersion,
+    logs: &mut L,
+) -> Result<(), WorkerError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    L: FnMut(LogEvent) + ?Sized,
+{
+    process_stderr_with_source::<R, tokio::io::Sink, tokio::io::Empty, L>(r, None, version, logs)
+        .await
+}
+
+pub(crate) async fn process_stderr_with_source<R, W, S, L>(
+    r: &mut R,
+    mut source: Option<&mut ReadSource<'_, W, S>>,
+    version: ProtocolVersion,
+    logs: &mut L,
+) -> Result<(), WorkerError>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+    S: AsyncRead + Unpin + ?Sized,
+    L: FnMut(LogEvent) + ?Sized,
+{
+    loop {
+        let tag = wire::read_u64(r).await?;
+        match tag {
+            STDERR_LAST => return Ok(()),
+            STDERR_ERROR => return Err(read_error(r, version).await?),
+            STDERR_NEXT => {
+                let mut s = read_lossy(r).await?;
+                let keep = s.trim_end_matches(['\n', '\r']).len();
+                s.truncate(keep);
+                logs(LogEvent::Next(s));
+            }
+            STDERR_START_ACTIVITY => {
+                let id = wire::read_u64(r).await?;
+                let level = wire::read_u64(r).await?;
+                let typ = wire::read_u64(r).await?;
+                let text = read_lossy(r).await?;
+                let fields = read_fields(r).await?;
+                let parent = wire::read_u64(r).await?;
+                logs(LogEvent::StartActivity {
+                    id,
+                    level,
+                    typ,
+                    text,
+                    fields,
+                    parent,
+                });
+            }
+            STDERR_STOP_ACTIVITY => {
+                let id = wire::read_u64(r).await?;
+                logs(LogEvent::StopActivity { id });
+            }
+            STDERR_RESULT => {
+                let id = wire::read_u64(r).await?;
+                let typ = wire::read_u64(r).await?;
+                let fields = read_fields(r).await?;
+                logs(LogEvent::Result { id, typ, fields });
+            }
+            STDERR_READ => {
+                let len = wire::read_u64(r).await?;
+                let Some(rs) = source.as_deref_mut() else {
+                    return Err(WorkerError::protocol(
+                        "the Nix daemon sent STDERR_READ, but this operation has no data to send",
+                    ));
+                };
+                let want = usize::try_from(len)
+                    .unwrap_or(usize::MAX)
+                    .min(MAX_READ_REPLY);
+                let mut data = vec![0u8; want];
+                let n = if rs.failed.is_some() || want == 0 {
+                    0
+                } else {
+                    match rs.src.read(&mut data).await {
+                        Ok(n) => n,
+                        Err(e) => {
+                            rs.failed = Some(e);
+                            0
+                        }
+                    }
+                };
+                let mut buf = BytesMut::with_capacity(n + 16);
+                wire::put_bytes(&mut buf, &data[..n]);
+                rs.w.write_all(&buf).await.map_err(WorkerError::conn_io)?;
+                rs.w.flush().await.map_err(WorkerError::conn_io)?;
+            }
+            STDERR_WRITE => {
+                return Err(WorkerError::protocol(
+                    "the Nix daemon sent STDERR_WRITE, which no supported operation expects",
+                ));
+            }
+            other => {
+                return Err(WorkerError::protocol(format!(
+                    "got unknown message type {other:#x} from the Nix daemon"
+                )));
+            }
+        }
+    }
+}

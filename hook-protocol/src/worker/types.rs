@@ -1,0 +1,877 @@
+//! Values exchanged in worker-protocol requests and replies, with their version-dependent
+//! encodings (serialisers in `2.26.3:src/libstore/worker-protocol.cc` and
+//! `common-protocol.cc`; `2.8.0:src/libstore/path-info.cc`, `remote-store.cc`, `daemon.cc`;
+//! the `realisation-with-path-not-hash` form from `2.35.2:src/libstore/worker-protocol.cc`).
+//!
+//! Decoders read from any [`AsyncRead`] and return [`WireError`] for anything malformed;
+//! encoders append to a [`BytesMut`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use bytes::BytesMut;
+use tokio::io::AsyncRead;
+
+use crate::hash::{Hash, HashAlgo};
+use crate::store_path::{
+    StorePath, put_optional_store_path, put_store_path, put_store_path_set,
+    read_optional_store_path, read_store_path, read_store_path_set,
+};
+use crate::wire::{self, MAX_COLLECTION_LEN, WireError};
+
+use super::ProtocolVersion;
+
+/// Reads a u64 that Nix reads as a signed 64-bit value (`time_t`, microseconds), which must
+/// not exceed `i64::MAX` (`readNum<int64_t>` rejects larger values).
+async fn read_i64<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    what: &'static str,
+) -> Result<i64, WireError> {
+    let v = wire::read_u64(r).await?;
+    i64::try_from(v).map_err(|_| WireError::bad(what, v))
+}
+
+fn put_i64(buf: &mut BytesMut, v: i64) {
+    wire::put_u64(buf, v as u64);
+}
+
+/// How to build (`BuildMode` in `src/libstore/store-api.hh`); a u64 on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum BuildMode {
+    #[default]
+    Normal,
+    /// Trusted clients only.
+    Repair,
+    Check,
+}
+
+impl BuildMode {
+    pub fn code(self) -> u64 {
+        match self {
+            BuildMode::Normal => 0,
+            BuildMode::Repair => 1,
+            BuildMode::Check => 2,
+        }
+    }
+
+    pub fn from_code(v: u64) -> Option<Self> {
+        match v {
+            0 => Some(BuildMode::Normal),
+            1 => Some(BuildMode::Repair),
+            2 => Some(BuildMode::Check),
+            _ => None,
+        }
+    }
+
+    pub async fn read<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Self, WireError> {
+        let v = wire::read_u64(r).await?;
+        BuildMode::from_code(v).ok_or_else(|| WireError::bad("build mode", v))
+    }
+
+    pub fn write(self, buf: &mut BytesMut) {
+        wire::put_u64(buf, self.code());
+    }
+}
+
+/// Reads the optional trusted flag: 0 = unknown, 1 = trusted, 2 = not trusted.
+pub async fn read_trusted_flag<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+) -> Result<Option<bool>, WireError> {
+    match wire::read_u64(r).await? {
+        0 => Ok(None),
+        1 => Ok(Some(true)),
+        2 => Ok(Some(false)),
+        v => Err(WireError::bad("trusted flag", v)),
+    }
+}
+
+pub fn put_trusted_flag(buf: &mut BytesMut, v: Option<bool>) {
+    wire::put_u64(
+        buf,
+        match v {
+            None => 0,
+            Some(true) => 1,
+            Some(false) => 2,
+        },
+    );
+}
+
+/// What the daemon sends after the version handshake (`ClientHandshakeInfo`): its Nix
+/// version (≥1.33) and whether it trusts us (≥1.35).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientHandshakeInfo {
+    pub daemon_nix_version: Option<String>,
+    pub trusted: Option<bool>,
+}
+
+impl ClientHandshakeInfo {
+    pub async fn read<R: AsyncRead + Unpin + ?Sized>(
+        r: &mut R,
+        version: ProtocolVersion,
+    ) -> Result<Self, WireError> {
+        let mut info = ClientHandshakeInfo::default();
+        if version.minor() >= 33 {
+            info.daemon_nix_version = Some(wire::read_string(r).await?);
+        }
+        if version.minor() >= 35 {
+            info.trusted = read_trusted_flag(r).await?;
+        }
+        Ok(info)
+    }
+
+    pub fn write(&self, buf: &mut BytesMut, version: ProtocolVersion) {
+        if version.minor() >= 33 {
+            wire::put_str(buf, self.daemon_nix_version.as_deref().unwrap_or(""));
+        }
+        if version.minor() >= 35 {
+            put_trusted_flag(buf, self.trusted);
+        }
+    }
+}
+
+/// A store path's metadata (`ValidPathInfo`). On the wire the "unkeyed" part follows the
+/// path: `deriver ("" = none), narHash (base16, no algorithm prefix), references,
+/// registrationTime, narSize`, and from 1.16 on `ultimate, sigs, ca ("" = none)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidPathInfo {
+    pub path: StorePath,
+    pub deriver: Option<StorePath>,
+    /// SHA-256 of the NAR serialisation.
+    pub nar_hash: Hash,
+    pub references: BTreeSet<StorePath>,
+    /// Seconds since the epoch (`time_t`); 0 lets the receiving store pick the time.
+    pub registration_time: i64,
+    pub nar_size: u64,
+    /// Built locally rather than substituted. Untrusted senders have it forced to false.
+    pub ultimate: bool,
+    /// `keyname:base64sig` strings.
+    pub sigs: BTreeSet<String>,
+    /// Rendered content address, e.g. `fixed:r:sha256:<nix32>` or `text:sha256:<nix32>`.
+    pub ca: Option<String>,
+}
+
+impl ValidPathInfo {
+    /// Info with no deriver, references, signatures or content address.
+    pub fn new(path: StorePath, nar_hash: Hash, nar_size: u64) -> Self {
+        ValidPathInfo {
+            path,
+            deriver: None,
+            nar_hash,
+            references: BTreeSet::new(),
+            registration_time: 0,
+            nar_size,
+            ultimate: false,
+            sigs: BTreeSet::new(),
+            ca: None,
+        }
+    }
+
+    /// Reads a keyed `ValidPathInfo`: the path, then the unkeyed info.
+    pub async fn read<R: AsyncRead + Unpin + ?Sized>(
+        r: &mut R,
+        version: ProtocolVersion,
+    ) -> Result<Self, WireError> {
+        let path = read_store_path(r).await?;
+        Self::read_unkeyed(r, path, version).await
+    }
+
+    /// Reads an `UnkeyedValidPathInfo` (as in the `QueryPathInfo` reply) for `path`.
+    pub async fn read_unkeyed<R: AsyncRead + Unpin + ?Sized>(
+        r: &mut R,
+        path: StorePath,
+        version: ProtocolVersion,
+    ) -> Result<Self, WireError> {
+        let deriver = read_optional_store_path(r).await?;
+        let hash_s = wire::read_string(r).await?;
+        let nar_hash = Hash::parse_any(&hash_s, Some(HashAlgo::Sha256))
+            .map_err(|e| WireError::bad("NAR hash", e))?;
+        let references = read_store_path_set(r).await?;
+        let registration_time = read_i64(r, "registration time").await?;
+        let nar_size = wire::read_u64(r).await?;
+        let mut info = ValidPathInfo {
+            path,
+            deriver,
+            nar_hash,
+            references,
+            registration_time,
+            nar_size,
+            ultimate: false,
+            sigs: BTreeSet::new(),
+            ca: None,
+        };
+        if version.minor() >= 16 {
+            info.ultimate = wire::read_bool(r).await?;
+            info.sigs = wire::read_string_set(r).await?;
+            let ca = wire::read_string(r).await?;
+            info.ca = (!ca.is_empty()).then_some(ca);
+        }
+        Ok(info)
+    }
+
+    /// Writes the keyed form (path, then unkeyed info).
+    pub fn write(&self, buf: &mut BytesMut, version: ProtocolVersion) {
+        put_store_path(buf, &self.path);
+        self.write_unkeyed(buf, version);
+    }
+
+    /// Writes the unkeyed form (everything but the path).
+    pub fn write_unkeyed(&self, buf: &mut BytesMut, version: ProtocolVersion) {
+        put_optional_store_path(buf, self.deriver.as_ref());
+        wire::put_str(buf, &self.nar_hash.to_base16());
+        put_store_path_set(buf, &self.references);
+        put_i64(buf, self.registration_time);
+        wire::put_u64(buf, self.nar_size);
+        if version.minor() >= 16 {
+            wire::put_bool(buf, self.ultimate);
+            wire::put_strings(buf, &self.sigs);
+            wire::put_str(buf, self.ca.as_deref().unwrap_or(""));
+        }
+    }
+}
+
+/// `BuildResult::Status`; the wire codes are the same in 2.8, 2.26 and 2.35.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BuildStatus {
+    Built,
+    Substituted,
+    AlreadyValid,
+    PermanentFailure,
+    InputRejected,
+    OutputRejected,
+    TransientFailure,
+    /// No longer produced by Nix.
+    CachedFailure,
+    TimedOut,
+    MiscFailure,
+    DependencyFailed,
+    LogLimitExceeded,
+    NotDeterministic,
+    ResolvesToAlreadyValid,
+    NoSubstituters,
+}
+
+impl BuildStatus {
+    pub const ALL: [BuildStatus; 15] = [
+        BuildStatus::Built,
+        BuildStatus::Substituted,
+        BuildStatus::AlreadyValid,
+        BuildStatus::PermanentFailure,
+        BuildStatus::InputRejected,
+        BuildStatus::OutputRejected,
+        BuildStatus::TransientFailure,
+        BuildStatus::CachedFailure,
+        BuildStatus::TimedOut,
+        BuildStatus::MiscFailure,
+        BuildStatus::DependencyFailed,
+        BuildStatus::LogLimitExceeded,
+        BuildStatus::NotDeterministic,
+        BuildStatus::ResolvesToAlreadyValid,
+        BuildStatus::NoSubstituters,
+    ];
+
+    pub fn code(self) -> u64 {
+        self as u64
+    }
+
+    pub fn from_code(v: u64) -> Option<Self> {
+        usize::try_from(v)
+            .ok()
+            .and_then(|i| BuildStatus::ALL.get(i).copied())
+    }
+
+    /// Built, Substituted, AlreadyValid or ResolvesToAlreadyValid.
+    pub fn is_success(self) -> bool {
+        matches!(
+            self,
+            BuildStatus::Built
+                | BuildStatus::Substituted
+                | BuildStatus::AlreadyValid
+                | BuildStatus::ResolvesToAlreadyValid
+        )
+    }
+
+    /// The name Nix uses (e.g. in JSON): `Built`, `OutputRejected`, …
+    pub fn name(self) -> &'static str {
+        match self {
+            BuildStatus::Built => "Built",
+            BuildStatus::Substituted => "Substituted",
+            BuildStatus::AlreadyValid => "AlreadyValid",
+            BuildStatus::PermanentFailure => "PermanentFailure",
+            BuildStatus::InputRejected => "InputRejected",
+            BuildStatus::OutputRejected => "OutputRejected",
+            BuildStatus::TransientFailure => "TransientFailure",
+            BuildStatus::CachedFailure => "CachedFailure",
+            BuildStatus::TimedOut => "TimedOut",
+            BuildStatus::MiscFailure => "MiscFailure",
+            BuildStatus::DependencyFailed => "DependencyFailed",
+            BuildStatus::LogLimitExceeded => "LogLimitExceeded",
+            BuildStatus::NotDeterministic => "NotDeterministic",
+            BuildStatus::ResolvesToAlreadyValid => "ResolvesToAlreadyValid",
+            BuildStatus::NoSubstituters => "NoSubstituters",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        BuildStatus::ALL.into_iter().find(|b| b.name() == s)
+    }
+}
+
+impl fmt::Display for BuildStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One built output in a [`BuildResult`].
+///
+/// In the usual (≥1.28) form the daemon sends `map<DrvOutputId, Realisation JSON>`; then `id`
+/// is the key (`sha256:<hex>!<output>`) and `json` the document exactly as received, which is
+/// what gets re-encoded. With the 2.35 `realisation-with-path-not-hash` feature only the path
+/// and signatures travel, and both are `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Realisation {
+    pub id: Option<String>,
+    pub out_path: StorePath,
+    pub signatures: BTreeSet<String>,
+    pub json: Option<String>,
+}
+
+impl Realisation {
+    pub fn new(out_path: StorePath) -> Self {
+        Realisation {
+            id: None,
+            out_path,
+            signatures: BTreeSet::new(),
+            json: None,
+        }
+    }
+
+    /// Parses a Realisation JSON document (`Realisation::fromJSON`); only `outPath` is
+    /// required, as 2.35 readers do. `signatures` may be strings or `{keyName, sig}` objects.
+    /// Without an `id` argument the document's `id` is used, if any.
+    pub fn from_json(id: Option<String>, json: &str) -> Result<Self, WireError> {
+        let v: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| WireError::bad("realisation JSON", e))?;
+        let id = id.or_else(|| v.get("id").and_then(|i| i.as_str()).map(str::to_string));
+        let out = v
+            .get("outPath")
+            .and_then(|p| p.as_str())
+            .ok_or_else(|| WireError::bad("realisation JSON", "no string 'outPath'"))?;
+        let out_path = if out.starts_with('/') {
+            StorePath::from_absolute(out)
+        } else {
+            StorePath::from_base_name(out)
+        }
+        .map_err(|e| WireError::bad("realisation outPath", e))?;
+        let mut signatures = BTreeSet::new();
+        if let Some(sigs) = v.get("signatures").and_then(|s| s.as_array()) {
+            for s in sigs {
+                if let Some(s) = s.as_str() {
+                    signatures.insert(s.to_string());
+                } else if let (Some(k), Some(sig)) = (
+                    s.get("keyName").and_then(|k| k.as_str()),
+                    s.get("sig").and_then(|k| k.as_str()),
+                ) {
+                    signatures.insert(format!("{k}:{sig}"));
+                }
+            }
+        }
+        Ok(Realisation {
+            id,
+            out_path,
+            signatures,
+            json: Some(json.to_string()),
+        })
+    }
+
+    /// The JSON this realisation is sent as: `json` if present, else a document in the form
+    /// Nix 2.8–2.26 write (`dependentRealisations`, `id`, `outPath`, `signatures`, compact,
+    /// keys sorted).
+    pub fn to_json(&self, id: &str) -> String {
+        if let Some(j) = &self.json {
+            return j.clone();
+        }
+        let mut m = serde_json::Map::new();
+        m.insert(
+            "dependentRealisations".into(),
+            serde_json::Value::Object(serde_json::Map::new()),
+        );
+        m.insert("id".into(), serde_json::Value::String(id.to_string()));
+        m.insert(
+            "outPath".into(),
+            serde_json::Value::String(self.out_path.base_name().to_string()),
+        );
+        m.insert(
+            "signatures".into(),
+            serde_json::Value::Array(
+                self.signatures
+                    .iter()
+                    .map(|s| serde_json::Value::String(s.clone()))
+                    .collect(),
+            ),
+        );
+        serde_json::Value::Object(m).to_string()
+    }
+}
+
+/// The output name of a `DrvOutputId` (`<hash>!<output>`).
+fn output_of_id(id: &str) -> Result<&str, WireError> {
+    match id.split_once('!') {
+        Some((_, name)) if !name.is_empty() => Ok(name),
+        _ => Err(WireError::bad("derivation output id", id)),
+    }
+}
+
+/// The result of building one derivation (`BuildResult`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildResult {
+    pub status: BuildStatus,
+    pub error_msg: String,
+    /// ≥1.29.
+    pub times_built: u64,
+    /// ≥1.29.
+    pub is_non_deterministic: bool,
+    /// ≥1.29, seconds since the epoch.
+    pub start_time: i64,
+    /// ≥1.29.
+    pub stop_time: i64,
+    /// ≥1.37, microseconds.
+    pub cpu_user: Option<i64>,
+    /// ≥1.37, microseconds.
+    pub cpu_system: Option<i64>,
+    /// ≥1.28, by output name.
+    pub built_outputs: BTreeMap<String, Realisation>,
+}
+
+impl BuildResult {
+    pub fn new(status: BuildStatus) -> Self {
+        BuildResult {
+            status,
+            error_msg: String::new(),
+            times_built: 0,
+            is_non_deterministic: false,
+            start_time: 0,
+            stop_time: 0,
+            cpu_user: None,
+            cpu_system: None,
+            built_outputs: BTreeMap::new(),
+        }
+    }
+
+    pub fn is_success(&self) -> bool {
+        self.status.is_success()
+    }
+
+    /// Decodes the form used without the `realisation-with-path-not-hash` feature (all
+    /// daemons nixdock negotiates with).
+    pub async fn read<R: AsyncRead + Unpin + ?Sized>(
+        r: &mut R,
+        version: ProtocolVersion,
+    ) -> Result<Self, WireError> {
+        Self::read_with(r, version, false).await
+    }
+
+    /// Decodes; `path_not_hash` says the 2.35 feature `realisation-with-path-not-hash` was
+    /// negotiated, which changes `builtOutputs` to `map<output name, (path, signatures)>`.
+    pub async fn read_with<R: AsyncRead + Unpin + ?Sized>(
+        r: &mut R,
+        version: ProtocolVersion,
+        path_not_hash: bool,
+    ) -> Result<Self, WireError> {
+        let code = wire::read_u64(r).await?;
+        let status =
+            BuildStatus::from_code(code).ok_or_else(|| WireError::bad("build status", code))?;
+        let mut res = BuildResult::new(status);
+        res.error_msg = String::from_utf8_lossy(&wire::read_bytes(r).await?).into_owned();
+        if version.minor() >= 29 {
+            res.times_built = wire::read_u64(r).await?;
+            res.is_non_deterministic = wire::read_bool(r).await?;
+            res.start_time = read_i64(r, "start time").await?;
+            res.stop_time = read_i64(r, "stop time").await?;
+        }
+        if version.minor() >= 37 {
+            res.cpu_user = read_opt_micros(r).await?;
+            res.cpu_system = read_opt_micros(r).await?;
+        }
+        if path_not_hash {
+            let n = wire::read_len(r, "built outputs", MAX_COLLECTION_LEN).await?;
+            for _ in 0..n {
+                let name = wire::read_string(r).await?;
+                let out_path = read_store_path(r).await?;
+                let signatures = wire::read_string_set(r).await?;
+                res.built_outputs.insert(
+                    name,
+                    Realisation {
+                        id: None,
+                        out_path,
+                        signatures,
+                        json: None,
+                    },
+                );
+            }
+        } else if version.minor() >= 28 {
+            let n = wire::read_len(r, "built outputs", MAX_COLLECTION_LEN).await?;
+            for _ in 0..n {
+                let id = wire::read_string(r).await?;
+                let json = wire::read_string(r).await?;
+                let name = output_of_id(&id)?.to_string();
+                let real = Realisation::from_json(Some(id), &json)?;
+                res.built_outputs.insert(name, real);
+            }
+        }
+        Ok(res)
+    }
+
+    pub fn write(&self, buf: &mut BytesMut, version: ProtocolVersion) {
+        self.write_with(buf, version, false)
+    }
+
+    /// Encodes; see [`read_with`](Self::read_with). In the JSON form an output without an `id`
+    /// gets 2.35's dummy `sha256:000…0!<name>`.
+    pub fn write_with(&self, buf: &mut BytesMut, version: ProtocolVersion, path_not_hash: bool) {
+        wire::put_u64(buf, self.status.code());
+        wire::put_str(buf, &self.error_msg);
+        if version.minor() >= 29 {
+            wire::put_u64(buf, self.times_built);
+            wire::put_bool(buf, self.is_non_deterministic);
+            put_i64(buf, self.start_time);
+            put_i64(buf, self.stop_time);
+        }
+        if version.minor() >= 37 {
+            put_opt_micros(buf, self.cpu_user);
+            put_opt_micros(buf, self.cpu_system);
+        }
+        if path_not_hash {
+            wire::put_u64(buf, self.built_outputs.len() as u64);
+            for (name, real) in &self.built_outputs {
+                wire::put_str(buf, name);
+                put_store_path(buf, &real.out_path);
+                wire::put_strings(buf, &real.signatures);
+            }
+        } else if version.minor() >= 28 {
+            // Nix keys this map by DrvOutput, i.e. sorted by id.
+            let mut entries: Vec<(String, String)> = self
+                .built_outputs
+                .iter()
+                .map(|(name, real)| {
+                    let id = real
+                        .id
+                        .clone()
+                        .unwrap_or_else(|| format!("sha256:{}!{name}", "0".repeat(64)));
+                    let json = real.to_json(&id);
+                    (id, json)
+                })
+                .collect();
+            entries.sort();
+            wire::put_u64(buf, entries.len() as u64);
+            for (id, json) in &entries {
+                wire::put_str(buf, id);
+                wire::put_str(buf, json);
+            }
+        }
+    }
+}
+
+async fn read_opt_micros<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+) -> Result<Option<i64>, WireError> {
+    match wire::read_u64(r).await? {
+        0 => Ok(None),
+        1 => Ok(Some(read_i64(r, "CPU time").await?)),
+        t => Err(WireError::bad("optional tag", t)),
+    }
+}
+
+fn put_opt_micros(buf: &mut BytesMut, v: Option<i64>) {
+    match v {
+        None => wire::put_u64(buf, 0),
+        Some(us) => {
+            wire::put_u64(buf, 1);
+            put_i64(buf, us);
+        }
+    }
+}
+
+/// Which outputs of a derivation are wanted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OutputsSpec {
+    All,
+    /// Non-empty.
+    Names(BTreeSet<String>),
+}
+
+/// Something to build or fetch: a plain store path, or outputs of a derivation.
+///
+/// Wire form (a string): from 1.30 `path`, `drv!out1,out2` or `drv!*`; before 1.30 (the old
+/// `StorePathWithOutputs`) a bare `.drv` means all outputs and a plain `.drv` file cannot be
+/// requested. Dynamic derivations (`a.drv!out!x`) are not supported.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DerivedPath {
+    Opaque(StorePath),
+    Built {
+        drv_path: StorePath,
+        outputs: OutputsSpec,
+    },
+}
+
+impl DerivedPath {
+    /// The wire string at `version`; fails for what older protocols cannot express.
+    pub fn to_wire_string(&self, version: ProtocolVersion) -> Result<String, WireError> {
+        match self {
+            DerivedPath::Opaque(p) => {
+                if version.minor() < 30 && p.is_derivation() {
+                    return Err(WireError::bad(
+                        "derived path",
+                        format!(
+                            "'{p}' is a derivation file, which protocol {version} (< 1.30) \
+                             cannot request"
+                        ),
+                    ));
+                }
+                Ok(p.to_absolute())
+            }
+            DerivedPath::Built { drv_path, outputs } => match outputs {
+                OutputsSpec::All if version.minor() >= 30 => Ok(format!("{drv_path}!*")),
+                OutputsSpec::All => Ok(drv_path.to_absolute()),
+                OutputsSpec::Names(names) => {
+                    if names.is_empty() {
+                        return Err(WireError::bad("derived path", "empty output set"));
+                    }
+                    let v: Vec<&str> = names.iter().map(String::as_str).collect();
+                    Ok(format!("{drv_path}!{}", v.join(",")))
+                }
+            },
+        }
+    }
+
+    /// Parses the wire string at `version`.
+    pub fn parse_wire(s: &str, version: ProtocolVersion) -> Result<Self, WireError> {
+        let bad = |why: &str| WireError::bad("derived path", format!("{s:?}: {why}"));
+        let path_of = |p: &str| StorePath::from_absolute(p).map_err(|e| bad(&e.to_string()));
+        match s.split_once('!') {
+            None => {
+                let p = path_of(s)?;
+                if version.minor() < 30 && p.is_derivation() {
+                    Ok(DerivedPath::Built {
+                        drv_path: p,
+                        outputs: OutputsSpec::All,
+                    })
+                } else {
+                    Ok(DerivedPath::Opaque(p))
+                }
+            }
+            Some((drv, outs)) => {
+                if outs.contains('!') {
+                    return Err(bad("dynamic derivations are not supported"));
+                }
+                let drv_path = path_of(drv)?;
+                let outputs = if outs == "*" && version.minor() >= 30 {
+                    OutputsSpec::All
+                } else {
+                    let names: BTreeSet<String> = outs
+                        .split(',')
+                        .filter(|n| !n.is_empty())
+                        .map(str::to_string)
+                        .collect();
+                    if names.is_empty() {
+                        return Err(bad("no output names"));
+                    }
+                    OutputsSpec::Names(names)
+                };
+                Ok(DerivedPath::Built { drv_path, outputs })
+            }
+        }
+    }
+
+    pub async fn read<R: AsyncRead + Unpin + ?Sized>(
+        r: &mut R,
+        version: ProtocolVersion,
+    ) -> Result<Self, WireError> {
+        let s = wire::read_string(r).await?;
+        Self::parse_wire(&s, version)
+    }
+
+    pub fn write(&self, buf: &mut BytesMut, version: ProtocolVersion) -> Result<(), WireError> {
+        wire::put_str(buf, &self.to_wire_string(version)?);
+        Ok(())
+    }
+}
+
+impl fmt::Display for DerivedPath {
+    /// The ≥1.30 form.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.to_wire_string(ProtocolVersion::LATEST) {
+            Ok(s) => f.write_str(&s),
+            Err(_) => write!(f, "{self:?}"),
+        }
+    }
+}
+
+/// A [`BuildResult`] with the [`DerivedPath`] it is for (`BuildPathsWithResults` replies).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyedBuildResult {
+    pub path: DerivedPath,
+    pub result: BuildResult,
+}
+
+impl KeyedBuildResult {
+    pub async fn read<R: AsyncRead + Unpin + ?Sized>(
+        r: &mut R,
+        version: ProtocolVersion,
+    ) -> Result<Self, WireError> {
+        Self::read_with(r, version, false).await
+    }
+
+    pub async fn read_with<R: AsyncRead + Unpin + ?Sized>(
+        r: &mut R,
+        version: ProtocolVersion,
+        path_not_hash: bool,
+    ) -> Result<Self, WireError> {
+        let path = DerivedPath::read(r, version).await?;
+        let result = BuildResult::read_with(r, version, path_not_hash).await?;
+        Ok(KeyedBuildResult { path, result })
+    }
+
+    pub fn write(&self, buf: &mut BytesMut, version: ProtocolVersion) -> Result<(), WireError> {
+        self.write_with(buf, version, false)
+    }
+
+    pub fn write_with(
+        &self,
+        buf: &mut BytesMut,
+        version: ProtocolVersion,
+        path_not_hash: bool,
+    ) -> Result<(), WireError> {
+        self.path.write(buf, version)?;
+        self.result.write_with(buf, version, path_not_hash);
+        Ok(())
+    }
+}
+
+/// The `SetOptions` request (`ClientSettings` in `daemon.cc`). `Default` is what a stock Nix
+/// client sends with default settings and no overrides.
+///
+/// What an untrusted client may override is limited by the daemon (2.26: `build-timeout`,
+/// `max-silent-time`, `build-poll-interval`, `connect-timeout`, `builders=""`, trusted
+/// substituters); other overrides are ignored with a warning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientSettings {
+    pub keep_failed: bool,
+    pub keep_going: bool,
+    pub try_fallback: bool,
+    /// `Verbosity`: 0 error, 1 warn, 2 notice, 3 info, 4 talkative, 5 chatty, 6 debug,
+    /// 7 vomit. The daemon drops log messages above it.
+    pub verbosity: u64,
+    pub max_build_jobs: u64,
+    pub max_silent_time: u64,
+    /// Sent as `lvlError` (0) when true, `lvlVomit` (7) when false.
+    pub verbose_build: bool,
+    pub build_cores: u64,
+    pub use_substitutes: bool,
+    /// Setting name → value (≥1.12).
+    pub overrides: BTreeMap<String, String>,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        ClientSettings {
+            keep_failed: false,
+            keep_going: false,
+            try_fallback: false,
+            verbosity: 3,
+            max_build_jobs: 1,
+            max_silent_time: 0,
+            verbose_build: true,
+            build_cores: 0,
+            use_substitutes: true,
+            overrides: BTreeMap::new(),
+        }
+    }
+}
+
+impl ClientSettings {
+    /// Writes the request body (after the opcode).
+    pub fn write(&self, buf: &mut BytesMut, version: ProtocolVersion) {
+        wire::put_bool(buf, self.keep_failed);
+        wire::put_bool(buf, self.keep_going);
+        wire::put_bool(buf, self.try_fallback);
+        wire::put_u64(buf, self.verbosity);
+        wire::put_u64(buf, self.max_build_jobs);
+        wire::put_u64(buf, self.max_silent_time);
+        wire::put_u64(buf, 1); // obsolete useBuildHook
+        wire::put_u64(buf, if self.verbose_build { 0 } else { 7 });
+        wire::put_u64(buf, 0); // obsolete logType
+        wire::put_u64(buf, 0); // obsolete printBuildTrace
+        wire::put_u64(buf, self.build_cores);
+        wire::put_bool(buf, self.use_substitutes);
+        if version.minor() >= 12 {
+            wire::put_string_map(buf, &self.overrides);
+        }
+    }
+
+    /// Reads the request body, as the daemon does.
+    pub async fn read<R: AsyncRead + Unpin + ?Sized>(
+        r: &mut R,
+        version: ProtocolVersion,
+    ) -> Result<Self, WireError> {
+        let keep_failed = wire::read_u64(r).await? != 0;
+        let keep_going = wire::read_u64(r).await? != 0;
+        let try_fallback = wire::read_u64(r).await? != 0;
+        let verbosity = wire::read_u64(r).await?;
+        let max_build_jobs = wire::read_u64(r).await?;
+        let max_silent_time = wire::read_u64(r).await?;
+        let _use_build_hook = wire::read_u64(r).await?;
+        let verbose_build = wire::read_u64(r).await? == 0;
+        let _log_type = wire::read_u64(r).await?;
+        let _print_build_trace = wire::read_u64(r).await?;
+        let build_cores = wire::read_u64(r).await?;
+        let use_substitutes = wire::read_u64(r).await? != 0;
+        let overrides = if version.minor() >= 12 {
+            wire::read_string_map(r).await?
+        } else {
+            BTreeMap::new()
+        };
+        Ok(ClientSettings {
+            keep_failed,
+            keep_going,
+            try_fallback,
+            verbosity,
+            max_build_jobs,
+            max_silent_time,
+            verbose_build,
+            build_cores,
+            use_substitutes,
+            overrides,
+        })
+    }
+}
+
+/// The `QueryMissing` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Missing {
+    pub will_build: BTreeSet<StorePath>,
+    pub will_substitute: BTreeSet<StorePath>,
+    pub unknown: BTreeSet<StorePath>,
+    pub download_size: u64,
+    pub nar_size: u64,
+}
+
+impl Missing {
+    pub async fn read<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Self, WireError> {
+        Ok(Missing {
+            will_build: read_store_path_set(r).await?,
+            will_substitute: read_store_path_set(r).await?,
+            unknown: read_store_path_set(r).await?,
+            download_size: wire::read_u64(r).await?,
+            nar_size: wire::read_u64(r).await?,
+        })
+    }
+
+    pub fn write(&self, buf: &mut BytesMut) {
+        put_store_path_set(buf, &self.will_build);
+        put_store_path_set(buf, &self.will_substitute);
+        put_store_path_set(buf, &self.unknown);
+        wire::put_u64(buf, self.download_size);
+        wire::put_u64(buf, self.nar_size);
+    }
+}
