@@ -34,10 +34,12 @@ pub enum LocalDaemonError {
 
 /// Connects to the store named by `store` (`auto`, `daemon`, `unix://…`, `local`, a path…).
 pub async fn connect(store: &str) -> Result<LocalDaemon, LocalDaemonError> {
+    // The daemon that runs us may listen elsewhere (Nix honours NIX_DAEMON_SOCKET_PATH).
+    let default_socket =
+        std::env::var("NIX_DAEMON_SOCKET_PATH").unwrap_or_else(|_| DEFAULT_SOCKET.to_string());
     let socket = match store {
-        "daemon" => Some(DEFAULT_SOCKET.to_string()),
+        "daemon" | "auto" | "" => Some(default_socket),
         s if s.starts_with("unix://") => Some(s.trim_start_matches("unix://").to_string()),
-        "auto" | "" => Some(DEFAULT_SOCKET.to_string()),
         _ => None,
     };
     if let Some(path) = &socket

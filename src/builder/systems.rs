@@ -44,6 +44,8 @@ pub enum EmulationSupport {
     /// The engine runs in a VM we cannot inspect (Docker Desktop, OrbStack, colima): trust it
     /// and let the in-container `uname -m` check decide.
     EngineVm,
+    /// binfmt_misc is not visible from here.
+    Unknown,
     Missing(String),
 }
 
@@ -69,6 +71,11 @@ pub fn emulation_support(
 }
 
 fn check_binfmt(dir: &Path, name: &str) -> EmulationSupport {
+    // Without binfmt_misc mounted here (inside a container, say) we cannot tell; the
+    // `uname -m` check at provisioning decides then.
+    if !dir.join("status").exists() && !dir.join("register").exists() {
+        return EmulationSupport::Unknown;
+    }
     let entry = dir.join(format!("qemu-{name}"));
     let how_to = "install qemu-user-static and binfmt-support (Debian/Ubuntu), or run \
                   `docker run --privileged --rm tonistiigi/binfmt --install all`";
@@ -128,6 +135,8 @@ mod tests {
     #[test]
     fn binfmt_entry_states() {
         let d = tempfile::tempdir().unwrap();
+        assert_eq!(check_binfmt(d.path(), "aarch64"), EmulationSupport::Unknown);
+        std::fs::write(d.path().join("status"), "enabled\n").unwrap();
         assert!(matches!(
             check_binfmt(d.path(), "aarch64"),
             EmulationSupport::Missing(m) if m.contains("qemu-user-static")

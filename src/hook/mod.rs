@@ -207,14 +207,9 @@ async fn handle_try(
             return reply(Reply::Decline);
         }
     };
-    let store = settings.store().unwrap_or("auto").to_string();
-    let mut local = match crate::local_daemon::connect(&store).await {
-        Ok(l) => l,
-        Err(e) => {
-            parent.warn(&format!("nixdock: cannot open the local store: {e}"));
-            return reply(Reply::Decline);
-        }
-    };
+    // The engine must answer before we accept (a few ms); everything slow — starting the
+    // container, SSH — happens after `# accept`, because Nix's worker waits for our answer
+    // and would serialise every build behind it.
     let builders = match ctx.builders().await {
         Ok(b) => b,
         Err(e) => {
@@ -225,18 +220,6 @@ async fn handle_try(
             return reply(Reply::Decline);
         }
     };
-    let t = Instant::now();
-    let mut ready = match builders.ensure_ready(&spec).await {
-        Ok(r) => r,
-        Err(e) => {
-            parent.warn(&format!(
-                "nixdock cannot start the {} builder: {e}",
-                spec.system
-            ));
-            return reply(Reply::Decline);
-        }
-    };
-    tracing::info!(system = %spec.system, slot = slot.index, ms = t.elapsed().as_millis() as u64, cold = ready.started, "builder ready");
     let machine = format!("nixdock-{}", spec.system);
     if parent
         .reply(&Reply::Accept {
@@ -253,6 +236,36 @@ async fn handle_try(
             return TryEnd::Exit(1);
         }
     };
+    let store = settings.store().unwrap_or("auto").to_string();
+    let t = Instant::now();
+    let (ready, local) = tokio::join!(
+        builders.ensure_ready(&spec),
+        crate::local_daemon::connect(&store)
+    );
+    let mut ready = match ready {
+        Ok(r) => r,
+        Err(e) => {
+            parent.error(&format!(
+                "nixdock could not start the {} builder for '{}': {e}",
+                spec.system, req.drv_path
+            ));
+            return TryEnd::Exit(1);
+        }
+    };
+    let mut local = match local {
+        Ok(l) => l,
+        Err(e) => {
+            parent.error(&format!("nixdock cannot open the local store: {e}"));
+            return TryEnd::Exit(1);
+        }
+    };
+    tracing::info!(
+        system = %spec.system,
+        slot = slot.index,
+        ms = t.elapsed().as_millis() as u64,
+        cold = ready.started,
+        "builder ready"
+    );
     let job = Job {
         parent,
         settings,

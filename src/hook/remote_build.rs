@@ -65,6 +65,7 @@ impl NarSource for FsNarSource<'_> {
         out: &mut W,
     ) -> std::io::Result<()> {
         let p = info.path.to_absolute();
+        tracing::info!("copying input {p} ({} bytes)", info.nar_size);
         let s = dump_path(
             Path::new(&p),
             out,
@@ -123,6 +124,29 @@ fn topo_sort(infos: BTreeMap<StorePath, ValidPathInfo>) -> Vec<ValidPathInfo> {
     out
 }
 
+/// The builder's failure text without ANSI colours and without its own log tail (Nix prints
+/// the tail from the lines we sent to fd 4).
+pub fn remote_failure_summary(msg: &str) -> String {
+    let mut plain = String::with_capacity(msg.len());
+    let mut chars = msg.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for d in chars.by_ref() {
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        plain.push(c);
+    }
+    let cut = plain.find(";\nlast ").unwrap_or(plain.len());
+    plain[..cut].trim_end().to_string()
+}
+
 fn remote_err(what: &str, e: WorkerError) -> Outcome {
     fail(format!("{what}: {e}"))
 }
@@ -159,7 +183,7 @@ impl Job<'_> {
                     "build of '{}' on '{}' failed: {}",
                     self.drv_path,
                     self.machine,
-                    result.error_msg.trim_end()
+                    remote_failure_summary(&result.error_msg)
                 ),
             };
         }
@@ -449,5 +473,20 @@ impl Job<'_> {
         })?;
         self.parent.send(&LogLine::stop(act));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_summary_drops_colours_and_tail() {
+        let m = "\x1b[0mbuilder for '\x1b[35;1m/nix/store/x.drv\x1b[0m' failed with exit code 127;\nlast 2 log lines:\n> a\n> b\nFor full logs, run 'nix log'.";
+        assert_eq!(
+            remote_failure_summary(m),
+            "builder for '/nix/store/x.drv' failed with exit code 127"
+        );
+        assert_eq!(remote_failure_summary("plain"), "plain");
     }
 }

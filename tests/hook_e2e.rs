@@ -1,0 +1,515 @@
+//! nixdock-hook end to end: real `nix-build` (Nix 2.8 on the host, 2.26 in a trixie
+//! container), the real hook binary, real builder containers over real SSH.
+//!
+//! The suite shares one nixdock installation (state dir under the target dir), so its builders
+//! are reused across tests as they would be on a user's machine; they stop themselves after
+//! their idle timeout.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const HOOK: &str = env!("CARGO_BIN_EXE_nixdock-hook");
+
+struct Install {
+    state: PathBuf,
+    config: PathBuf,
+}
+
+/// The suite's nixdock installation: amd64 and emulated arm64 builders from the test bed.
+fn install() -> &'static Install {
+    static I: OnceLock<Install> = OnceLock::new();
+    I.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e");
+        std::fs::create_dir_all(&root).unwrap();
+        let config = root.join("nixdock.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[builders.\"x86_64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\n\
+                 [builders.\"aarch64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\n",
+                common::image("bookworm-amd64"),
+                common::image("bookworm-arm64")
+            ),
+        )
+        .unwrap();
+        Install {
+            state: root.join("state"),
+            config,
+        }
+    })
+}
+
+fn nonce() -> String {
+    common::unique_name("n")
+}
+
+/// A nixpkgs-free derivation; `script` runs under /bin/sh in the builder.
+fn drv_expr(name: &str, system: &str, script: &str) -> String {
+    format!(
+        "derivation {{ name = \"{name}\"; system = \"{system}\"; builder = \"/bin/sh\"; \
+         args = [\"-c\" {script:?}]; nonce = \"{}\"; }}",
+        nonce()
+    )
+}
+
+fn nix_build(expr: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let i = install();
+    let mut cmd = Command::new("nix-build");
+    cmd.args(["--no-out-link", "-E", expr])
+        .args(extra)
+        .env("NIXDOCK_CONFIG", &i.config)
+        .env("NIXDOCK_STATE_DIR", &i.state);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    common::run_with_timeout(cmd, Duration::from_secs(600)).expect("nix-build ran")
+}
+
+fn with_hook(extra: &[&'static str]) -> Vec<&'static str> {
+    let mut v = vec!["--option", "build-hook", HOOK];
+    v.extend_from_slice(extra);
+    v
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn out_path(o: &Output) -> String {
+    assert!(o.status.success(), "{}", text(o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .last()
+        .expect("an output path")
+        .to_string()
+}
+
+fn nix_store(args: &[&str]) -> String {
+    let o = Command::new("nix-store").args(args).output().unwrap();
+    assert!(o.status.success(), "nix-store {args:?}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn instantiate(expr: &str) -> String {
+    let o = Command::new("nix-instantiate")
+        .args(["-E", expr])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn is_valid(path: &str) -> bool {
+    Command::new("nix-store")
+        .args(["--check-validity", path])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn outputs_of(drv: &str) -> Vec<String> {
+    nix_store(&["-q", "--outputs", drv])
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn direct_x86_64_build_with_max_jobs_zero() {
+    if !common::require_bed() {
+        return;
+    }
+    let expr = drv_expr(
+        "direct",
+        "x86_64-linux",
+        "echo remote-log-line; echo hello > $out",
+    );
+    let drv = instantiate(&expr);
+    let o = nix_build(&expr, &with_hook(&["--max-jobs", "0"]), &[]);
+    let out = out_path(&o);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "hello\n");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("on 'nixdock-x86_64-linux'"), "{}", text(&o));
+    assert!(err.contains("remote-log-line"), "{}", text(&o));
+    // Registered with its deriver and the NAR hash Nix computes itself.
+    assert_eq!(nix_store(&["-q", "--deriver", &out]), drv);
+    let v = Command::new("nix-store")
+        .args(["--verify-path", &out])
+        .status()
+        .unwrap();
+    assert!(v.success());
+    // `nix log` finds the remote build's log.
+    let log = Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command", "log", &drv])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&log.stdout).contains("remote-log-line"),
+        "{}",
+        text(&log)
+    );
+}
+
+#[test]
+fn aarch64_build_with_no_flags_runs_emulated_with_build_users() {
+    if !common::require_bed() {
+        return;
+    }
+    // No command-line flags: the hook comes from NIX_CONFIG, the way a config file would set it.
+    let expr = drv_expr(
+        "emulated",
+        "aarch64-linux",
+        "read a < /proc/self/auxv || true; while read l; do case $l in *aarch64*|*AArch64*|*CPU\\ arch*) echo \"$l\" > $out;; esac; done < /proc/cpuinfo; /usr/bin/id -un >> $out; echo ok >> $out",
+    );
+    let conf = format!("build-hook = {HOOK}");
+    let o = nix_build(&expr, &[], &[("NIX_CONFIG", &conf)]);
+    let out = out_path(&o);
+    let content = std::fs::read_to_string(&out).unwrap();
+    assert!(content.ends_with("ok\n"), "{content}");
+    // Built as a build user, which is where the seccomp failure would have struck.
+    assert!(content.contains("nixbld"), "{content}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("nixdock-aarch64-linux"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn chain_with_multiple_outputs_keeps_derivers_and_references() {
+    if !common::require_bed() {
+        return;
+    }
+    let n = nonce();
+    let expr = format!(
+        r#"let
+          a = derivation {{ name = "multi"; system = "aarch64-linux"; builder = "/bin/sh";
+                outputs = [ "out" "dev" ]; nonce = "{n}";
+                args = [ "-c" "echo lib > $out; echo $out > $dev" ]; }};
+          b = derivation {{ name = "user"; system = "aarch64-linux"; builder = "/bin/sh";
+                nonce = "{n}"; dev = a.dev;
+                args = [ "-c" "read p < $dev; echo \"uses $p\" > $out" ]; }};
+        in b"#
+    );
+    let o = nix_build(&expr, &with_hook(&[]), &[]);
+    let out = out_path(&o);
+    let content = std::fs::read_to_string(&out).unwrap();
+    assert!(content.starts_with("uses /nix/store/"), "{content}");
+    let refs = nix_store(&["-q", "--references", &out]);
+    let deriver = nix_store(&["-q", "--deriver", &out]);
+    assert!(deriver.ends_with("-user.drv"), "{deriver}");
+    // The multi-output input: both outputs came back, each with its deriver; dev refers to out.
+    let a_drv = nix_store(&["-q", "--references", &deriver])
+        .lines()
+        .find(|l| l.ends_with("-multi.drv"))
+        .expect("input drv")
+        .to_string();
+    let outs = outputs_of(&a_drv);
+    assert_eq!(outs.len(), 2);
+    for p in &outs {
+        assert!(is_valid(p), "{p} not valid");
+        assert_eq!(nix_store(&["-q", "--deriver", p]), a_drv);
+    }
+    let dev = outs.iter().find(|p| p.ends_with("-multi-dev")).unwrap();
+    let lib = outs.iter().find(|p| p.ends_with("-multi")).unwrap();
+    assert_eq!(nix_store(&["-q", "--references", dev]), *lib);
+    // b's output names a's out path, so the builder's scan found that reference.
+    assert_eq!(refs, *lib, "references of {out}");
+    assert_eq!(content.trim(), format!("uses {lib}"));
+}
+
+#[test]
+fn failing_build_shows_the_log_and_registers_nothing() {
+    if !common::require_bed() {
+        return;
+    }
+    let expr = drv_expr(
+        "failing",
+        "x86_64-linux",
+        "echo about-to-fail-7f3; echo partial > $out; exit 3",
+    );
+    let drv = instantiate(&expr);
+    let o = nix_build(&expr, &with_hook(&["--max-jobs", "0"]), &[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("about-to-fail-7f3"), "{}", text(&o));
+    assert!(err.contains("nixdock-x86_64-linux"), "{}", text(&o));
+    assert!(err.contains("exit code 3"), "{}", text(&o));
+    for p in outputs_of(&drv) {
+        assert!(!is_valid(&p), "{p} registered after a failed build");
+        assert!(!Path::new(&p).exists(), "{p} left on disk");
+    }
+}
+
+#[test]
+fn feature_no_builder_has_is_declined_with_a_reason() {
+    if !common::require_bed() {
+        return;
+    }
+    let expr = format!(
+        "derivation {{ name = \"needs-kvm\"; system = \"aarch64-linux\"; builder = \"/bin/sh\"; \
+         args = [\"-c\" \"echo > $out\"]; requiredSystemFeatures = [\"kvm\"]; nonce = \"{}\"; }}",
+        nonce()
+    );
+    let o = nix_build(&expr, &with_hook(&[]), &[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("lacks the system features {kvm}"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn large_input_closure_is_copied_once() {
+    if !common::require_bed() {
+        return;
+    }
+    // 300 MB of incompressible data in 300 files, new for this run.
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(nonce());
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut seed = std::process::id() as u64 ^ 0x9e3779b97f4a7c15;
+    let mut buf = vec![0u8; 1 << 20];
+    for f in 0..300 {
+        for chunk in buf.chunks_mut(8) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            chunk.copy_from_slice(&seed.to_le_bytes());
+        }
+        std::fs::write(dir.join(format!("f{f:03}")), &buf).unwrap();
+    }
+    let input = nix_store(&["--add", dir.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let build = |tag: &str| {
+        let expr = format!(
+            "derivation {{ name = \"big-{tag}\"; system = \"aarch64-linux\"; builder = \"/bin/sh\"; \
+             input = builtins.storePath \"{input}\"; nonce = \"{}\"; \
+             args = [\"-c\" \"n=0; for f in $input/*; do n=$((n+1)); done; echo $n > $out\"]; }}",
+            nonce()
+        );
+        let t = Instant::now();
+        let o = nix_build(&expr, &with_hook(&[]), &[]);
+        let out = out_path(&o);
+        assert_eq!(std::fs::read_to_string(out).unwrap(), "300\n");
+        t.elapsed()
+    };
+    let log = install().state.join("hook.log");
+    let copies_before = count_copies(&log, &input);
+    let first = build("1");
+    let second = build("2");
+    let copies = count_copies(&log, &input) - copies_before;
+    assert_eq!(copies, 1, "the closure was copied {copies} times");
+    eprintln!("300 MB closure: first build {first:?}, second {second:?}");
+}
+
+/// How many times the hook log says it copied `path` to a builder.
+fn count_copies(log: &Path, path: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("copying input") && l.contains(path))
+        .count()
+}
+
+#[test]
+fn eight_builds_run_in_builders_at_once() {
+    if !common::require_bed() {
+        return;
+    }
+    let n = nonce();
+    // Each build records when it ran (the builder's uptime) and sleeps 4 s.
+    let expr = format!(
+        r#"builtins.genList (i: derivation {{
+             name = "par-${{toString i}}"; system = "x86_64-linux"; builder = "/bin/sh";
+             nonce = "{n}";
+             args = [ "-c" "read s _ < /proc/uptime; echo $s > $out; /bin/sleep 4; read e _ < /proc/uptime; echo $e >> $out" ];
+           }}) 8"#
+    );
+    let t = Instant::now();
+    let o = nix_build(&expr, &with_hook(&["--max-jobs", "0"]), &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let outs: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(outs.len(), 8, "{}", text(&o));
+    let spans: Vec<(f64, f64)> = outs
+        .iter()
+        .map(|p| {
+            let s = std::fs::read_to_string(p).unwrap();
+            let v: Vec<f64> = s.lines().map(|l| l.parse().unwrap()).collect();
+            (v[0], v[1])
+        })
+        .collect();
+    let latest_start = spans.iter().map(|s| s.0).fold(f64::MIN, f64::max);
+    let earliest_end = spans.iter().map(|s| s.1).fold(f64::MAX, f64::min);
+    assert!(
+        latest_start < earliest_end,
+        "not all 8 builds ran at once: {spans:?} (total {:?})",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn interrupted_client_stops_the_remote_build() {
+    if !common::require_bed() {
+        return;
+    }
+    let marker = nonce();
+    let expr = drv_expr(
+        "interrupted",
+        "x86_64-linux",
+        &format!("echo {marker}; while :; do :; done"),
+    );
+    let drv = instantiate(&expr);
+    let i = install();
+    let mut child = Command::new("nix-build")
+        .args([
+            "--no-out-link",
+            "--max-jobs",
+            "0",
+            "--option",
+            "build-hook",
+            HOOK,
+            &drv,
+        ])
+        .env("NIXDOCK_CONFIG", &i.config)
+        .env("NIXDOCK_STATE_DIR", &i.state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let container = format!(
+        "nixdock-{}-x86_64-linux",
+        std::fs::read_to_string(i.state.join("instance-id"))
+            .unwrap_or_default()
+            .trim()
+    );
+    let running = |c: &str| {
+        let o = common::docker([
+            "exec",
+            c,
+            "sh",
+            "-c",
+            "cat /proc/[0-9]*/cmdline | tr '\\0' ' '",
+        ]);
+        String::from_utf8_lossy(&o.stdout).contains(&marker)
+    };
+    let t = Instant::now();
+    while !running(&container) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the build never started"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SIGINT, as Ctrl-C would.
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status =
+        common::wait_timeout(&mut child, Duration::from_secs(30)).expect("nix-build exited");
+    assert!(!status.success());
+    let t = Instant::now();
+    while running(&container) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the remote build kept running"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for p in outputs_of(&drv) {
+        assert!(!is_valid(&p), "{p} registered after an interrupted build");
+    }
+}
+
+#[test]
+fn through_a_nix_daemon_with_the_hook_option() {
+    if !common::require_bed() {
+        return;
+    }
+    let i = install();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(nonce());
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("daemon.sock");
+    let mut daemon = Command::new("nix-daemon")
+        .args(["--option", "build-hook", HOOK])
+        .env("NIX_DAEMON_SOCKET_PATH", &socket)
+        .env("NIXDOCK_CONFIG", &i.config)
+        .env("NIXDOCK_STATE_DIR", &i.state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !socket.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let expr = drv_expr("via-daemon", "aarch64-linux", "echo daemon-path > $out");
+    let mut cmd = Command::new("nix-build");
+    cmd.args(["--no-out-link", "-E", &expr, "--store", "daemon"])
+        .env("NIX_DAEMON_SOCKET_PATH", &socket);
+    let o = common::run_with_timeout(cmd, Duration::from_secs(300)).unwrap();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let out = out_path(&o);
+    assert_eq!(std::fs::read_to_string(out).unwrap(), "daemon-path\n");
+}
+
+#[test]
+fn nix_2_26_client_in_a_trixie_container() {
+    if !common::require_bed() {
+        return;
+    }
+    let i = install();
+    let expr = drv_expr("from-226", "aarch64-linux", "echo from-2.26 > $out");
+    let state = i.state.to_str().unwrap();
+    let config = i.config.to_str().unwrap();
+    let o = common::docker([
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "-v",
+        "/var/run/docker.sock:/var/run/docker.sock",
+        "-v",
+        &format!("{HOOK}:/usr/local/bin/nixdock-hook:ro"),
+        "-v",
+        &format!("{state}:{state}"),
+        "-v",
+        &format!("{config}:{config}:ro"),
+        "-e",
+        &format!("NIXDOCK_STATE_DIR={state}"),
+        "-e",
+        &format!("NIXDOCK_CONFIG={config}"),
+        &common::image("trixie-amd64"),
+        "sh",
+        "-c",
+        &format!(
+            "nix-build --version && out=$(nix-build --no-out-link --option build-users-group '' \
+             --option substituters '' --option build-hook /usr/local/bin/nixdock-hook -E '{expr}') \
+             && cat $out && nix-store -q --deriver $out"
+        ),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("2.26"), "{t}");
+    assert!(stdout.contains("from-2.26"), "{t}");
+    assert!(stdout.contains("-from-226.drv"), "{t}");
+}
