@@ -1,0 +1,190 @@
+//! Shared helpers for integration tests that need the real test bed (`scripts/testbed`):
+//! Docker, the host's Nix daemon and the `nixdock-test/*` builder images.
+//!
+//! Use it from a test file with `mod common;` and start every bed-dependent test with
+//! `if !common::require_bed() { return; }`.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Prefix of every test-bed image tag.
+pub const IMAGE_PREFIX: &str = "nixdock-test";
+
+/// Default time limit for one `docker` command.
+pub const DOCKER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The repository root (the root crate's manifest dir).
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The full tag of a test-bed image, e.g. `image("bookworm-amd64")`.
+pub fn image(name: &str) -> String {
+    format!("{IMAGE_PREFIX}/{name}")
+}
+
+/// True when the test bed is present (current, or stale with a warning). When it is missing:
+/// with `CI` set, panics ("test bed missing: run scripts/testbed");
+/// otherwise prints a loud notice and returns false, and the caller should return (skip).
+///
+/// The check (`scripts/testbed --check`) runs once per test binary.
+pub fn require_bed() -> bool {
+    static BED: OnceLock<Result<(), String>> = OnceLock::new();
+    let state = BED.get_or_init(check_bed);
+    match state {
+        Ok(()) => true,
+        Err(report) => {
+            let msg = format!("test bed missing: run scripts/testbed (as root)\n{report}");
+            if in_ci() {
+                panic!("{msg}");
+            }
+            eprintln!(
+                "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+                 !! SKIPPED: {msg}\n\
+                 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+            );
+            false
+        }
+    }
+}
+
+fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+}
+
+/// `scripts/testbed --check`: exit 0 = complete, 2 = complete but some image was built from an
+/// older recipe (still usable: warn and go on), anything else = missing.
+fn check_bed() -> Result<(), String> {
+    let script = repo_root().join("scripts/testbed");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script).arg("--check");
+    match run_with_timeout(cmd, Duration::from_secs(120)) {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) if out.status.code() == Some(2) => {
+            eprintln!(
+                "WARNING: test bed is stale (an image recipe changed since it was built); \
+                 testing against the existing images. Run scripts/testbed to rebuild.\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            Ok(())
+        }
+        Ok(out) => Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )),
+        Err(e) => Err(format!("{} --check: {e}", script.display())),
+    }
+}
+
+/// Runs `cmd` to completion (stdin closed) with a time limit; on timeout the child is killed
+/// and an error returned. Output is collected on threads, so large outputs cannot deadlock.
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Result<Output, String> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let what = format!("{cmd:?}");
+    let mut child = cmd.spawn().map_err(|e| format!("spawn {what}: {e}"))?;
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let status = wait_timeout(&mut child, timeout)
+        .ok_or_else(|| format!("{what} did not finish within {timeout:?} (killed)"))?;
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// Reads a pipe to its end on a thread.
+pub fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
+/// Waits for `child` up to `timeout`; kills it and returns None when it is still running then.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+/// `docker ARGS...` with [`DOCKER_TIMEOUT`]; panics only when it cannot run or times out.
+pub fn docker<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new("docker");
+    cmd.args(args);
+    run_with_timeout(cmd, DOCKER_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `docker ARGS...` that must succeed; returns its stdout (lossy UTF-8), panics with stderr.
+pub fn docker_ok<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let out = docker(&args);
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A name unique across processes and calls, e.g. for containers: `PREFIX-PID-N-NANOS`.
+pub fn unique_name(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Removes the named container (`docker rm -f`) when dropped, so a failing test leaves none.
+pub struct ContainerGuard(pub String);
+
+impl Drop for ContainerGuard {
+    fn drop(&mut self) {
+        let mut cmd = Command::new("docker");
+        cmd.args(["rm", "-f", "-v", &self.0]);
+        let _ = run_with_timeout(cmd, Duration::from_secs(60));
+    }
+}
+
+/// Path of the test-bed script.
+pub fn testbed_script() -> PathBuf {
+    repo_root().join("scripts/testbed")
+}
