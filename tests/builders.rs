@@ -148,7 +148,7 @@ impl Instance {
     }
 
     async fn try_ready(&self, spec: &BuilderSpec) -> Result<ReadyBuilder, BuilderError> {
-        tokio::time::timeout(READY_TIMEOUT, self.builders.ensure_ready(spec))
+        tokio::time::timeout(READY_TIMEOUT, self.builders.ensure_ready(spec, None))
             .await
             .unwrap_or_else(|_| panic!("ensure_ready({}) took over {READY_TIMEOUT:?}", spec.system))
     }
@@ -730,7 +730,13 @@ async fn config_change_is_applied_when_the_caller_holds_its_own_slot() {
     let (own, busy) = slots::try_acquire(&inst.load_dir(), &name, changed.max_jobs).unwrap();
     assert!(own.is_some());
     assert_eq!(busy, 0, "no other build runs");
-    let ready = inst.ready(&changed).await;
+    let ready = tokio::time::timeout(
+        READY_TIMEOUT,
+        inst.builders.ensure_ready(&changed, own.as_ref()),
+    )
+    .await
+    .expect("in time")
+    .expect("ready");
     let id2 = inst.container_id(&spec).await;
     let conf = nix_conf(&ready).await;
     assert!(
@@ -871,8 +877,8 @@ async fn concurrent_callers_make_one_container() {
     .unwrap();
     let spec = inst.spec(X86, AMD64);
     let (a, b) = tokio::join!(
-        tokio::time::timeout(READY_TIMEOUT, inst.builders.ensure_ready(&spec)),
-        tokio::time::timeout(READY_TIMEOUT, other.ensure_ready(&spec)),
+        tokio::time::timeout(READY_TIMEOUT, inst.builders.ensure_ready(&spec, None)),
+        tokio::time::timeout(READY_TIMEOUT, other.ensure_ready(&spec, None)),
     );
     let a = a.expect("timeout").expect("first caller");
     let b = b.expect("timeout").expect("second caller");
@@ -958,7 +964,7 @@ async fn helper_process_race_for_a_builder() {
     tokio::time::sleep(Duration::from_millis(wait)).await;
     let builders = Builders::new(engine, state).unwrap();
     let spec = race_spec(&id, &builders.engine.arch);
-    let mut ready = builders.ensure_ready(&spec).await.unwrap();
+    let mut ready = builders.ensure_ready(&spec, None).await.unwrap();
     let probe =
         StorePath::from_absolute("/nix/store/00000000000000000000000000000000-nixdock-probe")
             .unwrap();
@@ -1230,13 +1236,14 @@ async fn unreachable_engine() {
     let _cleanup = Cleanup(id.clone());
     let builders = Builders::new(engine, state).unwrap();
     let spec = spec_for(&id, X86, AMD64, &e.arch, |_| {});
-    let err = match tokio::time::timeout(Duration::from_secs(30), builders.ensure_ready(&spec))
-        .await
-        .expect("ensure_ready against a dead engine hung")
-    {
-        Ok(_) => panic!("ready without an engine"),
-        Err(e) => e,
-    };
+    let err =
+        match tokio::time::timeout(Duration::from_secs(30), builders.ensure_ready(&spec, None))
+            .await
+            .expect("ensure_ready against a dead engine hung")
+        {
+            Ok(_) => panic!("ready without an engine"),
+            Err(e) => e,
+        };
     let text = err.to_string();
     eprintln!("engine gone: {text}");
     assert!(

@@ -153,7 +153,14 @@ impl Builders {
     /// creating, starting or recreating its container as needed. Concurrent callers (other
     /// hook processes) wait on a lock in the state dir, so one system never gets two
     /// containers and nobody connects to a half-started one.
-    pub async fn ensure_ready(&self, spec: &BuilderSpec) -> Result<ReadyBuilder, BuilderError> {
+    ///
+    /// `own_slot` is the slot the caller already holds for its build: it does not count as a
+    /// running build when deciding whether a changed container may be recreated.
+    pub async fn ensure_ready(
+        &self,
+        spec: &BuilderSpec,
+        own_slot: Option<&slots::Slot>,
+    ) -> Result<ReadyBuilder, BuilderError> {
         let name = spec.container_name();
         let lock_path = self.state.lock_path(&format!("builder-{name}"));
         let _lock = tokio::task::spawn_blocking(move || FileLock::exclusive(&lock_path))
@@ -171,10 +178,18 @@ impl Builders {
             Some(c) if label(&c, provision::LABEL_CONFIG) == Some(hash.as_str()) => Some(c),
             Some(c) => {
                 // Configuration changed: recreate, but never under a running build.
-                let old_jobs = label(&c, provision::LABEL_MAX_JOBS)
+                // Builds started under either configuration may hold slots up to the larger
+                // max-jobs.
+                let old_jobs: u32 = label(&c, provision::LABEL_MAX_JOBS)
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(spec.max_jobs);
-                match slots::try_acquire_all(&self.state.load_dir(), &name, old_jobs)? {
+                let n = old_jobs.max(spec.max_jobs);
+                match slots::try_acquire_all_except(
+                    &self.state.load_dir(),
+                    &name,
+                    n,
+                    own_slot.map(|s| s.index),
+                )? {
                     Some(_all) => {
                         tracing::info!(container = %name, "configuration changed; recreating the builder");
                         self.remove(&name).await?;
@@ -380,7 +395,7 @@ impl Builders {
         &self,
         spec: &BuilderSpec,
         name: &str,
-        started: bool,
+        mut started: bool,
     ) -> Result<ReadyBuilder, BuilderError> {
         let t0 = Instant::now();
         let limit = if spec.emulated {
@@ -439,7 +454,25 @@ impl Builders {
                     }
                     // A mismatched host key never gets better by waiting.
                     Err(e @ BuilderError::Ssh { .. }) if e.is_host_key_mismatch() => return Err(e),
-                    Err(e) if !started => return Err(e),
+                    Err(e) if !started => {
+                        // It may have idled out between our inspect and the connect: start it
+                        // again rather than fail the build.
+                        let still_running = matches!(
+                            self.inspect(name).await?.as_ref().and_then(status),
+                            Some(ContainerStateStatusEnum::RUNNING)
+                        );
+                        if still_running {
+                            return Err(e);
+                        }
+                        tracing::info!(container = %name, "builder stopped meanwhile; starting it again");
+                        self.engine
+                            .docker
+                            .start_container(name, None::<StartContainerOptions>)
+                            .await
+                            .map_err(self.engine.api_err())?;
+                        started = true;
+                        last = e.to_string();
+                    }
                     Err(e) => last = e.to_string(),
                 }
             } else {

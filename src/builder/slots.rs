@@ -59,8 +59,18 @@ pub fn try_acquire_all(
     builder: &str,
     max_jobs: u32,
 ) -> Result<Option<Vec<FileLock>>, StateError> {
+    try_acquire_all_except(dir, builder, max_jobs, None)
+}
+
+/// Like [`try_acquire_all`], but skips slot `except`: the caller's own, already held.
+pub fn try_acquire_all_except(
+    dir: &Path,
+    builder: &str,
+    max_jobs: u32,
+    except: Option<u32>,
+) -> Result<Option<Vec<FileLock>>, StateError> {
     let mut all = Vec::with_capacity(max_jobs as usize);
-    for i in 0..max_jobs {
+    for i in (0..max_jobs).filter(|i| Some(*i) != except) {
         match FileLock::try_exclusive(&slot_path(dir, builder, i))? {
             Some(l) => all.push(l),
             None => return Ok(None),

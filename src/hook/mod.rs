@@ -239,7 +239,7 @@ async fn handle_try(
     let store = settings.store().unwrap_or("auto").to_string();
     let t = Instant::now();
     let (ready, local) = tokio::join!(
-        builders.ensure_ready(&spec),
+        builders.ensure_ready(&spec, Some(&slot)),
         crate::local_daemon::connect(&store)
     );
     let mut ready = match ready {
