@@ -1,2 +1,3 @@
 //! nixdock: Nix's build hook, served by Docker builders over SSH.
+pub mod local_store;
 pub mod transport;

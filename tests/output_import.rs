@@ -1,0 +1,377 @@
+//! `local_store::OutputImporter` against the real local store (`/nix/store`, Nix 2.8 from
+//! Debian's nix-bin). Needs root and `nix-store` on PATH: without them these tests fail when `CI`
+//! is set ("run scripts/testbed") and are skipped with a note otherwise.
+//!
+//! Store paths are made up (`/nix/store/<random>-nixdock-test-…`): `--register-validity` does not
+//! check that an input-addressed path matches its contents. Every test deletes what it
+//! registered.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use hook_protocol::hash::{Hash, nix32_encode};
+use hook_protocol::nar::{DumpOptions, dump_path};
+use nixdock::local_store::{ImportError, OutputImporter, PathInfo, STAGING_PREFIX};
+use sha2::{Digest, Sha256};
+
+const STORE: &str = "/nix/store";
+
+/// The tests look for leftover staging directories in the store, so they run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `nix-store`, if this machine can run these tests.
+fn nix_store(test: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("nix-store"))
+            .find(|p| p.is_file())
+    });
+    let is_root = fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    let problem = match (&found, is_root, Path::new(STORE).is_dir()) {
+        (None, _, _) => Some("nix-store is not on PATH"),
+        (_, false, _) => Some("not running as root"),
+        (_, _, false) => Some("/nix/store does not exist"),
+        _ => None,
+    };
+    if let Some(p) = problem {
+        if std::env::var_os("CI").is_some() {
+            panic!("{test}: {p}; run scripts/testbed (as root) to set up Nix");
+        }
+        eprintln!("{test}: SKIPPED: {p} (run scripts/testbed, as root)");
+        return None;
+    }
+    found
+}
+
+/// A fresh, syntactically valid store path that nothing else uses.
+fn fake_store_path(name: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            .to_le_bytes(),
+    );
+    h.update(std::process::id().to_le_bytes());
+    h.update(name.as_bytes());
+    let mut random = [0u8; 16];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+        .unwrap();
+    h.update(random);
+    format!(
+        "{STORE}/{}-nixdock-test-{name}",
+        nix32_encode(&h.finalize()[..20])
+    )
+}
+
+fn ns(nix_store: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(nix_store).args(args).output().unwrap()
+}
+
+fn ns_ok(nix_store: &Path, args: &[&str]) -> String {
+    let out = ns(nix_store, args);
+    assert!(
+        out.status.success(),
+        "nix-store {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn is_valid(nix_store: &Path, p: &str) -> bool {
+    ns(nix_store, &["--check-validity", p]).status.success()
+}
+
+/// Leftover staging directories of this process's importers.
+fn staging_dirs() -> Vec<PathBuf> {
+    fs::read_dir(STORE)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(STAGING_PREFIX)
+        })
+        .collect()
+}
+
+/// A tree with unique content, its NAR and path info.
+async fn make_output(dir: &Path, name: &str, path: &str) -> (Vec<u8>, PathInfo) {
+    let root = dir.join(name);
+    fs::create_dir(&root).unwrap();
+    fs::write(root.join("unique"), path.as_bytes()).unwrap();
+    fs::create_dir(root.join("bin")).unwrap();
+    fs::write(root.join("bin/tool"), b"#!/bin/sh\necho tool\n").unwrap();
+    fs::set_permissions(root.join("bin/tool"), fs::Permissions::from_mode(0o755)).unwrap();
+    symlink("bin/tool", root.join("link")).unwrap();
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    fs::write(root.join("big"), big).unwrap();
+    nar_of(&root, path).await
+}
+
+async fn nar_of(root: &Path, path: &str) -> (Vec<u8>, PathInfo) {
+    let mut nar = Vec::new();
+    let s = dump_path(root, &mut nar, DumpOptions::default())
+        .await
+        .unwrap();
+    let info = PathInfo {
+        path: path.to_string(),
+        deriver: None,
+        nar_hash_sha256: s.nar_sha256,
+        nar_size: s.nar_size,
+        references: BTreeSet::new(),
+    };
+    (nar, info)
+}
+
+/// Deletes test paths (together, so references among them don't matter).
+fn delete(nix_store: &Path, paths: &[&str]) {
+    let mut args = vec!["--delete"];
+    args.extend(paths.iter().copied().filter(|p| is_valid(nix_store, p)));
+    if args.len() > 1 {
+        ns_ok(nix_store, &args);
+    }
+    for p in paths {
+        assert!(!Path::new(p).exists(), "{p} still exists after --delete");
+    }
+}
+
+#[tokio::test]
+async fn imports_and_registers_paths_with_references() {
+    let Some(nix_store) = nix_store("imports_and_registers_paths_with_references") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let t = tempfile::tempdir().unwrap();
+    let out = fake_store_path("out");
+    let lib = fake_store_path("lib");
+    let drv = format!("{}.drv", fake_store_path("drv"));
+    let (out_nar, mut out_info) = make_output(t.path(), "out", &out).await;
+    // A single-file output.
+    fs::write(t.path().join("lib"), lib.as_bytes()).unwrap();
+    let (lib_nar, lib_info) = nar_of(&t.path().join("lib"), &lib).await;
+    // out refers to itself and to lib, which is registered in the same call (and added after).
+    out_info.references = [out.clone(), lib.clone()].into();
+    out_info.deriver = Some(drv.clone());
+
+    let mut imp = OutputImporter::new(Path::new(STORE), false).unwrap();
+    imp.add(out_info.clone(), &out_nar[..]).await.unwrap();
+    imp.add(lib_info.clone(), &lib_nar[..]).await.unwrap();
+    assert!(!Path::new(&out).exists(), "nothing is moved before commit");
+    imp.commit(&nix_store).await.unwrap();
+
+    for (p, info) in [(&out, &out_info), (&lib, &lib_info)] {
+        ns_ok(&nix_store, &["--check-validity", p]);
+        let hash = ns_ok(&nix_store, &["-q", "--hash", p]);
+        assert_eq!(hash.trim(), Hash::sha256(info.nar_hash_sha256).to_string());
+        let size = ns_ok(&nix_store, &["-q", "--size", p]);
+        assert_eq!(size.trim(), info.nar_size.to_string());
+        let refs: BTreeSet<String> = ns_ok(&nix_store, &["-q", "--references", p])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        assert_eq!(refs, info.references);
+        ns_ok(&nix_store, &["--verify-path", p]);
+    }
+    let deriver = ns_ok(&nix_store, &["-q", "--deriver", &out]);
+    assert_eq!(deriver.trim(), drv);
+    // Canonical metadata.
+    let md = fs::symlink_metadata(&out).unwrap();
+    assert_eq!(md.mode() & 0o7777, 0o555);
+    assert_eq!(md.mtime(), 1);
+    let tool = fs::metadata(format!("{out}/bin/tool")).unwrap();
+    assert_eq!(tool.mode() & 0o7777, 0o555);
+    assert_eq!(tool.mtime(), 1);
+    assert_eq!(fs::read(format!("{out}/unique")).unwrap(), out.as_bytes());
+    assert_eq!(fs::read(&lib).unwrap(), lib.as_bytes());
+    assert!(staging_dirs().is_empty(), "{:?}", staging_dirs());
+
+    // Importing an already-valid path again keeps it (and succeeds).
+    let mut imp = OutputImporter::new(Path::new(STORE), false).unwrap();
+    imp.add(lib_info.clone(), &lib_nar[..]).await.unwrap();
+    imp.commit(&nix_store).await.unwrap();
+    ns_ok(&nix_store, &["--verify-path", &lib]);
+
+    delete(&nix_store, &[&out, &lib]);
+}
+
+#[tokio::test]
+async fn wrong_hash_or_size_leaves_nothing() {
+    let Some(nix_store) = nix_store("wrong_hash_or_size_leaves_nothing") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let t = tempfile::tempdir().unwrap();
+    let p = fake_store_path("badhash");
+    let (nar, info) = make_output(t.path(), "x", &p).await;
+
+    let mut bad_hash = info.clone();
+    bad_hash.nar_hash_sha256[0] ^= 1;
+    let mut bad_size = info.clone();
+    bad_size.nar_size += 8;
+    let mut too_small = info.clone();
+    too_small.nar_size -= 8;
+    for bad in [bad_hash, bad_size, too_small] {
+        let mut imp = OutputImporter::new(Path::new(STORE), false).unwrap();
+        let err = imp.add(bad.clone(), &nar[..]).await.unwrap_err();
+        if bad.nar_size < info.nar_size {
+            // Reading stops at the announced size.
+            assert!(matches!(err, ImportError::TooLong { .. }), "{err}");
+        } else {
+            assert!(matches!(err, ImportError::Mismatch { .. }), "{err}");
+        }
+        assert!(staging_dirs().is_empty(), "staging removed at once");
+        // The importer stays usable, and commits nothing.
+        imp.commit(&nix_store).await.unwrap();
+        assert!(fs::symlink_metadata(&p).is_err());
+        assert!(!is_valid(&nix_store, &p));
+    }
+}
+
+#[tokio::test]
+async fn truncated_nar_leaves_nothing() {
+    let Some(nix_store) = nix_store("truncated_nar_leaves_nothing") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let t = tempfile::tempdir().unwrap();
+    let p = fake_store_path("truncated");
+    let (nar, info) = make_output(t.path(), "x", &p).await;
+    let mut imp = OutputImporter::new(Path::new(STORE), false).unwrap();
+    // Cut in the middle of the 300 kB file.
+    let err = imp
+        .add(info, &nar[..nar.len() - 100_000])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ImportError::Nar { source, .. } if source.is_truncated()),
+        "{err}"
+    );
+    drop(imp);
+    assert!(staging_dirs().is_empty());
+    assert!(fs::symlink_metadata(&p).is_err());
+    assert!(!is_valid(&nix_store, &p));
+}
+
+#[tokio::test]
+async fn failed_registration_removes_moved_paths() {
+    let Some(nix_store) = nix_store("failed_registration_removes_moved_paths") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let t = tempfile::tempdir().unwrap();
+    let a = fake_store_path("a");
+    let b = fake_store_path("b");
+    let missing = fake_store_path("never-registered");
+    let (a_nar, a_info) = make_output(t.path(), "a", &a).await;
+    let (b_nar, mut b_info) = make_output(t.path(), "b", &b).await;
+    b_info.references = [missing.clone()].into();
+
+    let mut imp = OutputImporter::new(Path::new(STORE), false).unwrap();
+    imp.add(a_info, &a_nar[..]).await.unwrap();
+    imp.add(b_info, &b_nar[..]).await.unwrap();
+    let err = imp.commit(&nix_store).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ImportError::NixStore { .. }), "{msg}");
+    eprintln!("expected failure: {msg}");
+    assert!(
+        msg.contains(&missing),
+        "nix-store's stderr is in the error: {msg}"
+    );
+    for p in [&a, &b] {
+        assert!(fs::symlink_metadata(p).is_err(), "{p} was left on disk");
+        assert!(!is_valid(&nix_store, p), "{p} was left registered");
+    }
+    assert!(staging_dirs().is_empty());
+}
+
+#[tokio::test]
+async fn invalid_leftover_is_replaced() {
+    let Some(nix_store) = nix_store("invalid_leftover_is_replaced") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let t = tempfile::tempdir().unwrap();
+    let p = fake_store_path("leftover");
+    // A half-written, read-only, unregistered tree at the final path (e.g. a killed hook).
+    fs::create_dir(&p).unwrap();
+    fs::create_dir(format!("{p}/junk")).unwrap();
+    fs::write(format!("{p}/junk/file"), b"junk").unwrap();
+    fs::set_permissions(format!("{p}/junk"), fs::Permissions::from_mode(0o555)).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o555)).unwrap();
+    assert!(!is_valid(&nix_store, &p));
+
+    let (nar, info) = make_output(t.path(), "x", &p).await;
+    let mut imp = OutputImporter::new(Path::new(STORE), false).unwrap();
+    imp.add(info, &nar[..]).await.unwrap();
+    imp.commit(&nix_store).await.unwrap();
+    ns_ok(&nix_store, &["--verify-path", &p]);
+    assert!(!Path::new(&format!("{p}/junk")).exists());
+    delete(&nix_store, &[&p]);
+}
+
+#[tokio::test]
+async fn dropping_an_importer_removes_its_staging() {
+    let Some(_nix_store) = nix_store("dropping_an_importer_removes_its_staging") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let t = tempfile::tempdir().unwrap();
+    let p = fake_store_path("dropped");
+    let (nar, info) = make_output(t.path(), "x", &p).await;
+    let mut imp = OutputImporter::new(Path::new(STORE), false).unwrap();
+    imp.add(info, &nar[..]).await.unwrap();
+    assert_eq!(staging_dirs().len(), 1);
+    drop(imp);
+    assert!(staging_dirs().is_empty());
+    assert!(fs::symlink_metadata(&p).is_err());
+}
+
+#[tokio::test]
+async fn bad_path_infos_are_rejected() {
+    let Some(_nix_store) = nix_store("bad_path_infos_are_rejected") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let t = tempfile::tempdir().unwrap();
+    let p = fake_store_path("ok");
+    let (nar, info) = make_output(t.path(), "x", &p).await;
+    let mut imp = OutputImporter::new(Path::new(STORE), false).unwrap();
+    let mut cases = Vec::new();
+    for bad in [
+        "/nix/store/../etc/passwd".to_string(),
+        "/tmp/00000000000000000000000000000000-x".to_string(),
+        format!("{p}/sub"),
+        format!("{p}\n/nix/store/00000000000000000000000000000000-x"),
+    ] {
+        cases.push(PathInfo {
+            path: bad,
+            ..info.clone()
+        });
+    }
+    cases.push(PathInfo {
+        references: ["/etc".to_string()].into(),
+        ..info.clone()
+    });
+    cases.push(PathInfo {
+        deriver: Some("relative.drv".into()),
+        ..info.clone()
+    });
+    for c in cases {
+        let err = imp.add(c.clone(), &nar[..]).await.unwrap_err();
+        assert!(matches!(err, ImportError::BadPath { .. }), "{c:?}: {err}");
+    }
+    imp.add(info.clone(), &nar[..]).await.unwrap();
+    let err = imp.add(info, &nar[..]).await.unwrap_err();
+    assert!(matches!(err, ImportError::Duplicate(_)), "{err}");
+    drop(imp);
+    assert!(staging_dirs().is_empty());
+}
