@@ -145,9 +145,7 @@ pub async fn read_string_list<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Resul
     Ok(out)
 }
 
-pub async fn read_string_set<R: AsyncRead + Unpin + ?Sized>(
-    r: &mut R,
-) -> Result<BTreeSet<String>> {
+pub async fn read_string_set<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<BTreeSet<String>> {
     Ok(read_string_list(r).await?.into_iter().collect())
 }
 

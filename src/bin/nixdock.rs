@@ -1,4 +1,6 @@
+//! `nixdock`: the operator's command (status, stop, gc, logs, doctor, install, uninstall,
+//! demo, image build). See `nixdock --help`.
+
 fn main() {
-    eprintln!("nixdock: not implemented yet");
-    std::process::exit(1);
+    std::process::exit(nixdock::cli::main());
 }

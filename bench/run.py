@@ -1,0 +1,789 @@
+#!/usr/bin/env python3
+"""nixdock benchmark harness (issue 7).
+
+Measures nixdock-hook against what users run today: Nix's own build hook (the default
+`build-hook`, i.e. `build-remote`) with `ssh-ng://` to an identical builder container, set up by
+hand the classic way (sshd in the container, loopback port, a Host alias in a temporary ssh
+config, OpenSSH as the client). The two systems alternate run by run in one invocation.
+
+Everything it creates (containers, volumes, temp files, store paths) is removed at the end, also
+on Ctrl-C. Only the Python 3 standard library is used. See BENCHMARKS.md for the figures and how
+to read them.
+
+    python3 bench/run.py            # full run (~10 min on 2 cores), writes bench/results/latest.json
+    python3 bench/run.py --quick    # a smoke run with few repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEM = "x86_64-linux"
+STOCK_ALIAS = "nixdock-bench-stock"
+MB = 1_000_000
+
+# Targets from issue 7.
+TARGETS = {
+    "warm": ("ratio", 0.5),
+    "closure-200": ("ratio", 0.5),
+    "closure-346": ("ratio", 0.5),
+    "parallel-8": ("par_over_one", 2.0),
+    "cold-removed": ("nixdock_median", 2.0),
+    "rss": ("mib", 32.0),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, check=True, timeout=300, env=None, input=None, quiet=False) -> subprocess.CompletedProcess:
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=env, input=input
+    )
+    if check and p.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stdout[-2000:]}{p.stderr[-4000:]}"
+        )
+    return p
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def summary(xs: list[float]) -> dict:
+    if not xs:
+        return {"runs": 0}
+    return {
+        "runs": len(xs),
+        "median": statistics.median(xs),
+        "min": min(xs),
+        "max": max(xs),
+        "samples": [round(x, 4) for x in xs],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Resource accounting: everything made here is registered and removed at the end.
+
+
+class Cleanup:
+    def __init__(self) -> None:
+        self.containers: list[str] = []
+        self.volume_labels: list[str] = []  # label filters, e.g. nixdock.instance=ID
+        self.volumes: list[str] = []
+        self.store_paths: list[str] = []
+        self.dirs: list[str] = []
+        self.done = False
+
+    def host_store_delete(self, paths: list[str]) -> None:
+        """Deletes paths this run made from the host store (never a full GC: the host store is
+        shared with other test runs)."""
+        paths = [p for p in paths if p]
+        if not paths:
+            return
+        # Referrers first (outputs, then .drv files, then inputs): nix-store --delete refuses a
+        # path that something valid still refers to.
+        for p in paths:
+            run(["nix-store", "--delete", p], check=False, timeout=300)
+
+    def all(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        for c in self.containers:
+            run(["docker", "rm", "-f", "-v", c], check=False, timeout=120)
+        for lab in self.volume_labels:
+            p = run(["docker", "volume", "ls", "-q", "--filter", f"label={lab}"], check=False)
+            self.volumes += p.stdout.split()
+        for v in dict.fromkeys(self.volumes):
+            run(["docker", "volume", "rm", "-f", v], check=False, timeout=120)
+        self.host_store_delete(list(reversed(self.store_paths)))
+        for d in self.dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+CLEAN = Cleanup()
+
+
+# --------------------------------------------------------------------------------------------
+# Peak RSS of a build's hook processes, sampled from /proc (works for both systems; the exact
+# nixdock figure comes from /usr/bin/time in a wrapper, see NixdockSystem).
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, root_pid: int, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.root = root_pid
+        self.interval = interval
+        self.stop_evt = threading.Event()
+        self.peak: dict[str, int] = {}  # comm -> max VmHWM kB over processes with that comm
+
+    def descendants(self, pid: int) -> list[int]:
+        out, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            try:
+                kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+            except OSError:
+                continue
+            for k in kids:
+                out.append(int(k))
+                todo.append(int(k))
+        return out
+
+    def run(self) -> None:
+        while not self.stop_evt.is_set():
+            for pid in self.descendants(self.root):
+                try:
+                    st = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                m = re.search(r"^VmHWM:\s+(\d+) kB", st, re.M)
+                n = re.search(r"^Name:\s+(.*)$", st, re.M)
+                if m and n:
+                    name = n.group(1).strip()
+                    self.peak[name] = max(self.peak.get(name, 0), int(m.group(1)))
+            self.stop_evt.wait(self.interval)
+
+    def stop(self) -> dict[str, int]:
+        self.stop_evt.set()
+        self.join()
+        return self.peak
+
+
+# --------------------------------------------------------------------------------------------
+# The two systems under test.
+
+
+class System:
+    name = "?"
+
+    def args(self, rss: bool) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def machine_marker(self) -> str:
+        raise NotImplementedError
+
+    def container(self) -> str:
+        raise NotImplementedError
+
+    def exact_rss(self) -> list[int]:
+        return []
+
+    def build(self, expr: str, rss: bool = False, timeout: int = 900) -> dict:
+        """One timed nix-build; returns seconds, out paths and sampled hook RSS."""
+        cmd = ["nix-build", "--no-out-link", "-E", expr, "--max-jobs", "0"] + self.args(rss)
+        t0 = time.perf_counter()
+        p = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env()
+        )
+        sampler = RssSampler(p.pid) if rss else None
+        if sampler:
+            sampler.start()
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            raise RuntimeError(f"{self.name}: nix-build timed out after {timeout}s:\n{err[-3000:]}")
+        dt = time.perf_counter() - t0
+        sampled = sampler.stop() if sampler else {}
+        if p.returncode != 0:
+            raise RuntimeError(f"{self.name}: nix-build failed ({p.returncode}):\n{err[-4000:]}")
+        if self.machine_marker() not in err:
+            raise RuntimeError(
+                f"{self.name}: the build did not run on {self.machine_marker()!r}:\n{err[-3000:]}"
+            )
+        outs = [l for l in out.splitlines() if l.startswith("/nix/store/")]
+        return {"seconds": dt, "outs": outs, "sampled_rss_kb": sampled, "exact_rss_kb": self.exact_rss()}
+
+    def gc_builder(self) -> None:
+        """Drops everything unreachable from the builder's store (our bench paths), untimed."""
+        run(["docker", "exec", self.container(), "nix-collect-garbage"], check=False, timeout=300)
+
+
+class NixdockSystem(System):
+    name = "nixdock"
+
+    def __init__(self, tmp: Path, hook: Path, image: str) -> None:
+        self.hook = hook
+        self.state = tmp / "nixdock-state"
+        self.config = tmp / "nixdock.toml"
+        self.config.write_text(
+            f'[builders."{SYSTEM}"]\nimage = "{image}"\nidle-timeout = 3600\n'
+        )
+        self.rss_dir = tmp / "rss"
+        self.rss_dir.mkdir()
+        # A wrapper for the exact peak RSS: GNU time runs the hook as its child with fds 0, 1,
+        # 2 and 4 inherited and argv passed through, writes the peak to a file (never to fd 2,
+        # which belongs to Nix) and exits with the hook's status.
+        self.wrapper = tmp / "nixdock-hook-rss"
+        self.wrapper.write_text(
+            "#!/bin/sh\n"
+            f'exec /usr/bin/time -f "%M %e" -o "{self.rss_dir}/hook.$$" "{hook}" "$@"\n'
+        )
+        self.wrapper.chmod(0o755)
+        self.instance: str | None = None
+
+    def args(self, rss: bool) -> list[str]:
+        return ["--option", "build-hook", str(self.wrapper if rss else self.hook)]
+
+    def env(self) -> dict[str, str]:
+        e = {k: v for k, v in os.environ.items() if not k.startswith(("NIXDOCK_", "NIX_SSHOPTS"))}
+        e["NIXDOCK_CONFIG"] = str(self.config)
+        e["NIXDOCK_STATE_DIR"] = str(self.state)
+        return e
+
+    def machine_marker(self) -> str:
+        return f"nixdock-{SYSTEM}"
+
+    def discover(self) -> None:
+        self.instance = (self.state / "instance-id").read_text().strip()
+        CLEAN.containers.append(self.container())
+        CLEAN.volume_labels.append(f"nixdock.instance={self.instance}")
+
+    def container(self) -> str:
+        return f"nixdock-{self.instance}-{SYSTEM}"
+
+    def exact_rss(self) -> list[int]:
+        """Peak RSS (kB) of each hook process since the last call."""
+        peaks = []
+        for f in sorted(self.rss_dir.glob("hook.*")):
+            first = f.read_text().strip().splitlines()
+            # "Command exited with non-zero status N" may precede the figures.
+            for line in first:
+                parts = line.split()
+                if len(parts) == 2 and parts[0].isdigit():
+                    peaks.append(int(parts[0]))
+            f.unlink()
+        return peaks
+
+
+class StockSystem(System):
+    """Nix's own hook with ssh-ng:// to a container set up by hand (sshd, loopback port, Host
+    alias in a temporary ssh config, OpenSSH client)."""
+
+    name = "stock"
+
+    def __init__(self, tmp: Path, image: str, nix_conf: str, sshd_config: str) -> None:
+        self.tmp = tmp
+        tag = os.urandom(4).hex()
+        self.name_ = f"nixdock-bench-stock-{tag}"
+        self.volume = self.name_
+        d = tmp / "stock"
+        (d / "etc/bench").mkdir(parents=True)
+        self.key = d / "client_key"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench-client", "-f", str(self.key)])
+        hostkey = d / "etc/bench/ssh_host_ed25519_key"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench-host", "-f", str(hostkey)])
+        host_pub = (d / "etc/bench/ssh_host_ed25519_key.pub").read_text().split()
+        shutil.copy(str(self.key) + ".pub", d / "etc/bench/authorized_keys")
+        # The same nix.conf as the nixdock builder runs with (read back from it), plus
+        # `substituters =` as any reachable-cache-less setup has it.
+        (d / "etc/bench/nix.conf").write_text(
+            "# stock remote-building setup for the benchmark\n" + nix_conf + "substituters =\n"
+        )
+        # The same sshd_config as nixdock's, with this container's paths.
+        (d / "etc/bench/sshd_config").write_text(
+            sshd_config.replace("/etc/nixdock/", "/etc/bench/").replace(
+                "PidFile /run/nixdock-sshd.pid", "PidFile /run/bench-sshd.pid"
+            )
+        )
+        (d / "etc/bench/entry.sh").write_text(
+            "#!/bin/sh\n"
+            "# By hand, the classic way: nix.conf, sshd's directories, sshd in the foreground.\n"
+            "set -eu\n"
+            "mkdir -p /etc/nix /run/sshd /var/empty\n"
+            "chmod 0755 /run/sshd /var/empty\n"
+            "cp /etc/bench/nix.conf /etc/nix/nix.conf\n"
+            "chmod 0600 /etc/bench/ssh_host_ed25519_key /etc/bench/authorized_keys\n"
+            "exec /usr/sbin/sshd -D -e -f /etc/bench/sshd_config\n"
+        )
+        CLEAN.containers.append(self.name_)
+        CLEAN.volumes.append(self.volume)
+        # Like a nixdock builder: /nix on a named volume (filled from the image), tini as init,
+        # sshd on an ephemeral loopback port.
+        run(["docker", "volume", "create", self.volume])
+        run([
+            "docker", "create", "--name", self.name_, "--init", "--hostname", "bench-stock",
+            "-p", "127.0.0.1::22", "--mount", f"type=volume,source={self.volume},target=/nix",
+            "--entrypoint", "/bin/sh", image, "/etc/bench/entry.sh",
+        ])
+        run(["docker", "cp", f"{d}/etc/.", f"{self.name_}:/etc/"])
+        run(["docker", "start", self.name_])
+        port = run(["docker", "port", self.name_, "22/tcp"]).stdout.split()[0].rsplit(":", 1)[1]
+        self.known_hosts = d / "known_hosts"
+        self.known_hosts.write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+        self.ssh_config = d / "ssh_config"
+        self.ssh_config.write_text(
+            f"Host {STOCK_ALIAS}\n"
+            f"  HostName 127.0.0.1\n"
+            f"  Port {port}\n"
+            f"  User root\n"
+            f"  IdentityFile {self.key}\n"
+            f"  IdentitiesOnly yes\n"
+            f"  UserKnownHostsFile {self.known_hosts}\n"
+            f"  GlobalKnownHostsFile /dev/null\n"
+            f"  StrictHostKeyChecking yes\n"
+            f"  BatchMode yes\n"
+        )
+        deadline = time.time() + 60
+        while True:
+            p = run(["ssh", "-F", str(self.ssh_config), STOCK_ALIAS, "nix-daemon", "--version"], check=False)
+            if p.returncode == 0:
+                break
+            if time.time() > deadline:
+                logs = run(["docker", "logs", self.name_], check=False)
+                raise RuntimeError(f"stock container's sshd never answered: {p.stderr}\n{logs.stderr}")
+            time.sleep(0.3)
+
+    def args(self, rss: bool) -> list[str]:
+        return ["--builders", f"ssh-ng://{STOCK_ALIAS} {SYSTEM} {self.key} 8 1"]
+
+    def env(self) -> dict[str, str]:
+        e = {k: v for k, v in os.environ.items() if not k.startswith("NIXDOCK_")}
+        e["NIX_SSHOPTS"] = f"-F {self.ssh_config}"
+        return e
+
+    def machine_marker(self) -> str:
+        return f"ssh-ng://{STOCK_ALIAS}"
+
+    def container(self) -> str:
+        return self.name_
+
+
+# --------------------------------------------------------------------------------------------
+# Workloads.
+
+
+def nonce() -> str:
+    return os.urandom(8).hex()
+
+
+def trivial_expr(tag: str) -> str:
+    return (
+        f'derivation {{ name = "bench-{tag}"; system = "{SYSTEM}"; builder = "/bin/sh"; '
+        f'args = ["-c" "echo hi > $out"]; nonce = "{nonce()}"; }}'
+    )
+
+
+def parallel_expr(n: int) -> str:
+    return (
+        f"builtins.genList (i: derivation {{ name = \"bench-par-${{toString i}}\"; "
+        f'system = "{SYSTEM}"; builder = "/bin/sh"; args = ["-c" "echo hi > $out"]; '
+        f'nonce = "{nonce()}"; }}) {n}'
+    )
+
+
+def output_expr(nbytes: int) -> str:
+    return (
+        f'derivation {{ name = "bench-output"; system = "{SYSTEM}"; builder = "/bin/sh"; '
+        f'args = ["-c" "/usr/bin/head -c {nbytes} /dev/urandom > $out"]; nonce = "{nonce()}"; }}'
+    )
+
+
+def closure_expr(inputs: list[str]) -> str:
+    paths = " ".join(f'(builtins.storePath "{p}")' for p in inputs)
+    return (
+        f'derivation {{ name = "bench-closure"; system = "{SYSTEM}"; builder = "/bin/sh"; '
+        f"inputs = [ {paths} ]; "
+        f'args = ["-c" "for i in $inputs; do [ -d $i ] || exit 1; done; echo ok > $out"]; '
+        f'nonce = "{nonce()}"; }}'
+    )
+
+
+def file_sizes(total: int, nfiles: int, rng: random.Random) -> list[int]:
+    """A closure-like mix: many small files, a few large ones (log-normal), summing to total."""
+    raw = [rng.lognormvariate(0, 1.6) for _ in range(nfiles)]
+    s = sum(raw)
+    sizes = [max(1, int(r / s * total)) for r in raw]
+    sizes[sizes.index(max(sizes))] += total - sum(sizes)
+    return sizes
+
+
+def make_closure(tmp: Path, total: int, nfiles: int, files_per_path: int = 100) -> list[str]:
+    """Fresh random content in nfiles files, split over store paths of ~files_per_path files
+    each, added with `nix-store --add`. Returns the store paths."""
+    rng = random.Random(os.urandom(8))
+    sizes = file_sizes(total, nfiles, rng)
+    npaths = max(1, nfiles // files_per_path)
+    root = Path(tempfile.mkdtemp(prefix="closure-", dir=tmp))
+    dirs = []
+    for k in range(npaths):
+        d = root / f"bench-input-{k:02d}"
+        d.mkdir()
+        dirs.append(d)
+    for i, sz in enumerate(sizes):
+        d = dirs[min(i // files_per_path, npaths - 1)]
+        sub = d / f"d{(i % files_per_path) // 10}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"f{i:04d}").write_bytes(os.urandom(sz))
+    out = run(["nix-store", "--add"] + [str(d) for d in dirs], timeout=600).stdout.split()
+    shutil.rmtree(root, ignore_errors=True)
+    CLEAN.store_paths += out
+    return out
+
+
+def drv_of(out: str) -> str:
+    p = run(["nix-store", "-q", "--deriver", out], check=False)
+    d = p.stdout.strip()
+    return d if d.endswith(".drv") else ""
+
+
+def forget(outs: list[str], extra: list[str] = ()) -> None:
+    """Removes a run's outputs, their .drv files and `extra` (inputs) from the host store."""
+    drvs = [drv_of(o) for o in outs]
+    CLEAN.host_store_delete(list(outs) + drvs + list(extra))
+
+
+# --------------------------------------------------------------------------------------------
+# Scenarios. Each alternates the systems run by run (stock first on even runs).
+
+
+def pair_order(i: int, systems: list[System]) -> list[System]:
+    return systems if i % 2 == 0 else list(reversed(systems))
+
+
+def scenario_warm(systems, runs: int) -> dict:
+    res = {s.name: [] for s in systems}
+    for i in range(runs):
+        for s in pair_order(i, systems):
+            r = s.build(trivial_expr("warm"))
+            res[s.name].append(r["seconds"])
+            forget(r["outs"])
+    return res
+
+
+def scenario_local(runs: int) -> list[float]:
+    """The same trivial build on the host with no hook, for scale."""
+    xs = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NIXDOCK_", "NIX_SSHOPTS"))}
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        p = run(["nix-build", "--no-out-link", "-E", trivial_expr("local"), "--max-jobs", "1",
+                 "--builders", ""], env=env)
+        xs.append(time.perf_counter() - t0)
+        forget(p.stdout.split())
+    return xs
+
+
+def scenario_closure(systems, runs: int, tmp: Path, total: int, nfiles: int) -> tuple[dict, dict]:
+    res = {s.name: [] for s in systems}
+    rss = {s.name: [] for s in systems}
+    for i in range(runs):
+        inputs = make_closure(tmp, total, nfiles)
+        for s in pair_order(i, systems):
+            r = s.build(closure_expr(inputs), rss=True)
+            res[s.name].append(r["seconds"])
+            rss[s.name].append({"exact_kb": r["exact_rss_kb"], "sampled_kb": r["sampled_rss_kb"]})
+            forget(r["outs"])
+            s.gc_builder()
+        forget([], inputs)
+    return res, rss
+
+
+def scenario_output(systems, runs: int, nbytes: int) -> tuple[dict, dict]:
+    res = {s.name: [] for s in systems}
+    rss = {s.name: [] for s in systems}
+    for i in range(runs):
+        for s in pair_order(i, systems):
+            r = s.build(output_expr(nbytes), rss=True)
+            size = os.path.getsize(r["outs"][0])
+            if size != nbytes:
+                raise RuntimeError(f"{s.name}: output has {size} bytes, expected {nbytes}")
+            res[s.name].append(r["seconds"])
+            rss[s.name].append({"exact_kb": r["exact_rss_kb"], "sampled_kb": r["sampled_rss_kb"]})
+            forget(r["outs"])
+            s.gc_builder()
+    return res, rss
+
+
+def scenario_parallel(systems, runs: int, n: int) -> tuple[dict, dict]:
+    res = {s.name: [] for s in systems}
+    rss = {s.name: [] for s in systems}
+    for i in range(runs):
+        for s in pair_order(i, systems):
+            r = s.build(parallel_expr(n), rss=True)
+            if len(r["outs"]) != n:
+                raise RuntimeError(f"{s.name}: expected {n} outputs, got {r['outs']}")
+            res[s.name].append(r["seconds"])
+            rss[s.name].append({"exact_kb": r["exact_rss_kb"], "sampled_kb": r["sampled_rss_kb"]})
+            forget(r["outs"])
+    return res, rss
+
+
+def scenario_cold(nd: NixdockSystem, runs: int, how: str) -> list[float]:
+    """No running container → first result. how = "removed" (docker rm -f: create, upload,
+    start) or "stopped" (the idle-timeout case: start only)."""
+    xs = []
+    for _ in range(runs):
+        if how == "removed":
+            run(["docker", "rm", "-f", nd.container()])
+        else:
+            run(["docker", "stop", "-t", "5", nd.container()])
+        r = nd.build(trivial_expr("cold"))
+        xs.append(r["seconds"])
+        forget(r["outs"])
+    return xs
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    def out(cmd):
+        p = run(cmd, check=False)
+        return (p.stdout or p.stderr).strip().splitlines()[0] if (p.stdout or p.stderr) else "?"
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": os.uname().release,
+        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "nix": out(["nix-build", "--version"]),
+        "docker": out(["docker", "version", "--format", "{{.Server.Version}}"]),
+        "openssh": out(["ssh", "-V"]),
+    }
+
+
+def build_hook(args) -> Path:
+    if args.hook:
+        return Path(args.hook).resolve()
+    log("cargo build --release --bin nixdock-hook")
+    run(["cargo", "build", "--release", "--bin", "nixdock-hook"], timeout=1800)
+    return REPO / "target/release/nixdock-hook"
+
+
+def git_state() -> str:
+    head = run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
+    dirty = run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--", "src", "hook-protocol", "Cargo.toml", "Cargo.lock"], check=False).stdout.strip()
+    return head + ("+dirty" if dirty else "")
+
+
+def fmt_s(d: dict) -> str:
+    if not d or not d.get("runs"):
+        return "—"
+    return f"{d['median']:.3f} s ({d['min']:.2f}–{d['max']:.2f})"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--image", default="nixdock-test/bookworm-amd64")
+    ap.add_argument("--hook", help="use this nixdock-hook binary instead of building target/release")
+    ap.add_argument("--warm-runs", type=int, default=15)
+    ap.add_argument("--big-runs", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="3 warm runs, 1 of everything else")
+    ap.add_argument("--only", help="comma-separated scenarios: warm,closure-200,closure-346,output-200,parallel-8,cold")
+    ap.add_argument("--out", default=str(REPO / "bench/results/latest.json"))
+    args = ap.parse_args()
+    if args.quick:
+        args.warm_runs, args.big_runs = 3, 1
+    only = set(args.only.split(",")) if args.only else None
+    want = lambda s: only is None or s in only
+
+    if os.geteuid() != 0:
+        log("warning: not root; the host store and Docker must be writable by this user")
+
+    hook_src = build_hook(args)
+    tmp = Path(tempfile.mkdtemp(prefix="nixdock-bench-"))
+    CLEAN.dirs.append(str(tmp))
+    # A private copy, so a concurrent `cargo build` cannot swap the binary mid-run.
+    hook = tmp / "nixdock-hook"
+    shutil.copy2(hook_src, hook)
+
+    def on_signal(sig, _frame):
+        log(f"signal {sig}: cleaning up")
+        CLEAN.all()
+        sys.exit(130)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    started = time.time()
+    result: dict = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(),
+        "hook": {
+            "source": str(hook_src),
+            "git": git_state(),
+            "sha256": hashlib.sha256(hook.read_bytes()).hexdigest()[:16],
+        },
+        "image": args.image,
+        "loadavg": {"start": loadavg()},
+        "scenarios": {},
+    }
+    try:
+        nd = NixdockSystem(tmp, hook, args.image)
+        log("nixdock: first build (creates the builder)")
+        t0 = time.perf_counter()
+        try:
+            r = nd.build(trivial_expr("first"))
+        finally:
+            if (nd.state / "instance-id").exists():
+                nd.discover()
+        result["nixdock_first_build_s"] = round(time.perf_counter() - t0, 3)
+        forget(r["outs"])
+        nix_conf = run(["docker", "exec", nd.container(), "cat", "/etc/nix/nix.conf"]).stdout
+        sshd_config = run(["docker", "exec", nd.container(), "cat", "/etc/nixdock/sshd_config"]).stdout
+        # The first line is nixdock's comment; the rest is the builder's effective nix.conf.
+        nix_conf = "".join(l + "\n" for l in nix_conf.splitlines() if not l.startswith("#"))
+        if "build-users-group = nixbld" not in nix_conf:
+            log("note: the nixdock builder runs without build users")
+        log("stock: starting a container by hand (sshd, Host alias in a temporary ssh config)")
+        st = StockSystem(tmp, args.image, nix_conf, sshd_config)
+        result["builder_nix_conf"] = nix_conf
+        r = st.build(trivial_expr("first"))
+        forget(r["outs"])
+        systems: list[System] = [st, nd]
+
+        sc = result["scenarios"]
+
+        def record(key, res, extra=None):
+            entry = {k: summary(v) for k, v in res.items()}
+            if "stock" in res and "nixdock" in res and entry["stock"].get("runs"):
+                entry["ratio"] = entry["nixdock"]["median"] / entry["stock"]["median"]
+            entry["loadavg_after"] = loadavg()
+            if extra:
+                entry.update(extra)
+            sc[key] = entry
+            log(f"{key}: " + ", ".join(f"{k} {fmt_s(entry[k])}" for k in res)
+                + (f", ratio {entry['ratio']:.2f}" if "ratio" in entry else ""))
+
+        def rss_summary(rss):
+            outp = {}
+            for name, lst in rss.items():
+                exact = [max(x["exact_kb"]) for x in lst if x["exact_kb"]]
+                sampled = {}
+                for x in lst:
+                    for comm, kb in x["sampled_kb"].items():
+                        sampled[comm] = max(sampled.get(comm, 0), kb)
+                outp[name] = {"exact_peak_kb": max(exact) if exact else None, "sampled_peak_kb": sampled}
+            return outp
+
+        if want("warm"):
+            log(f"warm: {args.warm_runs} trivial builds each, alternating")
+            record("warm", scenario_warm(systems, args.warm_runs))
+            record("local-no-hook", {"local": scenario_local(max(3, args.big_runs))})
+        for key, total, nfiles in (("closure-200", 200 * MB, 1000), ("closure-346", 346 * MB, 2003)):
+            if want(key):
+                log(f"{key}: fresh {total // MB} MB / {nfiles}-file closure, {args.big_runs} runs each")
+                res, rss = scenario_closure(systems, args.big_runs, tmp, total, nfiles)
+                record(key, res, {"rss": rss_summary(rss), "closure": {"bytes": total, "files": nfiles, "store_paths": max(1, nfiles // 100)}})
+        if want("output-200"):
+            log(f"output-200: a 200 MB output copied back, {args.big_runs} runs each")
+            res, rss = scenario_output(systems, args.big_runs, 200 * MB)
+            record("output-200", res, {"rss": rss_summary(rss)})
+        if want("parallel-8"):
+            log(f"parallel-8: 8 trivial builds in one nix-build, {args.big_runs} runs each")
+            res, rss = scenario_parallel(systems, args.big_runs, 8)
+            record("parallel-8", res, {"rss": rss_summary(rss)})
+        if want("cold"):
+            log(f"cold: nixdock only, {args.big_runs} runs each of removed and stopped container")
+            record("cold-removed", {"nixdock": scenario_cold(nd, args.big_runs, "removed")})
+            record("cold-stopped", {"nixdock": scenario_cold(nd, args.big_runs, "stopped")})
+    finally:
+        result["loadavg"]["end"] = loadavg()
+        result["wall_s"] = round(time.time() - started, 1)
+        log("cleaning up containers, volumes, store paths and temp files")
+        CLEAN.all()
+
+    evaluate(result)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    log(f"wrote {args.out} ({result['wall_s']} s)")
+    return 0
+
+
+def evaluate(result: dict) -> None:
+    sc = result["scenarios"]
+    targets = {}
+    if "warm" in sc:
+        targets["warm ratio ≤ 0.5"] = sc["warm"]["ratio"] <= 0.5
+    for k in ("closure-200", "closure-346"):
+        if k in sc:
+            targets[f"{k} ratio ≤ 0.5"] = sc[k]["ratio"] <= 0.5
+    if "parallel-8" in sc and "warm" in sc:
+        par = sc["parallel-8"]["nixdock"]["median"] / sc["warm"]["nixdock"]["median"]
+        sc["parallel-8"]["nixdock_par_over_one"] = par
+        sc["parallel-8"]["stock_par_over_one"] = sc["parallel-8"]["stock"]["median"] / sc["warm"]["stock"]["median"]
+        targets["8 parallel / one ≤ 2"] = par <= 2.0
+    if "cold-removed" in sc:
+        targets["cold start ≤ 2 s"] = sc["cold-removed"]["nixdock"]["median"] <= 2.0
+    peaks = [
+        v["rss"]["nixdock"]["exact_peak_kb"]
+        for v in sc.values()
+        if "rss" in v and v["rss"]["nixdock"]["exact_peak_kb"]
+    ]
+    if peaks:
+        result["nixdock_peak_rss_kb"] = max(peaks)
+        targets["hook peak RSS ≤ 32 MiB"] = max(peaks) <= 32 * 1024
+    result["targets"] = targets
+
+
+def table(result: dict) -> str:
+    sc = result["scenarios"]
+    rows = [("scenario", "stock (Nix ssh-ng)", "nixdock", "nixdock/stock")]
+    names = {
+        "warm": "warm trivial build",
+        "local-no-hook": "  same build locally, no hook",
+        "closure-200": "closure copy 200 MB / 1,000 files",
+        "closure-346": "closure copy 346 MB / 2,003 files",
+        "output-200": "output copy back 200 MB",
+        "parallel-8": "8 trivial builds at once",
+        "cold-removed": "cold start, container removed",
+        "cold-stopped": "cold start, container stopped",
+    }
+    for k, label in names.items():
+        if k not in sc:
+            continue
+        e = sc[k]
+        if k == "local-no-hook":
+            rows.append((label, fmt_s(e["local"]), "", ""))
+            continue
+        ratio = f"{e['ratio']:.2f}" if "ratio" in e else ""
+        if k == "parallel-8" and "nixdock_par_over_one" in e:
+            ratio += f"  (8∥/one: nixdock {e['nixdock_par_over_one']:.2f}, stock {e['stock_par_over_one']:.2f})"
+        rows.append((label, fmt_s(e.get("stock", {})), fmt_s(e.get("nixdock", {})), ratio))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}" for r in rows]
+    lines.insert(1, "-" * (sum(w) + 20))
+    if "nixdock_peak_rss_kb" in result:
+        lines.append(f"nixdock-hook peak RSS (largest copy, /usr/bin/time): {result['nixdock_peak_rss_kb'] / 1024:.1f} MiB")
+    for k in ("closure-346", "output-200"):
+        if k in sc and "rss" in sc[k]:
+            s = sc[k]["rss"]["stock"]["sampled_peak_kb"]
+            if s:
+                lines.append(f"stock hook processes, {k}, sampled VmHWM: " + ", ".join(f"{c} {kb / 1024:.1f} MiB" for c, kb in sorted(s.items())))
+    la = result["loadavg"]
+    lines.append(f"load average: start {la['start']}, end {la.get('end')}; wall {result.get('wall_s')} s")
+    lines.append("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in result.get("targets", {}).items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+//! `nixdock demo`: builds a tiny derivation for every system the engine can run, through the
+//! real `nix-build` and nixdock-hook, twice (cold, then warm), and shows where it ran.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::builder::provision::default_image;
+use crate::builder::systems::{self, EmulationSupport};
+use crate::builder::{BuilderSpec, Engine};
+
+use super::Env;
+use super::common::{self, Row};
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+For each system it runs, twice with a fresh nonce (so Nix really builds):
+  nix-build --no-out-link -E '<derivation>' --option build-hook <hook>
+where <hook> is nixdock-hook next to nixdock, adding --max-jobs 0 for this
+machine's own system only (else Nix builds it locally; a foreign system needs
+nothing but the hook). The derivation records `uname -m` and the host name
+where it ran. The first build includes starting the builder if it was not
+running (--cold makes sure of that); the second finds it warm.
+
+A system whose default image nixdock/builder:<system> is missing is skipped,
+unless the image is built first (--build-images, or answer the question) from
+Debian packages, as `nixdock image build --from-debian` does. Images named in
+the config are used as they are.
+
+Builds by root go straight to the store, with this command's environment
+(config, state dir). Other users' builds go through nix-daemon, which takes
+--option build-hook only from trusted users and runs the hook with its own
+environment.")]
+pub struct Args {
+    /// Only this system (repeatable) [default: all served]
+    #[arg(long = "system", value_name = "SYSTEM")]
+    pub systems: Vec<String>,
+    /// Stop the builders first: a real cold start
+    #[arg(long)]
+    pub cold: bool,
+    /// Build missing default images without asking
+    #[arg(long)]
+    pub build_images: bool,
+    /// Hook [default: nixdock-hook next to nixdock]
+    #[arg(long, value_name = "PATH")]
+    pub hook: Option<PathBuf>,
+}
+
+/// What one system's demo produced.
+struct Outcome {
+    lines: Vec<String>,
+    ok: bool,
+}
+
+pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
+    let hook = match &args.hook {
+        Some(h) => h.clone(),
+        None => common::hook_next_to_me()?,
+    };
+    if !common::is_executable(&hook) {
+        return Err(format!("{} is missing or not executable", hook.display()));
+    }
+    let nix_build = crate::nix_tools::find("nix-build").map_err(|e| e.to_string())?;
+    let nix_version = crate::nix_tools::find("nix")
+        .ok()
+        .and_then(|n| common::nix_version_of(&n))
+        .map(|v| v.1)
+        .unwrap_or_else(|| "Nix version unknown".into());
+    let loaded = common::load(env).await?;
+    let native = format!("{}-linux", common::host_arch());
+    let mut specs: Vec<BuilderSpec> = common::served(&loaded.config, &loaded.instance);
+    if !args.systems.is_empty() {
+        for s in &args.systems {
+            if !specs.iter().any(|x| &x.system == s) {
+                return Err(format!(
+                    "{s} is not served by this installation (served: {})",
+                    specs
+                        .iter()
+                        .map(|x| x.system.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        specs.retain(|x| args.systems.contains(&x.system));
+    }
+    if specs.is_empty() {
+        return Err("this installation serves no system (see `nixdock doctor`)".into());
+    }
+    println!(
+        "nixdock demo: a tiny derivation per system through nix-build, twice (cold, warm)\n  \
+         nix-build {} ({nix_version})\n  build-hook {}\n  engine {} ({})",
+        nix_build.display(),
+        hook.display(),
+        loaded.engine.addr,
+        loaded.engine.how_found
+    );
+    if !common::is_root() {
+        println!(
+            "  note: as a non-root user these builds go through nix-daemon, which takes \
+             --option build-hook only from trusted users"
+        );
+    }
+    let mut all_ok = true;
+    for spec in &specs {
+        println!();
+        let o = demo_one(env, &loaded, &args, spec, &hook, &nix_build, &native).await;
+        for l in &o.lines {
+            println!("{l}");
+        }
+        all_ok &= o.ok;
+    }
+    Ok(if all_ok { 0 } else { 1 })
+}
+
+async fn demo_one(
+    env: &Env,
+    loaded: &common::Loaded,
+    args: &Args,
+    spec: &BuilderSpec,
+    hook: &Path,
+    nix_build: &Path,
+    native: &str,
+) -> Outcome {
+    let system = spec.system.as_str();
+    let is_native = system == native;
+    let kind = if is_native {
+        "native, built with --max-jobs 0".to_string()
+    } else if spec.emulated {
+        "emulated".to_string()
+    } else {
+        "foreign".to_string()
+    };
+    println!("{system} ({kind}), image {}", spec.image);
+    let fail = |why: String| Outcome {
+        lines: vec![format!("  FAILED: {why}")],
+        ok: false,
+    };
+    if let EmulationSupport::Missing(why) =
+        systems::emulation_support(system, common::host_arch(), common::ENGINE_IS_LOCAL)
+    {
+        return Outcome {
+            lines: vec![format!("  skipped: this machine cannot run it: {why}")],
+            ok: true,
+        };
+    }
+    if let Err(e) = ensure_image(env, &loaded.engine, spec, args.build_images).await {
+        return Outcome {
+            lines: vec![format!("  skipped: {e}")],
+            ok: true,
+        };
+    }
+    let row = loaded.rows.iter().find(|r| r.system == system);
+    let mut running = row.is_some_and(Row::running);
+    if args.cold && running {
+        let name = spec.container_name();
+        let t = Instant::now();
+        if let Err(e) = stop_builder(loaded, row, &name).await {
+            return fail(format!("cannot stop {name} for a cold start: {e}"));
+        }
+        println!(
+            "  stopped {name} for a cold start ({:.1} s)",
+            t.elapsed().as_secs_f64()
+        );
+        running = false;
+    }
+    let mut lines = Vec::new();
+    let mut ok = true;
+    for (i, label) in ["first build ", "second build"].iter().enumerate() {
+        let nonce = format!(
+            "{}-{}",
+            common::now(),
+            crate::state::random_id(10).unwrap_or_default()
+        );
+        let t = Instant::now();
+        let r = nix_build_once(env, nix_build, hook, system, is_native, &nonce).await;
+        let secs = t.elapsed().as_secs_f64();
+        let when = if i == 0 {
+            if running {
+                "builder was already running"
+            } else {
+                "cold: includes starting the builder"
+            }
+        } else {
+            "warm"
+        };
+        match r {
+            Ok(content) => {
+                let field = |k: &str| {
+                    content
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                        .unwrap_or("?")
+                        .to_string()
+                };
+                let host = field("host");
+                let machine = field("machine");
+                let remote = host.starts_with("nixdock-");
+                lines.push(format!(
+                    "  {label} {secs:6.1} s  ({when}) ran on {host}, uname -m = {machine}{}",
+                    if remote {
+                        ""
+                    } else {
+                        "  <- not a nixdock builder!"
+                    }
+                ));
+                if !remote {
+                    ok = false;
+                }
+            }
+            Err(e) => {
+                lines.push(format!("  {label} {secs:6.1} s  FAILED:"));
+                lines.extend(e.lines().map(|l| format!("      {l}")));
+                ok = false;
+                break;
+            }
+        }
+    }
+    Outcome { lines, ok }
+}
+
+/// Makes sure the system's image exists, offering to build a missing default image.
+async fn ensure_image(
+    env: &Env,
+    engine: &Engine,
+    spec: &BuilderSpec,
+    build: bool,
+) -> Result<(), String> {
+    match engine.docker.inspect_image(&spec.image).await {
+        Ok(_) => return Ok(()),
+        Err(e) if common::is_not_found(&e) => {}
+        Err(e) => return Err(format!("cannot inspect {}: {e}", spec.image)),
+    }
+    if spec.image != default_image(&spec.system) {
+        // A configured image: the hook pulls it.
+        return Ok(());
+    }
+    let cmd = format!("nixdock image build --from-debian --system {}", spec.system);
+    let ask = !build && std::io::stdin().is_terminal() && common::is_root();
+    let go = build
+        || (ask
+            && {
+                print!(
+                    "  {} does not exist. Build it now from Debian packages ({cmd}, a few minutes)? [y/N] ",
+                    spec.image
+                );
+                let _ = std::io::stdout().flush();
+                let mut answer = String::new();
+                let _ = std::io::stdin().lock().read_line(&mut answer);
+                matches!(answer.trim(), "y" | "Y" | "yes")
+            });
+    if !go {
+        return Err(format!(
+            "{} does not exist; build it with `{cmd}` (or `nixdock image build`), pass \
+             --build-images, or name an image for {} in the config",
+            spec.image, spec.system
+        ));
+    }
+    let mirror = super::image::debian_mirror();
+    super::image::build_debian(engine, env, &spec.system, "bookworm", &mirror, &spec.image)
+        .await
+        .map(|_| ())
+}
+
+async fn stop_builder(
+    loaded: &common::Loaded,
+    row: Option<&Row>,
+    name: &str,
+) -> Result<(), String> {
+    let _lock = common::lock_builder(&loaded.state, name).await?;
+    let _slots = match row {
+        Some(r) => Some(common::hold_idle(&loaded.state, r)?),
+        None => None,
+    };
+    let opts = bollard::query_parameters::StopContainerOptions {
+        t: Some(10),
+        ..Default::default()
+    };
+    match loaded.engine.docker.stop_container(name, Some(opts)).await {
+        Ok(()) => Ok(()),
+        Err(e) if common::is_not_found(&e) => Ok(()),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 304, ..
+        }) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn nix_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '$' if chars.peek() == Some(&'{') => out.push_str("\\$"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The demo derivation: no nixpkgs, `/bin/sh` as builder (the sandbox is off in builders),
+/// writing where it ran.
+pub fn demo_expr(system: &str, nonce: &str) -> String {
+    let script = "m=unknown; for u in /bin/uname /usr/bin/uname; do if [ -x $u ]; then \
+                  m=$($u -m); break; fi; done; h=unknown; \
+                  if [ -r /proc/sys/kernel/hostname ]; then read h < /proc/sys/kernel/hostname; fi; \
+                  echo \"system=$system machine=$m host=$h nonce=$nonce\" > $out";
+    format!(
+        "derivation {{ name = \"nixdock-demo-{}\"; system = {}; builder = \"/bin/sh\"; \
+         args = [ \"-c\" {} ]; nonce = {}; }}",
+        system.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_"),
+        nix_string(system),
+        nix_string(script),
+        nix_string(nonce)
+    )
+}
+
+/// One `nix-build` of the demo derivation; returns the output's content.
+async fn nix_build_once(
+    env: &Env,
+    nix_build: &Path,
+    hook: &Path,
+    system: &str,
+    native: bool,
+    nonce: &str,
+) -> Result<String, String> {
+    let mut cmd = tokio::process::Command::new(nix_build);
+    cmd.arg("--no-out-link")
+        .arg("-E")
+        .arg(demo_expr(system, nonce))
+        .arg("--option")
+        .arg("build-hook")
+        .arg(hook);
+    if native {
+        cmd.args(["--max-jobs", "0"]);
+    }
+    cmd.env("NIXDOCK_CONFIG", &env.config_path)
+        .env("NIXDOCK_STATE_DIR", &env.state_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", nix_build.display()))?;
+    let out = tokio::time::timeout(Duration::from_secs(600), child.wait_with_output())
+        .await
+        .map_err(|_| "nix-build did not finish within 10 minutes".to_string())?
+        .map_err(|e| e.to_string())?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+        return Err(format!(
+            "nix-build failed ({}):\n{}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let path = stdout
+        .lines()
+        .rfind(|l| l.starts_with('/'))
+        .ok_or_else(|| format!("nix-build printed no output path; stderr:\n{stderr}"))?;
+    std::fs::read_to_string(path.trim()).map_err(|e| format!("cannot read {path}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expression_escapes() {
+        let e = demo_expr("aarch64-linux", "n1");
+        assert!(e.starts_with("derivation { name = \"nixdock-demo-aarch64-linux\";"));
+        assert!(e.contains("echo \\\"system=$system"));
+        assert_eq!(nix_string("a${b}\"c\\"), "\"a\\${b}\\\"c\\\\\"");
+    }
+}

@@ -1,0 +1,253 @@
+//! `nixdock gc`: reclaim builder space. Runs `nix-collect-garbage` inside running builders
+//! (through the Engine API), removes this installation's volumes that no container uses any
+//! more, and with `--volumes` removes the builders and their volumes altogether.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use bollard::query_parameters::{ListVolumesOptions, RemoveContainerOptions, RemoveVolumeOptions};
+
+use crate::builder::Engine;
+use crate::builder::provision::{LABEL_INSTANCE, LABEL_SYSTEM};
+use crate::state::StateDir;
+
+use super::Env;
+use super::common::{self, Row};
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Without --volumes: runs `nix-collect-garbage` in each selected builder that
+is running (a stopped one is skipped: its store is only reachable while it
+runs), and removes this installation's /nix volumes that no container uses
+(left behind when a builder's image changed).
+
+With --volumes: removes the selected builder containers and all their /nix
+volumes; the next build for the system starts from its image again.")]
+pub struct Args {
+    /// Systems to collect garbage for [default: all]
+    #[arg(value_name = "SYSTEM")]
+    pub systems: Vec<String>,
+    /// Remove the builders and their /nix volumes instead
+    #[arg(long)]
+    pub volumes: bool,
+    /// With --volumes: remove even while builds run
+    #[arg(long, requires = "volumes")]
+    pub force: bool,
+}
+
+pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
+    let loaded = common::load(env).await?;
+    let rows = common::select(loaded.rows, &args.systems)?;
+    let mut failed = 0;
+    for row in &rows {
+        let result = if args.volumes {
+            remove_builder(
+                &loaded.engine,
+                &loaded.state,
+                &loaded.instance,
+                row,
+                args.force,
+            )
+            .await
+        } else {
+            collect(&loaded.engine, row).await
+        };
+        match result {
+            Ok(msg) => println!("{}: {msg}", row.system),
+            Err(e) => {
+                eprintln!("{}: {e}", row.system);
+                failed += 1;
+            }
+        }
+    }
+    // Volumes of this instance that no container mounts (their builder was recreated on a
+    // new image, or removed above).
+    match remove_unused_volumes(&loaded.engine, &loaded.state, &loaded.instance, &rows).await {
+        Ok(removed) => {
+            for (system, vol) in removed {
+                println!("{system}: removed unused volume {vol}");
+            }
+        }
+        Err(e) => {
+            eprintln!("nixdock: {e}");
+            failed += 1;
+        }
+    }
+    Ok(if failed > 0 { 1 } else { 0 })
+}
+
+async fn collect(engine: &Engine, row: &Row) -> Result<String, String> {
+    let Some(ex) = &row.existing else {
+        return Ok("no container; nothing to collect".into());
+    };
+    if !ex.running() {
+        return Ok(format!(
+            "not running ({}), skipped; `nixdock gc --volumes {}` removes it",
+            ex.state_name(),
+            row.system
+        ));
+    }
+    println!("{}: collecting garbage in {} …", row.system, ex.name);
+    // The entry script links the image's nix-collect-garbage here; fall back to PATH.
+    let script = "if [ -x /etc/nixdock/bin/nix-collect-garbage ]; then \
+                  exec /etc/nixdock/bin/nix-collect-garbage; else exec nix-collect-garbage; fi";
+    let mut last = String::new();
+    let mut all = String::new();
+    let code = common::exec(
+        &engine.docker,
+        &ex.name,
+        &["/bin/sh", "-c", script],
+        Duration::from_secs(3600),
+        |_, b| {
+            let text = String::from_utf8_lossy(b);
+            all.push_str(&text);
+            if let Some(l) = text.lines().rfind(|l| !l.trim().is_empty()) {
+                last = l.trim().to_string();
+            }
+        },
+    )
+    .await?;
+    if code != 0 {
+        let tail: Vec<&str> = all.lines().rev().take(10).collect();
+        return Err(format!(
+            "nix-collect-garbage failed (exit code {code}):\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        ));
+    }
+    Ok(if last.is_empty() {
+        "garbage collected".into()
+    } else {
+        last
+    })
+}
+
+async fn remove_builder(
+    engine: &Engine,
+    state: &StateDir,
+    instance: &str,
+    row: &Row,
+    force: bool,
+) -> Result<String, String> {
+    let name = row.container_name();
+    let _lock = common::lock_builder(state, &name).await?;
+    let _slots = if force {
+        None
+    } else {
+        Some(common::hold_idle(state, row)?)
+    };
+    let mut done = Vec::new();
+    if let Some(ex) = &row.existing {
+        let opts = RemoveContainerOptions {
+            force: true,
+            ..Default::default()
+        };
+        match engine.docker.remove_container(&ex.name, Some(opts)).await {
+            Ok(()) => done.push(format!("removed container {}", ex.name)),
+            Err(e) if common::is_not_found(&e) => {}
+            Err(e) => return Err(format!("cannot remove {}: {e}", ex.name)),
+        }
+    }
+    for vol in volumes_of(engine, instance, Some(&row.system)).await? {
+        match engine
+            .docker
+            .remove_volume(&vol, None::<RemoveVolumeOptions>)
+            .await
+        {
+            Ok(()) => done.push(format!("removed volume {vol}")),
+            Err(e) if common::is_not_found(&e) => {}
+            Err(e) => return Err(format!("cannot remove volume {vol}: {e}")),
+        }
+    }
+    Ok(if done.is_empty() {
+        "nothing to remove".into()
+    } else {
+        done.join("; ")
+    })
+}
+
+/// Names of this instance's volumes (of one system, or all).
+async fn volumes_of(
+    engine: &Engine,
+    instance: &str,
+    system: Option<&str>,
+) -> Result<Vec<String>, String> {
+    Ok(labelled_volumes(engine, instance)
+        .await?
+        .into_iter()
+        .filter(|(_, s)| system.is_none_or(|want| s == want))
+        .map(|(v, _)| v)
+        .collect())
+}
+
+/// (volume, system) for every volume labelled with this instance.
+async fn labelled_volumes(
+    engine: &Engine,
+    instance: &str,
+) -> Result<Vec<(String, String)>, String> {
+    let opts = ListVolumesOptions {
+        filters: Some(HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_INSTANCE}={instance}")],
+        )])),
+    };
+    let list = engine
+        .docker
+        .list_volumes(Some(opts))
+        .await
+        .map_err(|e| format!("Docker engine at {}: {e}", engine.addr))?;
+    let mut out: Vec<(String, String)> = list
+        .volumes
+        .unwrap_or_default()
+        .into_iter()
+        .map(|v| {
+            let system = v.labels.get(LABEL_SYSTEM).cloned().unwrap_or_default();
+            (v.name, system)
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Removes the selected builders' volumes that no container of this instance mounts, each
+/// under its builder's lock (a starting builder creates its volume just before its
+/// container).
+async fn remove_unused_volumes(
+    engine: &Engine,
+    state: &StateDir,
+    instance: &str,
+    rows: &[Row],
+) -> Result<Vec<(String, String)>, String> {
+    let mut removed = Vec::new();
+    let volumes = labelled_volumes(engine, instance).await?;
+    for row in rows {
+        let vols: Vec<&String> = volumes
+            .iter()
+            .filter(|(_, s)| *s == row.system)
+            .map(|(v, _)| v)
+            .collect();
+        if vols.is_empty() {
+            continue;
+        }
+        let _lock = common::lock_builder(state, &row.container_name()).await?;
+        let in_use: HashSet<String> = common::list_existing(engine, instance)
+            .await?
+            .iter()
+            .filter_map(|e| e.volume().map(str::to_string))
+            .collect();
+        for v in vols {
+            if in_use.contains(v) {
+                continue;
+            }
+            match engine
+                .docker
+                .remove_volume(v, None::<RemoveVolumeOptions>)
+                .await
+            {
+                Ok(()) => removed.push((row.system.clone(), v.clone())),
+                // In use after all (by a container outside our labels), or gone: leave it.
+                Err(e) => tracing::debug!(volume = %v, "not removed: {e}"),
+            }
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,178 @@
+//! `nixdock logs`: a builder container's log (through the Engine API), or the hook's own log
+//! file in the state directory.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use bollard::container::LogOutput;
+use bollard::query_parameters::LogsOptions;
+use futures_util::StreamExt;
+
+use super::Env;
+use super::common;
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+A builder's container log holds its entry script's and sshd's messages
+(start-up, the emulation check, idle stop). The hook's log (hook.log in the
+state directory, rotated to hook.log.1 past 4 MiB) tells what the hook
+decided for each build and why; NIXDOCK_LOG=debug in nix-daemon's
+environment makes it say more.")]
+pub struct Args {
+    /// The system whose builder's log to print
+    #[arg(
+        value_name = "SYSTEM",
+        required_unless_present = "hook",
+        conflicts_with = "hook"
+    )]
+    pub system: Option<String>,
+    /// Print the hook's log (hook.log) instead
+    #[arg(long)]
+    pub hook: bool,
+    /// Print only the last N lines
+    #[arg(short = 'n', long = "lines", value_name = "N")]
+    pub lines: Option<usize>,
+    /// Keep printing new lines as they come
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
+    if args.hook {
+        return hook_log(&env.state_path, args.lines, args.follow).await;
+    }
+    let system = args.system.unwrap_or_default();
+    let loaded = common::load(env).await?;
+    let rows = common::select(loaded.rows, std::slice::from_ref(&system))?;
+    let Some(ex) = rows.into_iter().next().and_then(|r| r.existing) else {
+        return Err(format!(
+            "the {system} builder has no container yet (the first build for {system} creates it)"
+        ));
+    };
+    let opts = LogsOptions {
+        follow: args.follow,
+        stdout: true,
+        stderr: true,
+        tail: args
+            .lines
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "all".into()),
+        ..Default::default()
+    };
+    let mut stream = loaded.engine.docker.logs(&ex.name, Some(opts));
+    let mut out = std::io::stdout().lock();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(LogOutput::StdErr { message }) | Ok(LogOutput::StdOut { message }) => {
+                if out.write_all(&message).is_err() {
+                    return Ok(0); // stdout closed (e.g. `| head`)
+                }
+            }
+            Ok(other) => {
+                let _ = out.write_all(&other.into_bytes());
+            }
+            Err(e) => return Err(format!("{}: {e}", ex.name)),
+        }
+        let _ = out.flush();
+    }
+    Ok(0)
+}
+
+/// The last `n` lines of `text` (all of it when `n` is `None`), and how many lines were
+/// missing to reach `n`.
+fn last_lines(text: &str, n: Option<usize>) -> (&str, usize) {
+    let Some(n) = n else { return (text, 0) };
+    if n == 0 {
+        return ("", 0);
+    }
+    let body = text.strip_suffix('\n').unwrap_or(text);
+    let mut count = 0;
+    for (i, b) in body.bytes().enumerate().rev() {
+        if b == b'\n' {
+            count += 1;
+            if count == n {
+                return (&text[i + 1..], 0);
+            }
+        }
+    }
+    let have = if text.is_empty() { 0 } else { count + 1 };
+    (text, n.saturating_sub(have))
+}
+
+async fn hook_log(state_dir: &Path, lines: Option<usize>, follow: bool) -> Result<i32, String> {
+    let path = state_dir.join("hook.log");
+    let rotated = state_dir.join("hook.log.1");
+    let current = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "no hook log at {} yet: the hook writes it at its first build. Is this the \
+                 state directory the hook uses? (nix-daemon's hook runs as root: \
+                 /var/lib/nixdock unless NIXDOCK_STATE_DIR is set in its environment)",
+                path.display()
+            ));
+        }
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let text = String::from_utf8_lossy(&current);
+    let (tail, missing) = last_lines(&text, lines);
+    let mut out = std::io::stdout().lock();
+    // Lines before the last rotation, when more are asked for than the current file holds.
+    if (lines.is_none() || missing > 0)
+        && let Ok(old) = std::fs::read(&rotated)
+    {
+        let old = String::from_utf8_lossy(&old);
+        let (old_tail, _) = last_lines(&old, lines.map(|_| missing));
+        let _ = out.write_all(old_tail.as_bytes());
+    }
+    if out.write_all(tail.as_bytes()).is_err() {
+        return Ok(0);
+    }
+    let _ = out.flush();
+    if !follow {
+        return Ok(0);
+    }
+    drop(out);
+    let mut pos = current.len() as u64;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let Ok(mut f) = std::fs::File::open(&path) else {
+            continue;
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if len < pos {
+            pos = 0; // rotated
+        }
+        if len == pos {
+            continue;
+        }
+        if f.seek(SeekFrom::Start(pos)).is_err() {
+            continue;
+        }
+        let mut buf = Vec::new();
+        if f.read_to_end(&mut buf).is_ok() {
+            pos += buf.len() as u64;
+            let mut out = std::io::stdout().lock();
+            if out.write_all(&buf).is_err() {
+                return Ok(0);
+            }
+            let _ = out.flush();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tails() {
+        assert_eq!(last_lines("a\nb\nc\n", Some(2)), ("b\nc\n", 0));
+        assert_eq!(last_lines("a\nb\nc", Some(2)), ("b\nc", 0));
+        assert_eq!(last_lines("a\nb\nc\n", Some(5)), ("a\nb\nc\n", 2));
+        assert_eq!(last_lines("a\nb\nc\n", None), ("a\nb\nc\n", 0));
+        assert_eq!(last_lines("", Some(3)), ("", 3));
+        assert_eq!(last_lines("a\n", Some(0)), ("", 0));
+    }
+}

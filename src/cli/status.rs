@@ -1,0 +1,284 @@
+//! `nixdock status`: one line per builder (configured systems plus any container of this
+//! installation), fitting an 80-column terminal, or JSON.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::builder::{Engine, slots};
+
+use super::Env;
+use super::common::{self, Existing, Row};
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Columns:
+  STATE   the container's state: running, exited, created, … or absent
+          (none yet: the first build for the system creates it)
+  UPTIME  time since the container started
+  PORT    the loopback port the engine published for the builder's sshd
+  STORE   disk usage of /nix/store on the builder's /nix volume, counted on
+          the volume's directory when this machine can read it (a local
+          engine, as root), else with `du -sk /nix/store` inside a running
+          builder; `-` when neither is possible
+  BUILDS  builds running now / build slots (max-jobs)
+A `*` after the system marks a container that the config no longer names.")]
+pub struct Args {
+    /// Print JSON instead of the table
+    #[arg(long)]
+    pub json: bool,
+    /// Don't measure store sizes (slow for big stores)
+    #[arg(long)]
+    pub no_size: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    instance: String,
+    state_dir: String,
+    config: String,
+    engine: Option<EngineInfo>,
+    engine_error: Option<String>,
+    builders: Vec<BuilderInfo>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EngineInfo {
+    pub addr: String,
+    pub how_found: String,
+    pub arch: String,
+    pub os: String,
+}
+
+impl EngineInfo {
+    pub fn of(e: &Engine) -> EngineInfo {
+        EngineInfo {
+            addr: e.addr.clone(),
+            how_found: e.how_found.to_string(),
+            arch: e.arch.clone(),
+            os: e.os.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct BuilderInfo {
+    system: String,
+    configured: bool,
+    container: String,
+    image: Option<String>,
+    image_id: Option<String>,
+    emulated: Option<bool>,
+    state: String,
+    uptime_secs: Option<u64>,
+    port: Option<u16>,
+    volume: Option<String>,
+    store_bytes: Option<u64>,
+    /// How `store_bytes` was measured: "volume" (walked on the host) or "du" (in the
+    /// container).
+    store_measured_by: Option<&'static str>,
+    builds_running: u32,
+    slots: u32,
+}
+
+pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
+    let config = env.config()?;
+    let (state, instance) = env.instance()?;
+    let specs = common::served(&config, &instance);
+    let (engine, engine_error) = match common::engine(&config).await {
+        Ok(e) => (Some(e), None),
+        Err(e) => (None, Some(e)),
+    };
+    let mut engine_error = engine_error;
+    let existing = match &engine {
+        Some(e) => match common::list_existing(e, &instance).await {
+            Ok(x) => x,
+            Err(err) => {
+                engine_error = Some(err);
+                Vec::new()
+            }
+        },
+        None => Vec::new(),
+    };
+    let rows = common::merge(specs, existing);
+    let now = common::now();
+    let mut builders = Vec::new();
+    for row in &rows {
+        builders.push(describe(row, engine.as_ref(), &state, now, !args.no_size).await);
+    }
+    if engine.is_none() {
+        for b in &mut builders {
+            b.state = "unknown".into();
+        }
+    }
+    let report = Report {
+        instance,
+        state_dir: state.path().display().to_string(),
+        config: env.config_path.display().to_string(),
+        engine: engine.as_ref().map(EngineInfo::of),
+        engine_error,
+        builders,
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        print_table(&report);
+    }
+    Ok(if report.engine_error.is_some() { 1 } else { 0 })
+}
+
+async fn describe(
+    row: &Row,
+    engine: Option<&Engine>,
+    state: &crate::state::StateDir,
+    now: i64,
+    measure: bool,
+) -> BuilderInfo {
+    let ex = row.existing.as_ref();
+    let slots_n = row.max_jobs();
+    let builds_running =
+        slots::busy_count(&state.load_dir(), &row.container_name(), slots_n).unwrap_or(0);
+    let (store_bytes, store_measured_by) = match (ex, engine, measure) {
+        (Some(ex), Some(engine), true) => match store_size(engine, ex).await {
+            Some((n, how)) => (Some(n), Some(how)),
+            None => (None, None),
+        },
+        _ => (None, None),
+    };
+    BuilderInfo {
+        system: row.system.clone(),
+        configured: row.spec.is_some(),
+        container: row.container_name(),
+        image: row.spec.as_ref().map(|s| s.image.clone()),
+        image_id: ex.and_then(|e| e.image_id().map(str::to_string)),
+        emulated: row.spec.as_ref().map(|s| s.emulated),
+        state: ex.map_or_else(|| "absent".to_string(), Existing::state_name),
+        uptime_secs: ex.and_then(|e| e.uptime_secs(now)),
+        port: ex.filter(|e| e.running()).and_then(Existing::port),
+        volume: ex.and_then(|e| e.volume().map(str::to_string)),
+        store_bytes,
+        store_measured_by,
+        builds_running,
+        slots: slots_n,
+    }
+}
+
+/// Disk usage of the builder's `/nix/store`: walked on the volume's directory when it is
+/// readable here, else `du` inside the running container.
+pub async fn store_size(engine: &Engine, ex: &Existing) -> Option<(u64, &'static str)> {
+    if let Some(vol) = ex.volume()
+        && let Ok(v) = engine.docker.inspect_volume(vol).await
+    {
+        let store = Path::new(&v.mountpoint).join("store");
+        if store.is_dir() {
+            let usage = tokio::task::spawn_blocking(move || common::disk_usage(&store))
+                .await
+                .ok()
+                .and_then(Result::ok);
+            if let Some(n) = usage {
+                return Some((n, "volume"));
+            }
+        }
+    }
+    if !ex.running() {
+        return None;
+    }
+    let mut out = Vec::new();
+    let code = common::exec(
+        &engine.docker,
+        &ex.name,
+        &["du", "-sk", "/nix/store"],
+        Duration::from_secs(60),
+        |is_err, b| {
+            if !is_err {
+                out.extend_from_slice(b)
+            }
+        },
+    )
+    .await
+    .ok()?;
+    if code != 0 {
+        return None;
+    }
+    let kib: u64 = String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((kib * 1024, "du"))
+}
+
+fn print_table(r: &Report) {
+    match &r.engine {
+        Some(e) => println!(
+            "instance {}   engine {} ({}, {})",
+            r.instance, e.addr, e.how_found, e.arch
+        ),
+        None => println!("instance {}   engine: none answered", r.instance),
+    }
+    println!("state {}   config {}", r.state_dir, r.config);
+    if let Some(err) = &r.engine_error {
+        eprintln!("nixdock: {err}");
+    }
+    println!();
+    if r.builders.is_empty() {
+        println!(
+            "No builders: the config names none, and this machine can run no Linux system in a container."
+        );
+        return;
+    }
+    // 14+1 + 7+1 + 6+1 + 5+1 + 7+1 + 6+2 = 52 columns before the image, which gets the rest of 80.
+    println!(
+        "{:<14} {:<7} {:>6} {:>5} {:>7} {:>6}  IMAGE",
+        "SYSTEM", "STATE", "UPTIME", "PORT", "STORE", "BUILDS"
+    );
+    for b in &r.builders {
+        let system = if b.configured {
+            b.system.clone()
+        } else {
+            format!("{}*", b.system)
+        };
+        let image = b
+            .image
+            .clone()
+            .or_else(|| {
+                b.image_id
+                    .as_ref()
+                    .map(|i| i.trim_start_matches("sha256:").chars().take(12).collect())
+            })
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<14} {:<7} {:>6} {:>5} {:>7} {:>6}  {}",
+            common::fit(&system, 14),
+            common::fit(&b.state, 7),
+            b.uptime_secs
+                .map(common::human_duration)
+                .unwrap_or_else(|| "-".into()),
+            b.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            b.store_bytes
+                .map(common::human_bytes)
+                .unwrap_or_else(|| "-".into()),
+            format!("{}/{}", b.builds_running, b.slots),
+            common::fit(&image, 80 - 52),
+        );
+    }
+    if r.builders.iter().any(|b| b.store_bytes.is_some()) {
+        let how: Vec<&str> = r
+            .builders
+            .iter()
+            .filter_map(|b| b.store_measured_by)
+            .collect();
+        let note = if how.iter().all(|h| *h == "volume") {
+            "STORE: disk usage of /nix/store, counted on each builder's volume"
+        } else if how.iter().all(|h| *h == "du") {
+            "STORE: disk usage of /nix/store (`du -sk` inside each running builder)"
+        } else {
+            "STORE: disk usage of /nix/store (on the volume, or `du` in the builder)"
+        };
+        println!("\n{note}");
+    }
+}

@@ -1,0 +1,76 @@
+//! `nixdock stop`: stop builder containers. They keep their /nix volume, so the next build
+//! for the system starts the same container again with a warm store.
+
+use bollard::query_parameters::StopContainerOptions;
+
+use super::Env;
+use super::common::{self, Row};
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+A builder with builds running is left alone unless --force is given. Builders
+also stop by themselves after their idle-timeout (30 min by default).
+`nixdock status` lists the systems.")]
+pub struct Args {
+    /// Systems whose builders to stop, e.g. aarch64-linux
+    #[arg(
+        value_name = "SYSTEM",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
+    pub systems: Vec<String>,
+    /// Stop every builder of this installation
+    #[arg(long)]
+    pub all: bool,
+    /// Stop even while builds run on them (they fail)
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
+    let loaded = common::load(env).await?;
+    let rows = common::select(loaded.rows, &args.systems)?;
+    let mut failed = 0;
+    for row in &rows {
+        match stop_one(&loaded.engine, &loaded.state, row, args.force).await {
+            Ok(msg) => println!("{}: {msg}", row.system),
+            Err(e) => {
+                eprintln!("{}: {e}", row.system);
+                failed += 1;
+            }
+        }
+    }
+    Ok(if failed > 0 { 1 } else { 0 })
+}
+
+async fn stop_one(
+    engine: &crate::builder::Engine,
+    state: &crate::state::StateDir,
+    row: &Row,
+    force: bool,
+) -> Result<String, String> {
+    let Some(ex) = &row.existing else {
+        return Ok("no container".into());
+    };
+    if !ex.running() {
+        return Ok(format!("{} is not running ({})", ex.name, ex.state_name()));
+    }
+    let _lock = common::lock_builder(state, &ex.name).await?;
+    let _slots = if force {
+        None
+    } else {
+        Some(common::hold_idle(state, row)?)
+    };
+    let opts = StopContainerOptions {
+        t: Some(10),
+        ..Default::default()
+    };
+    match engine.docker.stop_container(&ex.name, Some(opts)).await {
+        Ok(()) => Ok(format!("stopped {}", ex.name)),
+        Err(e) if common::is_not_found(&e) => Ok(format!("{} is gone", ex.name)),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 304, ..
+        }) => Ok(format!("{} was already stopped", ex.name)),
+        Err(e) => Err(format!("cannot stop {}: {e}", ex.name)),
+    }
+}
