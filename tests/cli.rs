@@ -740,3 +740,31 @@ fn gc_collects_garbage_in_a_running_builder() {
         show(&o)
     );
 }
+
+#[test]
+fn demo_builds_through_the_real_nix_on_both_systems() {
+    if !require_bed() {
+        return;
+    }
+    let inst = TempInstall::new();
+    let o = inst.cli(&[
+        "demo",
+        "--system",
+        "x86_64-linux",
+        "--system",
+        "aarch64-linux",
+    ]);
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", show(&o));
+    // Each system built twice, on its builder, with the right `uname -m`.
+    for (system, machine) in [("x86_64-linux", "x86_64"), ("aarch64-linux", "aarch64")] {
+        let ran = format!("ran on nixdock-{system}, uname -m = {machine}");
+        assert_eq!(out.matches(&ran).count(), 2, "{system}:\n{out}");
+    }
+    assert!(
+        out.contains("(cold: includes starting the builder)"),
+        "{out}"
+    );
+    assert!(out.contains("(warm)"), "{out}");
+    assert!(out.contains("native, built with --max-jobs 0"), "{out}");
+}

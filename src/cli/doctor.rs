@@ -301,6 +301,16 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
     let system_conf = conf_dir.join("nix.conf");
     let system_line = conf_setting(&system_conf, "build-hook");
 
+    if let (Some(p), None) = (&nix, &settings) {
+        c.warn(
+            "direct builds",
+            format!(
+                "cannot read Nix's settings from `{} show-config`",
+                p.display()
+            ),
+            "run `nix show-config --extra-experimental-features nix-command` to see why",
+        );
+    }
     // Direct builds (root's nix-build opens the store itself; its hook is its own setting).
     if let (Some(s), Some((v, _))) = (&settings, &nix_version) {
         let value = s.build_hook.clone().unwrap_or_default();
@@ -720,6 +730,14 @@ fn home_of(uid: u32) -> Option<PathBuf> {
 /// user config files over the system nix.conf (which 2.25–2.33 ignore) over the default.
 fn check_daemon(c: &mut Checks, hook: &Path) -> Option<DaemonInfo> {
     let name = "nix-daemon";
+    if !Path::new("/proc/self").exists() {
+        c.info(
+            name,
+            "cannot inspect the running daemon here (no /proc); see `sudo launchctl print \
+             system/org.nixos.nix-daemon` for its environment",
+        );
+        return None;
+    }
     let Some(pid) = find_daemon() else {
         c.warn(
             name,

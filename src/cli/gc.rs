@@ -91,7 +91,10 @@ async fn collect(engine: &Engine, row: &Row) -> Result<String, String> {
     // The entry script links the image's nix-collect-garbage here; fall back to PATH.
     let script = "if [ -x /etc/nixdock/bin/nix-collect-garbage ]; then \
                   exec /etc/nixdock/bin/nix-collect-garbage; else exec nix-collect-garbage; fi";
+    // The summary ("N store paths deleted, X MiB freed") comes on stdout; notes on stderr
+    // may arrive after it.
     let mut last = String::new();
+    let mut summary = String::new();
     let mut all = String::new();
     let code = common::exec(
         &engine.docker,
@@ -104,6 +107,9 @@ async fn collect(engine: &Engine, row: &Row) -> Result<String, String> {
             if let Some(l) = text.lines().rfind(|l| !l.trim().is_empty()) {
                 last = l.trim().to_string();
             }
+            if let Some(l) = text.lines().rfind(|l| l.contains(" freed")) {
+                summary = l.trim().to_string();
+            }
         },
     )
     .await?;
@@ -114,10 +120,12 @@ async fn collect(engine: &Engine, row: &Row) -> Result<String, String> {
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         ));
     }
-    Ok(if last.is_empty() {
-        "garbage collected".into()
-    } else {
+    Ok(if !summary.is_empty() {
+        summary
+    } else if !last.is_empty() {
         last
+    } else {
+        "garbage collected".into()
     })
 }
 

@@ -521,10 +521,17 @@ fn print_change(path: &Path, old: Option<&[u8]>, new: Option<&[u8]>, why: &str) 
         .zip(new_lines[pre..].iter().rev())
         .take_while(|(a, b)| a == b)
         .count();
-    for l in &old_lines[pre..old_lines.len() - suf] {
+    let removed = &old_lines[pre..old_lines.len() - suf];
+    let added = &new_lines[pre..new_lines.len() - suf];
+    // A whole file of some length (the commented config) is summarised, not listed.
+    if (old.is_none() || new.is_none()) && removed.len() + added.len() > 8 {
+        println!("  ({} lines)", removed.len() + added.len());
+        return;
+    }
+    for l in removed {
         println!("  - {l}");
     }
-    for l in &new_lines[pre..new_lines.len() - suf] {
+    for l in added {
         println!("  + {l}");
     }
 }
