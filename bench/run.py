@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import re
 import shutil
 import signal
@@ -36,17 +37,6 @@ REPO = Path(__file__).resolve().parent.parent
 SYSTEM = "x86_64-linux"
 STOCK_ALIAS = "nixdock-bench-stock"
 MB = 1_000_000
-
-# Targets from issue 7.
-TARGETS = {
-    "warm": ("ratio", 0.5),
-    "closure-200": ("ratio", 0.5),
-    "closure-346": ("ratio", 0.5),
-    "parallel-8": ("par_over_one", 2.0),
-    "cold-removed": ("nixdock_median", 2.0),
-    "rss": ("mib", 32.0),
-}
-
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -190,9 +180,35 @@ class System:
     def exact_rss(self) -> list[int]:
         return []
 
-    def build(self, expr: str, rss: bool = False, timeout: int = 900) -> dict:
+    _cid: tuple[str, str] | None = None
+
+    def container_cpu_ns(self) -> int | None:
+        """CPU time used so far by everything in the builder container (cgroup v1 cpuacct, or
+        v2 cpu.stat), or None where neither is readable."""
+        try:
+            name = self.container()
+            if not self._cid or self._cid[0] != name:
+                cid = run(["docker", "inspect", "-f", "{{.Id}}", name]).stdout.strip()
+                self._cid = (name, cid)
+            cid = self._cid[1]
+            for f in (f"/sys/fs/cgroup/cpuacct/docker/{cid}/cpuacct.usage",
+                      f"/sys/fs/cgroup/cpu,cpuacct/docker/{cid}/cpuacct.usage"):
+                if os.path.exists(f):
+                    return int(Path(f).read_text())
+            for f in (f"/sys/fs/cgroup/system.slice/docker-{cid}.scope/cpu.stat",
+                      f"/sys/fs/cgroup/docker/{cid}/cpu.stat"):
+                if os.path.exists(f):
+                    m = re.search(r"^usage_usec (\d+)", Path(f).read_text(), re.M)
+                    return int(m.group(1)) * 1000 if m else None
+        except Exception:
+            return None
+        return None
+
+    def build(self, expr: str, rss: bool = False, cpu: bool = True, timeout: int = 900) -> dict:
         """One timed nix-build; returns seconds, out paths and sampled hook RSS."""
         cmd = ["nix-build", "--no-out-link", "-E", expr, "--max-jobs", "0"] + self.args(rss)
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        c0 = self.container_cpu_ns() if cpu else None
         t0 = time.perf_counter()
         p = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env()
@@ -208,6 +224,12 @@ class System:
             raise RuntimeError(f"{self.name}: nix-build timed out after {timeout}s:\n{err[-3000:]}")
         dt = time.perf_counter() - t0
         sampled = sampler.stop() if sampler else {}
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        c1 = self.container_cpu_ns() if cpu else None
+        # CPU seconds on the host side (nix-build and everything it waited for: the hook, ssh,
+        # nix-store) and inside the builder container (sshd, nix-daemon, the build).
+        host_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        builder_cpu = (c1 - c0) / 1e9 if c0 is not None and c1 is not None else None
         if p.returncode != 0:
             raise RuntimeError(f"{self.name}: nix-build failed ({p.returncode}):\n{err[-4000:]}")
         if self.machine_marker() not in err:
@@ -215,7 +237,8 @@ class System:
                 f"{self.name}: the build did not run on {self.machine_marker()!r}:\n{err[-3000:]}"
             )
         outs = [l for l in out.splitlines() if l.startswith("/nix/store/")]
-        return {"seconds": dt, "outs": outs, "sampled_rss_kb": sampled, "exact_rss_kb": self.exact_rss()}
+        return {"seconds": dt, "outs": outs, "sampled_rss_kb": sampled,
+                "exact_rss_kb": self.exact_rss(), "host_cpu": host_cpu, "builder_cpu": builder_cpu}
 
     def gc_builder(self) -> None:
         """Drops everything unreachable from the builder's store (our bench paths), untimed."""
@@ -464,75 +487,77 @@ def pair_order(i: int, systems: list[System]) -> list[System]:
     return systems if i % 2 == 0 else list(reversed(systems))
 
 
+def keep(r: dict) -> dict:
+    """What a run contributes to the results."""
+    return {k: r[k] for k in ("seconds", "host_cpu", "builder_cpu", "exact_rss_kb", "sampled_rss_kb")}
+
+
 def scenario_warm(systems, runs: int) -> dict:
     res = {s.name: [] for s in systems}
     for i in range(runs):
         for s in pair_order(i, systems):
             r = s.build(trivial_expr("warm"))
-            res[s.name].append(r["seconds"])
+            res[s.name].append(keep(r))
             forget(r["outs"])
     return res
 
 
-def scenario_local(runs: int) -> list[float]:
+def scenario_local(runs: int) -> dict:
     """The same trivial build on the host with no hook, for scale."""
     xs = []
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NIXDOCK_", "NIX_SSHOPTS"))}
     for _ in range(runs):
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         p = run(["nix-build", "--no-out-link", "-E", trivial_expr("local"), "--max-jobs", "1",
                  "--builders", ""], env=env)
-        xs.append(time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        xs.append({"seconds": dt, "host_cpu": ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime})
         forget(p.stdout.split())
-    return xs
+    return {"local": xs}
 
 
-def scenario_closure(systems, runs: int, tmp: Path, total: int, nfiles: int) -> tuple[dict, dict]:
+def scenario_closure(systems, runs: int, tmp: Path, total: int, nfiles: int) -> dict:
     res = {s.name: [] for s in systems}
-    rss = {s.name: [] for s in systems}
     for i in range(runs):
         inputs = make_closure(tmp, total, nfiles)
         for s in pair_order(i, systems):
             r = s.build(closure_expr(inputs), rss=True)
-            res[s.name].append(r["seconds"])
-            rss[s.name].append({"exact_kb": r["exact_rss_kb"], "sampled_kb": r["sampled_rss_kb"]})
+            res[s.name].append(keep(r))
             forget(r["outs"])
             s.gc_builder()
         forget([], inputs)
-    return res, rss
+    return res
 
 
-def scenario_output(systems, runs: int, nbytes: int) -> tuple[dict, dict]:
+def scenario_output(systems, runs: int, nbytes: int) -> dict:
     res = {s.name: [] for s in systems}
-    rss = {s.name: [] for s in systems}
     for i in range(runs):
         for s in pair_order(i, systems):
             r = s.build(output_expr(nbytes), rss=True)
             size = os.path.getsize(r["outs"][0])
             if size != nbytes:
                 raise RuntimeError(f"{s.name}: output has {size} bytes, expected {nbytes}")
-            res[s.name].append(r["seconds"])
-            rss[s.name].append({"exact_kb": r["exact_rss_kb"], "sampled_kb": r["sampled_rss_kb"]})
+            res[s.name].append(keep(r))
             forget(r["outs"])
             s.gc_builder()
-    return res, rss
+    return res
 
 
-def scenario_parallel(systems, runs: int, n: int) -> tuple[dict, dict]:
+def scenario_parallel(systems, runs: int, n: int) -> dict:
     res = {s.name: [] for s in systems}
-    rss = {s.name: [] for s in systems}
     for i in range(runs):
         for s in pair_order(i, systems):
             r = s.build(parallel_expr(n), rss=True)
             if len(r["outs"]) != n:
                 raise RuntimeError(f"{s.name}: expected {n} outputs, got {r['outs']}")
-            res[s.name].append(r["seconds"])
-            rss[s.name].append({"exact_kb": r["exact_rss_kb"], "sampled_kb": r["sampled_rss_kb"]})
+            res[s.name].append(keep(r))
             forget(r["outs"])
-    return res, rss
+    return res
 
 
-def scenario_cold(nd: NixdockSystem, runs: int, how: str) -> list[float]:
+def scenario_cold(nd: NixdockSystem, runs: int, how: str) -> dict:
     """No running container → first result. how = "removed" (docker rm -f: create, upload,
     start) or "stopped" (the idle-timeout case: start only)."""
     xs = []
@@ -541,10 +566,10 @@ def scenario_cold(nd: NixdockSystem, runs: int, how: str) -> list[float]:
             run(["docker", "rm", "-f", nd.container()])
         else:
             run(["docker", "stop", "-t", "5", nd.container()])
-        r = nd.build(trivial_expr("cold"))
-        xs.append(r["seconds"])
+        r = nd.build(trivial_expr("cold"), cpu=False)
+        xs.append(keep(r))
         forget(r["outs"])
-    return xs
+    return {"nixdock": xs}
 
 
 # --------------------------------------------------------------------------------------------
@@ -663,8 +688,24 @@ def main() -> int:
         sc = result["scenarios"]
 
         def record(key, res, extra=None):
-            entry = {k: summary(v) for k, v in res.items()}
-            if "stock" in res and "nixdock" in res and entry["stock"].get("runs"):
+            entry = {}
+            for name, runs_ in res.items():
+                e = summary([x["seconds"] for x in runs_])
+                for k in ("host_cpu", "builder_cpu"):
+                    vals = [x[k] for x in runs_ if x.get(k) is not None]
+                    if vals:
+                        e[k + "_median"] = statistics.median(vals)
+                exact = [max(x["exact_rss_kb"]) for x in runs_ if x.get("exact_rss_kb")]
+                if exact:
+                    e["hook_peak_rss_kb"] = max(exact)
+                sampled = {}
+                for x in runs_:
+                    for comm, kb in (x.get("sampled_rss_kb") or {}).items():
+                        sampled[comm] = max(sampled.get(comm, 0), kb)
+                if sampled:
+                    e["sampled_peak_rss_kb"] = sampled
+                entry[name] = e
+            if "stock" in entry and "nixdock" in entry:
                 entry["ratio"] = entry["nixdock"]["median"] / entry["stock"]["median"]
             entry["loadavg_after"] = loadavg()
             if extra:
@@ -673,38 +714,25 @@ def main() -> int:
             log(f"{key}: " + ", ".join(f"{k} {fmt_s(entry[k])}" for k in res)
                 + (f", ratio {entry['ratio']:.2f}" if "ratio" in entry else ""))
 
-        def rss_summary(rss):
-            outp = {}
-            for name, lst in rss.items():
-                exact = [max(x["exact_kb"]) for x in lst if x["exact_kb"]]
-                sampled = {}
-                for x in lst:
-                    for comm, kb in x["sampled_kb"].items():
-                        sampled[comm] = max(sampled.get(comm, 0), kb)
-                outp[name] = {"exact_peak_kb": max(exact) if exact else None, "sampled_peak_kb": sampled}
-            return outp
-
         if want("warm"):
             log(f"warm: {args.warm_runs} trivial builds each, alternating")
             record("warm", scenario_warm(systems, args.warm_runs))
-            record("local-no-hook", {"local": scenario_local(max(3, args.big_runs))})
+            record("local-no-hook", scenario_local(max(3, args.big_runs)))
         for key, total, nfiles in (("closure-200", 200 * MB, 1000), ("closure-346", 346 * MB, 2003)):
             if want(key):
                 log(f"{key}: fresh {total // MB} MB / {nfiles}-file closure, {args.big_runs} runs each")
-                res, rss = scenario_closure(systems, args.big_runs, tmp, total, nfiles)
-                record(key, res, {"rss": rss_summary(rss), "closure": {"bytes": total, "files": nfiles, "store_paths": max(1, nfiles // 100)}})
+                res = scenario_closure(systems, args.big_runs, tmp, total, nfiles)
+                record(key, res, {"closure": {"bytes": total, "files": nfiles, "store_paths": max(1, nfiles // 100)}})
         if want("output-200"):
             log(f"output-200: a 200 MB output copied back, {args.big_runs} runs each")
-            res, rss = scenario_output(systems, args.big_runs, 200 * MB)
-            record("output-200", res, {"rss": rss_summary(rss)})
+            record("output-200", scenario_output(systems, args.big_runs, 200 * MB))
         if want("parallel-8"):
             log(f"parallel-8: 8 trivial builds in one nix-build, {args.big_runs} runs each")
-            res, rss = scenario_parallel(systems, args.big_runs, 8)
-            record("parallel-8", res, {"rss": rss_summary(rss)})
+            record("parallel-8", scenario_parallel(systems, args.big_runs, 8))
         if want("cold"):
             log(f"cold: nixdock only, {args.big_runs} runs each of removed and stopped container")
-            record("cold-removed", {"nixdock": scenario_cold(nd, args.big_runs, "removed")})
-            record("cold-stopped", {"nixdock": scenario_cold(nd, args.big_runs, "stopped")})
+            record("cold-removed", scenario_cold(nd, args.big_runs, "removed"))
+            record("cold-stopped", scenario_cold(nd, args.big_runs, "stopped"))
     finally:
         result["loadavg"]["end"] = loadavg()
         result["wall_s"] = round(time.time() - started, 1)
@@ -720,68 +748,87 @@ def main() -> int:
 
 
 def evaluate(result: dict) -> None:
+    """Issue 7's targets."""
     sc = result["scenarios"]
     targets = {}
     if "warm" in sc:
-        targets["warm ratio ≤ 0.5"] = sc["warm"]["ratio"] <= 0.5
+        targets["warm ratio <= 0.5"] = sc["warm"]["ratio"] <= 0.5
     for k in ("closure-200", "closure-346"):
         if k in sc:
-            targets[f"{k} ratio ≤ 0.5"] = sc[k]["ratio"] <= 0.5
+            targets[f"{k} ratio <= 0.5"] = sc[k]["ratio"] <= 0.5
     if "parallel-8" in sc and "warm" in sc:
-        par = sc["parallel-8"]["nixdock"]["median"] / sc["warm"]["nixdock"]["median"]
-        sc["parallel-8"]["nixdock_par_over_one"] = par
-        sc["parallel-8"]["stock_par_over_one"] = sc["parallel-8"]["stock"]["median"] / sc["warm"]["stock"]["median"]
-        targets["8 parallel / one ≤ 2"] = par <= 2.0
+        for name in ("nixdock", "stock"):
+            sc["parallel-8"][f"{name}_par_over_one"] = (
+                sc["parallel-8"][name]["median"] / sc["warm"][name]["median"]
+            )
+        targets["8 parallel / one <= 2"] = sc["parallel-8"]["nixdock_par_over_one"] <= 2.0
     if "cold-removed" in sc:
-        targets["cold start ≤ 2 s"] = sc["cold-removed"]["nixdock"]["median"] <= 2.0
-    peaks = [
-        v["rss"]["nixdock"]["exact_peak_kb"]
-        for v in sc.values()
-        if "rss" in v and v["rss"]["nixdock"]["exact_peak_kb"]
-    ]
+        targets["cold start <= 2 s"] = sc["cold-removed"]["nixdock"]["median"] <= 2.0
+    peaks = {k: v["nixdock"]["hook_peak_rss_kb"] for k, v in sc.items()
+             if "nixdock" in v and "hook_peak_rss_kb" in v["nixdock"]}
     if peaks:
-        result["nixdock_peak_rss_kb"] = max(peaks)
-        targets["hook peak RSS ≤ 32 MiB"] = max(peaks) <= 32 * 1024
+        result["nixdock_hook_peak_rss_kb"] = peaks
+        targets["hook peak RSS <= 32 MiB"] = max(peaks.values()) <= 32 * 1024
     result["targets"] = targets
+
+
+LABELS = {
+    "warm": "warm trivial build",
+    "local-no-hook": "  (same build locally, no hook)",
+    "closure-200": "closure copy 200 MB / 1,000 files",
+    "closure-346": "closure copy 346 MB / 2,003 files",
+    "output-200": "output copy back 200 MB",
+    "parallel-8": "8 trivial builds at once",
+    "cold-removed": "cold start, container removed",
+    "cold-stopped": "cold start, container stopped",
+}
+
+
+def cpu_s(e: dict) -> str:
+    if not e or "host_cpu_median" not in e:
+        return ""
+    b = e.get("builder_cpu_median")
+    return f"{e['host_cpu_median']:.2f}" + (f"+{b:.2f}" if b is not None else "")
 
 
 def table(result: dict) -> str:
     sc = result["scenarios"]
-    rows = [("scenario", "stock (Nix ssh-ng)", "nixdock", "nixdock/stock")]
-    names = {
-        "warm": "warm trivial build",
-        "local-no-hook": "  same build locally, no hook",
-        "closure-200": "closure copy 200 MB / 1,000 files",
-        "closure-346": "closure copy 346 MB / 2,003 files",
-        "output-200": "output copy back 200 MB",
-        "parallel-8": "8 trivial builds at once",
-        "cold-removed": "cold start, container removed",
-        "cold-stopped": "cold start, container stopped",
-    }
-    for k, label in names.items():
+    rows = [("scenario", "runs", "stock: median (min-max)", "nixdock: median (min-max)", "ratio",
+             "cpu-s host+builder: stock | nixdock")]
+    for k, label in LABELS.items():
         if k not in sc:
             continue
         e = sc[k]
         if k == "local-no-hook":
-            rows.append((label, fmt_s(e["local"]), "", ""))
+            rows.append((label, str(e["local"]["runs"]), fmt_s(e["local"]), "", "", cpu_s(e["local"])))
             continue
+        runs_ = max(e.get(n, {}).get("runs", 0) for n in ("stock", "nixdock"))
         ratio = f"{e['ratio']:.2f}" if "ratio" in e else ""
-        if k == "parallel-8" and "nixdock_par_over_one" in e:
-            ratio += f"  (8∥/one: nixdock {e['nixdock_par_over_one']:.2f}, stock {e['stock_par_over_one']:.2f})"
-        rows.append((label, fmt_s(e.get("stock", {})), fmt_s(e.get("nixdock", {})), ratio))
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}" for r in rows]
-    lines.insert(1, "-" * (sum(w) + 20))
-    if "nixdock_peak_rss_kb" in result:
-        lines.append(f"nixdock-hook peak RSS (largest copy, /usr/bin/time): {result['nixdock_peak_rss_kb'] / 1024:.1f} MiB")
+        if "stock" in e:
+            cpu = f"{cpu_s(e['stock'])} | {cpu_s(e['nixdock'])}"
+        else:
+            cpu = f"- | {cpu_s(e['nixdock'])}"
+        rows.append((label, str(runs_), fmt_s(e.get("stock", {})), fmt_s(e.get("nixdock", {})), ratio, cpu))
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(f"{c:<{w[i]}}" for i, c in enumerate(r)).rstrip() for r in rows]
+    lines.insert(1, "-" * (sum(w) + 2 * (len(w) - 1)))
+    if "parallel-8" in sc and "nixdock_par_over_one" in sc["parallel-8"]:
+        p = sc["parallel-8"]
+        lines.append(f"8 at once / one warm build: nixdock {p['nixdock_par_over_one']:.2f}, "
+                     f"stock {p['stock_par_over_one']:.2f}")
+    if "nixdock_hook_peak_rss_kb" in result:
+        lines.append("nixdock-hook peak RSS (/usr/bin/time): " + ", ".join(
+            f"{k} {kb / 1024:.1f} MiB" for k, kb in result["nixdock_hook_peak_rss_kb"].items()))
     for k in ("closure-346", "output-200"):
-        if k in sc and "rss" in sc[k]:
-            s = sc[k]["rss"]["stock"]["sampled_peak_kb"]
-            if s:
-                lines.append(f"stock hook processes, {k}, sampled VmHWM: " + ", ".join(f"{c} {kb / 1024:.1f} MiB" for c, kb in sorted(s.items())))
+        s = sc.get(k, {}).get("stock", {}).get("sampled_peak_rss_kb")
+        if s:
+            lines.append(f"stock hook processes, {k}, sampled VmHWM: " + ", ".join(
+                f"{c} {kb / 1024:.1f} MiB" for c, kb in sorted(s.items()) if c != "nix-build"))
     la = result["loadavg"]
-    lines.append(f"load average: start {la['start']}, end {la.get('end')}; wall {result.get('wall_s')} s")
-    lines.append("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in result.get("targets", {}).items()))
+    lines.append(f"load average (1/5/15 min): start {la['start']}, end {la.get('end')}; "
+                 f"wall {result.get('wall_s')} s")
+    lines.append("targets: " + ", ".join(
+        f"{k}: {'met' if v else 'MISSED'}" for k, v in result.get("targets", {}).items()))
     return "\n".join(lines)
 
 
