@@ -29,7 +29,7 @@ fn install() -> &'static Install {
         std::fs::write(
             &config,
             format!(
-                "[builders.\"x86_64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\n\
+                "[builders.\"x86_64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\nmax-jobs = 16\n\
                  [builders.\"aarch64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\n",
                 common::image("bookworm-amd64"),
                 common::image("bookworm-arm64")
@@ -328,6 +328,9 @@ fn eight_builds_run_in_builders_at_once() {
     if !common::require_bed() {
         return;
     }
+    // Measure parallelism on a running builder (the cold start is covered elsewhere).
+    let warm = drv_expr("par-warm", "x86_64-linux", "echo > $out");
+    out_path(&nix_build(&warm, &with_hook(&["--max-jobs", "0"]), &[]));
     let n = nonce();
     // Each build records when it ran (the builder's uptime) and sleeps 4 s.
     let expr = format!(
