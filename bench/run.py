@@ -10,7 +10,8 @@ Everything it creates (containers, volumes, temp files, store paths) is removed 
 on Ctrl-C. Only the Python 3 standard library is used. See BENCHMARKS.md for the figures and how
 to read them.
 
-    python3 bench/run.py            # full run (~10 min on 2 cores), writes bench/results/latest.json
+    python3 bench/run.py            # full run (~3.5 min of measuring on 2 cores after the
+                                    # release build), writes bench/results/latest.json
     python3 bench/run.py --quick    # a smoke run with few repetitions
 """
 
@@ -78,20 +79,17 @@ class Cleanup:
         self.containers: list[str] = []
         self.volume_labels: list[str] = []  # label filters, e.g. nixdock.instance=ID
         self.volumes: list[str] = []
-        self.store_paths: list[str] = []
+        self.store_paths: list[str] = []  # deleted from the host store at the end, in one call
         self.dirs: list[str] = []
         self.done = False
 
     def host_store_delete(self, paths: list[str]) -> None:
-        """Deletes paths this run made from the host store (never a full GC: the host store is
-        shared with other test runs)."""
-        paths = [p for p in paths if p]
-        if not paths:
-            return
-        # Referrers first (outputs, then .drv files, then inputs): nix-store --delete refuses a
-        # path that something valid still refers to.
-        for p in paths:
-            run(["nix-store", "--delete", p], check=False, timeout=300)
+        """Deletes the paths this run made from the host store: only those (never a full GC:
+        the host store is shared with other test runs), all in one call so referrers within the
+        set do not keep each other alive."""
+        paths = list(dict.fromkeys(p for p in paths if p))
+        if paths:
+            run(["nix-store", "--delete"] + paths, check=False, timeout=900)
 
     def all(self) -> None:
         if self.done:
@@ -104,7 +102,7 @@ class Cleanup:
             self.volumes += p.stdout.split()
         for v in dict.fromkeys(self.volumes):
             run(["docker", "volume", "rm", "-f", v], check=False, timeout=120)
-        self.host_store_delete(list(reversed(self.store_paths)))
+        self.host_store_delete(self.store_paths)
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
 
@@ -239,10 +237,6 @@ class System:
         outs = [l for l in out.splitlines() if l.startswith("/nix/store/")]
         return {"seconds": dt, "outs": outs, "sampled_rss_kb": sampled,
                 "exact_rss_kb": self.exact_rss(), "host_cpu": host_cpu, "builder_cpu": builder_cpu}
-
-    def gc_builder(self) -> None:
-        """Drops everything unreachable from the builder's store (our bench paths), untimed."""
-        run(["docker", "exec", self.container(), "nix-collect-garbage"], check=False, timeout=300)
 
 
 class NixdockSystem(System):
@@ -444,13 +438,24 @@ def file_sizes(total: int, nfiles: int, rng: random.Random) -> list[int]:
     return sizes
 
 
-def make_closure(tmp: Path, total: int, nfiles: int, files_per_path: int = 100) -> list[str]:
+def scratch_dir(tmp: Path) -> Path:
+    """Where closures are written before `nix-store --add`: tmpfs when there is one, so that
+    making and removing them does not churn the disk's inodes (see BENCHMARKS.md)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * 400 * MB:
+        d = Path(tempfile.mkdtemp(prefix="nixdock-bench-", dir=shm))
+        CLEAN.dirs.append(str(d))
+        return d
+    return tmp
+
+
+def make_closure(scratch: Path, total: int, nfiles: int, files_per_path: int = 100) -> list[str]:
     """Fresh random content in nfiles files, split over store paths of ~files_per_path files
     each, added with `nix-store --add`. Returns the store paths."""
     rng = random.Random(os.urandom(8))
     sizes = file_sizes(total, nfiles, rng)
     npaths = max(1, nfiles // files_per_path)
-    root = Path(tempfile.mkdtemp(prefix="closure-", dir=tmp))
+    root = Path(tempfile.mkdtemp(prefix="closure-", dir=scratch))
     dirs = []
     for k in range(npaths):
         d = root / f"bench-input-{k:02d}"
@@ -473,10 +478,12 @@ def drv_of(out: str) -> str:
     return d if d.endswith(".drv") else ""
 
 
-def forget(outs: list[str], extra: list[str] = ()) -> None:
-    """Removes a run's outputs, their .drv files and `extra` (inputs) from the host store."""
-    drvs = [drv_of(o) for o in outs]
-    CLEAN.host_store_delete(list(outs) + drvs + list(extra))
+def forget(outs: list[str]) -> None:
+    """Marks a run's outputs and their .drv files for removal from the host store at the end.
+    Nothing is deleted between runs: on a file system without a journal, ext4 skips recently
+    freed inodes one by one when it allocates new ones, so deleting thousands of files just
+    before a copy makes the copy's file creation slower (see BENCHMARKS.md)."""
+    CLEAN.store_paths += list(outs) + [drv_of(o) for o in outs]
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,16 +525,14 @@ def scenario_local(runs: int) -> dict:
     return {"local": xs}
 
 
-def scenario_closure(systems, runs: int, tmp: Path, total: int, nfiles: int) -> dict:
+def scenario_closure(systems, runs: int, scratch: Path, total: int, nfiles: int) -> dict:
     res = {s.name: [] for s in systems}
     for i in range(runs):
-        inputs = make_closure(tmp, total, nfiles)
+        inputs = make_closure(scratch, total, nfiles)
         for s in pair_order(i, systems):
             r = s.build(closure_expr(inputs), rss=True)
             res[s.name].append(keep(r))
             forget(r["outs"])
-            s.gc_builder()
-        forget([], inputs)
     return res
 
 
@@ -541,7 +546,6 @@ def scenario_output(systems, runs: int, nbytes: int) -> dict:
                 raise RuntimeError(f"{s.name}: output has {size} bytes, expected {nbytes}")
             res[s.name].append(keep(r))
             forget(r["outs"])
-            s.gc_builder()
     return res
 
 
@@ -584,8 +588,27 @@ def machine_info() -> dict:
     def out(cmd):
         p = run(cmd, check=False)
         return (p.stdout or p.stderr).strip().splitlines()[0] if (p.stdout or p.stderr) else "?"
+    def fs(path: str) -> str:
+        """File system of `path`, and whether ext4 keeps a journal on it (without one, inode
+        allocation checks recently deleted inodes one by one)."""
+        best = ("", "?", "?")
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, typ = line.split()[:3]
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                best = (mnt, dev, typ)
+        mnt, dev, typ = best
+        note = ""
+        if typ == "ext4":
+            name = os.path.basename(dev)
+            jbd = Path("/proc/fs/jbd2")
+            has = jbd.is_dir() and any(e.name.startswith(name + "-") for e in jbd.iterdir())
+            note = ", journal" if has else ", no journal"
+        return f"{typ} on {dev} at {mnt}{note}"
+
     return {
         "nproc": os.cpu_count(),
+        "fs_nix_store": fs("/nix/store"),
+        "fs_docker": fs("/var/lib/docker"),
         "cpu": cpu,
         "kernel": os.uname().release,
         "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
@@ -684,6 +707,7 @@ def main() -> int:
         r = st.build(trivial_expr("first"))
         forget(r["outs"])
         systems: list[System] = [st, nd]
+        scratch = scratch_dir(tmp)
 
         sc = result["scenarios"]
 
@@ -721,7 +745,7 @@ def main() -> int:
         for key, total, nfiles in (("closure-200", 200 * MB, 1000), ("closure-346", 346 * MB, 2003)):
             if want(key):
                 log(f"{key}: fresh {total // MB} MB / {nfiles}-file closure, {args.big_runs} runs each")
-                res = scenario_closure(systems, args.big_runs, tmp, total, nfiles)
+                res = scenario_closure(systems, args.big_runs, scratch, total, nfiles)
                 record(key, res, {"closure": {"bytes": total, "files": nfiles, "store_paths": max(1, nfiles // 100)}})
         if want("output-200"):
             log(f"output-200: a 200 MB output copied back, {args.big_runs} runs each")
