@@ -180,7 +180,8 @@ impl Engine {
             .await
             .map_err(|_| "timed out".to_string())?
             .map_err(|e| e.to_string())?;
-        let info = tokio::time::timeout(PING_TIMEOUT, docker.info())
+        // `/version` carries the architecture and OS too, and is far cheaper than `/info`.
+        let info = tokio::time::timeout(PING_TIMEOUT, docker.version())
             .await
             .map_err(|_| "timed out".to_string())?
             .map_err(|e| e.to_string())?;
@@ -188,8 +189,8 @@ impl Engine {
             docker,
             addr: c.addr.clone(),
             how_found: c.how,
-            arch: normalize_arch(info.architecture.as_deref().unwrap_or("unknown")),
-            os: info.os_type.unwrap_or_else(|| "linux".into()),
+            arch: normalize_arch(info.arch.as_deref().unwrap_or("unknown")),
+            os: info.os.unwrap_or_else(|| "linux".into()),
         })
     }
 

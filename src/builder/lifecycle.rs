@@ -114,7 +114,7 @@ fn is_conflict(e: &DockerError) -> bool {
 }
 
 /// The loopback port the engine published for sshd.
-fn published_port(c: &ContainerInspectResponse) -> Option<u16> {
+pub fn published_port(c: &ContainerInspectResponse) -> Option<u16> {
     c.network_settings
         .as_ref()?
         .ports
@@ -125,7 +125,8 @@ fn published_port(c: &ContainerInspectResponse) -> Option<u16> {
         .find_map(|b| b.host_port.as_deref()?.parse().ok())
 }
 
-fn label<'a>(c: &'a ContainerInspectResponse, key: &str) -> Option<&'a str> {
+/// A label of the container.
+pub fn label<'a>(c: &'a ContainerInspectResponse, key: &str) -> Option<&'a str> {
     c.config
         .as_ref()?
         .labels
@@ -134,7 +135,8 @@ fn label<'a>(c: &'a ContainerInspectResponse, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-fn status(c: &ContainerInspectResponse) -> Option<ContainerStateStatusEnum> {
+/// The container's state as the engine reports it.
+pub fn status(c: &ContainerInspectResponse) -> Option<ContainerStateStatusEnum> {
     c.state.as_ref()?.status
 }
 

@@ -86,6 +86,16 @@ impl BuilderSpec {
         }
     }
 
+    /// The builders the hook serves with this config, decided without asking the engine.
+    pub fn served(cfg: &Config, instance: &str) -> Vec<BuilderSpec> {
+        Self::all(
+            cfg,
+            instance,
+            systems::host_arch(),
+            systems::ENGINE_IS_LOCAL,
+        )
+    }
+
     /// Every builder this installation serves: the config's tables, or the engine's sensible
     /// defaults when there are none.
     pub fn all(

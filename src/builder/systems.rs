@@ -5,6 +5,20 @@
 
 use std::path::Path;
 
+/// The host's architecture as `uname -m` names it. Until a build is accepted the engine is
+/// asked nothing, so its architecture is taken to be ours (true for a local dockerd, Docker
+/// Desktop and OrbStack alike).
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "x86_64",
+        "aarch64" => "aarch64",
+        other => other,
+    }
+}
+
+/// Whether the engine shares this kernel, so this machine's binfmt_misc is the one that counts.
+pub const ENGINE_IS_LOCAL: bool = cfg!(target_os = "linux");
+
 /// What `uname -m` says inside a container that builds for `system`, if it is a Linux system
 /// we know.
 pub fn container_arch(system: &str) -> Option<&'static str> {

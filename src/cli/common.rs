@@ -15,29 +15,18 @@ use bollard::query_parameters::{InspectContainerOptions, ListContainersOptions};
 use futures_util::StreamExt;
 
 use crate::builder::provision::{
-    LABEL_HOST_KEY, LABEL_IMAGE, LABEL_INSTANCE, LABEL_MAX_JOBS, LABEL_SYSTEM, SSH_PORT,
+    LABEL_HOST_KEY, LABEL_IMAGE, LABEL_INSTANCE, LABEL_MAX_JOBS, LABEL_SYSTEM,
 };
-use crate::builder::{BuilderSpec, Engine, slots};
+use crate::builder::{BuilderSpec, Engine, lifecycle, slots};
 use crate::config::Config;
 use crate::state::{FileLock, StateDir};
 
-/// The host's architecture as the hook names it. The hook decides what it serves from this
-/// (it asks the engine nothing until a build is accepted), so the CLI does the same.
-pub fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "x86_64",
-        "aarch64" => "aarch64",
-        other => other,
-    }
-}
-
-/// Whether the engine shares this kernel (so this machine's binfmt_misc is the one that
-/// counts) — the hook's assumption, too.
-pub const ENGINE_IS_LOCAL: bool = cfg!(target_os = "linux");
+/// The hook's own view of the host, so the CLI decides exactly as the hook does.
+pub use crate::builder::systems::{ENGINE_IS_LOCAL, host_arch};
 
 /// The builders the hook serves with this config: exactly what the hook computes.
 pub fn served(cfg: &Config, instance: &str) -> Vec<BuilderSpec> {
-    BuilderSpec::all(cfg, instance, host_arch(), ENGINE_IS_LOCAL)
+    BuilderSpec::served(cfg, instance)
 }
 
 pub async fn engine(cfg: &Config) -> Result<Engine, String> {
@@ -66,17 +55,11 @@ pub struct Existing {
 
 impl Existing {
     pub fn label(&self, key: &str) -> Option<&str> {
-        self.inspect
-            .config
-            .as_ref()?
-            .labels
-            .as_ref()?
-            .get(key)
-            .map(String::as_str)
+        lifecycle::label(&self.inspect, key)
     }
 
     pub fn status(&self) -> Option<ContainerStateStatusEnum> {
-        self.inspect.state.as_ref()?.status
+        lifecycle::status(&self.inspect)
     }
 
     pub fn running(&self) -> bool {
@@ -102,15 +85,7 @@ impl Existing {
 
     /// The loopback port the engine published for sshd.
     pub fn port(&self) -> Option<u16> {
-        self.inspect
-            .network_settings
-            .as_ref()?
-            .ports
-            .as_ref()?
-            .get(SSH_PORT)?
-            .as_ref()?
-            .iter()
-            .find_map(|b| b.host_port.as_deref()?.parse().ok())
+        lifecycle::published_port(&self.inspect)
     }
 
     /// The volume mounted at `/nix`.

@@ -31,23 +31,13 @@ struct Context {
     builders: Option<Builders>,
 }
 
-fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "x86_64",
-        "aarch64" => "aarch64",
-        other => other,
-    }
-}
-
 impl Context {
     fn load() -> Result<Context, String> {
         let path = Config::path_from_env();
         let config = Config::load(&path).map_err(|e| e.to_string())?;
         let state = StateDir::open(StateDir::default_path()).map_err(|e| e.to_string())?;
         let instance = state.instance_id().map_err(|e| e.to_string())?;
-        // The engine is asked nothing until a build is accepted; until then its architecture is
-        // taken to be ours (true for a local dockerd, Docker Desktop and OrbStack alike).
-        let served = BuilderSpec::all(&config, &instance, host_arch(), cfg!(target_os = "linux"));
+        let served = BuilderSpec::served(&config, &instance);
         Ok(Context {
             config,
             state,
@@ -159,7 +149,7 @@ async fn handle_try(
     };
     let spec = ctx.served[builder].clone();
     if let EmulationSupport::Missing(why) =
-        systems::emulation_support(&spec.system, host_arch(), cfg!(target_os = "linux"))
+        systems::emulation_support(&spec.system, systems::host_arch(), systems::ENGINE_IS_LOCAL)
     {
         parent.warn(&format!("nixdock cannot build for {}: {why}", spec.system));
         return reply(Reply::Decline);
