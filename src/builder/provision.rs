@@ -171,11 +171,13 @@ impl BuilderSpec {
             "PubkeyAuthentication yes",
             "PasswordAuthentication no",
             "KbdInteractiveAuthentication no",
-            "AllowTcpForwarding no",
-            "AllowAgentForwarding no",
             // Store connections reach the builder's nix-daemon socket through a
-            // direct-streamlocal channel: no shell, no process start per connection.
+            // direct-streamlocal channel: no shell, no process start per connection. sshd
+            // gates those on AllowTcpForwarding too ("local" only: nothing listens remotely;
+            // the only key is nixdock's, which is root here anyway).
+            "AllowTcpForwarding local",
             "AllowStreamLocalForwarding local",
+            "AllowAgentForwarding no",
             "X11Forwarding no",
             "PermitTunnel no",
             "UseDNS no",
