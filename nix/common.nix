@@ -38,12 +38,12 @@ rec {
 
     hook = mkOption {
       type = types.str;
-      readOnly = true;
       default = "${cfg.package}/bin/nixdock-hook";
       defaultText = lib.literalExpression ''"''${config.services.nixdock.package}/bin/nixdock-hook"'';
       description = ''
-        The build-hook path the module gives Nix. Read it when you have to put the setting
-        somewhere yourself (e.g. your own NIX_CONFIG for nix-daemon, see the module's notes).
+        The build-hook Nix is given. Read it when you put the setting somewhere yourself (your
+        own NIX_CONFIG for nix-daemon, see the module's notes); set it only to wrap the hook.
+        Nix splits build-hook at spaces, so the path must have none.
       '';
     };
   };

@@ -94,10 +94,7 @@ let
         in
         if isOption opt then
           if value ? ${n} then
-            if opt.readOnly or false then
-              throw "The option `${showPath p}' is read-only."
-            else
-              applyType p opt.type value.${n}
+            applyType p opt.type value.${n}
           else if opt ? default then
             applyType p opt.type opt.default
           else
