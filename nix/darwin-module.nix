@@ -24,6 +24,8 @@ let
   inherit (lib) mkIf mkMerge;
   cfg = config.services.nixdock;
   common = import ./common.nix { inherit lib pkgs config; };
+  # Without nix.enable there is no nix.conf or daemon unit to set; the assertion says so.
+  nixManaged = config.nix.enable or true;
   viaEnvironment = common.nixConfIgnoresHook config.nix.package.version;
 in
 {
@@ -43,7 +45,7 @@ in
     {
       assertions = [
         {
-          assertion = config.nix.enable or true;
+          assertion = nixManaged;
           message = ''
             services.nixdock needs nix.enable: with nix.enable = false nix-darwin does not
             manage nix-daemon or nix.conf (e.g. Determinate Nix); run `sudo nixdock install`
@@ -56,11 +58,11 @@ in
       environment.etc.${common.configEtcName}.source = common.configFile cfg.settings;
     }
 
-    (mkIf (!viaEnvironment) {
+    (mkIf (nixManaged && !viaEnvironment) {
       nix.settings.build-hook = cfg.hook;
     })
 
-    (mkIf viaEnvironment {
+    (mkIf (nixManaged && viaEnvironment) {
       launchd.daemons.nix-daemon.serviceConfig.EnvironmentVariables.NIX_CONFIG =
         common.daemonNixConfig cfg.hook;
     })

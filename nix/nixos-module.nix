@@ -33,6 +33,8 @@ let
   cfg = config.services.nixdock;
   common = import ./common.nix { inherit lib pkgs config; };
   nixVersion = config.nix.package.version;
+  # Without nix.enable there is no nix.conf or daemon unit to set; the assertion says so.
+  nixManaged = config.nix.enable or true;
   viaEnvironment = common.nixConfIgnoresHook nixVersion;
   engineConfigured =
     config.virtualisation.docker.enable
@@ -49,9 +51,16 @@ in
         Foreign Linux systems to emulate with qemu through binfmt_misc, so that nixdock can
         run builders for them on this machine's engine. Opt-in because it changes the kernel's
         binfmt registrations for the whole machine. The registrations get the F flag
-        (boot.binfmt.registrations.<system>.fixBinary) and static emulators: the kernel then
-        opens the interpreter when it is registered, which is what lets it run inside a
-        container, where the host's /nix/store (and a dynamic qemu's libraries) is not visible.
+        (boot.binfmt.registrations.<system>.fixBinary) and static emulators
+        (boot.binfmt.preferStaticEmulators): the kernel then opens the interpreter when it is
+        registered, which is what lets it run inside a container, where the host's /nix/store
+        (and a dynamic qemu's libraries) is not visible. A system nixpkgs has no static qemu
+        for will not work in a builder.
+
+        These systems are not added to Nix's extra-platforms
+        (boot.binfmt.addEmulatedSystemsToNixSandbox = false, as a default): the host Nix
+        would otherwise build them itself under emulation, and nixdock-hook declines what the
+        host can build.
       '';
     };
   };
@@ -60,7 +69,7 @@ in
     {
       assertions = [
         {
-          assertion = config.nix.enable or true;
+          assertion = nixManaged;
           message = "services.nixdock needs nix.enable: it sets Nix's build hook through nix.settings or nix-daemon's unit.";
         }
         {
@@ -85,11 +94,11 @@ in
       virtualisation.docker.enable = mkDefault true;
     }
 
-    (mkIf (!viaEnvironment) {
+    (mkIf (nixManaged && !viaEnvironment) {
       nix.settings.build-hook = cfg.hook;
     })
 
-    (mkIf viaEnvironment {
+    (mkIf (nixManaged && viaEnvironment) {
       # The unit changes with the hook path, so a switch restarts nix-daemon with it.
       systemd.services.nix-daemon.environment.NIX_CONFIG = common.daemonNixConfig cfg.hook;
     })
@@ -97,6 +106,7 @@ in
     (mkIf (cfg.emulatedSystems != [ ]) {
       boot.binfmt.emulatedSystems = cfg.emulatedSystems;
       boot.binfmt.preferStaticEmulators = mkDefault true;
+      boot.binfmt.addEmulatedSystemsToNixSandbox = mkDefault false;
       boot.binfmt.registrations = lib.genAttrs cfg.emulatedSystems (_: {
         fixBinary = true;
       });

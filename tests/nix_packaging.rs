@@ -708,6 +708,8 @@ fn nixos_emulation_is_opt_in_with_the_fix_binary_flag() {
         "{binfmt}"
     );
     assert_eq!(binfmt["preferStaticEmulators"], true, "{binfmt}");
+    // In extra-platforms the host would build them itself and the hook would decline them.
+    assert_eq!(binfmt["addEmulatedSystemsToNixSandbox"], false, "{binfmt}");
 
     let r = eval_module(
         Module::NixOs,
@@ -728,15 +730,24 @@ fn modules_refuse_an_unmanaged_nix() {
         return;
     }
     for module in [Module::NixOs, Module::Darwin] {
-        let mut machine = module.machine();
-        machine["nix"] = json!({ "enable": false });
-        let r =
-            eval_module_with(module, "2.35.2", json!({ "enable": true }), machine, None).unwrap();
-        let failed = r["failedAssertions"].as_array().unwrap();
-        assert!(
-            failed.len() == 1 && failed[0].as_str().unwrap().contains("nix.enable"),
-            "{module:?}: {r}"
-        );
+        for version in ["2.26.3", "2.35.2"] {
+            let mut machine = module.machine();
+            machine["nix"] = json!({ "enable": false });
+            let r = eval_module_with(module, version, json!({ "enable": true }), machine, None)
+                .unwrap();
+            let failed = r["failedAssertions"].as_array().unwrap();
+            assert!(
+                failed.len() == 1 && failed[0].as_str().unwrap().contains("nix.enable"),
+                "{module:?}: {r}"
+            );
+            // Only the assertion speaks: no nix.* or daemon definitions to trip over.
+            assert_eq!(get(&r["config"], &["nix"]), None, "{module:?} {version}");
+            assert_eq!(
+                get(&r["config"], module.daemon_env_path()),
+                None,
+                "{module:?} {version}"
+            );
+        }
     }
 }
 
