@@ -38,7 +38,9 @@
       };
 
       # The modules build the package from their own revision (services.nixdock.package).
-      nixosModules.default = ./nix/nixos-module.nix;
-      darwinModules.default = ./nix/darwin-module.nix;
+      # Imported by path, so the module system names the file in its messages; wrapped in an
+      # attribute set, which `nix flake check` expects of a module.
+      nixosModules.default.imports = [ ./nix/nixos-module.nix ];
+      darwinModules.default.imports = [ ./nix/darwin-module.nix ];
     };
 }

@@ -323,9 +323,96 @@ fn flake_outputs_have_the_promised_shape() {
     ] {
         assert_eq!(
             f[output],
-            root().join(file).to_str().unwrap(),
-            "{output}s.default"
+            json!([root().join(file).to_str().unwrap()]),
+            "{output}s.default imports the module file"
         );
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap().flatten() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        }
+    } else {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, to).unwrap();
+    }
+}
+
+/// Real Nix (the test bed's, with flakes enabled for the command) reads flake.nix as a flake,
+/// with nixpkgs overridden by a flake made of the stubs: the schema of inputs and outputs is
+/// what `nix flake show` understands. This copies the evaluated files to the store.
+#[test]
+fn nix_reads_the_flake_with_a_stub_nixpkgs() {
+    if !common::require_tool("nix") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // What evaluating the flake reads (not the sources, which only a build would).
+    let src = tmp.path().join("src");
+    for part in ["flake.nix", "nix", "Cargo.toml", "Cargo.lock"] {
+        copy_tree(&root().join(part), &src.join(part));
+    }
+    let stub = tmp.path().join("stub");
+    for part in ["stub-lib.nix", "stub-pkgs.nix"] {
+        copy_tree(&root().join("nix/tests").join(part), &stub.join(part));
+    }
+    let systems = SYSTEMS.map(|s| format!("\"{s}\"")).join(" ");
+    std::fs::write(
+        stub.join("flake.nix"),
+        format!(
+            "{{ outputs = {{ self }}: let lib = import ./stub-lib.nix; in {{\n\
+             inherit lib;\n\
+             legacyPackages = lib.genAttrs [ {systems} ] (system: import ./stub-pkgs.nix {{ inherit lib system; }});\n\
+             }}; }}\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("nix");
+    cmd.args([
+        "--extra-experimental-features",
+        "nix-command flakes",
+        "flake",
+        "show",
+        "--json",
+        "--no-write-lock-file",
+        "--override-input",
+        "nixpkgs",
+    ])
+    .arg(format!("path:{}", stub.display()))
+    .arg(format!("path:{}", src.display()));
+    let out = common::run_with_timeout(cmd, Duration::from_secs(120)).unwrap();
+    assert!(
+        out.status.success(),
+        "nix flake show failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let show: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        show["nixosModules"]["default"]["type"], "nixos-module",
+        "{show}"
+    );
+    assert_eq!(
+        show["overlays"]["default"]["type"], "nixpkgs-overlay",
+        "{show}"
+    );
+    assert!(show.get("darwinModules").is_some(), "{show}");
+    let version = cargo_manifest()["package"]["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for s in SYSTEMS {
+        for name in ["default", "nixdock"] {
+            let p = &show["packages"][s][name];
+            assert_eq!(p["type"], "derivation", "packages.{s}.{name}: {show}");
+            assert_eq!(
+                p["name"],
+                format!("nixdock-{version}"),
+                "packages.{s}.{name}"
+            );
+        }
     }
 }
 

@@ -60,8 +60,8 @@ in
     s: outputs.packages.${s}.default.outPath == outputs.packages.${s}.nixdock.outPath
   );
   overlay = describe overlaid.nixdock;
-  nixosModule = toString outputs.nixosModules.default;
-  darwinModule = toString outputs.darwinModules.default;
+  nixosModule = map toString outputs.nixosModules.default.imports;
+  darwinModule = map toString outputs.darwinModules.default.imports;
   repoRoot = toString root;
   sourceFilter = map (p: {
     inherit (p) path type;

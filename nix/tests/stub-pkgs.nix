@@ -9,10 +9,14 @@
 let
   mkDrv =
     attrs:
+    let
+      name = attrs.name or "${attrs.pname}-${attrs.version}";
+    in
     attrs
     // {
+      inherit name system;
       type = "derivation";
-      outPath = "/nix/store/00000000000000000000000000000000-${attrs.name or "${attrs.pname}-${attrs.version}"}";
+      outPath = "/nix/store/00000000000000000000000000000000-${name}";
     };
   self = {
     inherit lib mkDrv;
