@@ -57,6 +57,31 @@ rec {
 
   daemonNixConfig = hook: "build-hook = ${hook}";
 
+  # The value checks src/config.rs makes when it loads the file, made at evaluation time
+  # instead, so a bad value fails the switch rather than every build.
+  settingsAssertions =
+    let
+      builders = if cfg.settings.builders == null then { } else cfg.settings.builders;
+      check = system: what: ok: {
+        assertion = ok;
+        message = "services.nixdock.settings.builders.\"${system}\": ${what}";
+      };
+      perBuilder =
+        system: b:
+        [
+          (check system "a system looks like \"x86_64-linux\"" (lib.hasInfix "-" system))
+          (check system "memory must look like \"8g\", \"512m\" or a byte count" (
+            b.memory == null
+            || builtins.match "[[:space:]]*[+-]?[0-9]+[[:space:]]*[kmgtKMGT]?[bB]?[[:space:]]*" b.memory != null
+          ))
+          (check system "cpus must be positive" (b.cpus == null || b.cpus > 0))
+          (check system "extra-nix-conf holds one setting per list element" (
+            b.extra-nix-conf == null || !(builtins.any (lib.hasInfix "\n") b.extra-nix-conf)
+          ))
+        ];
+    in
+    builtins.concatLists (lib.mapAttrsToList perBuilder builders);
+
   # nixdock's TOML: nulls (unset options) dropped at every level, as TOML has no null.
   cleanSettings =
     value:

@@ -43,7 +43,7 @@ in
 
   config = mkIf cfg.enable (mkMerge [
     {
-      assertions = [
+      assertions = common.settingsAssertions ++ [
         {
           assertion = nixManaged;
           message = ''

@@ -67,7 +67,7 @@ in
 
   config = mkIf cfg.enable (mkMerge [
     {
-      assertions = [
+      assertions = common.settingsAssertions ++ [
         {
           assertion = nixManaged;
           message = "services.nixdock needs nix.enable: it sets Nix's build hook through nix.settings or nix-daemon's unit.";

@@ -681,6 +681,59 @@ fn settings_nixdock_rejects_fail_evaluation() {
     }
 }
 
+/// Values nixdock checks when it loads the file (system names, memory, cpus, extra-nix-conf)
+/// are checked by the modules too, with the same verdict.
+#[test]
+fn settings_values_get_nixdocks_verdict() {
+    if !common::require_tool(NIX_INSTANTIATE) {
+        return;
+    }
+    let cases = [
+        ("x86_64-linux", json!({})),
+        ("linux", json!({})),
+        ("x86_64-linux", json!({ "memory": "8g" })),
+        ("x86_64-linux", json!({ "memory": "512 MB" })),
+        ("x86_64-linux", json!({ "memory": "1048576" })),
+        ("x86_64-linux", json!({ "memory": "lots" })),
+        ("x86_64-linux", json!({ "memory": "1.5g" })),
+        ("x86_64-linux", json!({ "memory": "" })),
+        ("x86_64-linux", json!({ "cpus": 0.5 })),
+        ("x86_64-linux", json!({ "cpus": -1.0 })),
+        ("x86_64-linux", json!({ "cpus": 2 })),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true"] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["a = 1\nb = 2"] }),
+        ),
+    ];
+    let mut verdicts = BTreeSet::new();
+    for (system, builder) in cases {
+        let settings = json!({ "builders": { system: builder } });
+        let text = toml::to_string(&settings).unwrap();
+        let nixdock_ok = Config::parse(&text, Path::new("x")).is_ok();
+        verdicts.insert(nixdock_ok);
+        for module in [Module::NixOs, Module::Darwin] {
+            let module_ok = match eval_module(
+                module,
+                "2.35.2",
+                json!({ "enable": true, "settings": settings }),
+            ) {
+                Ok(r) => r["failedAssertions"] == json!([]),
+                Err(_) => false,
+            };
+            assert_eq!(
+                module_ok, nixdock_ok,
+                "{module:?} and nixdock disagree about {text}"
+            );
+        }
+    }
+    // The cases cover both verdicts.
+    assert_eq!(verdicts.len(), 2);
+}
+
 /// On 2.25-2.33 the hook depends on nix-daemon's NIX_CONFIG: another definition of it must be
 /// an error, not a silent loss of the hook; lib.mkForce is the documented way to take over.
 #[test]

@@ -111,8 +111,8 @@ rec {
   versionAtLeast = a: b: !(versionOlder a b);
 
   removePrefix = pre: s: if hasPrefix pre s then substring (stringLength pre) (-1) s else s;
-  splitString =
-    sep: s: filter isString (builtins.split (builtins.replaceStrings [ "." "+" "*" "(" ")" ] [ "\\." "\\+" "\\*" "\\(" "\\)" ] sep) s);
+  escapeRegex = builtins.replaceStrings [ "." "+" "*" "(" ")" "[" "]" "?" "^" "$" "|" "{" "}" "\\" ] [ "\\." "\\+" "\\*" "\\(" "\\)" "\\[" "\\]" "\\?" "\\^" "\\$" "\\|" "\\{" "\\}" "\\\\" ];
+  splitString = sep: s: filter isString (builtins.split (escapeRegex sep) s);
   filterAttrs =
     pred: set:
     listToAttrs (
@@ -122,6 +122,8 @@ rec {
       }) (filter (n: pred n set.${n}) (attrNames set))
     );
   mapAttrs = builtins.mapAttrs;
+  mapAttrsToList = f: set: map (n: f n set.${n}) (attrNames set);
+  hasInfix = infix: s: builtins.match ".*${escapeRegex infix}.*" s != null;
   genAttrs =
     names: f:
     listToAttrs (
