@@ -577,10 +577,13 @@ async fn ready_needs_the_pinned_host_key_and_an_answering_daemon() {
     let addr = ready.addr;
     close(ready).await;
 
-    // nix-daemon that exits at once: ssh works, the handshake does not.
+    // nix-daemon that exits at once: ssh works, the handshake does not. The persistent daemon
+    // goes too (entry.sh's watchdog restarts it from the same binary, which now exits), so
+    // the connection falls back to `nix-daemon --stdio`, which exits as well.
     dexec(
         &name,
-        "cp -P /etc/nixdock/bin/nix-daemon /etc/nixdock/nix-daemon.real && ln -sf /bin/true /etc/nixdock/bin/nix-daemon",
+        "mv /usr/bin/nix-daemon /usr/bin/nix-daemon.real && ln -s /bin/true /usr/bin/nix-daemon && \
+         pkill -KILL -x nix-daemon; rm -f /nix/var/nix/daemon-socket/socket",
     );
     match inst.try_ready(&spec).await {
         Err(e @ (BuilderError::Daemon { .. } | BuilderError::Broken { .. })) => {
@@ -589,10 +592,7 @@ async fn ready_needs_the_pinned_host_key_and_an_answering_daemon() {
         Err(e) => panic!("expected a daemon error, got: {e}"),
         Ok(_) => panic!("a builder whose nix-daemon does not answer was reported ready"),
     }
-    dexec(
-        &name,
-        "mv -f /etc/nixdock/nix-daemon.real /etc/nixdock/bin/nix-daemon",
-    );
+    dexec(&name, "mv -f /usr/bin/nix-daemon.real /usr/bin/nix-daemon");
     let ready = inst.ready(&spec).await;
     assert!(!ready.started);
     close(ready).await;
