@@ -399,6 +399,94 @@ fn host_builds_do_not_kill_builds_in_builders() {
     );
 }
 
+/// Copies show up in Nix's own progress (`nix build`'s bar, nix-output-monitor) exactly as
+/// Nix's copies do: an actCopyPaths activity expecting the bytes, one actCopyPath per path whose
+/// progress reaches its NAR size, inputs from "local" and outputs to "local".
+#[test]
+fn copies_show_as_nix_activities() {
+    if !common::require_bed() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(nonce());
+    std::fs::create_dir_all(&dir).unwrap();
+    let blob = dir.join("blob");
+    let mut data = vec![0u8; 3_000_000];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i * 7919 % 251) as u8;
+    }
+    std::fs::write(&blob, &data).unwrap();
+    let input = nix_store(&["--add", blob.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let expr = format!(
+        "derivation {{ name = \"activities\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; \
+         input = builtins.storePath \"{input}\"; nonce = \"{}\"; \
+         args = [\"-c\" \"/usr/bin/head -c 2500000 /dev/urandom > $out\"]; }}",
+        nonce()
+    );
+    let o = nix_build(
+        &expr,
+        &with_hook(&["--max-jobs", "0", "--log-format", "internal-json"]),
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let out = out_path(&o);
+    let input_size: u64 = nix_store(&["-q", "--size", &input]).trim().parse().unwrap();
+    let out_size: u64 = nix_store(&["-q", "--size", &out]).trim().parse().unwrap();
+
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .filter_map(|l| l.strip_prefix("@nix "))
+        .filter_map(|j| serde_json::from_str(j).ok())
+        .collect();
+    let is = |e: &serde_json::Value, action: &str, typ: u64| {
+        e["action"] == action && e["type"].as_u64() == Some(typ)
+    };
+    // One actCopyPath (100) per path, with the store URIs Nix's own copies use.
+    let copy_of = |path: &str| {
+        events
+            .iter()
+            .find(|e| is(e, "start", 100) && e["fields"][0] == path)
+            .unwrap_or_else(|| panic!("no copy activity for {path}:\n{}", text(&o)))
+            .clone()
+    };
+    let (cin, cout) = (copy_of(&input), copy_of(&out));
+    assert_eq!(cin["fields"][1], "local", "{cin}");
+    assert_eq!(cout["fields"][2], "local", "{cout}");
+    // Each path's byte progress reaches its NAR size.
+    let last_progress = |id: &serde_json::Value| {
+        events
+            .iter()
+            .rfind(|e| is(e, "result", 105) && &e["id"] == id)
+            .map(|e| e["fields"].clone())
+    };
+    assert_eq!(
+        last_progress(&cin["id"]),
+        Some(serde_json::json!([input_size, input_size, 0, 0]))
+    );
+    assert_eq!(
+        last_progress(&cout["id"]),
+        Some(serde_json::json!([out_size, out_size, 0, 0]))
+    );
+    // The enclosing actCopyPaths (103) expects the bytes (setExpected 106 on type 100) and
+    // counts paths.
+    for bytes in [input_size, out_size] {
+        let copy = events
+            .iter()
+            .find(|e| {
+                is(e, "result", 106)
+                    && e["fields"] == serde_json::json!([100, bytes])
+                    && events
+                        .iter()
+                        .any(|s| is(s, "start", 103) && s["id"] == e["id"])
+            })
+            .unwrap_or_else(|| panic!("no copy of {bytes} bytes expected:\n{}", text(&o)));
+        assert_eq!(
+            last_progress(&copy["id"]),
+            Some(serde_json::json!([1, 1, 0, 0]))
+        );
+    }
+}
+
 #[test]
 fn interrupted_client_stops_the_remote_build() {
     if !common::require_bed() {

@@ -2,6 +2,7 @@
 //! the build. Everything the user must see goes out as `@nix` messages or fd-4 log lines; the
 //! hook's own diagnostics go to its log file in the state dir.
 
+pub mod copy_progress;
 pub mod parent;
 pub mod remote_build;
 

@@ -5,12 +5,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hook_protocol::derivation::Derivation;
 use hook_protocol::hook::{AcceptedWork, Settings};
-use hook_protocol::log::{ActivityType, LogLine};
+use hook_protocol::log::LogLine;
 use hook_protocol::nar::{DumpOptions, dump_path_unhashed};
 use hook_protocol::store_path::StorePath;
 use hook_protocol::worker::{
@@ -24,6 +23,7 @@ use crate::builder::lifecycle::{self, DaemonConnection};
 use crate::local_daemon::LocalDaemon;
 use crate::local_store::{OutputImporter, PathInfo};
 
+use super::copy_progress::{CopyProgress, CountingWriter};
 use super::parent::Parent;
 
 /// How a build ended, as the hook's exit status tells Nix (≤ 2.28 maps 100 and 101).
@@ -53,11 +53,8 @@ fn fail(message: String) -> Outcome {
 /// owner, and a NAR made here is byte-identical to the daemon's.
 struct FsNarSource<'a> {
     case_hack: bool,
-    /// Shared by the parallel streams of one copy, for one progress figure.
-    copied: &'a AtomicU64,
-    expected_bytes: u64,
-    act: u64,
-    parent: &'a Parent,
+    /// Shared by the parallel streams of one copy.
+    progress: &'a CopyProgress<'a>,
 }
 
 impl NarSource for FsNarSource<'_> {
@@ -70,9 +67,14 @@ impl NarSource for FsNarSource<'_> {
         tracing::info!("copying input {p} ({} bytes)", info.nar_size);
         // Unhashed: the builder's nix-daemon hashes every NAR it receives and refuses one that
         // does not match `info.nar_hash`; hashing here too cost a sixth of the hook's CPU.
+        let mut path_progress = self.progress.path(&p, info.nar_size);
+        let mut counting = CountingWriter {
+            inner: out,
+            progress: &mut path_progress,
+        };
         let nar_size = dump_path_unhashed(
             Path::new(&p),
-            out,
+            &mut counting,
             DumpOptions {
                 case_hack: self.case_hack,
             },
@@ -85,14 +87,7 @@ impl NarSource for FsNarSource<'_> {
                 nar_size, info.nar_size
             )));
         }
-        let copied = self.copied.fetch_add(nar_size, Ordering::Relaxed) + nar_size;
-        self.parent.send(&LogLine::result_progress(
-            self.act,
-            copied,
-            self.expected_bytes,
-            0,
-            0,
-        ));
+        path_progress.finish();
         Ok(())
     }
 }
@@ -285,28 +280,22 @@ impl Job<'_> {
         }
         let ordered = topo_sort(infos);
         let bytes: u64 = ordered.iter().map(|i| i.nar_size).sum();
-        let act = self.parent.ids.next_id();
-        self.parent.send(&LogLine::start_copy_paths(
-            act,
+        let progress = CopyProgress::start(
+            self.parent,
             format!(
                 "copying {} paths ({} MiB) to '{}'",
                 ordered.len(),
                 bytes >> 20,
                 self.machine
             ),
-        ));
-        self.parent.send(&LogLine::result_set_expected(
-            act,
-            ActivityType::CopyPath,
+            "local",
+            &self.store_uri(),
             ordered.len() as u64,
-        ));
-        let copied = AtomicU64::new(0);
+            bytes,
+        );
         let source = || FsNarSource {
             case_hack: self.settings.use_case_hack(),
-            copied: &copied,
-            expected_bytes: bytes,
-            act,
-            parent: self.parent,
+            progress: &progress,
         };
         let t = Instant::now();
         let what = format!("copying inputs to '{}'", self.machine);
@@ -343,7 +332,7 @@ impl Job<'_> {
             }
             r
         };
-        self.parent.send(&LogLine::stop(act));
+        drop(progress);
         r?;
         tracing::info!(
             paths = ordered.len(),
@@ -526,12 +515,8 @@ impl Job<'_> {
                     store_dir.display()
                 ))
             })?;
-        let act = self.parent.ids.next_id();
-        self.parent.send(&LogLine::start_copy_paths(
-            act,
-            format!("copying {} outputs from '{}'", missing.len(), self.machine),
-        ));
         let daemon = &mut builder.daemon;
+        let mut infos = Vec::with_capacity(missing.len());
         for p in &missing {
             let info = daemon
                 .query_path_info(p, &mut |_| {})
@@ -542,6 +527,17 @@ impl Job<'_> {
                         "the builder says output {p} is not valid after a successful build"
                     ))
                 })?;
+            infos.push((p, info));
+        }
+        let progress = CopyProgress::start(
+            self.parent,
+            format!("copying {} outputs from '{}'", missing.len(), self.machine),
+            &self.store_uri(),
+            "local",
+            infos.len() as u64,
+            infos.iter().map(|(_, i)| i.nar_size).sum(),
+        );
+        for (p, info) in infos {
             let mut digest = [0u8; 32];
             let d = info.nar_hash.digest();
             if d.len() != 32 {
@@ -557,15 +553,21 @@ impl Job<'_> {
                 nar_size: info.nar_size,
                 references: info.references.iter().map(|r| r.to_absolute()).collect(),
             };
+            let mut path_progress = progress.path(&p.to_absolute(), info.nar_size);
             let (mut w, mut r) = tokio::io::duplex(1 << 20);
             let fetch = async {
-                let res = daemon.nar_from_path(p, &mut w, &mut |_| {}).await;
+                let mut counting = CountingWriter {
+                    inner: &mut w,
+                    progress: &mut path_progress,
+                };
+                let res = daemon.nar_from_path(p, &mut counting, &mut |_| {}).await;
                 drop(w);
                 res
             };
             let (f, a) = tokio::join!(fetch, importer.add(pi, &mut r));
             f.map_err(|e| remote_err(&format!("copying output {p} from '{}'", self.machine), e))?;
             a.map_err(|e| fail(format!("writing output {p} into the local store: {e}")))?;
+            path_progress.finish();
         }
         // `missing` was read just now, under the calling Nix's output locks.
         importer
@@ -577,8 +579,13 @@ impl Job<'_> {
                     self.drv_path
                 ))
             })?;
-        self.parent.send(&LogLine::stop(act));
+        drop(progress);
         Ok(())
+    }
+
+    /// How Nix would name the builder's store in its messages.
+    fn store_uri(&self) -> String {
+        format!("ssh-ng://{}", self.machine)
     }
 }
 
