@@ -711,7 +711,6 @@ mod tests {
         .unwrap();
         let hosts: Vec<String> = ms.iter().map(host).collect();
         assert_eq!(hosts, ["a", "b", "c"]);
-        drop(read);
         assert_eq!(reads, ["/etc/nix/machines", "/nested", "/missing"]);
         let mut looping =
             |_: &Path| -> std::io::Result<Option<String>> { Ok(Some("@/loop".into())) };
