@@ -18,10 +18,10 @@ use hook_protocol::worker::{
 };
 use tokio::io::AsyncWrite;
 
-use crate::builder::ReadyBuilder;
 use crate::builder::lifecycle::DaemonConnection;
 use crate::local_daemon::LocalDaemon;
 use crate::local_store::{OutputImporter, PathInfo};
+use crate::transport::RemoteStore;
 
 use super::parent::Parent;
 
@@ -154,7 +154,7 @@ fn remote_err(what: &str, e: WorkerError) -> Outcome {
 impl Job<'_> {
     pub async fn run(
         self,
-        builder: &mut ReadyBuilder,
+        builder: &mut RemoteStore,
         local: &mut LocalDaemon,
         nix_store: &Path,
     ) -> Outcome {
@@ -202,7 +202,7 @@ impl Job<'_> {
 
     async fn copy_inputs(
         &self,
-        builder: &mut ReadyBuilder,
+        builder: &mut RemoteStore,
         local: &mut LocalDaemon,
     ) -> Result<(), Outcome> {
         let mut inputs = BTreeSet::new();
@@ -397,7 +397,7 @@ impl Job<'_> {
 
     async fn copy_outputs(
         &self,
-        builder: &mut ReadyBuilder,
+        builder: &mut RemoteStore,
         local: &mut LocalDaemon,
         nix_store: &Path,
     ) -> Result<(), Outcome> {
