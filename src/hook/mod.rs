@@ -373,7 +373,8 @@ async fn prepare_static(statics: &mut Statics, i: usize, load_dir: &std::path::P
         }
         Err(e) => {
             statics.disabled.insert(i);
-            Prepared::Unusable(format!("cannot build on '{}': {e}", m.store_uri))
+            // The error names the machine.
+            Prepared::Unusable(e.to_string())
         }
     }
 }
