@@ -68,6 +68,14 @@ pub enum StaticError {
         tried: String,
         detail: String,
     },
+    #[error(
+        "remote builder '{machine}' is unreachable at {addr}: {reason} (is the machine up, and its sshd listening on that port? The port goes in the URI: ssh-ng://user@host:port)"
+    )]
+    Unreachable {
+        machine: String,
+        addr: SocketAddr,
+        reason: String,
+    },
     #[error("remote builder '{machine}': {source}")]
     Ssh {
         machine: String,
@@ -222,7 +230,13 @@ pub fn host_keys(m: &Machine, home: Option<&Path>) -> Result<HostKeys, StaticErr
     let port = m.store_uri.port.unwrap_or(22);
     let files = known_hosts::default_files(home);
     let kh = KnownHosts::read_files(&files);
-    if let Some(text) = &m.public_host_key {
+    let from_param = m
+        .store_uri
+        .params
+        .get("base64-ssh-public-host-key")
+        .and_then(|b| hook_protocol::hash::base64_decode(b).ok())
+        .map(|b| String::from_utf8_lossy(&b).into_owned());
+    if let Some(text) = m.public_host_key.as_ref().or(from_param.as_ref()) {
         let mut keys = Vec::new();
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
             keys.push(
@@ -276,7 +290,7 @@ fn parse_key_line(line: &str) -> Result<PublicKey, String> {
 /// The key to log in with: the entry's key file, else the first usable default identity.
 pub fn client_key(m: &Machine, home: Option<&Path>) -> Result<ClientKey, StaticError> {
     let machine = m.store_uri.uri.clone();
-    if let Some(path) = &m.ssh_key {
+    if let Some(path) = m.ssh_key.as_ref().or(m.store_uri.params.get("ssh-key")) {
         return keys::load_identity(Path::new(path))
             .map_err(|source| StaticError::Key { machine, source });
     }
@@ -339,9 +353,30 @@ pub async fn connect(m: &Machine, home: Option<&Path>) -> Result<RemoteStore, St
     let user = m.store_uri.user.clone().unwrap_or_else(local_user);
     let session = ssh::connect_with(addr, &user, &key, &host_keys, CONNECT_TIMEOUT)
         .await
-        .map_err(|source| StaticError::Ssh {
-            machine: machine.clone(),
-            source: Box::new(source),
+        .map_err(|source| match source {
+            SshError::ConnectionRefused { addr } => StaticError::Unreachable {
+                machine: machine.clone(),
+                addr,
+                reason: "connection refused".into(),
+            },
+            SshError::Connect { addr, source } => StaticError::Unreachable {
+                machine: machine.clone(),
+                addr,
+                reason: source.to_string(),
+            },
+            SshError::Timeout {
+                addr,
+                phase: ssh::ConnectPhase::Tcp,
+                limit,
+            } => StaticError::Unreachable {
+                machine: machine.clone(),
+                addr,
+                reason: format!("no TCP connection within {limit:?}"),
+            },
+            source => StaticError::Ssh {
+                machine: machine.clone(),
+                source: Box::new(source),
+            },
         })?;
     let (program, command) = remote_command(m);
     let daemon_err = |reason: String| StaticError::Daemon {

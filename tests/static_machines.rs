@@ -341,6 +341,46 @@ fn host_key_from_known_hosts_in_home_and_none_trusted_without_it() {
 }
 
 #[test]
+fn unreachable_and_legacy_machines_are_skipped_with_warnings_naming_them() {
+    if !common::require_bed() {
+        return;
+    }
+    let seed = Seed::start();
+    let inst = Install::new("skip", &x86_only_config(4));
+    let home = tempfile::tempdir().unwrap();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let key = seed.key_path.display().to_string();
+    // Listed first, so they are tried first (all idle, same speed).
+    let builders = format!(
+        "root@127.0.0.1:{port} i686-linux {key} 1 1 ; ssh-ng://root@127.0.0.1:{closed} i686-linux {key} 1 1 - - {hk} ; {good}",
+        port = seed.port,
+        hk = b64(&seed.host_key_line),
+        good = seed.entry("i686-linux", 1, Some(&b64(&seed.host_key_line)))
+    );
+    let o = nix_build(
+        &inst,
+        &drv_expr("static-skip", "i686-linux", MARKER_SCRIPT),
+        &builders,
+        home.path(),
+    );
+    let out = out_path(&o);
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), seed.marker);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("'ssh-ng://root@127.0.0.1:{closed}'")) && err.contains("refused"),
+        "the unreachable machine is named: {err}"
+    );
+    assert!(
+        err.contains(&format!("'ssh://root@127.0.0.1:{}'", seed.port))
+            && err.contains(&format!("ssh-ng://root@127.0.0.1:{}", seed.port)),
+        "the ssh:// machine is pointed to ssh-ng://: {err}"
+    );
+}
+
+#[test]
 fn docker_builder_and_static_machine_share_x86_64_load() {
     if !common::require_bed() {
         return;
