@@ -1,6 +1,7 @@
 //! The decision for each `try`: decline, accept on which builder, or postpone. The hook sees
 //! every derivation Nix builds, so deciding must not touch Docker or SSH — only the request,
-//! the parent's settings and nixdock's config (and, for an accept, slot lock files).
+//! the parent's settings, nixdock's config, the machines of Nix's `builders`, and a snapshot of
+//! busy slots the caller takes from the slot lock files.
 
 use std::collections::BTreeSet;
 
@@ -55,8 +56,8 @@ impl Pool<'_> {
 
     fn speed(&self, t: Target) -> f32 {
         match t {
-            // Docker builders run on this host: speed factor 1.
-            Target::Docker(_) => 1.0,
+            // Docker builders: the config's speed-factor, default 1.
+            Target::Docker(i) => self.docker[i].speed_factor,
             Target::Static(i) => self.statics[i].speed_factor,
         }
     }
@@ -393,6 +394,35 @@ mod tests {
             with(&r, "0", &s, &st, &[(Target::Static(0), 4)], &[]),
             Decision::Offload {
                 candidates: vec![Target::Docker(0)]
+            }
+        );
+    }
+
+    #[test]
+    fn docker_speed_factor_from_the_config_counts() {
+        let st = machines("ssh-ng://box x86_64-linux - 4 2");
+        let fast = BuilderConfig {
+            speed_factor: Some(4.0),
+            ..Default::default()
+        };
+        let s = vec![BuilderSpec::from_config(
+            "id",
+            "x86_64-linux",
+            &fast,
+            "x86_64",
+        )];
+        // Docker 2 busy / 4 = 0.5 beats static 2 busy / 2 = 1.
+        assert_eq!(
+            with(
+                &req("x86_64-linux", &[]),
+                "0",
+                &s,
+                &st,
+                &[(Target::Docker(0), 2), (Target::Static(0), 2)],
+                &[]
+            ),
+            Decision::Offload {
+                candidates: vec![Target::Docker(0), Target::Static(0)]
             }
         );
     }

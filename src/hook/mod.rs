@@ -253,7 +253,8 @@ async fn handle_try(
     };
     let mut raced = false;
     let mut failed = Vec::new();
-    for target in candidates {
+    let n = candidates.len();
+    for (k, target) in candidates.into_iter().enumerate() {
         let prepared = match target {
             Target::Docker(i) => prepare_docker(ctx, i, req).await,
             Target::Static(i) => prepare_static(statics, i, &load_dir).await,
@@ -265,7 +266,11 @@ async fn handle_try(
                 continue;
             }
             Prepared::Unusable(why) => {
-                parent.warn(&format!("{why}; trying another builder"));
+                if k + 1 < n {
+                    parent.warn(&format!("{why}; trying another builder"));
+                } else {
+                    parent.warn(&why);
+                }
                 failed.push(why);
                 continue;
             }
