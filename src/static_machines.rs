@@ -22,7 +22,7 @@ use hook_protocol::worker::WorkerClient;
 use crate::transport::keys::{self, ClientKey, KeyError};
 use crate::transport::known_hosts::{self, KnownHosts};
 use crate::transport::ssh::{self, HostKeys, SshError};
-use crate::transport::{PublicKey, RemoteStore};
+use crate::transport::{DaemonConnection, PublicKey, RemoteStore, Reopen, SshSession};
 
 /// Limit on TCP connect + SSH key exchange + authentication.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -379,14 +379,40 @@ pub async fn connect(m: &Machine, home: Option<&Path>) -> Result<RemoteStore, St
             },
         })?;
     let (program, command) = remote_command(m);
+    let daemon = open_daemon(&session, &command, &machine)
+        .await
+        .map_err(|e| match e {
+            StaticError::Daemon { reason, .. } => StaticError::Daemon {
+                machine: machine.clone(),
+                command: command.clone(),
+                program: program.clone(),
+                reason,
+            },
+            e => e,
+        })?;
+    Ok(RemoteStore {
+        name: machine,
+        session,
+        daemon,
+        reopen: Reopen::Exec(command),
+    })
+}
+
+/// Runs `command` (`nix-daemon --stdio`) over `session` and does the worker handshake. What
+/// the remote side printed on stderr (e.g. "command not found") is put in the error.
+pub async fn open_daemon(
+    session: &SshSession,
+    command: &str,
+    machine: &str,
+) -> Result<DaemonConnection, StaticError> {
     let daemon_err = |reason: String| StaticError::Daemon {
-        machine: machine.clone(),
-        command: command.clone(),
-        program: program.clone(),
+        machine: machine.to_string(),
+        command: command.to_string(),
+        program: command.split_whitespace().next().unwrap_or("").to_string(),
         reason,
     };
     let ch = session
-        .exec(&command)
+        .exec(command)
         .await
         .map_err(|e| daemon_err(e.to_string()))?;
     let ssh::ExecChannel {
@@ -396,7 +422,7 @@ pub async fn connect(m: &Machine, home: Option<&Path>) -> Result<RemoteStore, St
         ..
     } = ch;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let name = machine.clone();
+    let name = machine.to_string();
     tokio::spawn(async move {
         while let Some(Ok(chunk)) = stderr.next_chunk().await {
             let text = String::from_utf8_lossy(&chunk).trim_end().to_string();
@@ -404,36 +430,26 @@ pub async fn connect(m: &Machine, home: Option<&Path>) -> Result<RemoteStore, St
             let _ = tx.send(text);
         }
     });
-    let daemon =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, WorkerClient::handshake(stdout, stdin)).await
-        {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                // What the remote side printed (e.g. "command not found") says more than EOF.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let mut said = Vec::new();
-                while let Ok(s) = rx.try_recv() {
-                    said.push(s);
-                }
-                let reason = if said.is_empty() {
-                    e.to_string()
-                } else {
-                    format!("{e}; it said: {}", said.join(" "))
-                };
-                return Err(daemon_err(reason));
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, WorkerClient::handshake(stdout, stdin)).await {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => {
+            // What the remote side printed says more than EOF.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut said = Vec::new();
+            while let Ok(s) = rx.try_recv() {
+                said.push(s);
             }
-            Err(_) => {
-                return Err(daemon_err(format!(
-                    "no answer within {} s",
-                    HANDSHAKE_TIMEOUT.as_secs()
-                )));
-            }
-        };
-    Ok(RemoteStore {
-        name: machine,
-        session,
-        daemon,
-    })
+            Err(daemon_err(if said.is_empty() {
+                e.to_string()
+            } else {
+                format!("{e}; it said: {}", said.join(" "))
+            }))
+        }
+        Err(_) => Err(daemon_err(format!(
+            "no answer within {} s",
+            HANDSHAKE_TIMEOUT.as_secs()
+        ))),
+    }
 }
 
 #[cfg(test)]

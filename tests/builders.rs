@@ -371,6 +371,22 @@ async fn build_trivial(ready: &mut ReadyBuilder, nonce: &str) -> BuildOutput {
 }
 
 /// The lines of the builder's /etc/nix/nix.conf, trimmed.
+/// The ready connection goes to the builder's persistent nix-daemon through its socket: no
+/// `nix-daemon --stdio` runs, and the daemon has forked a worker for it.
+async fn assert_uses_persistent_daemon(ready: &ReadyBuilder) {
+    let procs = sh(
+        &ready.session,
+        "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done",
+    )
+    .await;
+    assert!(
+        !procs.contains("--stdio"),
+        "a nix-daemon --stdio runs:\n{procs}"
+    );
+    let daemons = procs.lines().filter(|l| l.contains("nix-daemon")).count();
+    assert!(daemons >= 2, "no listening daemon and worker:\n{procs}");
+}
+
 async fn nix_conf(ready: &ReadyBuilder) -> Vec<String> {
     lines(&sh(&ready.session, "cat /etc/nix/nix.conf").await)
 }
@@ -430,6 +446,7 @@ async fn cold_start_then_reuse() {
     eprintln!("cold start: {:?}", t.elapsed());
     assert!(ready.started, "a cold start must report started");
     assert_eq!(ready.container, name);
+    assert_uses_persistent_daemon(&ready).await;
 
     let c = inst.inspect(&spec).await;
     assert!(is_running(&c));
@@ -1129,12 +1146,15 @@ async fn nixos_layout_image_builds() {
     let inst = Instance::new().await;
     let spec = inst.spec(X86, "nixos-layout");
     let mut ready = inst.ready(&spec).await;
+    assert_uses_persistent_daemon(&ready).await;
     let link = sh(&ready.session, "readlink /etc/nixdock/bin/nix-daemon").await;
     assert!(link.contains("/root/.nix-profile/"), "{link}");
     assert_line(&nix_conf(&ready).await, "build-users-group = nixbld");
     let out = build_trivial(&mut ready, &format!("nixos-{}", inst.id)).await;
     assert_eq!(out.machine, "x86_64");
-    assert_ne!(out.uid, 0);
+    // A build user of nixdock's own, never a host build user's uid (the host's Nix kills every
+    // process of its build users' uids, containers' included).
+    assert!(out.uid > 700_000_000, "built as uid {}", out.uid);
 }
 
 /// Without a populated nixbld group the builder runs builds as root instead of failing on

@@ -176,8 +176,9 @@ fn aarch64_build_with_no_flags_runs_emulated_with_build_users() {
     let out = out_path(&o);
     let content = std::fs::read_to_string(&out).unwrap();
     assert!(content.ends_with("ok\n"), "{content}");
-    // Built as a build user, which is where the seccomp failure would have struck.
-    assert!(content.contains("nixbld"), "{content}");
+    // Built as one of nixdock's build users (uids apart from the host's), which is where the
+    // seccomp failure would have struck.
+    assert!(content.contains("nixdockbld"), "{content}");
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("nixdock-aarch64-linux"),
         "{}",
@@ -362,6 +363,39 @@ fn eight_builds_run_in_builders_at_once() {
         latest_start < earliest_end,
         "not all 8 builds ran at once: {spans:?} (total {:?})",
         t.elapsed()
+    );
+}
+
+/// The host's Nix kills every process of a build user's uid around each of its own builds, and
+/// the host sees the containers' processes: builders must not share uids with host build users
+/// (a host build used to SIGKILL the first build in a builder).
+#[test]
+fn host_builds_do_not_kill_builds_in_builders() {
+    if !common::require_bed() {
+        return;
+    }
+    let remote = drv_expr(
+        "survives-host-builds",
+        "x86_64-linux",
+        "/bin/sleep 6; echo ok > $out",
+    );
+    let remote =
+        std::thread::spawn(move || nix_build(&remote, &with_hook(&["--max-jobs", "0"]), &[]));
+    // Host builds (declined by the hook, built here as host build users) while it sleeps.
+    let t = Instant::now();
+    let mut local_builds = 0;
+    while !remote.is_finished() && t.elapsed() < Duration::from_secs(60) {
+        let local = drv_expr("host-local", "x86_64-linux", "echo > $out");
+        let o = nix_build(&local, &with_hook(&[]), &[]);
+        assert!(o.status.success(), "{}", text(&o));
+        local_builds += 1;
+    }
+    let o = remote.join().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(out_path(&o)).unwrap(), "ok\n");
+    assert!(
+        local_builds >= 2,
+        "only {local_builds} host builds ran meanwhile"
     );
 }
 

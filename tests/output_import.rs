@@ -375,3 +375,34 @@ async fn bad_path_infos_are_rejected() {
     drop(imp);
     assert!(staging_dirs().is_empty());
 }
+
+/// The hook's path: outputs it found invalid under the parent's output locks are committed
+/// without a validity check; an invalid leftover at the destination is still replaced.
+#[tokio::test]
+async fn commit_locked_invalid_registers_and_replaces_leftovers() {
+    let Some(nix_store) = nix_store("commit_locked_invalid_registers_and_replaces_leftovers")
+    else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let t = tempfile::tempdir().unwrap();
+    let out = fake_store_path("locked-out");
+    let (out_nar, out_info) = make_output(t.path(), "out", &out).await;
+    // What a killed earlier import may leave: unregistered files at the destination.
+    fs::write(&out, b"leftover").unwrap();
+
+    let mut imp = OutputImporter::new(Path::new(STORE), false).unwrap();
+    imp.add(out_info.clone(), &out_nar[..]).await.unwrap();
+    imp.commit_locked_invalid(&nix_store).await.unwrap();
+
+    ns_ok(&nix_store, &["--check-validity", &out]);
+    ns_ok(&nix_store, &["--verify-path", &out]);
+    let hash = ns_ok(&nix_store, &["-q", "--hash", &out]);
+    assert_eq!(
+        hash.trim(),
+        Hash::sha256(out_info.nar_hash_sha256).to_string()
+    );
+    assert_eq!(fs::read(format!("{out}/unique")).unwrap(), out.as_bytes());
+    assert!(staging_dirs().is_empty(), "{:?}", staging_dirs());
+    delete(&nix_store, &[&out]);
+}

@@ -29,7 +29,7 @@ mod unpack;
 
 use std::path::PathBuf;
 
-pub use dump::dump_path;
+pub use dump::{dump_path, dump_path_unhashed};
 pub use parse::copy_nar;
 pub use unpack::unpack_nar;
 

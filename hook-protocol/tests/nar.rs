@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use hook_protocol::nar::{
-    DumpOptions, MAX_DEPTH, NarError, NarSummary, UnpackOptions, copy_nar, dump_path, unpack_nar,
+    DumpOptions, MAX_DEPTH, NarError, NarSummary, UnpackOptions, copy_nar, dump_path,
+    dump_path_unhashed, unpack_nar,
 };
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
@@ -96,6 +97,13 @@ async fn dump(p: &Path, case_hack: bool) -> Vec<u8> {
         .unwrap();
     assert_eq!(s.nar_size, out.len() as u64);
     assert_eq!(s.nar_sha256, sha256(&out));
+    // The unhashed variant writes the very same bytes.
+    let mut plain = Vec::new();
+    let n = dump_path_unhashed(p, &mut plain, DumpOptions { case_hack })
+        .await
+        .unwrap();
+    assert_eq!(n, out.len() as u64);
+    assert!(plain == out, "dump_path_unhashed differs from dump_path");
     out
 }
 

@@ -4,6 +4,9 @@
 # in a profile as in nixos/nix), and provisions everything else.
 set -eu
 ND=/etc/nixdock
+# First uid of the builder's build users (see below); far above any host's users and below
+# Nix's auto-allocate-uids range (872415232 and up).
+NIXDOCK_BUILD_UID_BASE=700000000
 log() { echo "nixdock-entry: $*" >&2; }
 
 find_bin() {
@@ -37,6 +40,26 @@ done
 build_users_group=
 if grep -q '^nixbld:[^:]*:[0-9]*:..*' /etc/group 2>/dev/null; then build_users_group=nixbld; fi
 
+# The host's Nix kills every process of a build user's uid before and after each of its own
+# builds (killUser: kill(-1, SIGKILL) as that uid), and the host's PID namespace contains this
+# container's processes. An image's build users usually have the host's uids (Debian: 990-999,
+# NixOS and the installer: 30001-30032), so a host build would kill builds running here. The
+# group gets its own users, in a uid range no host allocates.
+if [ -n "$build_users_group" ] && ! grep -q '^nixdockbld1:' /etc/passwd; then
+    bld_gid=$(sed -n 's/^nixbld:[^:]*:\([0-9]*\):.*/\1/p' /etc/group)
+    jobs=$(sed -n 's/^max-jobs = \([0-9]*\)$/\1/p' "$ND/nix.conf.in")
+    n=${jobs:-0}
+    [ "$n" -ge 32 ] || n=32
+    members=
+    i=1
+    while [ "$i" -le "$n" ]; do
+        echo "nixdockbld$i:x:$((NIXDOCK_BUILD_UID_BASE + i)):$bld_gid:nixdock build user $i:/var/empty:/bin/false" >> /etc/passwd
+        members="$members${members:+,}nixdockbld$i"
+        i=$((i + 1))
+    done
+    sed -i "s/^nixbld:\([^:]*\):\([0-9]*\):.*/nixbld:\1:\2:$members/" /etc/group
+fi
+
 mkdir -p /etc/nix
 {
     echo "# written by nixdock at container start; settings of one caller travel per connection"
@@ -59,26 +82,51 @@ fi
 chmod 0600 "$ND/ssh_host_ed25519_key" "$ND/authorized_keys"
 echo "$arch" > "$ND/arch"
 
+# A persistent nix-daemon: the hook reaches its socket through an SSH streamlocal channel, and
+# the daemon forks a worker per connection, so a build starts no process but its builder.
+start_daemon() {
+    rm -f /nix/var/nix/daemon-socket/socket
+    "$nix_daemon" --daemon &
+    daemon_pid=$!
+    i=0
+    while [ ! -S /nix/var/nix/daemon-socket/socket ] && [ "$i" -lt 200 ]; do
+        if ! kill -0 "$daemon_pid" 2>/dev/null; then
+            log "nix-daemon exited at start; connections fall back to nix-daemon --stdio"
+            return 0
+        fi
+        sleep 0.05 2>/dev/null || sleep 1
+        i=$((i + 1))
+    done
+}
+start_daemon
+
 "$sshd" -D -e -f "$ND/sshd_config" &
 sshd_pid=$!
-log "sshd started ($sshd), nix-daemon at $nix_daemon, arch $arch, build-users-group '$build_users_group'"
+log "sshd started ($sshd), nix-daemon at $nix_daemon (pid $daemon_pid), arch $arch, build-users-group '$build_users_group'"
 
 # Stop after NIXDOCK_IDLE_TIMEOUT seconds with no nix-daemon running, so no host daemon is needed.
 idle_limit=${NIXDOCK_IDLE_TIMEOUT:-1800}
 idle=0
-trap 'kill "$sshd_pid" 2>/dev/null; exit 0' TERM INT
+trap 'kill "$sshd_pid" "$daemon_pid" 2>/dev/null; exit 0' TERM INT
 while kill -0 "$sshd_pid" 2>/dev/null; do
     sleep 5 &
     wait $! || true
+    if ! kill -0 "$daemon_pid" 2>/dev/null; then
+        log "nix-daemon (pid $daemon_pid) is gone; starting it again"
+        start_daemon
+    fi
+    # Busy while any nix-daemon but the listening one runs: its per-connection workers (same
+    # name, forked) and any nix-daemon --stdio.
     busy=0
-    for c in /proc/[0-9]*/comm; do
-        read -r name < "$c" 2>/dev/null || continue
+    for d in /proc/[0-9]*; do
+        [ "${d#/proc/}" = "$daemon_pid" ] && continue
+        read -r name < "$d/comm" 2>/dev/null || continue
         case "$name" in nix-daemon) busy=1; break ;; esac
     done
     if [ "$busy" = 1 ]; then idle=0; else idle=$((idle + 5)); fi
     if [ "$idle" -ge "$idle_limit" ]; then
         log "idle for ${idle_limit}s, stopping"
-        kill "$sshd_pid" 2>/dev/null || true
+        kill "$sshd_pid" "$daemon_pid" 2>/dev/null || true
         exit 0
     fi
 done

@@ -164,13 +164,7 @@ impl Builders {
         own_slot: Option<&slots::Slot>,
     ) -> Result<ReadyBuilder, BuilderError> {
         let name = spec.container_name();
-        let lock_path = self.state.lock_path(&format!("builder-{name}"));
-        let _lock = tokio::task::spawn_blocking(move || FileLock::exclusive(&lock_path))
-            .await
-            .map_err(|e| BuilderError::Broken {
-                container: name.clone(),
-                what: format!("lock task failed: {e}"),
-            })??;
+        let lock = self.lock_builder(&name).await?;
 
         let image_id = self.image_id(spec).await?;
         let hash = spec.config_hash(&image_id, self.client_key.public_openssh());
@@ -221,7 +215,27 @@ impl Builders {
                 .await
                 .map_err(self.engine.api_err())?;
         }
+        if !started {
+            // Running with the current configuration: connecting needs no lock, and holding it
+            // through the SSH and daemon handshakes would make simultaneous builds queue.
+            drop(lock);
+        }
         self.wait_ready(spec, &name, started).await
+    }
+
+    /// The per-builder lock: held while a container is created, started or recreated, and
+    /// until the first connection to a container this process started succeeded.
+    async fn lock_builder(&self, name: &str) -> Result<FileLock, BuilderError> {
+        let lock_path = self.state.lock_path(&format!("builder-{name}"));
+        let container = name.to_string();
+        Ok(
+            tokio::task::spawn_blocking(move || FileLock::exclusive(&lock_path))
+                .await
+                .map_err(|e| BuilderError::Broken {
+                    container,
+                    what: format!("lock task failed: {e}"),
+                })??,
+        )
     }
 
     async fn image_id(&self, spec: &BuilderSpec) -> Result<String, BuilderError> {
@@ -466,12 +480,21 @@ impl Builders {
                         if still_running {
                             return Err(e);
                         }
-                        tracing::info!(container = %name, "builder stopped meanwhile; starting it again");
-                        self.engine
-                            .docker
-                            .start_container(name, None::<StartContainerOptions>)
-                            .await
-                            .map_err(self.engine.api_err())?;
+                        // Without the lock here (see `ensure_ready`): take it, so only one
+                        // process starts it.
+                        let _lock = self.lock_builder(name).await?;
+                        let running = matches!(
+                            self.inspect(name).await?.as_ref().and_then(status),
+                            Some(ContainerStateStatusEnum::RUNNING)
+                        );
+                        if !running {
+                            tracing::info!(container = %name, "builder stopped meanwhile; starting it again");
+                            self.engine
+                                .docker
+                                .start_container(name, None::<StartContainerOptions>)
+                                .await
+                                .map_err(self.engine.api_err())?;
+                        }
                         started = true;
                         last = e.to_string();
                     }
@@ -517,18 +540,36 @@ impl Builders {
     }
 }
 
-/// Opens another `nix-daemon --stdio` on an existing session (for parallel copies).
+/// Opens a store connection on an existing session: to the builder's persistent
+/// `nix-daemon` through its socket (a fork in the builder, no process start), or, where that
+/// socket is not there (an older provisioning, the daemon not up yet), a fresh
+/// `nix-daemon --stdio`.
 pub async fn open_daemon(
     session: &SshSession,
     name: &str,
 ) -> Result<DaemonConnection, BuilderError> {
-    let ch = session
-        .exec(REMOTE_NIX_DAEMON)
+    let ch = match session
+        .open_unix_socket(provision::REMOTE_DAEMON_SOCKET)
         .await
-        .map_err(|source| BuilderError::Ssh {
-            container: name.to_string(),
-            source: Box::new(source),
-        })?;
+    {
+        Ok(ch) => ch,
+        Err(e @ SshError::ConnectionLost { .. }) => {
+            return Err(BuilderError::Ssh {
+                container: name.to_string(),
+                source: Box::new(e),
+            });
+        }
+        Err(e) => {
+            tracing::debug!(container = %name, "no daemon socket ({e}); starting nix-daemon --stdio");
+            session
+                .exec(REMOTE_NIX_DAEMON)
+                .await
+                .map_err(|source| BuilderError::Ssh {
+                    container: name.to_string(),
+                    source: Box::new(source),
+                })?
+        }
+    };
     let ssh::ExecChannel {
         stdin,
         stdout,

@@ -15,11 +15,13 @@ use crate::config::{BuilderConfig, Config, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_JOB
 use super::systems;
 
 /// Bumped whenever the provisioning below changes in a way that needs new containers.
-const PROVISION_VERSION: &str = "1";
+const PROVISION_VERSION: &str = "2";
 pub const ENTRY_SCRIPT: &str = include_str!("entry.sh");
 pub const SSH_PORT: &str = "22/tcp";
 /// The command the hook runs over SSH; the entry script links it to the image's nix-daemon.
 pub const REMOTE_NIX_DAEMON: &str = "/etc/nixdock/bin/nix-daemon --stdio";
+/// The socket of the persistent `nix-daemon` that `entry.sh` starts in every builder.
+pub const REMOTE_DAEMON_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
 
 pub const LABEL_INSTANCE: &str = "nixdock.instance";
 pub const LABEL_SYSTEM: &str = "nixdock.system";
@@ -172,9 +174,13 @@ impl BuilderSpec {
             "PubkeyAuthentication yes",
             "PasswordAuthentication no",
             "KbdInteractiveAuthentication no",
-            "AllowTcpForwarding no",
+            // Store connections reach the builder's nix-daemon socket through a
+            // direct-streamlocal channel: no shell, no process start per connection. sshd
+            // gates those on AllowTcpForwarding too ("local" only: nothing listens remotely;
+            // the only key is nixdock's, which is root here anyway).
+            "AllowTcpForwarding local",
+            "AllowStreamLocalForwarding local",
             "AllowAgentForwarding no",
-            "AllowStreamLocalForwarding no",
             "X11Forwarding no",
             "PermitTunnel no",
             "UseDNS no",

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::policy::{self, Decision, Pool, Target};
 use crate::state::StateDir;
 use crate::static_machines;
-use crate::transport::RemoteStore;
+use crate::transport::{RemoteStore, Reopen};
 
 use parent::Parent;
 use remote_build::{Job, Outcome};
@@ -313,7 +313,7 @@ enum Remote {
     Docker { spec: BuilderSpec },
     /// One of the user's machines, already connected (before the accept, so an unreachable
     /// one can be skipped as Nix's hook does).
-    Static(RemoteStore),
+    Static(Box<RemoteStore>),
 }
 
 enum Prepared {
@@ -373,7 +373,7 @@ async fn prepare_static(statics: &mut Statics, i: usize, load_dir: &std::path::P
             tracing::info!(machine = %m.store_uri, slot = slot.index, ms = t.elapsed().as_millis() as u64, "remote builder ready");
             Prepared::Ready {
                 slot,
-                remote: Box::new(Remote::Static(remote)),
+                remote: Box::new(Remote::Static(Box::new(remote))),
             }
         }
         Err(e) => {
@@ -419,7 +419,7 @@ async fn run_accepted(
     let store = settings.store().unwrap_or("auto").to_string();
     let t = Instant::now();
     let (mut remote, local) = match remote {
-        Remote::Static(r) => (r, crate::local_daemon::connect(&store).await),
+        Remote::Static(r) => (*r, crate::local_daemon::connect(&store).await),
         Remote::Docker { spec } => {
             let builders = match ctx.builders().await {
                 Ok(b) => b,
@@ -457,6 +457,7 @@ async fn run_accepted(
                     name: ready.container,
                     session: ready.session,
                     daemon: ready.daemon,
+                    reopen: Reopen::Builder,
                 },
                 local,
             )

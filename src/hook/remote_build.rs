@@ -5,12 +5,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hook_protocol::derivation::Derivation;
 use hook_protocol::hook::{AcceptedWork, Settings};
 use hook_protocol::log::{ActivityType, LogLine};
-use hook_protocol::nar::{DumpOptions, dump_path};
+use hook_protocol::nar::{DumpOptions, dump_path_unhashed};
 use hook_protocol::store_path::StorePath;
 use hook_protocol::worker::{
     BuildMode, BuildResult, BuildStatus, ClientSettings, LogEvent, NarSource, ValidPathInfo,
@@ -18,10 +19,10 @@ use hook_protocol::worker::{
 };
 use tokio::io::AsyncWrite;
 
-use crate::builder::lifecycle::DaemonConnection;
+use crate::builder::lifecycle::{self, DaemonConnection};
 use crate::local_daemon::LocalDaemon;
 use crate::local_store::{OutputImporter, PathInfo};
-use crate::transport::RemoteStore;
+use crate::transport::{RemoteStore, Reopen};
 
 use super::parent::Parent;
 
@@ -52,7 +53,8 @@ fn fail(message: String) -> Outcome {
 /// owner, and a NAR made here is byte-identical to the daemon's.
 struct FsNarSource<'a> {
     case_hack: bool,
-    copied: u64,
+    /// Shared by the parallel streams of one copy, for one progress figure.
+    copied: &'a AtomicU64,
     expected_bytes: u64,
     act: u64,
     parent: &'a Parent,
@@ -66,7 +68,9 @@ impl NarSource for FsNarSource<'_> {
     ) -> std::io::Result<()> {
         let p = info.path.to_absolute();
         tracing::info!("copying input {p} ({} bytes)", info.nar_size);
-        let s = dump_path(
+        // Unhashed: the builder's nix-daemon hashes every NAR it receives and refuses one that
+        // does not match `info.nar_hash`; hashing here too cost a sixth of the hook's CPU.
+        let nar_size = dump_path_unhashed(
             Path::new(&p),
             out,
             DumpOptions {
@@ -75,22 +79,67 @@ impl NarSource for FsNarSource<'_> {
         )
         .await
         .map_err(|e| std::io::Error::other(format!("{p}: {e}")))?;
-        if s.nar_size != info.nar_size {
+        if nar_size != info.nar_size {
             return Err(std::io::Error::other(format!(
                 "{p} changed on disk: its NAR is {} bytes, the store says {}",
-                s.nar_size, info.nar_size
+                nar_size, info.nar_size
             )));
         }
-        self.copied += s.nar_size;
+        let copied = self.copied.fetch_add(nar_size, Ordering::Relaxed) + nar_size;
         self.parent.send(&LogLine::result_progress(
             self.act,
-            self.copied,
+            copied,
             self.expected_bytes,
             0,
             0,
         ));
         Ok(())
     }
+}
+
+/// Total input size from which a copy uses two streams.
+const PARALLEL_COPY_MIN_BYTES: u64 = 16 << 20;
+
+/// Groups `ordered` (references first) into waves: each path lands in the first wave after
+/// every wave holding one of its references, so the paths of one wave can be sent in any order
+/// and at once.
+fn waves(ordered: &[ValidPathInfo]) -> Vec<Vec<&ValidPathInfo>> {
+    let mut level: BTreeMap<&StorePath, usize> = BTreeMap::new();
+    let mut waves: Vec<Vec<&ValidPathInfo>> = Vec::new();
+    for i in ordered {
+        let l = i
+            .references
+            .iter()
+            .filter(|r| **r != i.path)
+            .filter_map(|r| level.get(r))
+            .map(|l| l + 1)
+            .max()
+            .unwrap_or(0);
+        level.insert(&i.path, l);
+        if waves.len() <= l {
+            waves.resize_with(l + 1, Vec::new);
+        }
+        waves[l].push(i);
+    }
+    waves
+}
+
+/// Splits one wave into two parts of about equal NAR size (largest first, each to the lighter
+/// part).
+fn halves(mut wave: Vec<&ValidPathInfo>) -> (Vec<ValidPathInfo>, Vec<ValidPathInfo>) {
+    wave.sort_by_key(|i| std::cmp::Reverse(i.nar_size));
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let (mut sa, mut sb) = (0u64, 0u64);
+    for i in wave {
+        if sa <= sb {
+            sa += i.nar_size;
+            a.push(i.clone());
+        } else {
+            sb += i.nar_size;
+            b.push(i.clone());
+        }
+    }
+    (a, b)
 }
 
 /// Sorts `paths` so every path comes after the ones it references.
@@ -149,6 +198,24 @@ pub fn remote_failure_summary(msg: &str) -> String {
 
 fn remote_err(what: &str, e: WorkerError) -> Outcome {
     fail(format!("{what}: {e}"))
+}
+
+/// Another daemon connection to the same remote store, over the same SSH session (for
+/// parallel copies): a builder container's way, or a static machine's command.
+async fn open_second_daemon(
+    builder: &RemoteStore,
+    machine: &str,
+) -> Result<DaemonConnection, String> {
+    match &builder.reopen {
+        Reopen::Builder => lifecycle::open_daemon(&builder.session, machine)
+            .await
+            .map_err(|e| e.to_string()),
+        Reopen::Exec(command) => {
+            crate::static_machines::open_daemon(&builder.session, command, machine)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    }
 }
 
 impl Job<'_> {
@@ -215,9 +282,9 @@ impl Job<'_> {
         if inputs.is_empty() {
             return Ok(());
         }
-        let daemon = &mut builder.daemon;
         let substitute = self.settings.builders_use_substitutes();
-        let valid = daemon
+        let valid = builder
+            .daemon
             .query_valid_paths(&inputs, substitute, &mut |_| {})
             .await
             .map_err(|e| remote_err("asking the builder which inputs it has", e))?;
@@ -251,29 +318,30 @@ impl Job<'_> {
             ActivityType::CopyPath,
             ordered.len() as u64,
         ));
-        let mut source = FsNarSource {
+        let copied = AtomicU64::new(0);
+        let source = || FsNarSource {
             case_hack: self.settings.use_case_hack(),
-            copied: 0,
+            copied: &copied,
             expected_bytes: bytes,
             act,
             parent: self.parent,
         };
         let t = Instant::now();
         let what = format!("copying inputs to '{}'", self.machine);
-        let r = if daemon.version().minor() >= 32 {
-            daemon
-                .add_multiple_to_store(&ordered, &mut source, false, true, &mut |_| {})
+        let r = if builder.daemon.version().minor() >= 32 {
+            self.add_in_waves(builder, &ordered, bytes, source, &what)
                 .await
-                .map_err(|e| remote_err(&what, e))
         } else {
+            let daemon = &mut builder.daemon;
             // Before 1.32 there is no AddMultipleToStore: one AddToStoreNar per path.
             let mut r = Ok(());
             for info in &ordered {
                 let (mut w, mut rd) = tokio::io::duplex(256 * 1024);
                 let path = info.path.to_absolute();
-                let case_hack = source.case_hack;
+                let case_hack = self.settings.use_case_hack();
                 let dump = async move {
-                    let r = dump_path(Path::new(&path), &mut w, DumpOptions { case_hack }).await;
+                    let r = dump_path_unhashed(Path::new(&path), &mut w, DumpOptions { case_hack })
+                        .await;
                     drop(w);
                     r
                 };
@@ -301,6 +369,58 @@ impl Job<'_> {
             ms = t.elapsed().as_millis() as u64,
             "inputs copied"
         );
+        Ok(())
+    }
+
+    /// Sends `ordered` (references first) with AddMultipleToStore: in waves whose paths refer
+    /// only to earlier waves, each wave split over two connections when it is big enough, so
+    /// that two daemon workers in the builder parse, hash and write at once (one is the
+    /// bottleneck of a large copy).
+    async fn add_in_waves<'s>(
+        &self,
+        builder: &mut RemoteStore,
+        ordered: &[ValidPathInfo],
+        bytes: u64,
+        source: impl Fn() -> FsNarSource<'s>,
+        what: &str,
+    ) -> Result<(), Outcome> {
+        let mut second: Option<DaemonConnection> = None;
+        if bytes >= PARALLEL_COPY_MIN_BYTES && ordered.len() > 1 {
+            match open_second_daemon(builder, &self.machine).await {
+                Ok(d) => second = Some(d),
+                Err(e) => tracing::debug!("one copy stream only: {e}"),
+            }
+        }
+        let Some(mut second) = second else {
+            return builder
+                .daemon
+                .add_multiple_to_store(ordered, &mut source(), false, true, &mut |_| {})
+                .await
+                .map_err(|e| remote_err(what, e));
+        };
+        for wave in waves(ordered) {
+            let (a, b) = halves(wave);
+            let (mut sa, mut sb) = (source(), source());
+            let one = async {
+                if a.is_empty() {
+                    return Ok(());
+                }
+                builder
+                    .daemon
+                    .add_multiple_to_store(&a, &mut sa, false, true, &mut |_| {})
+                    .await
+            };
+            let two = async {
+                if b.is_empty() {
+                    return Ok(());
+                }
+                second
+                    .add_multiple_to_store(&b, &mut sb, false, true, &mut |_| {})
+                    .await
+            };
+            let (r1, r2) = tokio::join!(one, two);
+            r1.and(r2).map_err(|e| remote_err(what, e))?;
+        }
         Ok(())
     }
 
@@ -465,12 +585,16 @@ impl Job<'_> {
             f.map_err(|e| remote_err(&format!("copying output {p} from '{}'", self.machine), e))?;
             a.map_err(|e| fail(format!("writing output {p} into the local store: {e}")))?;
         }
-        importer.commit(nix_store).await.map_err(|e| {
-            fail(format!(
-                "registering the outputs of '{}': {e}",
-                self.drv_path
-            ))
-        })?;
+        // `missing` was read just now, under the calling Nix's output locks.
+        importer
+            .commit_locked_invalid(nix_store)
+            .await
+            .map_err(|e| {
+                fail(format!(
+                    "registering the outputs of '{}': {e}",
+                    self.drv_path
+                ))
+            })?;
         self.parent.send(&LogLine::stop(act));
         Ok(())
     }
@@ -479,6 +603,50 @@ impl Job<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn info(name: &str, size: u64, refs: &[&str]) -> ValidPathInfo {
+        let p = |n: &str| {
+            StorePath::from_absolute(&format!("/nix/store/{}-{n}", "a".repeat(32))).unwrap()
+        };
+        let mut i = ValidPathInfo::new(p(name), hook_protocol::hash::Hash::sha256([0; 32]), size);
+        i.references = refs.iter().map(|r| p(r)).collect();
+        i
+    }
+
+    #[test]
+    fn waves_put_every_path_after_its_references() {
+        // c -> b -> a, d -> a, e alone, f refers to itself.
+        let ordered = vec![
+            info("a", 1, &[]),
+            info("e", 1, &[]),
+            info("f", 1, &["f"]),
+            info("b", 1, &["a"]),
+            info("d", 1, &["a", "d"]),
+            info("c", 1, &["b", "a"]),
+        ];
+        let names: Vec<Vec<&str>> = waves(&ordered)
+            .iter()
+            .map(|w| w.iter().map(|i| i.path.name()).collect())
+            .collect();
+        assert_eq!(names, vec![vec!["a", "e", "f"], vec!["b", "d"], vec!["c"]]);
+    }
+
+    #[test]
+    fn halves_balance_nar_size() {
+        let wave = [
+            info("a", 50, &[]),
+            info("b", 30, &[]),
+            info("c", 20, &[]),
+            info("d", 10, &[]),
+            info("e", 10, &[]),
+        ];
+        let (a, b) = halves(wave.iter().collect());
+        let sum = |v: &[ValidPathInfo]| v.iter().map(|i| i.nar_size).sum::<u64>();
+        assert_eq!(a.len() + b.len(), 5);
+        assert_eq!((sum(&a), sum(&b)), (60, 60));
+        let (a, b) = halves(vec![&wave[0]]);
+        assert_eq!((a.len(), b.len()), (1, 0));
+    }
 
     #[test]
     fn failure_summary_drops_colours_and_tail() {

@@ -276,7 +276,18 @@ impl OutputImporter {
     ///
     /// The work runs in a task of its own, so it completes (or rolls back) even if the future
     /// returned here is dropped.
-    pub async fn commit(mut self, nix_store_bin: &Path) -> Result<()> {
+    pub async fn commit(self, nix_store_bin: &Path) -> Result<()> {
+        self.commit_inner(nix_store_bin, true).await
+    }
+
+    /// [`commit`](Self::commit) for paths the caller has just found invalid while the calling
+    /// Nix holds their output locks, so nobody can have made them valid since: skips the
+    /// validity check (a `nix-store` process start).
+    pub async fn commit_locked_invalid(self, nix_store_bin: &Path) -> Result<()> {
+        self.commit_inner(nix_store_bin, false).await
+    }
+
+    async fn commit_inner(mut self, nix_store_bin: &Path, check_validity: bool) -> Result<()> {
         let staged = std::mem::take(&mut self.staged);
         let staging = self.staging.take();
         let nix_store = nix_store_bin.to_owned();
@@ -284,7 +295,7 @@ impl OutputImporter {
             let result = if staged.is_empty() {
                 Ok(())
             } else {
-                commit_staged(&nix_store, staged).await
+                commit_staged(&nix_store, staged, check_validity).await
             };
             if let Some(s) = staging {
                 remove_tree_logged(&s).await;
@@ -307,9 +318,13 @@ impl Drop for OutputImporter {
     }
 }
 
-async fn commit_staged(nix_store: &Path, staged: Vec<Staged>) -> Result<()> {
+async fn commit_staged(nix_store: &Path, staged: Vec<Staged>, check_validity: bool) -> Result<()> {
     let all: Vec<String> = staged.iter().map(|s| s.info.path.clone()).collect();
-    let invalid = query_invalid(nix_store, &all).await?;
+    let invalid = if check_validity {
+        query_invalid(nix_store, &all).await?
+    } else {
+        all.iter().cloned().collect()
+    };
 
     // Move into place.
     let mut moved: Vec<PathBuf> = Vec::new();

@@ -24,4 +24,15 @@ pub struct RemoteStore {
     pub name: String,
     pub session: SshSession,
     pub daemon: DaemonConnection,
+    /// How to open another daemon connection on the same session.
+    pub reopen: Reopen,
+}
+
+/// How a [`RemoteStore`] opens further daemon connections.
+#[derive(Debug, Clone)]
+pub enum Reopen {
+    /// The builder container's way (`builder::lifecycle::open_daemon`).
+    Builder,
+    /// Run this command (`nix-daemon --stdio`, or the machine's `remote-program`).
+    Exec(String),
 }

@@ -579,7 +579,34 @@ impl SshSession {
             exec_ms = ms(start.elapsed() - open_time),
             "SSH exec started"
         );
+        Ok(self.streams(channel, early))
+    }
 
+    /// Opens a `direct-streamlocal@openssh.com` channel to the Unix socket `path` on the server
+    /// (needs `AllowStreamLocalForwarding local` there). No process is started: the bytes go
+    /// straight to whatever listens on the socket. The returned stderr is always empty and the
+    /// exit status is [`ExitStatus::Unreported`].
+    pub async fn open_unix_socket(&self, path: &str) -> Result<ExecChannel, SshError> {
+        let start = Instant::now();
+        let addr = self.addr;
+        let channel = self
+            .handle
+            .channel_open_direct_streamlocal(path)
+            .await
+            .map_err(|source| match source {
+                russh::Error::Disconnect | russh::Error::SendError => SshError::ConnectionLost {
+                    addr,
+                    context: "while opening a socket channel",
+                },
+                source => SshError::ChannelOpen { addr, source },
+            })?;
+        tracing::debug!(%addr, path, channel = %channel.id(), open_ms = ms(start.elapsed()), "SSH socket channel open");
+        Ok(self.streams(channel, Vec::new()))
+    }
+
+    /// Splits an open channel into the separately owned parts of an [`ExecChannel`].
+    fn streams(&self, channel: russh::Channel<client::Msg>, early: Vec<ChannelMsg>) -> ExecChannel {
+        let addr = self.addr;
         let (read_half, write_half) = channel.split();
         let closed = Arc::new(ClosedSignal::default());
         let (stdout_tx, stdout_rx) = mpsc::channel(STDOUT_QUEUE);
@@ -600,7 +627,7 @@ impl SshSession {
             closed: closed.clone(),
         }));
 
-        Ok(ExecChannel {
+        ExecChannel {
             stdin: ExecStdin {
                 writer,
                 dropped: Some(stdin_dropped_tx),
@@ -610,7 +637,7 @@ impl SshSession {
             stdout: ExecOutput::new(stdout_rx),
             stderr: ExecOutput::new(stderr_rx),
             exit: ExitWaiter { rx: exit_rx, addr },
-        })
+        }
     }
 
     /// Ends the connection now; commands still running on it end with

@@ -188,3 +188,30 @@ impl Drop for ContainerGuard {
 pub fn testbed_script() -> PathBuf {
     repo_root().join("scripts/testbed")
 }
+
+/// True when `program --version` runs. When it does not: with `CI` set, panics (the test bed
+/// installs it: `scripts/testbed`); otherwise prints a loud notice and returns false, and the
+/// caller should return (skip).
+pub fn require_tool(program: &str) -> bool {
+    let mut cmd = Command::new(program);
+    cmd.arg("--version");
+    let problem = match run_with_timeout(cmd, Duration::from_secs(60)) {
+        Ok(out) if out.status.success() => return true,
+        Ok(out) => format!(
+            "`{program} --version` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => e,
+    };
+    let msg = format!("{program} is missing: run scripts/testbed (as root)\n{problem}");
+    if in_ci() {
+        panic!("{msg}");
+    }
+    eprintln!(
+        "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+         !! SKIPPED: {msg}\n\
+         !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+    );
+    false
+}

@@ -30,23 +30,43 @@ pub async fn dump_path<W: AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     opts: DumpOptions,
 ) -> Result<NarSummary, NarError> {
+    let (nar_size, hash) = dump(path, w, opts, true).await?;
+    Ok(NarSummary {
+        nar_size,
+        nar_sha256: hash.unwrap_or_default(),
+    })
+}
+
+/// [`dump_path`] without the SHA-256, for a receiver that verifies the hash itself (a
+/// nix-daemon does, for every path added to its store): returns the NAR's length only.
+pub async fn dump_path_unhashed<W: AsyncWrite + Unpin + ?Sized>(
+    path: &Path,
+    w: &mut W,
+    opts: DumpOptions,
+) -> Result<u64, NarError> {
+    Ok(dump(path, w, opts, false).await?.0)
+}
+
+async fn dump<W: AsyncWrite + Unpin + ?Sized>(
+    path: &Path,
+    w: &mut W,
+    opts: DumpOptions,
+    hash: bool,
+) -> Result<(u64, Option<[u8; 32]>), NarError> {
     let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
     let root = path.to_owned();
     let handle = tokio::task::spawn_blocking(move || {
         let mut d = Dumper {
             tx,
             buf: BytesMut::with_capacity(CHUNK + 1024),
-            hasher: Sha256::new(),
+            hasher: hash.then(Sha256::new),
             count: 0,
             case_hack: opts.case_hack,
         };
         put_str(&mut d.buf, NAR_MAGIC);
         d.dump(&root, 0)?;
         d.send()?;
-        Ok::<_, NarError>(NarSummary {
-            nar_size: d.count,
-            nar_sha256: d.hasher.finalize().into(),
-        })
+        Ok::<_, NarError>((d.count, d.hasher.map(|h| h.finalize().into())))
     });
 
     let mut write_err = None;
@@ -72,7 +92,7 @@ pub async fn dump_path<W: AsyncWrite + Unpin + ?Sized>(
 struct Dumper {
     tx: mpsc::Sender<Bytes>,
     buf: BytesMut,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     count: u64,
     case_hack: bool,
 }
@@ -91,7 +111,9 @@ impl Dumper {
         if self.buf.is_empty() {
             return Ok(());
         }
-        self.hasher.update(&self.buf);
+        if let Some(h) = &mut self.hasher {
+            h.update(&self.buf);
+        }
         self.count += self.buf.len() as u64;
         let chunk = self.buf.split().freeze();
         self.buf.reserve(CHUNK + 1024);

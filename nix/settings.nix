@@ -1,0 +1,51 @@
+# The options of services.nixdock.settings, shared by the NixOS and nix-darwin modules.
+#
+# They mirror src/config.rs exactly: nixdock rejects unknown keys, so there is no freeform
+# part here either, and a misspelt key fails the evaluation instead of every build. Every
+# option defaults to null ("not in the file"), and nulls are dropped before the TOML is
+# written, so nixdock's own defaults apply to whatever is not set.
+{ lib }:
+
+let
+  inherit (lib) mkOption types;
+
+  nullable =
+    type: description:
+    mkOption {
+      type = types.nullOr type;
+      default = null;
+      inherit description;
+    };
+
+  builderOptions = {
+    options = {
+      image = nullable types.str ''
+        Builder image, e.g. `nixdock/builder:aarch64-linux` (`nixdock image build` makes it):
+        any image with Nix >= 2.8 and OpenSSH's sshd.
+      '';
+      platform = nullable types.str "Platform passed to the engine when the image must be pulled, e.g. `linux/arm64`.";
+      max-jobs = nullable types.ints.positive "Builds at once in this builder (nixdock's default: 8).";
+      cpus = nullable (types.either types.ints.positive types.float) "CPU limit of the container.";
+      memory = nullable types.str "Memory limit of the container, e.g. `\"8g\"` or `\"512m\"`.";
+      idle-timeout = nullable types.ints.unsigned "Seconds without a build before the container stops itself (default 1800).";
+      features = nullable (types.listOf types.str) "System features the builder offers (default: big-parallel, benchmark).";
+      extra-nix-conf = nullable (types.listOf types.str) "Lines added to the builder's nix.conf, one setting each.";
+      kvm = nullable types.bool "Pass /dev/kvm through (adds the kvm and nixos-test features).";
+    };
+  };
+in
+{
+  options = {
+    docker-host = nullable types.str ''
+      Docker engine address (`unix:///path` or a socket path), tried before DOCKER_HOST, the
+      system socket and the sockets of Docker Desktop, OrbStack, colima and Podman. The hook
+      runs as root under nix-daemon without your environment, so name the engine here when
+      it is not found on its own.
+    '';
+    offload-local = nullable types.bool "Also send builds for this machine's own system to a builder.";
+    builders = nullable (types.attrsOf (types.submodule builderOptions)) ''
+      One table per Nix system, e.g. `builders."aarch64-linux"`. Without it nixdock serves the
+      engine's own Linux system and those it can emulate.
+    '';
+  };
+}
