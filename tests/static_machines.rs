@@ -381,6 +381,60 @@ fn unreachable_and_legacy_machines_are_skipped_with_warnings_naming_them() {
 }
 
 #[test]
+fn large_input_closure_goes_over_two_daemon_connections_to_a_static_machine() {
+    if !common::require_bed() {
+        return;
+    }
+    let seed = Seed::start();
+    let inst = Install::new("closure", &x86_only_config(4));
+    let home = tempfile::tempdir().unwrap();
+    // Two store paths of 10 MiB of incompressible data each: over the parallel-copy threshold.
+    let mut inputs = Vec::new();
+    for k in 0..2u64 {
+        let dir = inst.root.join(format!("in{k}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut x = 0x9e3779b97f4a7c15u64 ^ (std::process::id() as u64) ^ (k << 32);
+        let mut buf = vec![0u8; 10 << 20];
+        for chunk in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        std::fs::write(dir.join("data"), &buf).unwrap();
+        let o = Command::new("nix-store")
+            .args(["--add", dir.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        inputs.push(String::from_utf8_lossy(&o.stdout).trim().to_string());
+    }
+    let expr = format!(
+        "derivation {{ name = \"static-closure\"; system = \"i686-linux\"; builder = \"/bin/sh\"; \
+         a = builtins.storePath \"{}\"; b = builtins.storePath \"{}\"; nonce = \"{}\"; \
+         args = [\"-c\" \"test -s $a/data && test -s $b/data && /bin/cat /etc/nixdock-seed-marker > $out\"]; }}",
+        inputs[0],
+        inputs[1],
+        common::unique_name("n")
+    );
+    let builders = seed.entry("i686-linux", 1, Some(&b64(&seed.host_key_line)));
+    let mut cmd = nix_build_cmd(&inst, &expr, &builders, home.path());
+    cmd.env("NIXDOCK_LOG", "debug");
+    let o = common::run_with_timeout(cmd, Duration::from_secs(600)).unwrap();
+    let out = out_path(&o);
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), seed.marker);
+    let log = std::fs::read_to_string(inst.state.join("hook.log")).unwrap_or_default();
+    assert!(
+        log.contains("copying input"),
+        "the inputs were copied: {log}"
+    );
+    assert!(
+        !log.contains("one copy stream only"),
+        "the second nix-daemon on the machine did not open: {log}"
+    );
+}
+
+#[test]
 fn docker_builder_and_static_machine_share_x86_64_load() {
     if !common::require_bed() {
         return;
