@@ -954,6 +954,16 @@ async fn check_builders(c: &mut Checks, builders: &str, system: Option<&str>) {
         ),
     );
     let home = static_machines::home_dir();
+    c.info(
+        "builders",
+        format!(
+            "checked with the keys and known_hosts of {} (the hook uses its own user's: root's \
+             under nix-daemon)",
+            home.as_deref()
+                .map(|h| h.display().to_string())
+                .unwrap_or_else(|| "no home directory".into())
+        ),
+    );
     for m in &machines {
         let check = format!("machine {}", m.store_uri);
         if let Err(e) = static_machines::check_supported(m) {
