@@ -75,6 +75,9 @@ rec {
             || builtins.match "[[:space:]]*[+-]?[0-9]+[[:space:]]*[kmgtKMGT]?[bB]?[[:space:]]*" b.memory != null
           ))
           (check system "cpus must be positive" (b.cpus == null || b.cpus > 0))
+          (check system "speed-factor must be a positive number" (
+            b.speed-factor == null || b.speed-factor > 0
+          ))
           (check system "extra-nix-conf holds one setting per list element" (
             b.extra-nix-conf == null || !(builtins.any (lib.hasInfix "\n") b.extra-nix-conf)
           ))

@@ -31,6 +31,7 @@ let
       features = nullable (types.listOf types.str) "System features the builder offers (default: big-parallel, benchmark).";
       extra-nix-conf = nullable (types.listOf types.str) "Lines added to the builder's nix.conf, one setting each.";
       kvm = nullable types.bool "Pass /dev/kvm through (adds the kvm and nixos-test features).";
+      speed-factor = nullable (types.either types.ints.positive types.float) "Relative speed against the machines in Nix's `builders` (default 1): builds go where busy slots / speed factor is least.";
     };
   };
 in

@@ -65,6 +65,9 @@ pub struct BuilderConfig {
     /// Pass `/dev/kvm` through (enables the `kvm` and `nixos-test` features).
     #[serde(default)]
     pub kvm: bool,
+    /// Relative speed against the machines in Nix's `builders` (default 1), as their speed
+    /// factor: builds go to the least `busy slots / speed factor`.
+    pub speed_factor: Option<f32>,
 }
 
 impl Config {
@@ -111,6 +114,9 @@ impl Config {
                 return Err(invalid(
                     "memory must look like \"8g\", \"512m\" or a byte count",
                 ));
+            }
+            if b.speed_factor.is_some_and(|f| !f.is_finite() || f <= 0.0) {
+                return Err(invalid("speed-factor must be a positive number"));
             }
             if b.cpus.is_some_and(|c| c.is_nan() || c <= 0.0) {
                 return Err(invalid("cpus must be positive"));

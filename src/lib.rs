@@ -9,4 +9,5 @@ pub mod logfile;
 pub mod nix_tools;
 pub mod policy;
 pub mod state;
+pub mod static_machines;
 pub mod transport;

@@ -1,15 +1,26 @@
 //! The decision for each `try`: decline, accept on which builder, or postpone. The hook sees
 //! every derivation Nix builds, so deciding must not touch Docker or SSH — only the request,
-//! the parent's settings and nixdock's config (and, for an accept, slot lock files).
+//! the parent's settings, nixdock's config, the machines of Nix's `builders`, and a snapshot of
+//! busy slots the caller takes from the slot lock files.
 
 use std::collections::BTreeSet;
 
 use hook_protocol::hook::{Settings, TryRequest};
 
+use hook_protocol::machines::Machine;
+
 use crate::builder::BuilderSpec;
 
 /// Features that need more than a builder container can give.
 pub const CA_DERIVATIONS: &str = "ca-derivations";
+
+/// A place a derivation can be built: a Docker builder (index into the served specs) or one
+/// of the user's own machines from `builders` (index into those).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    Docker(usize),
+    Static(usize),
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
@@ -18,8 +29,74 @@ pub enum Decision {
     /// Nobody here can build it; `reason` is shown to the user (warn level) when the host
     /// cannot build it either.
     Decline { reason: String, tell_user: bool },
-    /// Build it on this builder (index into the served specs), if a slot is free.
-    Offload { builder: usize },
+    /// Build it on one of these, which had a free slot, best first (least busy slots per
+    /// unit of speed factor). Try them in order.
+    Offload { candidates: Vec<Target> },
+    /// Machines for it exist, but every slot of every one is taken.
+    Busy,
+}
+
+/// Everything the decision may build on, and how loaded each is. `busy` is a snapshot of the
+/// held slots (the caller counts lock files); `skip` leaves out static machines already found
+/// unusable by this process.
+pub struct Pool<'a> {
+    pub docker: &'a [BuilderSpec],
+    pub statics: &'a [Machine],
+    pub busy: &'a dyn Fn(Target) -> u32,
+    pub skip: &'a dyn Fn(usize) -> bool,
+}
+
+impl Pool<'_> {
+    fn max_jobs(&self, t: Target) -> u32 {
+        match t {
+            Target::Docker(i) => self.docker[i].max_jobs,
+            Target::Static(i) => self.statics[i].max_jobs,
+        }
+    }
+
+    fn speed(&self, t: Target) -> f32 {
+        match t {
+            // Docker builders: the config's speed-factor, default 1.
+            Target::Docker(i) => self.docker[i].speed_factor,
+            Target::Static(i) => self.statics[i].speed_factor,
+        }
+    }
+
+    /// Static machines that serve the request's system and features, as Nix chooses them:
+    /// the system (or `builtin`), every required feature supported or mandatory, every
+    /// mandatory feature required, and at least one job.
+    fn static_candidates(&self, req: &TryRequest) -> Vec<Target> {
+        self.statics
+            .iter()
+            .enumerate()
+            .filter(|(i, m)| {
+                !(self.skip)(*i)
+                    && m.max_jobs > 0
+                    && m.system_supported(&req.needed_system)
+                    && m.all_supported(&req.required_features)
+                    && m.mandatory_met(&req.required_features)
+            })
+            .map(|(i, _)| Target::Static(i))
+            .collect()
+    }
+
+    /// The candidates with a free slot, least loaded first: lowest busy/speed, then higher
+    /// speed, then fewer busy slots (Nix's order); Docker builders first on a full tie.
+    fn rank(&self, all: Vec<Target>) -> Vec<Target> {
+        let mut free: Vec<(Target, u32)> = all
+            .into_iter()
+            .map(|t| (t, (self.busy)(t)))
+            .filter(|(t, busy)| *busy < self.max_jobs(*t))
+            .collect();
+        free.sort_by(|(a, la), (b, lb)| {
+            let (sa, sb) = (self.speed(*a), self.speed(*b));
+            (*la as f32 / sa)
+                .total_cmp(&(*lb as f32 / sb))
+                .then(sb.total_cmp(&sa))
+                .then(la.cmp(lb))
+        });
+        free.into_iter().map(|(t, _)| t).collect()
+    }
 }
 
 /// What the parent could build itself (its `system`, `extra-platforms` and
@@ -35,16 +112,37 @@ pub fn host_can_build(req: &TryRequest, settings: &Settings) -> bool {
     system_ok && req.required_features.iter().all(|f| features.contains(f))
 }
 
+/// Whether any of the user's machines could take this derivation (ignoring load): the hook's
+/// fast path declines builds the host can do itself only when none could, as Nix's own hook
+/// offers them to remote machines first.
+pub fn any_static_serves(req: &TryRequest, statics: &[Machine]) -> bool {
+    statics.iter().any(|m| {
+        m.max_jobs > 0
+            && m.system_supported(&req.needed_system)
+            && m.all_supported(&req.required_features)
+            && m.mandatory_met(&req.required_features)
+    })
+}
+
 pub fn decide(
     req: &TryRequest,
     settings: &Settings,
     offload_local: bool,
-    served: &[BuilderSpec],
+    pool: &Pool<'_>,
 ) -> Decision {
+    let served = pool.docker;
     let max_jobs_zero = settings.max_jobs() == Some(0);
     let local = host_can_build(req, settings);
+    let statics = pool.static_candidates(req);
     if local && !max_jobs_zero && !offload_local {
-        return Decision::DeclineLocal;
+        // Like Nix's hook: a free remote machine first, else the host.
+        if statics.is_empty() || req.required_features.contains(CA_DERIVATIONS) {
+            return Decision::DeclineLocal;
+        }
+        return match pool.rank(statics) {
+            free if free.is_empty() => Decision::DeclineLocal,
+            free => Decision::Offload { candidates: free },
+        };
     }
     if req.required_features.contains(CA_DERIVATIONS) {
         return Decision::Decline {
@@ -57,16 +155,21 @@ pub fn decide(
     }
     if req.needed_system == "builtin" {
         // Builtins (fetchurl, …) run inside any Nix; with max-jobs 0 nothing else can run them.
-        if !max_jobs_zero && !offload_local {
-            return Decision::DeclineLocal;
-        }
-        return match served.iter().position(|s| !s.emulated) {
-            Some(i) => Decision::Offload { builder: i },
-            None if !served.is_empty() => Decision::Offload { builder: 0 },
-            None => Decision::Decline {
+        let docker: Vec<Target> = match served.iter().position(|s| !s.emulated) {
+            Some(i) => vec![Target::Docker(i)],
+            None if !served.is_empty() => vec![Target::Docker(0)],
+            None => vec![],
+        };
+        let all: Vec<Target> = docker.into_iter().chain(statics).collect();
+        if all.is_empty() {
+            return Decision::Decline {
                 reason: "nixdock serves no builder for builtin derivations".into(),
                 tell_user: true,
-            },
+            };
+        }
+        return match pool.rank(all) {
+            free if free.is_empty() => Decision::Busy,
+            free => Decision::Offload { candidates: free },
         };
     }
     let wanted: &BTreeSet<String> = &req.required_features;
@@ -76,13 +179,19 @@ pub fn decide(
         .filter(|(_, s)| s.system == req.needed_system)
         .map(|(i, _)| i)
         .collect();
-    if let Some(&i) = same_system
+    let docker: Vec<Target> = same_system
         .iter()
-        .find(|&&i| wanted.iter().all(|f| served[i].features.contains(f)))
-    {
-        return Decision::Offload { builder: i };
+        .filter(|&&i| wanted.iter().all(|f| served[i].features.contains(f)))
+        .map(|&i| Target::Docker(i))
+        .collect();
+    if !docker.is_empty() || !statics.is_empty() {
+        let all: Vec<Target> = docker.into_iter().chain(statics).collect();
+        return match pool.rank(all) {
+            free if free.is_empty() => Decision::Busy,
+            free => Decision::Offload { candidates: free },
+        };
     }
-    let reason = if same_system.is_empty() {
+    let mut reason = if same_system.is_empty() {
         let systems: Vec<&str> = served.iter().map(|s| s.system.as_str()).collect();
         format!(
             "nixdock has no builder for '{}' (needed by '{}'); it serves: {}. Add a [builders.\"{}\"] table to the nixdock config.",
@@ -110,6 +219,14 @@ pub fn decide(
             have.join(", ")
         )
     };
+    if !pool.statics.is_empty() {
+        reason.push_str(&format!(
+            "; none of the {} machine(s) in Nix's `builders` setting serves '{}' with {{{}}} (or they were unreachable)",
+            pool.statics.len(),
+            req.needed_system,
+            wanted.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+        ));
+    }
     Decision::Decline {
         reason,
         tell_user: !local,
@@ -140,6 +257,194 @@ mod tests {
         }
     }
 
+    /// Docker builders only, all idle.
+    fn dk(
+        req: &TryRequest,
+        settings: &Settings,
+        offload: bool,
+        served: &[BuilderSpec],
+    ) -> Decision {
+        decide(
+            req,
+            settings,
+            offload,
+            &Pool {
+                docker: served,
+                statics: &[],
+                busy: &|_| 0,
+                skip: &|_| false,
+            },
+        )
+    }
+
+    fn machines(text: &str) -> Vec<Machine> {
+        hook_protocol::machines::parse_text(&BTreeSet::from(["x86_64-linux".to_string()]), text)
+            .unwrap()
+    }
+
+    fn with(
+        req: &TryRequest,
+        max_jobs: &str,
+        served: &[BuilderSpec],
+        statics: &[Machine],
+        busy: &[(Target, u32)],
+        skip: &[usize],
+    ) -> Decision {
+        let busy: std::collections::HashMap<Target, u32> = busy.iter().copied().collect();
+        decide(
+            req,
+            &settings(max_jobs),
+            false,
+            &Pool {
+                docker: served,
+                statics,
+                busy: &|t| busy.get(&t).copied().unwrap_or(0),
+                skip: &|i| skip.contains(&i),
+            },
+        )
+    }
+
+    #[test]
+    fn static_machines_serve_systems_no_docker_builder_does() {
+        let st = machines("ssh-ng://a riscv64-linux - 2 ; ssh-ng://b riscv64-linux - 1 1 kvm");
+        let r = req("riscv64-linux", &[]);
+        assert_eq!(
+            with(&r, "1", &served(), &st, &[], &[]),
+            Decision::Offload {
+                candidates: vec![Target::Static(0), Target::Static(1)]
+            }
+        );
+        // Feature kvm: only b supports it.
+        assert_eq!(
+            with(
+                &req("riscv64-linux", &["kvm"]),
+                "1",
+                &served(),
+                &st,
+                &[],
+                &[]
+            ),
+            Decision::Offload {
+                candidates: vec![Target::Static(1)]
+            }
+        );
+        // A skipped (unreachable) machine is left out; all busy → Busy.
+        assert_eq!(
+            with(&r, "1", &served(), &st, &[(Target::Static(1), 1)], &[0]),
+            Decision::Busy
+        );
+        let Decision::Decline { reason, tell_user } = with(&r, "1", &served(), &st, &[], &[0, 1])
+        else {
+            panic!()
+        };
+        assert!(tell_user && reason.contains("builders"), "{reason}");
+    }
+
+    #[test]
+    fn mandatory_features_must_be_required() {
+        let st = machines("ssh-ng://a riscv64-linux - 1 1 - benchmark");
+        assert!(matches!(
+            with(&req("riscv64-linux", &[]), "1", &served(), &st, &[], &[]),
+            Decision::Decline { .. }
+        ));
+        assert_eq!(
+            with(
+                &req("riscv64-linux", &["benchmark"]),
+                "1",
+                &served(),
+                &st,
+                &[],
+                &[]
+            ),
+            Decision::Offload {
+                candidates: vec![Target::Static(0)]
+            }
+        );
+    }
+
+    #[test]
+    fn least_load_per_speed_wins_across_kinds() {
+        // Docker x86_64 builder (speed 1) and a static x86_64 machine, speed 2, 4 jobs.
+        let st = machines("ssh-ng://fast x86_64-linux - 4 2");
+        let r = req("x86_64-linux", &[]);
+        let s = served();
+        // Both idle: equal load 0; the faster one first.
+        assert_eq!(
+            with(&r, "0", &s, &st, &[], &[]),
+            Decision::Offload {
+                candidates: vec![Target::Static(0), Target::Docker(0)]
+            }
+        );
+        // Static has 3 busy (3/2 = 1.5), Docker 1 busy (1/1 = 1): Docker first.
+        assert_eq!(
+            with(
+                &r,
+                "0",
+                &s,
+                &st,
+                &[(Target::Static(0), 3), (Target::Docker(0), 1)],
+                &[]
+            ),
+            Decision::Offload {
+                candidates: vec![Target::Docker(0), Target::Static(0)]
+            }
+        );
+        // Static full: only Docker.
+        assert_eq!(
+            with(&r, "0", &s, &st, &[(Target::Static(0), 4)], &[]),
+            Decision::Offload {
+                candidates: vec![Target::Docker(0)]
+            }
+        );
+    }
+
+    #[test]
+    fn docker_speed_factor_from_the_config_counts() {
+        let st = machines("ssh-ng://box x86_64-linux - 4 2");
+        let fast = BuilderConfig {
+            speed_factor: Some(4.0),
+            ..Default::default()
+        };
+        let s = vec![BuilderSpec::from_config(
+            "id",
+            "x86_64-linux",
+            &fast,
+            "x86_64",
+        )];
+        // Docker 2 busy / 4 = 0.5 beats static 2 busy / 2 = 1.
+        assert_eq!(
+            with(
+                &req("x86_64-linux", &[]),
+                "0",
+                &s,
+                &st,
+                &[(Target::Docker(0), 2), (Target::Static(0), 2)],
+                &[]
+            ),
+            Decision::Offload {
+                candidates: vec![Target::Docker(0), Target::Static(0)]
+            }
+        );
+    }
+
+    #[test]
+    fn host_builds_go_to_free_static_machines_first_as_nix_does() {
+        let st = machines("ssh-ng://box x86_64-linux - 1");
+        let r = req("x86_64-linux", &[]);
+        assert_eq!(
+            with(&r, "1", &served(), &st, &[], &[]),
+            Decision::Offload {
+                candidates: vec![Target::Static(0)]
+            }
+        );
+        assert_eq!(
+            with(&r, "1", &served(), &st, &[(Target::Static(0), 1)], &[]),
+            Decision::DeclineLocal
+        );
+        assert!(any_static_serves(&r, &st));
+        assert!(!any_static_serves(&req("aarch64-linux", &[]), &st));
+    }
+
     fn served() -> Vec<BuilderSpec> {
         ["x86_64-linux", "aarch64-linux"]
             .iter()
@@ -151,39 +456,45 @@ mod tests {
     fn host_systems_stay_local_unless_max_jobs_is_zero() {
         let s = served();
         assert_eq!(
-            decide(&req("x86_64-linux", &[]), &settings("1"), false, &s),
+            dk(&req("x86_64-linux", &[]), &settings("1"), false, &s),
             Decision::DeclineLocal
         );
         assert_eq!(
-            decide(&req("i686-linux", &[]), &settings("1"), false, &s),
+            dk(&req("i686-linux", &[]), &settings("1"), false, &s),
             Decision::DeclineLocal
         );
         assert_eq!(
-            decide(&req("x86_64-linux", &[]), &settings("0"), false, &s),
-            Decision::Offload { builder: 0 }
+            dk(&req("x86_64-linux", &[]), &settings("0"), false, &s),
+            Decision::Offload {
+                candidates: vec![Target::Docker(0)]
+            }
         );
         assert_eq!(
-            decide(&req("x86_64-linux", &[]), &settings("1"), true, &s),
-            Decision::Offload { builder: 0 }
+            dk(&req("x86_64-linux", &[]), &settings("1"), true, &s),
+            Decision::Offload {
+                candidates: vec![Target::Docker(0)]
+            }
         );
     }
 
     #[test]
     fn foreign_systems_go_to_their_builder() {
         assert_eq!(
-            decide(
+            dk(
                 &req("aarch64-linux", &["big-parallel"]),
                 &settings("1"),
                 false,
                 &served()
             ),
-            Decision::Offload { builder: 1 }
+            Decision::Offload {
+                candidates: vec![Target::Docker(1)]
+            }
         );
     }
 
     #[test]
     fn missing_features_and_systems_are_explained() {
-        let Decision::Decline { reason, tell_user } = decide(
+        let Decision::Decline { reason, tell_user } = dk(
             &req("aarch64-linux", &["kvm"]),
             &settings("1"),
             false,
@@ -194,7 +505,7 @@ mod tests {
         assert!(tell_user);
         assert!(reason.contains("kvm"), "{reason}");
         let Decision::Decline { reason, .. } =
-            decide(&req("riscv64-linux", &[]), &settings("1"), false, &served())
+            dk(&req("riscv64-linux", &[]), &settings("1"), false, &served())
         else {
             panic!()
         };
@@ -206,7 +517,7 @@ mod tests {
 
     #[test]
     fn ca_derivations_are_declined_with_a_reason() {
-        let Decision::Decline { reason, .. } = decide(
+        let Decision::Decline { reason, .. } = dk(
             &req("aarch64-linux", &["ca-derivations"]),
             &settings("1"),
             false,
@@ -220,12 +531,14 @@ mod tests {
     #[test]
     fn builtins_only_with_max_jobs_zero() {
         assert_eq!(
-            decide(&req("builtin", &[]), &settings("1"), false, &served()),
+            dk(&req("builtin", &[]), &settings("1"), false, &served()),
             Decision::DeclineLocal
         );
         assert_eq!(
-            decide(&req("builtin", &[]), &settings("0"), false, &served()),
-            Decision::Offload { builder: 0 }
+            dk(&req("builtin", &[]), &settings("0"), false, &served()),
+            Decision::Offload {
+                candidates: vec![Target::Docker(0)]
+            }
         );
     }
 }

@@ -700,6 +700,9 @@ fn settings_values_get_nixdocks_verdict() {
         ("x86_64-linux", json!({ "cpus": 0.5 })),
         ("x86_64-linux", json!({ "cpus": -1.0 })),
         ("x86_64-linux", json!({ "cpus": 2 })),
+        ("x86_64-linux", json!({ "speed-factor": 2.5 })),
+        ("x86_64-linux", json!({ "speed-factor": 0.0 })),
+        ("x86_64-linux", json!({ "speed-factor": -1 })),
         (
             "x86_64-linux",
             json!({ "extra-nix-conf": ["keep-outputs = true"] }),

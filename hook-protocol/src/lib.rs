@@ -6,6 +6,7 @@ pub mod framed;
 pub mod hash;
 pub mod hook;
 pub mod log;
+pub mod machines;
 pub mod nar;
 pub mod store_path;
 pub mod wire;

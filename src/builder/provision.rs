@@ -60,6 +60,8 @@ pub struct BuilderSpec {
     pub extra_nix_conf: Vec<String>,
     pub kvm: bool,
     pub emulated: bool,
+    /// Speed factor against the user's own remote builders (not part of the container).
+    pub speed_factor: f32,
 }
 
 impl BuilderSpec {
@@ -85,6 +87,7 @@ impl BuilderSpec {
             extra_nix_conf: c.extra_nix_conf.clone(),
             kvm: c.kvm,
             emulated: systems::is_emulated(system, engine_arch),
+            speed_factor: c.speed_factor.unwrap_or(1.0),
         }
     }
 

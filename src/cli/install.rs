@@ -443,6 +443,7 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 # features = ["big-parallel", "benchmark"]  # system features it offers
 # extra-nix-conf = ["keep-outputs = true"]  # lines added to the builder's nix.conf
 # kvm = false                               # pass /dev/kvm (adds kvm, nixos-test)
+# speed-factor = 1.0                        # against the machines in Nix's `builders`
 "#;
 
 /// Reads a file for editing: `None` when absent; a symlink is refused (NixOS and

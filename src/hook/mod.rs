@@ -6,20 +6,24 @@ pub mod copy_progress;
 pub mod parent;
 pub mod remote_build;
 
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use hook_protocol::derivation::Derivation;
 use hook_protocol::hook::{
     HookRequest, Reply, Settings, TryRequest, read_accepted, read_request, read_settings,
 };
+use hook_protocol::machines::Machine;
 use hook_protocol::store_path::StorePath;
 use tokio::io::BufReader;
 
 use crate::builder::systems::{self, EmulationSupport};
 use crate::builder::{BuilderSpec, Builders, Engine, slots};
 use crate::config::Config;
-use crate::policy::{self, Decision};
+use crate::policy::{self, Decision, Pool, Target};
 use crate::state::StateDir;
+use crate::static_machines;
+use crate::transport::{RemoteStore, Reopen};
 
 use parent::Parent;
 use remote_build::{Job, Outcome};
@@ -73,6 +77,7 @@ pub async fn run(parent: &Parent) -> i32 {
             return 1;
         }
     };
+    let mut statics = Statics::from_settings(&settings);
     let mut ctx: Option<Context> = None;
     let mut offload_local: Option<bool> = None;
     loop {
@@ -88,6 +93,7 @@ pub async fn run(parent: &Parent) -> i32 {
         // Declines for the host's own builds must stay instant: no config, no Docker.
         if policy::host_can_build(&req, &settings)
             && settings.max_jobs() != Some(0)
+            && !statics.could_serve(&req)
             && !*offload_local.get_or_insert_with(|| {
                 Config::load(&Config::path_from_env()).is_ok_and(|c| c.offload_local)
             })
@@ -111,7 +117,8 @@ pub async fn run(parent: &Parent) -> i32 {
             }
         }
         let Some(c) = ctx.as_mut() else { return 1 };
-        match handle_try(c, parent, &settings, &req, &mut stdin).await {
+        statics.warn_parse_error(parent);
+        match handle_try(c, &mut statics, parent, &settings, &req, &mut stdin).await {
             TryEnd::Answered => {
                 tracing::debug!(drv = %req.drv_path, us = t0.elapsed().as_micros() as u64, "answered try");
             }
@@ -125,8 +132,54 @@ enum TryEnd {
     Exit(i32),
 }
 
+/// The user's own remote builders from `builders`, and which of them this process found
+/// unusable (Nix's hook disables a machine for the rest of the process the same way).
+struct Statics {
+    machines: Vec<Machine>,
+    disabled: BTreeSet<usize>,
+    parse_error: Option<String>,
+}
+
+impl Statics {
+    fn from_settings(settings: &Settings) -> Statics {
+        match static_machines::from_settings(settings) {
+            Ok(machines) => Statics {
+                machines,
+                disabled: BTreeSet::new(),
+                parse_error: None,
+            },
+            Err(e) => Statics {
+                machines: Vec::new(),
+                disabled: BTreeSet::new(),
+                parse_error: Some(format!(
+                    "nixdock-hook: ignoring the remote builders in Nix's `builders` setting: {e}"
+                )),
+            },
+        }
+    }
+
+    fn could_serve(&self, req: &TryRequest) -> bool {
+        let usable: Vec<Machine> = self
+            .machines
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.disabled.contains(i))
+            .map(|(_, m)| m.clone())
+            .collect();
+        policy::any_static_serves(req, &usable)
+    }
+
+    /// Says once per process that `builders` could not be parsed.
+    fn warn_parse_error(&mut self, parent: &Parent) {
+        if let Some(e) = self.parse_error.take() {
+            parent.warn(&e);
+        }
+    }
+}
+
 async fn handle_try(
     ctx: &mut Context,
+    statics: &mut Statics,
     parent: &Parent,
     settings: &Settings,
     req: &TryRequest,
@@ -136,7 +189,26 @@ async fn handle_try(
         Ok(()) => TryEnd::Answered,
         Err(_) => TryEnd::Exit(1),
     };
-    let builder = match policy::decide(req, settings, ctx.config.offload_local, &ctx.served) {
+    let load_dir = ctx.state.load_dir();
+    let busy = |t: Target| -> u32 {
+        let (name, max) = match t {
+            Target::Docker(i) => (ctx.served[i].container_name(), ctx.served[i].max_jobs),
+            Target::Static(i) => (
+                static_machines::slot_name(&statics.machines[i]),
+                statics.machines[i].max_jobs,
+            ),
+        };
+        slots::busy_count(&load_dir, &name, max).unwrap_or(0)
+    };
+    let disabled = statics.disabled.clone();
+    let skip = |i: usize| disabled.contains(&i);
+    let pool = Pool {
+        docker: &ctx.served,
+        statics: &statics.machines,
+        busy: &busy,
+        skip: &skip,
+    };
+    let candidates = match policy::decide(req, settings, ctx.config.offload_local, &pool) {
         Decision::DeclineLocal => return reply(Reply::Decline),
         Decision::Decline { reason, tell_user } => {
             if tell_user {
@@ -146,26 +218,8 @@ async fn handle_try(
             }
             return reply(Reply::Decline);
         }
-        Decision::Offload { builder } => builder,
-    };
-    let spec = ctx.served[builder].clone();
-    if let EmulationSupport::Missing(why) =
-        systems::emulation_support(&spec.system, systems::host_arch(), systems::ENGINE_IS_LOCAL)
-    {
-        parent.warn(&format!("nixdock cannot build for {}: {why}", spec.system));
-        return reply(Reply::Decline);
-    }
-    let load_dir = ctx.state.load_dir();
-    let slot = match slots::try_acquire(&load_dir, &spec.container_name(), spec.max_jobs) {
-        Ok((Some(slot), _)) => slot,
-        Ok((None, busy)) => {
-            tracing::info!(system = %spec.system, busy, "all slots busy; postponing");
-            return reply(Reply::Postpone);
-        }
-        Err(e) => {
-            parent.warn(&format!("nixdock: {e}"));
-            return reply(Reply::Decline);
-        }
+        Decision::Busy => return reply(busy_reply(ctx, req, settings)),
+        Decision::Offload { candidates } => candidates,
     };
     // Read and check the derivation before committing to it.
     let drv_path = match StorePath::from_absolute(&req.drv_path) {
@@ -198,20 +252,156 @@ async fn handle_try(
             return reply(Reply::Decline);
         }
     };
+    let mut raced = false;
+    let mut failed = Vec::new();
+    let n = candidates.len();
+    for (k, target) in candidates.into_iter().enumerate() {
+        let prepared = match target {
+            Target::Docker(i) => prepare_docker(ctx, i, req).await,
+            Target::Static(i) => prepare_static(statics, i, &load_dir).await,
+        };
+        let (slot, remote) = match prepared {
+            Prepared::Ready { slot, remote } => (slot, remote),
+            Prepared::Full => {
+                raced = true;
+                continue;
+            }
+            Prepared::Unusable(why) => {
+                if k + 1 < n {
+                    parent.warn(&format!("{why}; trying another builder"));
+                } else {
+                    parent.warn(&why);
+                }
+                failed.push(why);
+                continue;
+            }
+        };
+        return run_accepted(
+            ctx, parent, settings, req, stdin, slot, *remote, drv_path, drv, &nix_store,
+        )
+        .await;
+    }
+    if raced {
+        return reply(busy_reply(ctx, req, settings));
+    }
+    if !policy::host_can_build(req, settings) || settings.max_jobs() == Some(0) {
+        parent.warn(&format!(
+            "nixdock found no usable builder for '{}' ({} tried; see the warnings above)",
+            req.drv_path,
+            failed.len()
+        ));
+    }
+    reply(Reply::Decline)
+}
+
+/// Every candidate is busy: wait for a slot (`# postpone`), unless the host would build it
+/// itself meanwhile (Nix's hook declines then).
+fn busy_reply(ctx: &Context, req: &TryRequest, settings: &Settings) -> Reply {
+    if policy::host_can_build(req, settings)
+        && settings.max_jobs() != Some(0)
+        && !ctx.config.offload_local
+    {
+        Reply::Decline
+    } else {
+        tracing::info!(system = %req.needed_system, "all slots busy; postponing");
+        Reply::Postpone
+    }
+}
+
+/// Where an accepted build will run, once `# accept` has gone out.
+enum Remote {
+    /// A Docker builder: started (if need be) after the accept, because that can be slow.
+    Docker { spec: BuilderSpec },
+    /// One of the user's machines, already connected (before the accept, so an unreachable
+    /// one can be skipped as Nix's hook does).
+    Static(Box<RemoteStore>),
+}
+
+enum Prepared {
+    Ready {
+        slot: slots::Slot,
+        remote: Box<Remote>,
+    },
+    /// No free slot after all (another hook took it since the snapshot).
+    Full,
+    /// This target cannot build now; the message names it and says why.
+    Unusable(String),
+}
+
+async fn prepare_docker(ctx: &mut Context, i: usize, req: &TryRequest) -> Prepared {
+    let spec = ctx.served[i].clone();
+    if let EmulationSupport::Missing(why) =
+        systems::emulation_support(&spec.system, systems::host_arch(), systems::ENGINE_IS_LOCAL)
+    {
+        return Prepared::Unusable(format!("nixdock cannot build for {}: {why}", spec.system));
+    }
+    let load_dir = ctx.state.load_dir();
+    let slot = match slots::try_acquire(&load_dir, &spec.container_name(), spec.max_jobs) {
+        Ok((Some(slot), _)) => slot,
+        Ok((None, _)) => return Prepared::Full,
+        Err(e) => return Prepared::Unusable(format!("nixdock: {e}")),
+    };
     // The engine must answer before we accept (a few ms); everything slow — starting the
     // container, SSH — happens after `# accept`, because Nix's worker waits for our answer
     // and would serialise every build behind it.
-    let builders = match ctx.builders().await {
-        Ok(b) => b,
-        Err(e) => {
-            parent.warn(&format!(
-                "nixdock cannot build '{}' for {}: {e}",
-                req.drv_path, spec.system
-            ));
-            return reply(Reply::Decline);
-        }
+    if let Err(e) = ctx.builders().await {
+        return Prepared::Unusable(format!(
+            "nixdock cannot build '{}' for {}: {e}",
+            req.drv_path, spec.system
+        ));
+    }
+    Prepared::Ready {
+        slot,
+        remote: Box::new(Remote::Docker { spec }),
+    }
+}
+
+async fn prepare_static(statics: &mut Statics, i: usize, load_dir: &std::path::Path) -> Prepared {
+    let m = statics.machines[i].clone();
+    if let Err(e) = static_machines::check_supported(&m) {
+        statics.disabled.insert(i);
+        return Prepared::Unusable(e.to_string());
+    }
+    let slot = match slots::try_acquire(load_dir, &static_machines::slot_name(&m), m.max_jobs) {
+        Ok((Some(slot), _)) => slot,
+        Ok((None, _)) => return Prepared::Full,
+        Err(e) => return Prepared::Unusable(format!("nixdock: {e}")),
     };
-    let machine = format!("nixdock-{}", spec.system);
+    let t = Instant::now();
+    let home = static_machines::home_dir();
+    match static_machines::connect(&m, home.as_deref()).await {
+        Ok(remote) => {
+            tracing::info!(machine = %m.store_uri, slot = slot.index, ms = t.elapsed().as_millis() as u64, "remote builder ready");
+            Prepared::Ready {
+                slot,
+                remote: Box::new(Remote::Static(Box::new(remote))),
+            }
+        }
+        Err(e) => {
+            statics.disabled.insert(i);
+            // The error names the machine.
+            Prepared::Unusable(e.to_string())
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_accepted(
+    ctx: &mut Context,
+    parent: &Parent,
+    settings: &Settings,
+    req: &TryRequest,
+    stdin: &mut (impl tokio::io::AsyncRead + Unpin),
+    slot: slots::Slot,
+    remote: Remote,
+    drv_path: StorePath,
+    drv: Derivation,
+    nix_store: &std::path::Path,
+) -> TryEnd {
+    let machine = match &remote {
+        Remote::Docker { spec } => format!("nixdock-{}", spec.system),
+        Remote::Static(r) => r.name.clone(),
+    };
     if parent
         .reply(&Reply::Accept {
             machine: machine.clone(),
@@ -229,18 +419,49 @@ async fn handle_try(
     };
     let store = settings.store().unwrap_or("auto").to_string();
     let t = Instant::now();
-    let (ready, local) = tokio::join!(
-        builders.ensure_ready(&spec, Some(&slot)),
-        crate::local_daemon::connect(&store)
-    );
-    let mut ready = match ready {
-        Ok(r) => r,
-        Err(e) => {
-            parent.error(&format!(
-                "nixdock could not start the {} builder for '{}': {e}",
-                spec.system, req.drv_path
-            ));
-            return TryEnd::Exit(1);
+    let (mut remote, local) = match remote {
+        Remote::Static(r) => (*r, crate::local_daemon::connect(&store).await),
+        Remote::Docker { spec } => {
+            let builders = match ctx.builders().await {
+                Ok(b) => b,
+                Err(e) => {
+                    parent.error(&format!(
+                        "nixdock cannot build '{}' for {}: {e}",
+                        req.drv_path, spec.system
+                    ));
+                    return TryEnd::Exit(1);
+                }
+            };
+            let (ready, local) = tokio::join!(
+                builders.ensure_ready(&spec, Some(&slot)),
+                crate::local_daemon::connect(&store)
+            );
+            let ready = match ready {
+                Ok(r) => r,
+                Err(e) => {
+                    parent.error(&format!(
+                        "nixdock could not start the {} builder for '{}': {e}",
+                        spec.system, req.drv_path
+                    ));
+                    return TryEnd::Exit(1);
+                }
+            };
+            tracing::info!(
+                system = %spec.system,
+                slot = slot.index,
+                ms = t.elapsed().as_millis() as u64,
+                cold = ready.started,
+                "builder ready"
+            );
+            (
+                RemoteStore {
+                    name: ready.container,
+                    session: ready.session,
+                    daemon: ready.daemon,
+                    reopen: Reopen::Builder,
+                },
+                local,
+            )
         }
     };
     let mut local = match local {
@@ -250,13 +471,6 @@ async fn handle_try(
             return TryEnd::Exit(1);
         }
     };
-    tracing::info!(
-        system = %spec.system,
-        slot = slot.index,
-        ms = t.elapsed().as_millis() as u64,
-        cold = ready.started,
-        "builder ready"
-    );
     let job = Job {
         parent,
         settings,
@@ -265,7 +479,7 @@ async fn handle_try(
         work,
         machine,
     };
-    let outcome = job.run(&mut ready, &mut local, &nix_store).await;
+    let outcome = job.run(&mut remote, &mut local, nix_store).await;
     drop(slot);
     TryEnd::Exit(match outcome {
         Outcome::Built => 0,

@@ -18,10 +18,10 @@ use hook_protocol::worker::{
 };
 use tokio::io::AsyncWrite;
 
-use crate::builder::ReadyBuilder;
 use crate::builder::lifecycle::{self, DaemonConnection};
 use crate::local_daemon::LocalDaemon;
 use crate::local_store::{OutputImporter, PathInfo};
+use crate::transport::{RemoteStore, Reopen};
 
 use super::copy_progress::{CopyProgress, CountingWriter};
 use super::parent::Parent;
@@ -195,10 +195,28 @@ fn remote_err(what: &str, e: WorkerError) -> Outcome {
     fail(format!("{what}: {e}"))
 }
 
+/// Another daemon connection to the same remote store, over the same SSH session (for
+/// parallel copies): a builder container's way, or a static machine's command.
+async fn open_second_daemon(
+    builder: &RemoteStore,
+    machine: &str,
+) -> Result<DaemonConnection, String> {
+    match &builder.reopen {
+        Reopen::Builder => lifecycle::open_daemon(&builder.session, machine)
+            .await
+            .map_err(|e| e.to_string()),
+        Reopen::Exec(command) => {
+            crate::static_machines::open_daemon(&builder.session, command, machine)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
 impl Job<'_> {
     pub async fn run(
         self,
-        builder: &mut ReadyBuilder,
+        builder: &mut RemoteStore,
         local: &mut LocalDaemon,
         nix_store: &Path,
     ) -> Outcome {
@@ -246,7 +264,7 @@ impl Job<'_> {
 
     async fn copy_inputs(
         &self,
-        builder: &mut ReadyBuilder,
+        builder: &mut RemoteStore,
         local: &mut LocalDaemon,
     ) -> Result<(), Outcome> {
         let mut inputs = BTreeSet::new();
@@ -349,7 +367,7 @@ impl Job<'_> {
     /// bottleneck of a large copy).
     async fn add_in_waves<'s>(
         &self,
-        builder: &mut ReadyBuilder,
+        builder: &mut RemoteStore,
         ordered: &[ValidPathInfo],
         bytes: u64,
         source: impl Fn() -> FsNarSource<'s>,
@@ -357,7 +375,7 @@ impl Job<'_> {
     ) -> Result<(), Outcome> {
         let mut second: Option<DaemonConnection> = None;
         if bytes >= PARALLEL_COPY_MIN_BYTES && ordered.len() > 1 {
-            match lifecycle::open_daemon(&builder.session, &self.machine).await {
+            match open_second_daemon(builder, &self.machine).await {
                 Ok(d) => second = Some(d),
                 Err(e) => tracing::debug!("one copy stream only: {e}"),
             }
@@ -488,7 +506,7 @@ impl Job<'_> {
 
     async fn copy_outputs(
         &self,
-        builder: &mut ReadyBuilder,
+        builder: &mut RemoteStore,
         local: &mut LocalDaemon,
         nix_store: &Path,
     ) -> Result<(), Outcome> {

@@ -31,6 +31,8 @@ pub enum KeyError {
          delete it and nixdock will make a new one (builders must then be re-provisioned)"
     )]
     BadClientKey { path: PathBuf, reason: String },
+    #[error("SSH key {path} cannot be used: {reason}")]
+    BadIdentity { path: PathBuf, reason: String },
     #[error("not a valid OpenSSH public key line {line:?}: {reason}")]
     BadPublicKey { line: String, reason: String },
     #[error("not a valid OpenSSH private key: {0}")]
@@ -42,6 +44,36 @@ pub enum KeyError {
 }
 
 pub type Result<T, E = KeyError> = std::result::Result<T, E>;
+
+/// The identities OpenSSH tries when none is given, in its order, under `home`.
+pub fn default_identity_files(home: &Path) -> Vec<PathBuf> {
+    ["id_ed25519", "id_ecdsa", "id_rsa"]
+        .iter()
+        .map(|n| home.join(".ssh").join(n))
+        .collect()
+}
+
+/// Loads an OpenSSH private key file (a user's own identity, e.g. the key field of a
+/// machines entry). A passphrase-protected key is an error: the hook cannot ask for it.
+pub fn load_identity(path: &Path) -> Result<ClientKey> {
+    let text = fs::read_to_string(path).map_err(|source| KeyError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let key = PrivateKey::from_openssh(&text).map_err(|e| KeyError::BadIdentity {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    if key.is_encrypted() {
+        return Err(KeyError::BadIdentity {
+            path: path.to_owned(),
+            reason: "it is passphrase-protected, and the build hook cannot ask for a passphrase; \
+                     use a key without a passphrase for this machine"
+                .into(),
+        });
+    }
+    ClientKey::from_private_key(key, Some(path.to_owned()))
+}
 
 /// The hook's client key, used for public-key authentication to every builder.
 #[derive(Clone)]

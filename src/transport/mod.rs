@@ -2,6 +2,7 @@
 //! per-container host keys and one client key kept in the state directory.
 
 pub mod keys;
+pub mod known_hosts;
 pub mod ssh;
 
 pub use keys::{
@@ -9,6 +10,29 @@ pub use keys::{
 };
 pub use russh::keys::PublicKey;
 pub use ssh::{
-    ConnectPhase, ExecChannel, ExecOutput, ExecStdin, ExitStatus, ExitWaiter, SshError, SshSession,
-    connect,
+    ConnectPhase, ExecChannel, ExecOutput, ExecStdin, ExitStatus, ExitWaiter, HostKeys, SshError,
+    SshSession, connect, connect_with,
 };
+
+/// A worker-protocol client over an SSH exec channel (`nix-daemon --stdio` on the far side).
+pub type DaemonConnection = hook_protocol::worker::WorkerClient<ExecOutput, ExecStdin>;
+
+/// A remote store ready for one build: where it is (for messages), the SSH session that
+/// carries it, and the `nix-daemon --stdio` connection on it. Both builder containers and the
+/// user's own remote builders provide one.
+pub struct RemoteStore {
+    pub name: String,
+    pub session: SshSession,
+    pub daemon: DaemonConnection,
+    /// How to open another daemon connection on the same session.
+    pub reopen: Reopen,
+}
+
+/// How a [`RemoteStore`] opens further daemon connections.
+#[derive(Debug, Clone)]
+pub enum Reopen {
+    /// The builder container's way (`builder::lifecycle::open_daemon`).
+    Builder,
+    /// Run this command (`nix-daemon --stdio`, or the machine's `remote-program`).
+    Exec(String),
+}

@@ -110,6 +110,25 @@ pub enum SshError {
     },
 
     #[error(
+        "host key at {addr} is not trusted: the server presented {got}, but only {trusted} \
+         is accepted (or the key is @revoked). If the machine's key really changed, check the new \
+         key out of band and put it in the machine's builders entry (8th field, base64 of the \
+         public key line) or in known_hosts; nothing was sent to it"
+    )]
+    HostKeyNotTrusted {
+        addr: SocketAddr,
+        trusted: String,
+        got: String,
+    },
+
+    #[error(
+        "no trusted host key for {addr} (looked in {looked_in}): nixdock never trusts a key on \
+         first use. Put the base64 of the machine's public host key line in the 8th field of its \
+         builders entry, or add it to known_hosts (e.g. `ssh-keyscan` and check the fingerprint)"
+    )]
+    NoHostKey { addr: SocketAddr, looked_in: String },
+
+    #[error(
         "{addr} closed the connection during the SSH handshake: the builder's sshd is probably \
          not running yet or crashed (a published Docker port accepts connections even when \
          nothing listens in the container); retry, or check the container's logs"
@@ -206,14 +225,14 @@ fn cpu_has_aes() -> bool {
     }
 }
 
-fn client_config(pinned: &PublicKey) -> client::Config {
+fn client_config(host_keys: &HostKeys) -> client::Config {
     client::Config {
         window_size: CHANNEL_WINDOW,
         maximum_packet_size: MAX_PACKET,
         channel_buffer_size: RUSSH_CHANNEL_BUFFER,
         preferred: Preferred {
-            // Only the pinned key's algorithm: the server must prove that very key.
-            key: Cow::Owned(vec![pinned.algorithm()]),
+            // Only the accepted keys' algorithms: the server must prove one of those keys.
+            key: Cow::Owned(host_keys.algorithms()),
             cipher: Cow::Borrowed(preferred_ciphers()),
             compression: Cow::Borrowed(&[compression::NONE]),
             ..Preferred::DEFAULT
@@ -232,8 +251,85 @@ struct HostKeyVerdict {
     rejected: Option<String>,
 }
 
+/// The host keys a server may present: exactly one pinned key (builder containers), or the
+/// keys a user's remote builder is known by (its machines entry, or known_hosts), never any
+/// key seen for the first time.
+#[derive(Debug, Clone)]
+pub struct HostKeys {
+    accept: Vec<PublicKey>,
+    revoked: Vec<PublicKey>,
+    /// Where the accepted keys come from, for messages; `None` for a builder container's
+    /// pinned key.
+    source: Option<String>,
+}
+
+impl HostKeys {
+    /// Exactly this key (a builder container's pinned key).
+    pub fn pinned(key: PublicKey) -> HostKeys {
+        HostKeys {
+            accept: vec![key],
+            revoked: Vec::new(),
+            source: None,
+        }
+    }
+
+    /// Any of `accept` but none of `revoked`; `source` says where they come from (e.g. "the
+    /// host key in its builders entry", "~/.ssh/known_hosts").
+    pub fn any_of(accept: Vec<PublicKey>, revoked: Vec<PublicKey>, source: String) -> HostKeys {
+        HostKeys {
+            accept,
+            revoked,
+            source: Some(source),
+        }
+    }
+
+    pub fn accepted(&self) -> &[PublicKey] {
+        &self.accept
+    }
+
+    fn accepts(&self, key: &PublicKey) -> bool {
+        self.accept.iter().any(|k| same_key(k, key))
+            && !self.revoked.iter().any(|k| same_key(k, key))
+    }
+
+    /// Host key algorithms to offer: those of the accepted keys.
+    fn algorithms(&self) -> Vec<russh::keys::Algorithm> {
+        if self.source.is_none() {
+            return self.accept.iter().map(PublicKey::algorithm).collect();
+        }
+        let mut out: Vec<russh::keys::Algorithm> = Vec::new();
+        for a in Preferred::DEFAULT.key.iter() {
+            let wanted = self.accept.iter().any(|k| {
+                std::mem::discriminant(&k.algorithm()) == std::mem::discriminant(a)
+                    && (matches!(a, russh::keys::Algorithm::Rsa { .. }) || k.algorithm() == *a)
+            });
+            if wanted && !out.contains(a) {
+                out.push(a.clone());
+            }
+        }
+        for k in &self.accept {
+            let a = k.algorithm();
+            if !out
+                .iter()
+                .any(|o| std::mem::discriminant(o) == std::mem::discriminant(&a))
+            {
+                out.push(a);
+            }
+        }
+        out
+    }
+
+    fn describe(&self) -> String {
+        let fps: Vec<String> = self.accept.iter().map(fingerprint).collect();
+        match &self.source {
+            Some(src) => format!("{} from {src}", fps.join(", ")),
+            None => fps.join(", "),
+        }
+    }
+}
+
 struct ClientHandler {
-    pinned: PublicKey,
+    host_keys: HostKeys,
     verdict: Arc<Mutex<HostKeyVerdict>>,
 }
 
@@ -245,7 +341,7 @@ impl client::Handler for ClientHandler {
         server: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
         let got = match server {
-            PublicKeyOrCertificate::PublicKey { key, .. } if same_key(key, &self.pinned) => {
+            PublicKeyOrCertificate::PublicKey { key, .. } if self.host_keys.accepts(key) => {
                 return Ok(true);
             }
             PublicKeyOrCertificate::PublicKey { key, .. } => fingerprint(key),
@@ -289,6 +385,30 @@ pub async fn connect(
     pinned_host_key: &PublicKey,
     timeout: Duration,
 ) -> Result<SshSession, SshError> {
+    connect_with(
+        addr,
+        user,
+        client_key,
+        &HostKeys::pinned(pinned_host_key.clone()),
+        timeout,
+    )
+    .await
+}
+
+/// Like [`connect`], accepting any of `host_keys` (see [`HostKeys`]).
+pub async fn connect_with(
+    addr: SocketAddr,
+    user: &str,
+    client_key: &ClientKey,
+    host_keys: &HostKeys,
+    timeout: Duration,
+) -> Result<SshSession, SshError> {
+    if host_keys.accept.is_empty() {
+        return Err(SshError::NoHostKey {
+            addr,
+            looked_in: host_keys.source.clone().unwrap_or_default(),
+        });
+    }
     let start = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
     let timed_out = |phase| SshError::Timeout {
@@ -311,10 +431,10 @@ pub async fn connect(
 
     let verdict = Arc::new(Mutex::new(HostKeyVerdict::default()));
     let handler = ClientHandler {
-        pinned: pinned_host_key.clone(),
+        host_keys: host_keys.clone(),
         verdict: verdict.clone(),
     };
-    let config = Arc::new(client_config(pinned_host_key));
+    let config = Arc::new(client_config(host_keys));
     let kex_start = Instant::now();
     let handshake = tokio::time::timeout_at(deadline, client::connect_stream(config, tcp, handler))
         .await
@@ -328,9 +448,14 @@ pub async fn connect(
                 .rejected
                 .take();
             return Err(match rejected {
+                Some(got) if host_keys.source.is_some() => SshError::HostKeyNotTrusted {
+                    addr,
+                    trusted: host_keys.describe(),
+                    got,
+                },
                 Some(got) => SshError::HostKeyMismatch {
                     addr,
-                    expected: fingerprint(pinned_host_key),
+                    expected: host_keys.describe(),
                     got,
                 },
                 None => handshake_error(addr, source),
