@@ -603,7 +603,12 @@ impl Job<'_> {
 
     /// How Nix would name the builder's store in its messages.
     fn store_uri(&self) -> String {
-        format!("ssh-ng://{}", self.machine)
+        if self.machine.contains("://") {
+            // A user's machine is already named by its store URI.
+            self.machine.clone()
+        } else {
+            format!("ssh-ng://{}", self.machine)
+        }
     }
 }
 
