@@ -44,6 +44,11 @@ in
       it is not found on its own.
     '';
     offload-local = nullable types.bool "Also send builds for this machine's own system to a builder.";
+    transport = nullable (types.enum [ "auto" "ssh" ]) ''
+      How the hook reaches a builder's nix-daemon: "auto" goes straight to the daemon's socket
+      in the builder's /nix volume when the engine is local and the hook runs as root, and
+      over SSH otherwise; "ssh" always uses SSH.
+    '';
     builders = nullable (types.attrsOf (types.submodule builderOptions)) ''
       One table per Nix system, e.g. `builders."aarch64-linux"`. Without it nixdock serves the
       engine's own Linux system and those it can emulate.

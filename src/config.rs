@@ -41,9 +41,24 @@ pub struct Config {
     /// Also offload derivations the host could build itself.
     #[serde(default)]
     pub offload_local: bool,
+    /// How the hook reaches a builder's nix-daemon.
+    #[serde(default)]
+    pub transport: Transport,
     /// Serve the engine's native and emulated systems when no `[builders]` table is given.
     #[serde(default)]
     pub builders: BTreeMap<String, BuilderConfig>,
+}
+
+/// How the hook reaches a builder's nix-daemon.
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// Through the daemon's socket in the builder's `/nix` volume when the engine is local
+    /// and the hook runs as root (no SSH at all), otherwise over SSH.
+    #[default]
+    Auto,
+    /// Always over SSH.
+    Ssh,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, PartialEq)]
@@ -172,6 +187,20 @@ mod tests {
         assert_eq!(b.max_jobs, Some(4));
         assert_eq!(b.idle_timeout, Some(60));
         assert_eq!(c.docker_host.as_deref(), Some("unix:///run/docker.sock"));
+    }
+
+    #[test]
+    fn transport_defaults_to_auto_and_accepts_ssh_only_besides() {
+        assert_eq!(parse("").unwrap().transport, Transport::Auto);
+        assert_eq!(
+            parse("transport = \"ssh\"\n").unwrap().transport,
+            Transport::Ssh
+        );
+        assert_eq!(
+            parse("transport = \"auto\"\n").unwrap().transport,
+            Transport::Auto
+        );
+        assert!(parse("transport = \"tcp\"\n").is_err());
     }
 
     #[test]

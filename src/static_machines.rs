@@ -392,7 +392,7 @@ pub async fn connect(m: &Machine, home: Option<&Path>) -> Result<RemoteStore, St
         })?;
     Ok(RemoteStore {
         name: machine,
-        session,
+        session: Some(session),
         daemon,
         reopen: Reopen::Exec(command),
     })

@@ -160,6 +160,41 @@ fn direct_x86_64_build_with_max_jobs_zero() {
     );
 }
 
+/// On a local engine with the hook as root, the default transport goes straight to the
+/// builder's daemon socket in its volume; `transport = "ssh"` goes over SSH to the same
+/// builder. Both build end to end.
+#[test]
+fn local_socket_and_ssh_transports_both_build() {
+    if !common::require_bed() {
+        return;
+    }
+    let i = install();
+    let ssh_config = i.config.with_file_name("nixdock-ssh.toml");
+    let base = std::fs::read_to_string(&i.config).unwrap();
+    std::fs::write(&ssh_config, format!("transport = \"ssh\"\n{base}")).unwrap();
+    let log = i.state.join("hook.log");
+    for (via, config) in [("local socket", &i.config), ("ssh", &ssh_config)] {
+        let expr = drv_expr("transport", "x86_64-linux", "echo hello > $out");
+        let drv = instantiate(&expr);
+        let o = nix_build(
+            &expr,
+            &with_hook(&["--max-jobs", "0"]),
+            &[("NIXDOCK_CONFIG", config.to_str().unwrap())],
+        );
+        assert_eq!(std::fs::read_to_string(out_path(&o)).unwrap(), "hello\n");
+        let line = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .find(|l| l.contains("builder ready") && l.contains(&drv))
+            .map(String::from)
+            .unwrap_or_else(|| panic!("no 'builder ready' line for {drv}"));
+        assert!(
+            line.contains(&format!("via=\"{via}\"")) || line.contains(&format!("via={via}")),
+            "expected {via}: {line}"
+        );
+    }
+}
+
 #[test]
 fn aarch64_build_with_no_flags_runs_emulated_with_build_users() {
     if !common::require_bed() {

@@ -223,6 +223,71 @@ impl Builders {
         self.wait_ready(spec, &name, started).await
     }
 
+    /// The fast way to a builder on a local Linux engine: when its container is running with
+    /// the current configuration, connect straight to its nix-daemon's socket through the
+    /// `/nix` volume on the host — no SSH, no encryption, no sshd or userland proxy in between.
+    /// `None` (after a debug line saying why) whenever that is not possible, and the caller
+    /// goes the SSH way: another engine, a hook that is not root, a user-namespaced engine
+    /// (the socket is not ours), a stopped or outdated container, a daemon that does not
+    /// answer.
+    pub async fn connect_local(
+        &self,
+        spec: &BuilderSpec,
+    ) -> Option<(std::path::PathBuf, DaemonConnection)> {
+        let name = spec.container_name();
+        match self.try_connect_local(spec, &name).await {
+            Ok(r) => Some(r),
+            Err(why) => {
+                tracing::debug!(container = %name, "not through the local socket: {why}");
+                None
+            }
+        }
+    }
+
+    async fn try_connect_local(
+        &self,
+        spec: &BuilderSpec,
+        name: &str,
+    ) -> Result<(std::path::PathBuf, DaemonConnection), String> {
+        if !(cfg!(target_os = "linux") && self.engine.addr.starts_with("unix://")) {
+            return Err(format!("engine {} is not a local socket", self.engine.addr));
+        }
+        let (image_id, c) = tokio::join!(self.image_id(spec), self.inspect(name));
+        let image_id = image_id.map_err(|e| e.to_string())?;
+        let c = c.map_err(|e| e.to_string())?.ok_or("no container")?;
+        let hash = spec.config_hash(&image_id, self.client_key.public_openssh());
+        if label(&c, provision::LABEL_CONFIG) != Some(hash.as_str()) {
+            return Err("configuration changed".into());
+        }
+        if !matches!(status(&c), Some(ContainerStateStatusEnum::RUNNING)) {
+            return Err("not running".into());
+        }
+        let volume = c
+            .mounts
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|m| m.destination.as_deref() == Some("/nix"))
+            .and_then(|m| m.source.clone())
+            .ok_or("no /nix volume")?;
+        let socket = std::path::Path::new(&volume).join(
+            provision::REMOTE_DAEMON_SOCKET
+                .strip_prefix("/nix/")
+                .unwrap_or(provision::REMOTE_DAEMON_SOCKET),
+        );
+        // Under a user-namespaced engine the socket belongs to a mapped uid and the daemon
+        // would not trust us; only a socket owned by our own uid is used.
+        let md =
+            std::fs::symlink_metadata(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+        if std::os::unix::fs::MetadataExt::uid(&md) != effective_uid() {
+            return Err(format!("{} is not owned by us", socket.display()));
+        }
+        let daemon = open_local_daemon(&socket, name)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((socket, daemon))
+    }
+
     /// The per-builder lock: held while a container is created, started or recreated, and
     /// until the first connection to a container this process started succeeded.
     async fn lock_builder(&self, name: &str) -> Result<FileLock, BuilderError> {
@@ -592,6 +657,41 @@ pub async fn open_daemon(
         container: name.to_string(),
         what: "nix-daemon --stdio did not answer the handshake within 30 s".into(),
     })?
+    .map_err(|source| BuilderError::Daemon {
+        container: name.to_string(),
+        source: Box::new(source),
+    })
+}
+
+/// This process's effective uid.
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// A worker-protocol connection to a builder's daemon socket reached on the host.
+pub async fn open_local_daemon(
+    socket: &std::path::Path,
+    name: &str,
+) -> Result<DaemonConnection, BuilderError> {
+    let broken = |what: String| BuilderError::Broken {
+        container: name.to_string(),
+        what,
+    };
+    let stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::UnixStream::connect(socket),
+    )
+    .await
+    .map_err(|_| broken(format!("connecting to {} timed out", socket.display())))?
+    .map_err(|e| broken(format!("connecting to {}: {e}", socket.display())))?;
+    let ssh::ExecChannel { stdin, stdout, .. } = ssh::unix_stream_channel(stream);
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        WorkerClient::handshake(stdout, stdin),
+    )
+    .await
+    .map_err(|_| broken("nix-daemon did not answer the handshake within 30 s".into()))?
     .map_err(|source| BuilderError::Daemon {
         container: name.to_string(),
         source: Box::new(source),

@@ -1010,7 +1010,9 @@ async fn check_builders(c: &mut Checks, builders: &str, system: Option<&str>) {
                         t.elapsed().as_millis()
                     ),
                 );
-                let _ = r.session.close().await;
+                if let Some(s) = r.session {
+                    let _ = s.close().await;
+                }
             }
             Err(e) => {
                 let fix = match &e {

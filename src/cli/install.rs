@@ -429,6 +429,11 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 # Also send builds for this machine's own system to a builder (normally they run here).
 # offload-local = false
 
+# How the hook reaches a builder's nix-daemon: "auto" goes straight to the daemon's socket in
+# the builder's /nix volume when the engine is local (Linux) and the hook runs as root, and
+# over SSH otherwise; "ssh" always uses SSH.
+# transport = "auto"
+
 # With no [builders] table, nixdock serves this machine's own Linux system and, when it can
 # emulate it (binfmt_misc with qemu, flag F), the other of x86_64-linux / aarch64-linux.
 # A table per system replaces those defaults:

@@ -19,7 +19,7 @@ use tokio::io::BufReader;
 
 use crate::builder::systems::{self, EmulationSupport};
 use crate::builder::{BuilderSpec, Builders, Engine, slots};
-use crate::config::Config;
+use crate::config::{Config, Transport};
 use crate::policy::{self, Decision, Pool, Target};
 use crate::state::StateDir;
 use crate::static_machines;
@@ -422,6 +422,7 @@ async fn run_accepted(
     let (mut remote, local) = match remote {
         Remote::Static(r) => (*r, crate::local_daemon::connect(&store).await),
         Remote::Docker { spec } => {
+            let direct = ctx.config.transport == Transport::Auto;
             let builders = match ctx.builders().await {
                 Ok(b) => b,
                 Err(e) => {
@@ -432,11 +433,32 @@ async fn run_accepted(
                     return TryEnd::Exit(1);
                 }
             };
-            let (ready, local) = tokio::join!(
-                builders.ensure_ready(&spec, Some(&slot)),
-                crate::local_daemon::connect(&store)
-            );
-            let ready = match ready {
+            let ready = async {
+                if direct && let Some((socket, daemon)) = builders.connect_local(&spec).await {
+                    return Ok((
+                        RemoteStore {
+                            name: spec.container_name(),
+                            session: None,
+                            daemon,
+                            reopen: Reopen::LocalSocket(socket),
+                        },
+                        "local socket",
+                    ));
+                }
+                let ready = builders.ensure_ready(&spec, Some(&slot)).await?;
+                let how = if ready.started { "ssh, cold" } else { "ssh" };
+                Ok::<_, crate::builder::BuilderError>((
+                    RemoteStore {
+                        name: ready.container,
+                        session: Some(ready.session),
+                        daemon: ready.daemon,
+                        reopen: Reopen::Builder,
+                    },
+                    how,
+                ))
+            };
+            let (ready, local) = tokio::join!(ready, crate::local_daemon::connect(&store));
+            let (remote, how) = match ready {
                 Ok(r) => r,
                 Err(e) => {
                     parent.error(&format!(
@@ -450,18 +472,11 @@ async fn run_accepted(
                 system = %spec.system,
                 slot = slot.index,
                 ms = t.elapsed().as_millis() as u64,
-                cold = ready.started,
+                via = how,
+                drv = %req.drv_path,
                 "builder ready"
             );
-            (
-                RemoteStore {
-                    name: ready.container,
-                    session: ready.session,
-                    daemon: ready.daemon,
-                    reopen: Reopen::Builder,
-                },
-                local,
-            )
+            (remote, local)
         }
     };
     let mut local = match local {

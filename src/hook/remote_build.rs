@@ -201,15 +201,17 @@ async fn open_second_daemon(
     builder: &RemoteStore,
     machine: &str,
 ) -> Result<DaemonConnection, String> {
+    let session = || builder.session.as_ref().ok_or("no SSH session");
     match &builder.reopen {
-        Reopen::Builder => lifecycle::open_daemon(&builder.session, machine)
+        Reopen::Builder => lifecycle::open_daemon(session()?, machine)
             .await
             .map_err(|e| e.to_string()),
-        Reopen::Exec(command) => {
-            crate::static_machines::open_daemon(&builder.session, command, machine)
-                .await
-                .map_err(|e| e.to_string())
-        }
+        Reopen::Exec(command) => crate::static_machines::open_daemon(session()?, command, machine)
+            .await
+            .map_err(|e| e.to_string()),
+        Reopen::LocalSocket(socket) => lifecycle::open_local_daemon(socket, machine)
+            .await
+            .map_err(|e| e.to_string()),
     }
 }
 

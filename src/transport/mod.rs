@@ -22,7 +22,8 @@ pub type DaemonConnection = hook_protocol::worker::WorkerClient<ExecOutput, Exec
 /// user's own remote builders provide one.
 pub struct RemoteStore {
     pub name: String,
-    pub session: SshSession,
+    /// `None` for a local builder reached through its daemon socket on the host.
+    pub session: Option<SshSession>,
     pub daemon: DaemonConnection,
     /// How to open another daemon connection on the same session.
     pub reopen: Reopen,
@@ -35,4 +36,6 @@ pub enum Reopen {
     Builder,
     /// Run this command (`nix-daemon --stdio`, or the machine's `remote-program`).
     Exec(String),
+    /// Connect to this daemon socket again (a local builder's, through its volume).
+    LocalSocket(std::path::PathBuf),
 }
