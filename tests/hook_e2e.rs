@@ -178,10 +178,14 @@ fn local_socket_and_ssh_transports_both_build() {
         let drv = instantiate(&expr);
         let o = nix_build(
             &expr,
-            &with_hook(&["--max-jobs", "0"]),
+            &with_hook(&["--max-jobs", "0", "--log-format", "internal-json"]),
             &[("NIXDOCK_CONFIG", config.to_str().unwrap())],
         );
         assert_eq!(std::fs::read_to_string(out_path(&o)).unwrap(), "hello\n");
+        // The SSH way shows the builder's start-up as a step in Nix's progress.
+        let step =
+            String::from_utf8_lossy(&o.stderr).contains("getting the x86_64-linux builder ready");
+        assert_eq!(step, via == "ssh", "{}", text(&o));
         let line = std::fs::read_to_string(&log)
             .unwrap()
             .lines()

@@ -436,6 +436,19 @@ impl LogLine {
         }
     }
 
+    /// `actUnknown` (0) with a text and no fields: what Nix's progress bar shows for a step
+    /// that has no activity type of its own (starting a builder, say) while it lasts.
+    pub fn start_step(id: u64, text: impl LogText) -> LogLine {
+        LogLine::Start {
+            id,
+            level: Verbosity::Info,
+            typ: ActivityType::Unknown.code(),
+            text: text.into_log_text(),
+            fields: Vec::new(),
+            parent: None,
+        }
+    }
+
     /// `resProgress` (105): `[done, expected, running, failed]`, all integers.
     pub fn result_progress(
         id: u64,

@@ -13,6 +13,7 @@ use hook_protocol::derivation::Derivation;
 use hook_protocol::hook::{
     HookRequest, Reply, Settings, TryRequest, read_accepted, read_request, read_settings,
 };
+use hook_protocol::log::LogLine;
 use hook_protocol::machines::Machine;
 use hook_protocol::store_path::StorePath;
 use tokio::io::BufReader;
@@ -445,7 +446,15 @@ async fn run_accepted(
                         "local socket",
                     ));
                 }
-                let ready = builders.ensure_ready(&spec, Some(&slot)).await?;
+                // Starting a builder takes a second or more: say so in Nix's progress.
+                let step = parent.ids.next_id();
+                parent.send(&LogLine::start_step(
+                    step,
+                    format!("getting the {} builder ready", spec.system),
+                ));
+                let ready = builders.ensure_ready(&spec, Some(&slot)).await;
+                parent.send(&LogLine::stop(step));
+                let ready = ready?;
                 let how = if ready.started { "ssh, cold" } else { "ssh" };
                 Ok::<_, crate::builder::BuilderError>((
                     RemoteStore {
