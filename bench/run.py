@@ -242,11 +242,12 @@ class System:
 class NixdockSystem(System):
     name = "nixdock"
 
-    def __init__(self, tmp: Path, hook: Path, image: str) -> None:
+    def __init__(self, tmp: Path, hook: Path, image: str, transport: str = "auto") -> None:
         self.hook = hook
         self.state = tmp / "nixdock-state"
         self.config = tmp / "nixdock.toml"
         self.config.write_text(
+            f'transport = "{transport}"\n'
             f'[builders."{SYSTEM}"]\nimage = "{image}"\nidle-timeout = 3600\n'
         )
         self.rss_dir = tmp / "rss"
@@ -647,6 +648,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="3 warm runs, 1 of everything else")
     ap.add_argument("--only", help="comma-separated scenarios: warm,closure-200,closure-346,output-200,parallel-8,cold")
     ap.add_argument("--out", default=str(REPO / "bench/results/latest.json"))
+    ap.add_argument(
+        "--transport",
+        choices=["auto", "ssh"],
+        default="auto",
+        help="nixdock's transport: auto (the local socket on this Linux engine) or ssh (what an engine in a VM, e.g. Docker Desktop, gets)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.warm_runs, args.big_runs = 3, 1
@@ -681,11 +688,12 @@ def main() -> int:
             "sha256": hashlib.sha256(hook.read_bytes()).hexdigest()[:16],
         },
         "image": args.image,
+        "transport": args.transport,
         "loadavg": {"start": loadavg()},
         "scenarios": {},
     }
     try:
-        nd = NixdockSystem(tmp, hook, args.image)
+        nd = NixdockSystem(tmp, hook, args.image, args.transport)
         log("nixdock: first build (creates the builder)")
         t0 = time.perf_counter()
         try:
