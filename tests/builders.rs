@@ -447,6 +447,12 @@ async fn cold_start_then_reuse() {
     assert!(ready.started, "a cold start must report started");
     assert_eq!(ready.container, name);
     assert_uses_persistent_daemon(&ready).await;
+    // The subsystem that makes sshd set TCP_NODELAY is there.
+    ready
+        .session
+        .touch_subsystem(nixdock::builder::provision::NODELAY_SUBSYSTEM)
+        .await
+        .expect("the nodelay subsystem starts");
 
     let c = inst.inspect(&spec).await;
     assert!(is_running(&c));

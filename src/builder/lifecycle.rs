@@ -600,6 +600,9 @@ impl Builders {
         )
         .await
         .map_err(ssh_err)?;
+        if let Err(e) = session.touch_subsystem(provision::NODELAY_SUBSYSTEM).await {
+            tracing::debug!(container = %name, "no nodelay subsystem: {e}");
+        }
         let daemon = open_daemon(&session, name).await?;
         Ok((session, daemon))
     }

@@ -20,6 +20,8 @@ pub const ENTRY_SCRIPT: &str = include_str!("entry.sh");
 pub const SSH_PORT: &str = "22/tcp";
 /// The command the hook runs over SSH; the entry script links it to the image's nix-daemon.
 pub const REMOTE_NIX_DAEMON: &str = "/etc/nixdock/bin/nix-daemon --stdio";
+/// The sshd subsystem started once per connection so that sshd sets `TCP_NODELAY`.
+pub const NODELAY_SUBSYSTEM: &str = "nixdock-nodelay";
 /// The socket of the persistent `nix-daemon` that `entry.sh` starts in every builder.
 pub const REMOTE_DAEMON_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
 
@@ -180,6 +182,9 @@ impl BuilderSpec {
             // the only key is nixdock's, which is root here anyway).
             "AllowTcpForwarding local",
             "AllowStreamLocalForwarding local",
+            // Started and closed once per connection (see `SshSession::touch_subsystem`): it
+            // makes sshd set TCP_NODELAY, which streamlocal channels alone never do.
+            "Subsystem nixdock-nodelay internal-sftp",
             "AllowAgentForwarding no",
             "X11Forwarding no",
             "PermitTunnel no",

@@ -604,6 +604,43 @@ impl SshSession {
         Ok(self.streams(channel, Vec::new()))
     }
 
+    /// Starts the server's subsystem `name` on a session channel and closes the channel again
+    /// at once. Used for its side effect: OpenSSH's sshd sets `TCP_NODELAY` on the connection
+    /// only from its session code, and without it its small writes on other channels wait
+    /// under Nagle for the peer's delayed ACKs (~40 ms each).
+    pub async fn touch_subsystem(&self, name: &str) -> Result<(), SshError> {
+        let addr = self.addr;
+        let lost = || SshError::ConnectionLost {
+            addr,
+            context: "while starting a subsystem",
+        };
+        let mut channel = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(|source| SshError::ChannelOpen { addr, source })?;
+        channel
+            .request_subsystem(true, name)
+            .await
+            .map_err(|_| lost())?;
+        let ok = loop {
+            match channel.wait().await {
+                Some(ChannelMsg::Success) => break true,
+                Some(ChannelMsg::Failure) | Some(ChannelMsg::Close) | None => break false,
+                Some(_) => {}
+            }
+        };
+        let _ = channel.close().await;
+        if ok {
+            Ok(())
+        } else {
+            Err(SshError::ExecRefused {
+                addr,
+                command: format!("subsystem {name}"),
+            })
+        }
+    }
+
     /// Splits an open channel into the separately owned parts of an [`ExecChannel`].
     fn streams(&self, channel: russh::Channel<client::Msg>, early: Vec<ChannelMsg>) -> ExecChannel {
         let addr = self.addr;
