@@ -75,23 +75,7 @@ fn with_hook(extra: &[&'static str]) -> Vec<&'static str> {
     v
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn out_path(o: &Output) -> String {
-    assert!(o.status.success(), "{}", text(o));
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .last()
-        .expect("an output path")
-        .to_string()
-}
+use common::{out_path, output_text as text};
 
 fn nix_store(args: &[&str]) -> String {
     let o = Command::new("nix-store").args(args).output().unwrap();

@@ -191,23 +191,7 @@ fn nix_build(inst: &Install, expr: &str, builders: &str, home: &Path) -> Output 
     .expect("nix-build ran")
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn out_path(o: &Output) -> String {
-    assert!(o.status.success(), "{}", text(o));
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .last()
-        .expect("an output path")
-        .to_string()
-}
+use common::{out_path, output_text as text};
 
 fn is_valid(path: &str) -> bool {
     Command::new("nix-store")

@@ -40,18 +40,9 @@ pub fn require_bed() -> bool {
     let state = BED.get_or_init(check_bed);
     match state {
         Ok(()) => true,
-        Err(report) => {
-            let msg = format!("test bed missing: run scripts/testbed (as root)\n{report}");
-            if in_ci() {
-                panic!("{msg}");
-            }
-            eprintln!(
-                "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-                 !! SKIPPED: {msg}\n\
-                 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
-            );
-            false
-        }
+        Err(report) => missing(format!(
+            "test bed missing: run scripts/testbed (as root)\n{report}"
+        )),
     }
 }
 
@@ -204,7 +195,13 @@ pub fn require_tool(program: &str) -> bool {
         ),
         Err(e) => e,
     };
-    let msg = format!("{program} is missing: run scripts/testbed (as root)\n{problem}");
+    missing(format!(
+        "{program} is missing: run scripts/testbed (as root)\n{problem}"
+    ))
+}
+
+/// Something a test needs is missing: a failure in CI, a loud skip (`false`) elsewhere.
+fn missing(msg: String) -> bool {
     if in_ci() {
         panic!("{msg}");
     }
@@ -214,4 +211,24 @@ pub fn require_tool(program: &str) -> bool {
          !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
     );
     false
+}
+
+/// A command's status and both outputs, for assertion messages.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The output path a successful `nix-build --no-out-link` printed last.
+pub fn out_path(o: &std::process::Output) -> String {
+    assert!(o.status.success(), "{}", output_text(o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .last()
+        .expect("an output path")
+        .to_string()
 }
