@@ -157,6 +157,9 @@ fn local_socket_and_ssh_transports_both_build() {
     let base = std::fs::read_to_string(&i.config).unwrap();
     std::fs::write(&ssh_config, format!("transport = \"ssh\"\n{base}")).unwrap();
     let log = i.state.join("hook.log");
+    // The local socket is for a running builder; a cold start goes over SSH.
+    let warm = drv_expr("transport-warm", "x86_64-linux", "echo > $out");
+    out_path(&nix_build(&warm, &with_hook(&["--max-jobs", "0"]), &[]));
     for (via, config) in [("local socket", &i.config), ("ssh", &ssh_config)] {
         let expr = drv_expr("transport", "x86_64-linux", "echo hello > $out");
         let drv = instantiate(&expr);
