@@ -135,7 +135,7 @@ fn home_of_uid(uid: u32) -> Option<PathBuf> {
     })
 }
 
-fn connect(addr: &str) -> Result<Docker, String> {
+fn connect(addr: &str, version: &bollard::ClientVersion) -> Result<Docker, String> {
     if let Some(path) = addr.strip_prefix("unix://").or_else(|| {
         Path::new(addr)
             .is_absolute()
@@ -145,14 +145,21 @@ fn connect(addr: &str) -> Result<Docker, String> {
         if !Path::new(path).exists() {
             return Err("no such socket".into());
         }
-        Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
-            .map_err(|e| e.to_string())
+        Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, version).map_err(|e| e.to_string())
     } else if addr.starts_with("tcp://") || addr.starts_with("http://") {
-        Docker::connect_with_http(addr, REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
-            .map_err(|e| e.to_string())
+        Docker::connect_with_http(addr, REQUEST_TIMEOUT_SECS, version).map_err(|e| e.to_string())
     } else {
         Err("unsupported address (use unix:// or tcp://)".into())
     }
+}
+
+/// An engine's API version, "1.41".
+fn parse_api_version(s: &str) -> Option<bollard::ClientVersion> {
+    let (major, minor) = s.split_once('.')?;
+    Some(bollard::ClientVersion {
+        major_version: major.parse().ok()?,
+        minor_version: minor.parse().ok()?,
+    })
 }
 
 impl Engine {
@@ -175,16 +182,18 @@ impl Engine {
     }
 
     async fn try_one(c: &Candidate) -> Result<Engine, String> {
-        let docker = connect(&c.addr)?;
-        let docker = tokio::time::timeout(PING_TIMEOUT, docker.negotiate_version())
-            .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        // `/version` carries the architecture and OS too, and is far cheaper than `/info`.
+        let docker = connect(&c.addr, bollard::API_DEFAULT_VERSION)?;
+        // One `/version` answers everything: that the engine is up, its API version (what
+        // bollard's `negotiate_version` would ask again), its architecture and OS. Every hook
+        // asks it before its `# accept`, while Nix's worker waits.
         let info = tokio::time::timeout(PING_TIMEOUT, docker.version())
             .await
             .map_err(|_| "timed out".to_string())?
             .map_err(|e| e.to_string())?;
+        let docker = match info.api_version.as_deref().and_then(parse_api_version) {
+            Some(v) if v < *bollard::API_DEFAULT_VERSION => connect(&c.addr, &v)?,
+            _ => docker,
+        };
         Ok(Engine {
             docker,
             addr: c.addr.clone(),
@@ -215,6 +224,15 @@ pub fn normalize_arch(a: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_versions_parse_and_compare() {
+        let v = parse_api_version("1.41").unwrap();
+        assert_eq!((v.major_version, v.minor_version), (1, 41));
+        assert!(v < *bollard::API_DEFAULT_VERSION);
+        assert!(parse_api_version("1").is_none());
+        assert!(parse_api_version("x.y").is_none());
+    }
 
     #[test]
     fn config_host_comes_first_and_duplicates_are_dropped() {
