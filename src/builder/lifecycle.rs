@@ -576,7 +576,13 @@ impl Builders {
                 });
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(250));
+            // sshd is usually up within a second of the start: poll closely until then (a
+            // doubling back-off overshot it by up to its last step), then back off.
+            delay = if t0.elapsed() < Duration::from_secs(2) {
+                Duration::from_millis(25)
+            } else {
+                (delay * 2).min(Duration::from_millis(250))
+            };
         }
     }
 
