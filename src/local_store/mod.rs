@@ -16,7 +16,11 @@
 //! If the process is killed in the middle (the parent may SIGKILL the hook), what can remain is
 //! a `.nixdock-tmp-*` directory and unregistered store paths. The latter are harmless to Nix
 //! (an invalid path is treated as absent and deleted before it is built or substituted) and are
-//! replaced by the next import of the same path.
+//! replaced by the next import of the same path. Nix's garbage collector removes both: it
+//! deletes every entry of the store directory that is not a valid store path (checked with Nix
+//! 2.8, where even `nix-store --gc --print-dead` removes a stale staging directory). The flip
+//! side: a collection running during an import can remove its staging directory; the import
+//! then fails with an I/O error, registers nothing, and the build can be retried.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
