@@ -87,3 +87,28 @@ pub async fn connect(store: &str) -> Result<LocalDaemon, LocalDaemonError> {
             source,
         })
 }
+
+/// A connection to the local store opened on first use: a trivial build whose outputs are
+/// missing on disk never needs one, and each one costs the local daemon a forked worker.
+pub struct LazyLocalDaemon {
+    store: String,
+    conn: Option<LocalDaemon>,
+}
+
+impl LazyLocalDaemon {
+    pub fn new(store: &str) -> Self {
+        LazyLocalDaemon {
+            store: store.to_string(),
+            conn: None,
+        }
+    }
+
+    /// The connection, opened now if it is not yet.
+    pub async fn get(&mut self) -> Result<&mut LocalDaemon, LocalDaemonError> {
+        let conn = match self.conn.take() {
+            Some(c) => c,
+            None => connect(&self.store).await?,
+        };
+        Ok(self.conn.insert(conn))
+    }
+}

@@ -420,8 +420,8 @@ async fn run_accepted(
     };
     let store = settings.store().unwrap_or("auto").to_string();
     let t = Instant::now();
-    let (mut remote, local) = match remote {
-        Remote::Static(r) => (*r, crate::local_daemon::connect(&store).await),
+    let mut remote = match remote {
+        Remote::Static(r) => *r,
         Remote::Docker { spec } => {
             let direct = ctx.config.transport == Transport::Auto;
             let builders = match ctx.builders().await {
@@ -466,7 +466,7 @@ async fn run_accepted(
                     how,
                 ))
             };
-            let (ready, local) = tokio::join!(ready, crate::local_daemon::connect(&store));
+            let ready = ready.await;
             let (remote, how) = match ready {
                 Ok(r) => r,
                 Err(e) => {
@@ -485,16 +485,10 @@ async fn run_accepted(
                 drv = %req.drv_path,
                 "builder ready"
             );
-            (remote, local)
+            remote
         }
     };
-    let mut local = match local {
-        Ok(l) => l,
-        Err(e) => {
-            parent.error(&format!("nixdock cannot open the local store: {e}"));
-            return TryEnd::Exit(1);
-        }
-    };
+    let mut local = crate::local_daemon::LazyLocalDaemon::new(&store);
     let job = Job {
         parent,
         settings,

@@ -19,7 +19,7 @@ use hook_protocol::worker::{
 use tokio::io::AsyncWrite;
 
 use crate::builder::lifecycle::{self, DaemonConnection};
-use crate::local_daemon::LocalDaemon;
+use crate::local_daemon::LazyLocalDaemon;
 use crate::local_store::{OutputImporter, PathInfo};
 use crate::transport::{RemoteStore, Reopen};
 
@@ -219,7 +219,7 @@ impl Job<'_> {
     pub async fn run(
         self,
         builder: &mut RemoteStore,
-        local: &mut LocalDaemon,
+        local: &mut LazyLocalDaemon,
         nix_store: &Path,
     ) -> Outcome {
         let t0 = Instant::now();
@@ -267,7 +267,7 @@ impl Job<'_> {
     async fn copy_inputs(
         &self,
         builder: &mut RemoteStore,
-        local: &mut LocalDaemon,
+        local: &mut LazyLocalDaemon,
     ) -> Result<(), Outcome> {
         let mut inputs = BTreeSet::new();
         for p in &self.work.inputs {
@@ -289,6 +289,10 @@ impl Job<'_> {
         if missing.is_empty() {
             return Ok(());
         }
+        let local = local
+            .get()
+            .await
+            .map_err(|e| fail(format!("nixdock cannot open the local store: {e}")))?;
         let mut infos = BTreeMap::new();
         for p in &missing {
             let info = local
@@ -509,7 +513,7 @@ impl Job<'_> {
     async fn copy_outputs(
         &self,
         builder: &mut RemoteStore,
-        local: &mut LocalDaemon,
+        local: &mut LazyLocalDaemon,
         nix_store: &Path,
     ) -> Result<(), Outcome> {
         let mut outputs = BTreeSet::new();
@@ -519,10 +523,24 @@ impl Job<'_> {
                 .ok_or_else(|| fail(format!("output '{name}' of '{}' has no known path (content-addressed outputs are not supported)", self.drv_path)))?;
             outputs.insert(p);
         }
-        let valid = local
-            .query_valid_paths(&outputs, false, &mut |_| {})
-            .await
-            .map_err(|e| fail(format!("asking the local store which outputs it has: {e}")))?;
+        // A path that is not on disk is not valid; only ask the store about the others (an
+        // invalid leftover, or an output that is there already).
+        let on_disk: BTreeSet<StorePath> = outputs
+            .iter()
+            .filter(|p| std::fs::symlink_metadata(p.to_absolute()).is_ok())
+            .cloned()
+            .collect();
+        let valid = if on_disk.is_empty() {
+            BTreeSet::new()
+        } else {
+            local
+                .get()
+                .await
+                .map_err(|e| fail(format!("nixdock cannot open the local store: {e}")))?
+                .query_valid_paths(&on_disk, false, &mut |_| {})
+                .await
+                .map_err(|e| fail(format!("asking the local store which outputs it has: {e}")))?
+        };
         let missing: Vec<StorePath> = outputs.difference(&valid).cloned().collect();
         if missing.is_empty() {
             return Ok(());
