@@ -115,8 +115,11 @@ pub fn host_can_build(req: &TryRequest, settings: &Settings) -> bool {
 /// Whether any of the user's machines could take this derivation (ignoring load): the hook's
 /// fast path declines builds the host can do itself only when none could, as Nix's own hook
 /// offers them to remote machines first.
-pub fn any_static_serves(req: &TryRequest, statics: &[Machine]) -> bool {
-    statics.iter().any(|m| {
+pub fn any_static_serves<'m>(
+    req: &TryRequest,
+    statics: impl IntoIterator<Item = &'m Machine>,
+) -> bool {
+    statics.into_iter().any(|m| {
         m.max_jobs > 0
             && m.system_supported(&req.needed_system)
             && m.all_supported(&req.required_features)

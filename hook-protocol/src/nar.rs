@@ -31,7 +31,7 @@ use std::path::PathBuf;
 
 pub use dump::{dump_path, dump_path_unhashed};
 pub use parse::copy_nar;
-pub use unpack::unpack_nar;
+pub use unpack::{remove_tree, unpack_nar};
 
 use crate::wire::WireError;
 

@@ -160,14 +160,14 @@ impl Statics {
     }
 
     fn could_serve(&self, req: &TryRequest) -> bool {
-        let usable: Vec<Machine> = self
+        // On the decline path of every host build: no copies.
+        let usable = self
             .machines
             .iter()
             .enumerate()
             .filter(|(i, _)| !self.disabled.contains(i))
-            .map(|(_, m)| m.clone())
-            .collect();
-        policy::any_static_serves(req, &usable)
+            .map(|(_, m)| m);
+        policy::any_static_serves(req, usable)
     }
 
     /// Says once per process that `builders` could not be parsed.

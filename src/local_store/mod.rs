@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use hook_protocol::hash::{Hash, nix32_encode};
-use hook_protocol::nar::{NarError, UnpackOptions, unpack_nar};
+use hook_protocol::nar::{NarError, UnpackOptions, remove_tree, unpack_nar};
 use hook_protocol::store_path::StorePath;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
@@ -525,27 +525,6 @@ async fn remove_tree_logged(p: &Path) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!("could not remove '{}': {e}", p.display()),
         Err(e) => tracing::warn!("could not remove '{}': {e}", p.display()),
-    }
-}
-
-/// Removes a file, symlink or directory tree, making directories writable first (store trees
-/// are read-only). A missing path is not an error.
-pub(crate) fn remove_tree(path: &Path) -> io::Result<()> {
-    let md = match fs::symlink_metadata(path) {
-        Ok(md) => md,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if md.is_dir() {
-        if md.permissions().mode() & 0o700 != 0o700 {
-            fs::set_permissions(path, Permissions::from_mode(0o700))?;
-        }
-        for entry in fs::read_dir(path)? {
-            remove_tree(&entry?.path())?;
-        }
-        fs::remove_dir(path)
-    } else {
-        fs::remove_file(path)
     }
 }
 

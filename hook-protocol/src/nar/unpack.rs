@@ -356,9 +356,9 @@ fn process_umask() -> Option<u32> {
     u32::from_str_radix(line.trim(), 8).ok()
 }
 
-/// Removes a file, symlink or directory tree, making directories writable first. A missing path
-/// is not an error.
-fn remove_tree(path: &Path) -> io::Result<()> {
+/// Removes a file, symlink or directory tree, making directories writable first (store trees
+/// are read-only). A missing path is not an error.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
     let md = match fs::symlink_metadata(path) {
         Ok(md) => md,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
