@@ -1,5 +1,5 @@
-//! nixdock-hook end to end: real `nix-build` (Nix 2.8 on the host, 2.26 in a trixie
-//! container), the real hook binary, real builder containers over real SSH.
+//! nixdock-hook end to end: real `nix-build` (Nix 2.8 on the host, 2.26 in a trixie and 2.34
+//! in a sid container), the real hook binary, real builder containers over real SSH.
 //!
 //! The suite shares one nixdock installation (state dir under the target dir), so its builders
 //! are reused across tests as they would be on a user's machine; they stop themselves after
@@ -662,4 +662,149 @@ fn nix_2_26_client_in_a_trixie_container() {
     assert!(stdout.contains("2.26"), "{t}");
     assert!(stdout.contains("from-2.26"), "{t}");
     assert!(stdout.contains("-from-226.drv"), "{t}");
+}
+
+/// `docker run` of a Nix client container on the host's network with the hook, the engine
+/// socket, the suite's state and config mounted (as the 2.26 test does), running `script`.
+/// The container is named, so a timeout still removes it.
+fn client_container(img: &str, script: &str) -> Output {
+    let i = install();
+    let state = i.state.to_str().unwrap();
+    let config = i.config.to_str().unwrap();
+    let name = common::unique_name("nixdock-e2e-client");
+    let _guard = common::ContainerGuard(name.clone());
+    let mut cmd = Command::new("docker");
+    cmd.args(["run", "--rm", "--name", &name, "--network", "host"])
+        .args(["-v", "/var/run/docker.sock:/var/run/docker.sock"])
+        .args(["-v", &format!("{HOOK}:/usr/local/bin/nixdock-hook:ro")])
+        .args(["-v", &format!("{state}:{state}")])
+        .args(["-v", &format!("{config}:{config}:ro")])
+        .args(["-e", &format!("NIXDOCK_STATE_DIR={state}")])
+        .args(["-e", &format!("NIXDOCK_CONFIG={config}")])
+        .args([&common::image(img), "sh", "-c", script]);
+    common::run_with_timeout(cmd, Duration::from_secs(600)).expect("docker run ran")
+}
+
+/// Nix 2.34 reads `build-hook` from /etc/nix/nix.conf again (2.25–2.33 ignore it there), so
+/// a 2.34 client with nothing but nix.conf builds a foreign-system derivation through the hook.
+#[test]
+fn nix_2_34_client_in_a_sid_container() {
+    if !common::require_bed() {
+        return;
+    }
+    let expr = drv_expr(
+        "from-234",
+        "aarch64-linux",
+        "echo from-2.34 > $out; /bin/uname -m >> $out",
+    );
+    let o = client_container(
+        "sid-amd64",
+        &format!(
+            "set -e; nix-build --version; \
+             printf 'build-hook = /usr/local/bin/nixdock-hook\\nsubstituters =\\nbuild-users-group =\\n' \
+             >> /etc/nix/nix.conf; \
+             out=$(nix-build --no-out-link -E '{expr}'); \
+             cat $out; nix-store -q --deriver $out"
+        ),
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].contains("(Nix) 2.34."), "{t}");
+    assert_eq!(lines[1..3], ["from-2.34", "aarch64"], "{t}");
+    assert!(
+        lines[3].starts_with("/nix/store/") && lines[3].ends_with("-from-234.drv"),
+        "{t}"
+    );
+}
+
+/// Multi-user Nix 2.34: nix-daemon (root) in the container with the hook in nix.conf, the
+/// client an unprivileged user in `nix-users`; a user outside that group cannot connect.
+#[test]
+fn nix_2_34_multi_user_client_in_a_sid_container() {
+    if !common::require_bed() {
+        return;
+    }
+    let expr = drv_expr(
+        "from-234-mu",
+        "aarch64-linux",
+        "echo from-2.34-multi-user > $out; /bin/uname -m >> $out",
+    );
+    let o = client_container(
+        "sid-amd64",
+        &format!(
+            "set -e; \
+             printf 'build-hook = /usr/local/bin/nixdock-hook\\nsubstituters =\\n' >> /etc/nix/nix.conf; \
+             nix-daemon --daemon > /tmp/daemon.log 2>&1 & \
+             i=0; while [ ! -S /nix/var/nix/daemon-socket/socket ]; do \
+               i=$((i+1)); [ $i -lt 200 ] || {{ cat /tmp/daemon.log; exit 1; }}; sleep 0.05; done; \
+             useradd -m -G nix-users alice; useradd -m bob; \
+             if runuser -u bob -- nix-store --store daemon --check-validity --print-invalid \
+                  /nix/store/00000000000000000000000000000000-probe 2>/tmp/bob; then \
+               echo 'bob (not in nix-users) reached the daemon'; exit 1; fi; \
+             grep -q 'Permission denied' /tmp/bob || {{ cat /tmp/bob; exit 1; }}; \
+             echo bob-refused; \
+             out=$(runuser -u alice -- env NIX_REMOTE=daemon nix-build --no-out-link -E '{expr}') \
+               || {{ cat /tmp/daemon.log; exit 1; }}; \
+             cat $out; runuser -u alice -- nix-store --store daemon -q --deriver $out; \
+             stat -c %U $out"
+        ),
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines[..3],
+        ["bob-refused", "from-2.34-multi-user", "aarch64"],
+        "{t}"
+    );
+    assert!(lines[3].ends_with("-from-234-mu.drv"), "{t}");
+    // Registered by the root daemon, as any multi-user store path.
+    assert_eq!(lines[4], "root", "{t}");
+}
+
+/// Debian sid's Nix 2.34 as a *builder* image: the host's Nix builds an x86_64-linux
+/// derivation in a builder made from nixdock-test/sid-amd64, as one of its build users.
+#[test]
+fn sid_amd64_builder_builds() {
+    if !common::require_bed() {
+        return;
+    }
+    // An installation of its own: the suite's x86_64 builder is bookworm's.
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-sid");
+    std::fs::create_dir_all(&root).unwrap();
+    let config = root.join("nixdock.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[builders.\"x86_64-linux\"]\nimage = \"{}\"\nidle-timeout = 120\n",
+            common::image("sid-amd64")
+        ),
+    )
+    .unwrap();
+    let expr = drv_expr(
+        "on-sid",
+        "x86_64-linux",
+        "echo on-sid > $out; /usr/bin/nix --version >> $out; /usr/bin/id -u >> $out",
+    );
+    let mut cmd = Command::new("nix-build");
+    cmd.args(["--no-out-link", "-E", &expr])
+        .args(with_hook(&["--max-jobs", "0"]))
+        .env("NIXDOCK_CONFIG", &config)
+        .env("NIXDOCK_STATE_DIR", root.join("state"));
+    let o = common::run_with_timeout(cmd, Duration::from_secs(600)).expect("nix-build ran");
+    let out = out_path(&o);
+    let content = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = content.lines().collect();
+    assert_eq!(lines.len(), 3, "{content:?}");
+    assert_eq!(lines[0], "on-sid");
+    assert!(lines[1].contains("(Nix) 2.34."), "{content:?}");
+    let uid: u32 = lines[2].parse().expect("uid");
+    assert_ne!(uid, 0, "built as root although the image has build users");
+    assert!(
+        nix_store(&["-q", "--deriver", &out]).ends_with("-on-sid.drv"),
+        "{out}"
+    );
 }

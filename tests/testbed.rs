@@ -39,6 +39,7 @@ struct Img {
 
 const NIX_2_8: u64 = 0x122; // protocol 1.34
 const NIX_2_26: u64 = 0x126; // protocol 1.38
+const NIX_2_34: u64 = 0x126; // still 1.38 (newer features are negotiated after the handshake)
 
 const BOOKWORM_AMD64: Img = Img {
     name: "bookworm-amd64",
@@ -54,6 +55,15 @@ const TRIXIE_AMD64: Img = Img {
     bin: "",
     protocol: NIX_2_26,
     nix_version: "(Nix) 2.26.",
+    machine: "x86_64",
+    sshd: Some("/usr/sbin/sshd"),
+    nixbld: true,
+};
+const SID_AMD64: Img = Img {
+    name: "sid-amd64",
+    bin: "",
+    protocol: NIX_2_34,
+    nix_version: "(Nix) 2.34.",
     machine: "x86_64",
     sshd: Some("/usr/sbin/sshd"),
     nixbld: true,
@@ -285,6 +295,7 @@ macro_rules! image_tests {
 image_tests! {
     bookworm_amd64 => BOOKWORM_AMD64;
     trixie_amd64 => TRIXIE_AMD64;
+    sid_amd64 => SID_AMD64;
     bookworm_arm64 => BOOKWORM_ARM64;
     nixos_layout => NIXOS_LAYOUT;
     bookworm_amd64_nobld => BOOKWORM_AMD64_NOBLD;
@@ -309,6 +320,25 @@ fn nixos_layout_has_nix_only_in_profile() {
     assert!(ok && out.trim() == "fine", "nixos-layout layout:\n{out}");
 }
 
+/// sid-amd64: Debian restricts the daemon socket's directory to the `nix-users` group, so a
+/// multi-user client must be in it; the image has the group and that directory.
+#[test]
+fn sid_amd64_restricts_the_daemon_socket_to_nix_users() {
+    if !require_bed() {
+        return;
+    }
+    let (ok, out) = run_sh(
+        &SID_AMD64,
+        "getent group nix-users >/dev/null && stat -c '%a %U %G' /nix/var/nix/daemon-socket",
+    );
+    assert!(ok, "sid-amd64: {out}");
+    assert_eq!(
+        out.trim(),
+        "770 root nix-users",
+        "sid-amd64 daemon-socket directory"
+    );
+}
+
 /// The images are labelled with their recipe hash (what `scripts/testbed` keys rebuilds on).
 #[test]
 fn images_carry_recipe_labels() {
@@ -318,6 +348,7 @@ fn images_carry_recipe_labels() {
     for img in [
         BOOKWORM_AMD64,
         TRIXIE_AMD64,
+        SID_AMD64,
         BOOKWORM_ARM64,
         NIXOS_LAYOUT,
         BOOKWORM_AMD64_NOBLD,
