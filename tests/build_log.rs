@@ -207,6 +207,8 @@ fn remote_log_is_what_a_local_build_logs() {
             "{via}: not built by nixdock: {}",
             text(&o)
         );
+        let remote_events = from_builder(&o.stderr, &remote_drv);
+        assert_eq!(remote_events, local_events, "{via}: builder events differ");
         let remote_log = read_log(&remote_drv);
         assert_eq!(
             String::from_utf8_lossy(&remote_log),
@@ -214,7 +216,5 @@ fn remote_log_is_what_a_local_build_logs() {
             "{via}: stored log differs"
         );
         assert_eq!(remote_log, local_log, "{via}: stored log bytes differ");
-        let remote_events = from_builder(&o.stderr, &remote_drv);
-        assert_eq!(remote_events, local_events, "{via}: builder events differ");
     }
 }

@@ -319,3 +319,88 @@ pub(super) fn fallback(parent: &Parent, cap: Capture) {
         parent.build_log(&line);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hook_protocol::worker::Field;
+
+    fn line(id: u64, s: &str) -> LogEvent {
+        LogEvent::Result {
+            id,
+            typ: RES_BUILD_LOG_LINE,
+            fields: vec![Field::String(s.into())],
+        }
+    }
+
+    #[test]
+    fn capture_keeps_only_the_build_activitys_lines() {
+        let mut c = Capture::default();
+        c.event(&line(1, "before the build"));
+        assert!(!c.started());
+        c.event(&LogEvent::StartActivity {
+            id: 5,
+            level: 3,
+            typ: ACT_BUILD,
+            text: "building".into(),
+            fields: vec![],
+            parent: 0,
+        });
+        c.event(&line(5, "built"));
+        // A builder's own type-101 activity, and the daemon's messages: not log lines.
+        c.event(&line(9, "in a builder activity"));
+        c.event(&LogEvent::Next("injected".into()));
+        assert!(c.started());
+        assert_eq!(Vec::from(c.lines), vec!["built".to_string()]);
+    }
+
+    #[test]
+    fn capture_keeps_the_newest_lines_within_its_bound() {
+        let mut c = Capture::default();
+        c.event(&LogEvent::StartActivity {
+            id: 1,
+            level: 3,
+            typ: ACT_BUILD,
+            text: String::new(),
+            fields: vec![],
+            parent: 0,
+        });
+        let big = "x".repeat(1 << 20);
+        for i in 0..6 {
+            c.event(&line(1, &format!("{i}{big}")));
+        }
+        assert!(c.dropped);
+        assert!(c.bytes <= FALLBACK_BYTES);
+        assert!(c.lines.back().unwrap().starts_with('5'));
+    }
+
+    #[test]
+    fn log_path_is_nixs_layout() {
+        let drv =
+            StorePath::from_absolute("/nix/store/84kq5j53z5m4p7w8fckf5b810ys083ig-x.drv").unwrap();
+        assert_eq!(
+            hook_protocol::log::build_log_rel_path(&drv).join("/"),
+            "drvs/84/kq5j53z5m4p7w8fckf5b810ys083ig-x.drv"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn open_beneath_refuses_symlinks_and_non_files() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("a")).unwrap();
+        std::fs::write(d.path().join("a/f"), b"raw\r\n").unwrap();
+        std::os::unix::fs::symlink("/etc", d.path().join("l")).unwrap();
+        std::os::unix::fs::symlink("f", d.path().join("a/lf")).unwrap();
+        let mut s = String::new();
+        use std::io::Read;
+        open_beneath(d.path(), &["a", "f"])
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        assert_eq!(s, "raw\r\n");
+        assert!(open_beneath(d.path(), &["l", "passwd"]).is_err());
+        assert!(open_beneath(d.path(), &["a", "lf"]).is_err());
+        assert!(open_beneath(d.path(), &["a"]).is_err());
+    }
+}
