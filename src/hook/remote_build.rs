@@ -436,6 +436,11 @@ impl Job<'_> {
         for (k, v) in build_log::OVERRIDES {
             opts.overrides.insert(k.into(), v.into());
         }
+        // The builder stops where a local build would; Nix counts the relayed log again.
+        if let Some(n) = self.settings.max_build_log_size() {
+            opts.overrides
+                .insert("max-build-log-size".into(), n.to_string());
+        }
         if let Some(t) = self.settings.timeout() {
             opts.overrides
                 .insert("timeout".into(), t.as_secs().to_string());
