@@ -625,6 +625,17 @@ impl std::fmt::Display for LogLine {
     }
 }
 
+/// Where a Nix store keeps the build log of derivation `drv`, relative to its log directory
+/// (`/nix/var/log/nix` by default): `drvs/<first two characters of the base name>/<the rest>`,
+/// with `.bz2` appended when `compress-build-log` is on (`openLogFile` and
+/// `LocalFSStore::getBuildLog`, the same in 2.8, 2.26 and 2.34). A store path's base name
+/// starts with its nix32 hash, so no component is empty, `.` or `..`.
+pub fn build_log_rel_path(drv: &crate::store_path::StorePath) -> [String; 3] {
+    let base = drv.base_name();
+    let (dir, file) = base.split_at(2);
+    ["drvs".to_owned(), dir.to_owned(), file.to_owned()]
+}
+
 /// Hands out unique activity ids, starting at `pid << 32` like Nix (`nextId` in
 /// `src/libutil/logging.cc`), so ids from different hook processes do not collide. The parent
 /// re-maps them anyway; 0 (Nix's "no activity") is never handed out.

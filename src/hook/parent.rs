@@ -1,6 +1,8 @@
 //! Writing to the calling Nix: replies and `@nix` JSON lines on fd 2 (fd 1 is the same pipe),
-//! raw build log bytes on fd 4. After `# accept` Nix drops plain text on fd 2, so everything
-//! the user should see is either an `@nix` message or a log line on fd 4.
+//! the build log on fd 4 (the builder's raw bytes: see `remote_build::build_log`). After
+//! `# accept` Nix drops plain text on fd 2, so everything the user should see is either an
+//! `@nix` message or a log line on fd 4. Nix trusts `@nix` lines on fd 2 (any activity), so
+//! nothing a builder wrote is ever written there.
 
 use std::fs::File;
 use std::io::Write;
@@ -103,11 +105,16 @@ impl Parent {
         }
     }
 
-    /// Raw bytes for fd 4 that are already lines (e.g. `@nix` setPhase), not kept in the tail.
-    pub fn build_log_raw(&self, line: &str) {
+    /// The builder's raw output, unchanged, to fd 4: Nix splits it into lines, handles `@nix`
+    /// lines as untrusted and stores the bytes for `nix log`, exactly as for a local builder.
+    pub fn build_log_bytes(&self, bytes: &[u8]) {
+        self.log_bytes
+            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let mut g = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = g.as_mut() {
-            let _ = f.write_all(line.as_bytes());
+        if let Some(f) = g.as_mut()
+            && f.write_all(bytes).is_err()
+        {
+            *g = None;
         }
     }
 

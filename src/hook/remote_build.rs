@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use hook_protocol::derivation::Derivation;
 use hook_protocol::hook::{AcceptedWork, Settings};
-use hook_protocol::log::LogLine;
 use hook_protocol::nar::{DumpOptions, dump_path_unhashed};
 use hook_protocol::store_path::StorePath;
 use hook_protocol::worker::{
@@ -22,6 +21,8 @@ use crate::builder::lifecycle::{self, DaemonConnection};
 use crate::local_daemon::LazyLocalDaemon;
 use crate::local_store::{OutputImporter, PathInfo};
 use crate::transport::{RemoteStore, Reopen};
+
+mod build_log;
 
 use super::copy_progress::{CopyProgress, CountingWriter};
 use super::parent::Parent;
@@ -228,7 +229,7 @@ impl Job<'_> {
             Err(o) => return o,
         }
         let t_copy = t0.elapsed();
-        let result = match self.build(&mut builder.daemon).await {
+        let result = match self.build(builder).await {
             Ok(r) => r,
             Err(o) => return o,
         };
@@ -419,7 +420,7 @@ impl Job<'_> {
         Ok(())
     }
 
-    async fn build(&self, daemon: &mut DaemonConnection) -> Result<BuildResult, Outcome> {
+    async fn build(&self, builder: &mut RemoteStore) -> Result<BuildResult, Outcome> {
         // Settings of this caller travel with the connection, never into the builder's nix.conf.
         let mut opts = ClientSettings {
             verbosity: 3,
@@ -432,11 +433,20 @@ impl Job<'_> {
             "substituters".into(),
             self.settings.substituters().join(" "),
         );
+        for (k, v) in build_log::OVERRIDES {
+            opts.overrides.insert(k.into(), v.into());
+        }
+        // The builder stops where a local build would; Nix counts the relayed log again.
+        if let Some(n) = self.settings.max_build_log_size() {
+            opts.overrides
+                .insert("max-build-log-size".into(), n.to_string());
+        }
         if let Some(t) = self.settings.timeout() {
             opts.overrides
                 .insert("timeout".into(), t.as_secs().to_string());
         }
-        daemon
+        builder
+            .daemon
             .set_options(&opts, &mut |_| {})
             .await
             .map_err(|e| remote_err("setting the builder's options", e))?;
@@ -455,26 +465,18 @@ impl Job<'_> {
             )
         };
         let basic = self.drv.to_basic(srcs);
-        let parent = self.parent;
+        // The daemon's events only say that the builder ran; its raw output is relayed when
+        // the build is over (see `build_log`).
+        let capture = std::sync::Mutex::new(build_log::Capture::default());
         let last_output = std::sync::Mutex::new(Instant::now());
         let mut relay = |ev: LogEvent| {
             *last_output.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-            match &ev {
-                LogEvent::Result {
-                    typ: 104, fields, ..
-                } => {
-                    if let Some(hook_protocol::worker::Field::String(phase)) = fields.first() {
-                        parent.build_log_raw(&LogLine::set_phase(phase.as_str()).to_line());
-                    }
-                }
-                _ => {
-                    if let Some(line) = ev.log_line() {
-                        parent.build_log(line);
-                    }
-                }
-            }
+            capture.lock().unwrap_or_else(|p| p.into_inner()).event(&ev);
         };
-        let build = daemon.build_derivation(&self.drv_path, &basic, BuildMode::Normal, &mut relay);
+        let build =
+            builder
+                .daemon
+                .build_derivation(&self.drv_path, &basic, BuildMode::Normal, &mut relay);
         let max_silent = self.settings.max_silent_time();
         let timeout = self.settings.timeout();
         // Nix's parent does not enforce these for hook builds, so the hook does.
@@ -495,7 +497,7 @@ impl Job<'_> {
                 }
             }
         };
-        tokio::select! {
+        let result = tokio::select! {
             r = build => r.map_err(|e| {
                 if e.is_connection_closed() {
                     fail(format!("lost the connection to builder '{}' during the build of '{}' (was the container stopped?): {e}", self.machine, self.drv_path))
@@ -507,7 +509,14 @@ impl Job<'_> {
                 exit: EXIT_TIMEOUT,
                 message: format!("build of '{}' on '{}' {why}", self.drv_path, self.machine),
             }),
+        };
+        let capture = capture.into_inner().unwrap_or_else(|p| p.into_inner());
+        match &result {
+            // A builder killed by the watchdog may still be writing its log.
+            Err(_) => build_log::fallback(self.parent, capture),
+            Ok(_) => build_log::relay(self.parent, builder, &self.drv_path, capture).await,
         }
+        result
     }
 
     async fn copy_outputs(
