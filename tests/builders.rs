@@ -1310,7 +1310,10 @@ async fn unreachable_engine() {
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
         .arg(
-            "set -e; mount -t tmpfs tmpfs /run; [ -L /var/run ] || mount -t tmpfs tmpfs /var/run; \
+            // Mode 0755 as the real /run has: a 1777 tmpfs would fail the ownership check
+            // before the socket is even looked for.
+            "set -e; mount -t tmpfs -o mode=755 tmpfs /run; \
+             [ -L /var/run ] || mount -t tmpfs -o mode=755 tmpfs /var/run; \
              [ ! -d /home ] || mount -t tmpfs tmpfs /home; exec \"$@\"",
         )
         .arg("sh")
