@@ -597,6 +597,16 @@ impl Engine {
             }
             None => c.addr.clone(),
         };
+        if let Some(path) = unix_path(&addr) {
+            // The OS's reason ("Connection refused") says more than the HTTP client's.
+            tokio::time::timeout(PING_TIMEOUT, tokio::net::UnixStream::connect(path))
+                .await
+                .map_err(|_| "timed out".to_string())?
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => "no such socket".to_string(),
+                    _ => e.to_string(),
+                })?;
+        }
         let docker = connect(&addr, bollard::API_DEFAULT_VERSION)?;
         // One `/version` answers everything: that the engine is up, its API version (what
         // bollard's `negotiate_version` would ask again), its architecture and OS. Every hook
