@@ -1254,6 +1254,20 @@ async fn unreachable_engine() {
         "a silent engine held discovery for {:?}",
         t.elapsed()
     );
+    // A Unix socket that accepts (the kernel does, into the backlog) but never answers.
+    let silent_unix = dir.path().join("silent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&silent_unix).unwrap();
+    let named = format!("unix://{}", silent_unix.display());
+    let t = Instant::now();
+    let err = Engine::discover(Some(&named))
+        .await
+        .expect_err("a silent docker-host is an error");
+    let text = err.to_string();
+    assert!(
+        text.contains(&named) && text.contains("timed out"),
+        "{text}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     let e = Engine::discover(None).await.expect("the system socket");
 
     // The engine goes away after discovery: ensure_ready names it.
