@@ -100,7 +100,7 @@ pub struct InstallArgs {
     /// How nix-daemon is run: systemd, launchd or none
     #[arg(long, value_enum, value_name = "KIND", hide_possible_values = true)]
     pub service_manager: Option<ServiceManager>,
-    /// Record this engine as docker-host [default: the one found now, into /]
+    /// Record ADDR as docker-host [default: search]
     #[arg(long, value_name = "ADDR")]
     pub docker_host: Option<String>,
 }
