@@ -12,7 +12,8 @@
 #     /var/root/.config/nix/nix.conf on those versions, which nix-darwin does not manage.
 #   - /etc/nixdock/nixdock.toml from services.nixdock.settings.
 # The Docker engine on macOS (Docker Desktop, OrbStack, colima, Podman machine) is an app
-# the module does not manage; nixdock-hook finds their sockets in users' home directories.
+# the module does not manage, and its socket lies in a user's home, where nixdock-hook (root)
+# never looks: settings.docker-host must name it (a warning says so when it is unset).
 {
   config,
   lib,
@@ -34,9 +35,9 @@ in
       description = common.options.settings.description + ''
 
         On macOS the Docker engine is an app this module does not install or start: Docker
-        Desktop, OrbStack, colima or a Podman machine. nix-daemon runs the hook as root
-        without your environment; the hook looks for those engines' sockets in users' home
-        directories, and `docker-host` names one it would not find.
+        Desktop, OrbStack, colima or a Podman machine. Its socket lies in a user's home, and
+        nix-daemon runs the hook as root, which uses no socket in anyone's home unless
+        `docker-host` names it, e.g. `unix:///Users/<you>/.docker/run/docker.sock`.
       '';
     };
   };
@@ -52,6 +53,18 @@ in
             instead.
           '';
         }
+      ];
+
+      # Not an assertion: an engine reached through DOCKER_HOST in the daemon's environment,
+      # or a root-owned /var/run/docker.sock, needs no docker-host.
+      warnings = lib.optionals (cfg.settings.docker-host == null) [
+        ''
+          services.nixdock.settings.docker-host is not set. On macOS the Docker engine's socket
+          is in a user's home, where nixdock-hook (run as root by nix-daemon) does not look.
+          Name it: "unix:///Users/<you>/.docker/run/docker.sock" (Docker Desktop),
+          "unix:///Users/<you>/.orbstack/run/docker.sock" (OrbStack) or
+          "unix:///Users/<you>/.colima/default/docker.sock" (colima).
+        ''
       ];
 
       environment.systemPackages = [ cfg.package ];

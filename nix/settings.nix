@@ -38,10 +38,14 @@ in
 {
   options = {
     docker-host = nullable types.str ''
-      Docker engine address (`unix:///path` or a socket path), tried before DOCKER_HOST, the
-      system socket and the sockets of Docker Desktop, OrbStack, colima and Podman. The hook
-      runs as root under nix-daemon without your environment, so name the engine here when
-      it is not found on its own.
+      Docker engine address (`unix:///path`, a socket path, or `tcp://host:port`). nixdock-hook
+      runs as root under nix-daemon and then uses only this engine, else DOCKER_HOST from the
+      daemon's environment, else the system sockets /var/run/docker.sock and
+      /run/podman/podman.sock when they and every directory above them belong to root. It
+      never looks in users' homes, so an engine there (Docker Desktop, OrbStack, colima, a
+      Podman machine, rootless Docker) must be named here, e.g.
+      `unix:///Users/<you>/.docker/run/docker.sock`. An engine named here that does not answer
+      is an error: no other is tried.
     '';
     offload-local = nullable types.bool "Also send builds for this machine's own system to a builder.";
     transport = nullable (types.enum [ "auto" "ssh" ]) ''

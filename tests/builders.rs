@@ -24,6 +24,7 @@ use bollard::models::{ContainerInspectResponse, PortBinding};
 use hook_protocol::derivation::Derivation;
 use hook_protocol::store_path::StorePath;
 use hook_protocol::worker::{BuildMode, BuildStatus, ClientSettings, LogEvent};
+use nixdock::builder::engine::HowFound;
 use nixdock::builder::provision::{LABEL_INSTANCE, LABEL_MAX_JOBS, LABEL_SYSTEM, SSH_PORT};
 use nixdock::builder::{
     BuilderError, BuilderSpec, Builders, Engine, EngineError, ReadyBuilder, slots,
@@ -1214,7 +1215,8 @@ fn refused_socket(dir: &Path, name: &str) -> PathBuf {
     p
 }
 
-/// An engine that cannot be reached: dead or silent addresses are tried and skipped quickly;
+/// An engine that cannot be reached: a configured docker-host that is dead or silent is an
+/// error naming it, quickly, and no other engine is tried (the system socket answers here);
 /// an engine gone after discovery fails `ensure_ready` naming its address; with no engine
 /// anywhere (a mount namespace without sockets), the error lists everything tried.
 #[tokio::test]
@@ -1225,23 +1227,48 @@ async fn unreachable_engine() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
 
-    // A configured docker-host that is dead, or silent, does not stop discovery.
+    // A configured docker-host that is dead, or silent, is an error naming it: never a
+    // reason to try another engine (the system socket answers here).
     let refused = refused_socket(dir.path(), "refused.sock");
-    let e = Engine::discover(Some(&format!("unix://{}", refused.display())))
-        .await
-        .expect("falls through to the system socket");
-    assert_ne!(e.how_found, "config docker-host");
+    let named = format!("unix://{}", refused.display());
+    match Engine::discover(Some(&named)).await {
+        Err(EngineError::Explicit { addr, how, .. }) => {
+            assert_eq!(addr, named);
+            assert_eq!(how, HowFound::ConfigDockerHost);
+        }
+        other => panic!("a dead docker-host must be an error naming it: {other:?}"),
+    }
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let named = format!("tcp://{}", silent.local_addr().unwrap());
     let t = Instant::now();
-    let e = Engine::discover(Some(&format!("tcp://{}", silent.local_addr().unwrap())))
+    let err = Engine::discover(Some(&named))
         .await
-        .expect("falls through to the system socket");
-    assert_ne!(e.how_found, "config docker-host");
+        .expect_err("a silent docker-host is an error");
+    let text = err.to_string();
+    assert!(
+        text.contains(&named) && text.contains("timed out"),
+        "{text}"
+    );
     assert!(
         t.elapsed() < Duration::from_secs(10),
         "a silent engine held discovery for {:?}",
         t.elapsed()
     );
+    // A Unix socket that accepts (the kernel does, into the backlog) but never answers.
+    let silent_unix = dir.path().join("silent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&silent_unix).unwrap();
+    let named = format!("unix://{}", silent_unix.display());
+    let t = Instant::now();
+    let err = Engine::discover(Some(&named))
+        .await
+        .expect_err("a silent docker-host is an error");
+    let text = err.to_string();
+    assert!(
+        text.contains(&named) && text.contains("timed out"),
+        "{text}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let e = Engine::discover(None).await.expect("the system socket");
 
     // The engine goes away after discovery: ensure_ready names it.
     let gone = refused_socket(dir.path(), "gone.sock");
@@ -1253,7 +1280,7 @@ async fn unreachable_engine() {
         )
         .unwrap(),
         addr: format!("unix://{}", gone.display()),
-        how_found: "test",
+        how_found: HowFound::Given,
         arch: e.arch.clone(),
         os: e.os.clone(),
     };
@@ -1297,7 +1324,10 @@ async fn unreachable_engine() {
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
         .arg(
-            "set -e; mount -t tmpfs tmpfs /run; [ -L /var/run ] || mount -t tmpfs tmpfs /var/run; \
+            // Mode 0755 as the real /run has: a 1777 tmpfs would fail the ownership check
+            // before the socket is even looked for.
+            "set -e; mount -t tmpfs -o mode=755 tmpfs /run; \
+             [ -L /var/run ] || mount -t tmpfs -o mode=755 tmpfs /var/run; \
              [ ! -d /home ] || mount -t tmpfs tmpfs /home; exec \"$@\"",
         )
         .arg("sh")
@@ -1310,7 +1340,7 @@ async fn unreachable_engine() {
         ])
         .env("NIXDOCK_TEST_DISCOVER_DIR", dir.path())
         .env("HOME", &home)
-        .env("DOCKER_HOST", format!("unix://{}", refused.display()))
+        .env_remove("DOCKER_HOST")
         .env_remove("SUDO_USER")
         .env_remove("XDG_RUNTIME_DIR");
     let out = run_with_timeout(cmd, Duration::from_secs(60)).expect("helper process");
@@ -1322,19 +1352,15 @@ async fn unreachable_engine() {
 /// Helper for `unreachable_engine`; does nothing on its own.
 #[tokio::test]
 async fn helper_process_discover_without_engines() {
-    let Some(dir) = std::env::var_os("NIXDOCK_TEST_DISCOVER_DIR") else {
+    if std::env::var_os("NIXDOCK_TEST_DISCOVER_DIR").is_none() {
         return;
-    };
-    let dir = PathBuf::from(dir);
+    }
     assert!(
         !Path::new("/var/run/docker.sock").exists(),
         "not in the test's mount namespace"
     );
-    // Accepts connections (the kernel does, into the backlog) but never answers.
-    let silent = dir.join("silent.sock");
-    let _listener = std::os::unix::net::UnixListener::bind(&silent).unwrap();
     let t = Instant::now();
-    let r = Engine::discover(Some(&format!("unix://{}", silent.display()))).await;
+    let r = Engine::discover(None).await;
     let took = t.elapsed();
     let err = match r {
         Ok(e) => panic!("found an engine in an empty namespace: {e:?}"),
@@ -1343,29 +1369,28 @@ async fn helper_process_discover_without_engines() {
     let text = err.to_string();
     println!("no engine ({took:?}):\n{text}");
     let tried = match &err {
-        EngineError::NotFound { tried } => tried.clone(),
+        EngineError::NotFound { tried, as_root } => {
+            assert!(*as_root);
+            tried.clone()
+        }
         other => panic!("expected NotFound, got {other}"),
     };
-    let find = |what: &str| {
-        tried
-            .iter()
-            .find(|(w, _)| w.contains(what))
-            .unwrap_or_else(|| panic!("{what} not among the tried: {tried:?}"))
-            .1
-            .clone()
-    };
+    // As root: the two system sockets, nothing else (HOME has none, and is not looked at).
     assert_eq!(
-        tried[0].0,
-        format!("unix://{} (config docker-host)", silent.display())
-    );
-    assert_eq!(find("silent.sock"), "timed out");
-    assert!(find("refused.sock (DOCKER_HOST)").len() > 3);
-    assert_eq!(
-        find("unix:///var/run/docker.sock (system socket)"),
-        "no such socket"
+        tried,
+        [
+            (
+                "unix:///var/run/docker.sock (system socket)".to_string(),
+                "no such socket".to_string()
+            ),
+            (
+                "unix:///run/podman/podman.sock (Podman (rootful))".to_string(),
+                "no such socket".to_string()
+            )
+        ]
     );
     assert!(text.contains("no Docker engine answered"), "{text}");
-    assert!(text.contains("docker-host"), "{text}");
+    assert!(text.contains("sudo nixdock install"), "{text}");
     assert!(took < Duration::from_secs(10), "discovery took {took:?}");
     println!("DISCOVER-OK");
 }

@@ -420,6 +420,7 @@ fn every_command_has_complete_help() {
                 "--hook",
                 "--nix-version",
                 "--service-manager",
+                "--docker-host",
                 "2.25",
                 "install-manifest.json",
             ],

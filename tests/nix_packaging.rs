@@ -916,3 +916,49 @@ fn hook_option_reaches_nix() {
         );
     }
 }
+
+/// On macOS the engine's socket is in a user's home, where the root hook never looks: the
+/// nix-darwin module warns until `docker-host` names it, and the README's example (Docker
+/// Desktop) reaches the config file.
+#[test]
+fn darwin_module_asks_for_docker_host() {
+    if !common::require_tool(NIX_INSTANTIATE) {
+        return;
+    }
+    let r = eval_module(Module::Darwin, "2.26.3", json!({ "enable": true })).unwrap();
+    let warnings = r["config"]["warnings"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        warnings.len() == 1
+            && warnings[0]
+                .as_str()
+                .unwrap()
+                .contains("services.nixdock.settings.docker-host is not set"),
+        "{r}"
+    );
+    let addr = "unix:///Users/alice/.docker/run/docker.sock";
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!(
+            "services.nixdock.settings.docker-host = \"{addr}\";"
+        )),
+        "the README's nix-darwin example names Docker Desktop's socket"
+    );
+    let r = eval_module(
+        Module::Darwin,
+        "2.26.3",
+        json!({ "enable": true, "settings": { "docker-host": addr } }),
+    )
+    .unwrap();
+    let warnings = r["config"]["warnings"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(warnings.is_empty(), "{r}");
+    assert_eq!(
+        module_config_file(&r).unwrap().docker_host.as_deref(),
+        Some(addr)
+    );
+}

@@ -26,6 +26,7 @@ let
   host = {
     options = {
       assertions = opt (types.listOf types.unspecified) [ ];
+      warnings = opt (types.listOf types.str) [ ];
       nix.enable = opt types.bool true;
       nix.package = opt types.raw { version = nixVersion; };
       nix.settings = opt (types.submodule { freeformType = types.attrsOf types.anything; }) { };

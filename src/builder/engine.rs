@@ -1,9 +1,25 @@
-//! Finding the Docker engine. The hook usually runs as root under nix-daemon with none of the
-//! user's environment, so it looks deliberately: the config's `docker-host`, `DOCKER_HOST`,
-//! the system socket, then the sockets that Docker Desktop, OrbStack, colima and Podman put in
-//! users' home directories.
+//! Finding the Docker engine.
+//!
+//! The hook usually runs as root under nix-daemon and writes into the store every user trusts,
+//! so whoever serves the engine it talks to controls what it imports (the builder's private
+//! host key is uploaded there, and the outputs come back from it). As root it therefore uses
+//! only what root itself chose:
+//! 1. the config's `docker-host` — only that one: an engine named there that does not answer
+//!    is an error naming it, never a reason to try another;
+//! 2. else `DOCKER_HOST` from the hook's own environment (nix-daemon's, which no client can
+//!    set), honoured the same way: an explicit setting that does not answer is an error;
+//! 3. else the system sockets `/var/run/docker.sock` and `/run/podman/podman.sock`, each only
+//!    when it, and every directory on the way to it (symlinks resolved), belongs to root and
+//!    no one else can write there ([`check_socket`]).
+//!
+//! Root never looks in `/home`, `/Users` or `/run/user`: a user who runs an engine there (or
+//! anything that answers the API) would get the builders. A non-root hook (a single-user
+//! install) also looks in its own home and `/run/user/<own uid>`, never another user's.
+//! Docker Desktop, OrbStack and colima on a Mac live in a user's home: `nixdock install`
+//! searches the homes once ([`install_time_candidates`]), shows what it found, and records
+//! it as `docker-host`.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use bollard::Docker;
@@ -13,13 +29,39 @@ const PING_TIMEOUT: Duration = Duration::from_secs(3);
 /// Upper bound for any single engine request (container start under emulation is slow).
 const REQUEST_TIMEOUT_SECS: u64 = 120;
 
+/// The system sockets root may use, in order.
+pub const SYSTEM_SOCKETS: [(&str, HowFound); 2] = [
+    ("/var/run/docker.sock", HowFound::SystemSocket),
+    ("/run/podman/podman.sock", HowFound::PodmanRootful),
+];
+
+/// Sockets that engines put in their user's home, relative to it.
+const HOME_SOCKETS: [(&str, HowFound); 4] = [
+    (".docker/run/docker.sock", HowFound::DockerDesktop),
+    (".orbstack/run/docker.sock", HowFound::OrbStack),
+    (".colima/default/docker.sock", HowFound::Colima),
+    (".colima/docker.sock", HowFound::Colima),
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(
-        "no Docker engine answered; tried:\n{}\nStart Docker, or set `docker-host` in the nixdock config (see `nixdock doctor`).",
-        .tried.iter().map(|(w, why)| format!("  {w}: {why}")).collect::<Vec<_>>().join("\n")
+        "no Docker engine answered; tried:\n{}\n{}",
+        .tried.iter().map(|(w, why)| format!("  {w}: {why}")).collect::<Vec<_>>().join("\n"),
+        if *.as_root { ROOT_HINT } else { USER_HINT }
     )]
-    NotFound { tried: Vec<(String, String)> },
+    NotFound {
+        tried: Vec<(String, String)>,
+        /// Whether discovery ran as root (and so looked only at the system sockets).
+        as_root: bool,
+    },
+    /// An engine named explicitly (config `docker-host`, `DOCKER_HOST`) did not answer.
+    #[error("{}", explicit_message(.addr, *.how, .why))]
+    Explicit {
+        addr: String,
+        how: HowFound,
+        why: String,
+    },
     #[error("Docker engine at {addr}: {source}")]
     Api {
         addr: String,
@@ -28,12 +70,88 @@ pub enum EngineError {
     },
 }
 
+const ROOT_HINT: &str = "As root, nixdock uses only `docker-host` from its config, DOCKER_HOST, and \
+the system sockets /var/run/docker.sock and /run/podman/podman.sock when they and every \
+directory above them belong to root; it never looks in users' homes. For an engine elsewhere \
+(Docker Desktop, OrbStack, colima, rootless Docker or Podman): start it and run \
+`sudo nixdock install` (it records the engine it finds as docker-host), or set \
+docker-host = \"unix:///path/to/docker.sock\" in the nixdock config (see `nixdock doctor`).";
+
+const USER_HINT: &str =
+    "Start Docker, or set `docker-host` in the nixdock config (see `nixdock doctor`).";
+
+fn explicit_message(addr: &str, how: HowFound, why: &str) -> String {
+    match how {
+        HowFound::DockerHostEnv => format!(
+            "the Docker engine DOCKER_HOST={addr} names does not answer: {why}. nixdock tries \
+             no other engine when one is named: start that engine, or unset DOCKER_HOST (or \
+             set docker-host in the nixdock config, which comes first)"
+        ),
+        _ => format!(
+            "the Docker engine docker-host = \"{addr}\" in the nixdock config names does not \
+             answer: {why}. nixdock tries no other engine when one is configured: start that \
+             engine, or change docker-host in the nixdock config (`sudo nixdock install` \
+             shows the engine it finds)"
+        ),
+    }
+}
+
+/// How an engine was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HowFound {
+    /// `docker-host` in nixdock's config.
+    ConfigDockerHost,
+    /// `DOCKER_HOST` in the process's own environment.
+    DockerHostEnv,
+    /// `/var/run/docker.sock`.
+    SystemSocket,
+    /// `/run/podman/podman.sock`.
+    PodmanRootful,
+    DockerDesktop,
+    OrbStack,
+    Colima,
+    /// `/run/user/<uid>/docker.sock`.
+    DockerRootless,
+    /// `/run/user/<uid>/podman/podman.sock`.
+    PodmanRootless,
+    /// Made by hand (tests, tools), not by discovery.
+    Given,
+}
+
+impl HowFound {
+    /// Named by the operator: used alone, and an error when it does not answer.
+    pub fn is_explicit(self) -> bool {
+        matches!(self, HowFound::ConfigDockerHost | HowFound::DockerHostEnv)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HowFound::ConfigDockerHost => "config docker-host",
+            HowFound::DockerHostEnv => "DOCKER_HOST",
+            HowFound::SystemSocket => "system socket",
+            HowFound::PodmanRootful => "Podman (rootful)",
+            HowFound::DockerDesktop => "Docker Desktop",
+            HowFound::OrbStack => "OrbStack",
+            HowFound::Colima => "colima",
+            HowFound::DockerRootless => "Docker (rootless)",
+            HowFound::PodmanRootless => "Podman (rootless)",
+            HowFound::Given => "given",
+        }
+    }
+}
+
+impl std::fmt::Display for HowFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A connected engine and where it was found.
 #[derive(Clone)]
 pub struct Engine {
     pub docker: Docker,
     pub addr: String,
-    pub how_found: &'static str,
+    pub how_found: HowFound,
     pub arch: String,
     pub os: String,
 }
@@ -52,45 +170,140 @@ impl std::fmt::Debug for Engine {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
     pub addr: String,
-    pub how: &'static str,
+    pub how: HowFound,
+    /// For a socket nobody named: the uids that may own it and every directory above it
+    /// ([`check_socket`]). `None`: used as given (named by the operator, or shown to them).
+    pub owners: Option<Vec<u32>>,
 }
 
-/// Every place to try, in order, without touching the network.
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// Every place the hook may try, in order, without touching the network.
 pub fn candidates(config_host: Option<&str>) -> Vec<Candidate> {
+    let env_host = std::env::var("DOCKER_HOST").ok();
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    candidates_for(config_host, env_host.as_deref(), euid(), home.as_deref())
+}
+
+/// [`candidates`] for a given environment.
+pub fn candidates_for(
+    config_host: Option<&str>,
+    env_host: Option<&str>,
+    euid: u32,
+    home: Option<&Path>,
+) -> Vec<Candidate> {
+    // An explicit engine is the only one: falling back to another would hand the builders to
+    // whoever answers there, and hide a misconfiguration.
+    if let Some(h) = config_host {
+        return vec![Candidate {
+            addr: h.to_string(),
+            how: HowFound::ConfigDockerHost,
+            owners: None,
+        }];
+    }
+    if let Some(h) = env_host.filter(|h| !h.is_empty()) {
+        return vec![Candidate {
+            addr: h.to_string(),
+            how: HowFound::DockerHostEnv,
+            owners: None,
+        }];
+    }
     let mut out = Vec::new();
-    let mut push = |addr: String, how: &'static str| {
+    let system = |(path, how): (&str, HowFound)| Candidate {
+        addr: format!("unix://{path}"),
+        how,
+        owners: Some(vec![0]),
+    };
+    out.push(system(SYSTEM_SOCKETS[0]));
+    if euid != 0 {
+        // A single-user install: this user's own engines, owned by them (or root).
+        let mine = Some(vec![0, euid]);
+        if let Some(home) = home.filter(|h| h.is_absolute()) {
+            for (rel, how) in HOME_SOCKETS {
+                let p = home.join(rel);
+                if std::fs::symlink_metadata(&p).is_ok() {
+                    out.push(Candidate {
+                        addr: format!("unix://{}", p.display()),
+                        how,
+                        owners: mine.clone(),
+                    });
+                }
+            }
+        }
+        out.push(system(SYSTEM_SOCKETS[1]));
+        let run = PathBuf::from(format!("/run/user/{euid}"));
+        for (rel, how) in [
+            ("podman/podman.sock", HowFound::PodmanRootless),
+            ("docker.sock", HowFound::DockerRootless),
+        ] {
+            let p = run.join(rel);
+            if std::fs::symlink_metadata(&p).is_ok() {
+                out.push(Candidate {
+                    addr: format!("unix://{}", p.display()),
+                    how,
+                    owners: mine.clone(),
+                });
+            }
+        }
+    } else {
+        out.push(system(SYSTEM_SOCKETS[1]));
+    }
+    out
+}
+
+/// Where `nixdock install` looks, once, with the operator watching: the search the hook made
+/// before it trusted only root's own sockets. `DOCKER_HOST`, the system sockets, then the
+/// sockets of Docker Desktop, OrbStack and colima in the homes of the invoking user
+/// (`SUDO_USER`), the console user (macOS) and everyone under /home and /Users, then rootful,
+/// rootless Podman and rootless Docker. None is checked for ownership: install shows what it
+/// found and whose it is ([`socket_owner`]) before recording it.
+pub fn install_time_candidates() -> Vec<Candidate> {
+    let mut out = Vec::new();
+    let mut push = |addr: String, how: HowFound| {
         if !out.iter().any(|c: &Candidate| c.addr == addr) {
-            out.push(Candidate { addr, how });
+            out.push(Candidate {
+                addr,
+                how,
+                owners: None,
+            });
         }
     };
-    if let Some(h) = config_host {
-        push(h.to_string(), "config docker-host");
-    }
     if let Ok(h) = std::env::var("DOCKER_HOST")
         && !h.is_empty()
     {
-        push(h, "DOCKER_HOST");
+        push(h, HowFound::DockerHostEnv);
     }
-    push("unix:///var/run/docker.sock".into(), "system socket");
+    push(
+        format!("unix://{}", SYSTEM_SOCKETS[0].0),
+        SYSTEM_SOCKETS[0].1,
+    );
     for home in user_homes() {
-        for (rel, how) in [
-            (".docker/run/docker.sock", "Docker Desktop"),
-            (".orbstack/run/docker.sock", "OrbStack"),
-            (".colima/default/docker.sock", "colima"),
-            (".colima/docker.sock", "colima"),
-        ] {
+        for (rel, how) in HOME_SOCKETS {
             let p = home.join(rel);
             if p.exists() {
                 push(format!("unix://{}", p.display()), how);
             }
         }
     }
-    push("unix:///run/podman/podman.sock".into(), "Podman (rootful)");
+    push(
+        format!("unix://{}", SYSTEM_SOCKETS[1].0),
+        SYSTEM_SOCKETS[1].1,
+    );
     if let Ok(dir) = std::fs::read_dir("/run/user") {
-        for e in dir.flatten() {
-            let p = e.path().join("podman/podman.sock");
-            if p.exists() {
-                push(format!("unix://{}", p.display()), "Podman (rootless)");
+        let mut dirs: Vec<_> = dir.flatten().map(|e| e.path()).collect();
+        dirs.sort();
+        for d in dirs {
+            for (rel, how) in [
+                ("podman/podman.sock", HowFound::PodmanRootless),
+                ("docker.sock", HowFound::DockerRootless),
+            ] {
+                let p = d.join(rel);
+                if p.exists() {
+                    push(format!("unix://{}", p.display()), how);
+                }
             }
         }
     }
@@ -98,23 +311,27 @@ pub fn candidates(config_host: Option<&str>) -> Vec<Candidate> {
 }
 
 /// Home directories of the people who might run an engine: the invoking user, the console
-/// user (macOS), then everyone under /home and /Users.
+/// user (macOS), then everyone under /home and /Users. Only `nixdock install` looks here.
 fn user_homes() -> Vec<PathBuf> {
     let mut homes = Vec::new();
     if let Some(h) = std::env::var_os("HOME") {
         homes.push(PathBuf::from(h));
     }
     if let Ok(u) = std::env::var("SUDO_USER") {
-        homes.push(PathBuf::from("/home").join(&u));
-        homes.push(PathBuf::from("/Users").join(&u));
-    }
-    if let Ok(meta) = std::fs::metadata("/dev/console") {
-        use std::os::unix::fs::MetadataExt;
-        if meta.uid() != 0
-            && let Some(h) = home_of_uid(meta.uid())
+        if let Some(h) = std::env::var("SUDO_UID")
+            .ok()
+            .and_then(|u| u.parse().ok())
+            .and_then(home_of_uid)
         {
             homes.push(h);
         }
+        homes.push(PathBuf::from("/home").join(&u));
+        homes.push(PathBuf::from("/Users").join(&u));
+    }
+    if let Some(uid) = console_uid()
+        && let Some(h) = home_of_uid(uid)
+    {
+        homes.push(h);
     }
     for root in ["/Users", "/home"] {
         if let Ok(dir) = std::fs::read_dir(root) {
@@ -123,8 +340,16 @@ fn user_homes() -> Vec<PathBuf> {
             homes.extend(v);
         }
     }
-    homes.dedup();
+    let mut seen = std::collections::HashSet::new();
+    homes.retain(|h| seen.insert(h.clone()));
     homes
+}
+
+/// The user logged in at the console (macOS: the owner of /dev/console), if not root.
+pub fn console_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/dev/console").ok()?.uid();
+    (uid != 0).then_some(uid)
 }
 
 fn home_of_uid(uid: u32) -> Option<PathBuf> {
@@ -135,13 +360,165 @@ fn home_of_uid(uid: u32) -> Option<PathBuf> {
     })
 }
 
-fn connect(addr: &str, version: &bollard::ClientVersion) -> Result<Docker, String> {
-    if let Some(path) = addr.strip_prefix("unix://").or_else(|| {
+/// The owner of the socket an address names (symlinks followed), for a `unix://` address.
+pub fn socket_owner(addr: &str) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(unix_path(addr)?).ok().map(|m| m.uid())
+}
+
+/// The socket path of a `unix://` address or a plain absolute path.
+fn unix_path(addr: &str) -> Option<&str> {
+    addr.strip_prefix("unix://").or_else(|| {
         Path::new(addr)
             .is_absolute()
             .then_some(addr)
             .filter(|_| !addr.contains("://"))
-    }) {
+    })
+}
+
+/// Symlinks followed while resolving one socket path before giving up (Linux's own limit).
+const MAX_SYMLINKS: u32 = 40;
+
+/// Resolves `path` component by component, symlinks included, and returns the socket it
+/// names when every directory passed through on the way (from `/` down, including those
+/// holding a symlink that was followed) is owned by one of `owners` and writable by neither
+/// group nor others, and the socket itself is owned by one of `owners` and not writable by
+/// others. Otherwise says which path fails and why. Whoever can write a directory on the way
+/// could put their own socket (or a symlink to it) there; whoever owns one could chmod it.
+///
+/// The socket's group-write bit is allowed: it is the engine's own access control over who
+/// may connect (clients, not who serves), and Docker's `docker` group (`root:docker 0660`)
+/// is root-equivalent by Docker's design, so it grants nothing root did not choose to grant.
+/// A socket writable by others is refused: every local user could drive that engine.
+pub fn check_socket(path: &Path, owners: &[u32]) -> Result<PathBuf, String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    if !path.is_absolute() {
+        return Err(format!("{}: not an absolute path", path.display()));
+    }
+    let check_dir = |dir: &Path, m: &std::fs::Metadata| -> Result<(), String> {
+        if !owners.contains(&m.uid()) {
+            return Err(format!(
+                "directory {} is owned by uid {}, not {}",
+                dir.display(),
+                m.uid(),
+                owner_names(owners)
+            ));
+        }
+        if m.mode() & 0o022 != 0 {
+            return Err(format!(
+                "directory {} is writable by group or others (mode {:o})",
+                dir.display(),
+                m.mode() & 0o7777
+            ));
+        }
+        Ok(())
+    };
+    let lstat = |p: &Path| {
+        std::fs::symlink_metadata(p).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                "no such socket".to_string()
+            } else {
+                format!("{}: {e}", p.display())
+            }
+        })
+    };
+    let root = PathBuf::from("/");
+    check_dir(&root, &lstat(&root)?)?;
+    let mut cur = root.clone();
+    // Components still to walk, front first; a symlink's target is put in front of the rest.
+    let mut todo: std::collections::VecDeque<std::ffi::OsString> =
+        std::collections::VecDeque::new();
+    let push_front = |todo: &mut std::collections::VecDeque<std::ffi::OsString>, p: &Path| {
+        let parts: Vec<std::ffi::OsString> = p
+            .components()
+            .map(|c| match c {
+                Component::RootDir => "/".into(),
+                other => other.as_os_str().to_os_string(),
+            })
+            .collect();
+        for c in parts.into_iter().rev() {
+            todo.push_front(c);
+        }
+    };
+    push_front(&mut todo, path);
+    let mut hops = 0;
+    let mut last: Option<std::fs::Metadata> = None;
+    while let Some(c) = todo.pop_front() {
+        last = None;
+        if c == "/" {
+            cur = root.clone();
+            continue;
+        }
+        if c == "." {
+            continue;
+        }
+        if c == ".." {
+            cur.pop();
+            continue;
+        }
+        let next = cur.join(&c);
+        let m = lstat(&next)?;
+        let ft = m.file_type();
+        if ft.is_symlink() {
+            hops += 1;
+            if hops > MAX_SYMLINKS {
+                return Err(format!("{}: too many symlinks", path.display()));
+            }
+            let target =
+                std::fs::read_link(&next).map_err(|e| format!("{}: {e}", next.display()))?;
+            // The directory holding the link was checked; the target is walked (and checked)
+            // from `/` or from here.
+            push_front(&mut todo, &target);
+        } else if ft.is_dir() {
+            check_dir(&next, &m)?;
+            cur = next;
+        } else if todo.is_empty() {
+            cur = next;
+            last = Some(m);
+        } else {
+            return Err(format!("{}: not a directory", next.display()));
+        }
+    }
+    let Some(m) = last else {
+        return Err(format!("{} is not a socket", cur.display()));
+    };
+    if !m.file_type().is_socket() {
+        return Err(format!("{} is not a socket", cur.display()));
+    }
+    if !owners.contains(&m.uid()) {
+        return Err(format!(
+            "socket {} is owned by uid {}, not {}",
+            cur.display(),
+            m.uid(),
+            owner_names(owners)
+        ));
+    }
+    if m.mode() & 0o002 != 0 {
+        return Err(format!(
+            "socket {} is writable by others (mode {:o}): any local user could drive that engine",
+            cur.display(),
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(cur)
+}
+
+fn owner_names(owners: &[u32]) -> String {
+    owners
+        .iter()
+        .map(|u| {
+            if *u == 0 {
+                "root".to_string()
+            } else {
+                format!("uid {u}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
+fn connect(addr: &str, version: &bollard::ClientVersion) -> Result<Docker, String> {
+    if let Some(path) = unix_path(addr) {
         if !Path::new(path).exists() {
             return Err("no such socket".into());
         }
@@ -163,14 +540,24 @@ fn parse_api_version(s: &str) -> Option<bollard::ClientVersion> {
 }
 
 impl Engine {
-    /// Tries each candidate in turn; the first engine that answers a ping wins.
+    /// Tries each candidate in turn ([`candidates`]); the first engine that answers wins. An
+    /// explicit one (config `docker-host`, `DOCKER_HOST`) is the only candidate, and its
+    /// failure is [`EngineError::Explicit`].
     pub async fn discover(config_host: Option<&str>) -> Result<Engine, EngineError> {
         let mut tried = Vec::new();
         for c in candidates(config_host) {
             match Self::try_one(&c).await {
                 Ok(e) => {
-                    tracing::info!(addr = %e.addr, how = e.how_found, arch = %e.arch, "docker engine found");
+                    tracing::info!(addr = %e.addr, how = %e.how_found, arch = %e.arch, "docker engine found");
                     return Ok(e);
+                }
+                Err(why) if c.how.is_explicit() => {
+                    tracing::debug!(addr = %c.addr, %why, "the named docker engine failed");
+                    return Err(EngineError::Explicit {
+                        addr: c.addr,
+                        how: c.how,
+                        why,
+                    });
                 }
                 Err(why) => {
                     tracing::debug!(addr = %c.addr, %why, "docker engine candidate failed");
@@ -178,11 +565,49 @@ impl Engine {
                 }
             }
         }
-        Err(EngineError::NotFound { tried })
+        Err(EngineError::NotFound {
+            tried,
+            as_root: euid() == 0,
+        })
     }
 
-    async fn try_one(c: &Candidate) -> Result<Engine, String> {
-        let docker = connect(&c.addr, bollard::API_DEFAULT_VERSION)?;
+    /// `nixdock install`'s search ([`install_time_candidates`]): the first engine that answers,
+    /// and what failed before it (everything, when none answered).
+    pub async fn search_at_install() -> (Option<Engine>, Vec<(String, String)>) {
+        let mut tried = Vec::new();
+        for c in install_time_candidates() {
+            match Self::try_one(&c).await {
+                Ok(e) => return (Some(e), tried),
+                Err(why) => tried.push((format!("{} ({})", c.addr, c.how), why)),
+            }
+        }
+        (None, tried)
+    }
+
+    /// Connects to one candidate: its ownership checked first when it has `owners`, then
+    /// connected through the path that was checked.
+    pub async fn try_one(c: &Candidate) -> Result<Engine, String> {
+        let addr = match &c.owners {
+            Some(owners) => {
+                let path = unix_path(&c.addr).ok_or("not a unix socket address")?;
+                format!(
+                    "unix://{}",
+                    check_socket(Path::new(path), owners)?.display()
+                )
+            }
+            None => c.addr.clone(),
+        };
+        if let Some(path) = unix_path(&addr) {
+            // The OS's reason ("Connection refused") says more than the HTTP client's.
+            tokio::time::timeout(PING_TIMEOUT, tokio::net::UnixStream::connect(path))
+                .await
+                .map_err(|_| "timed out".to_string())?
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => "no such socket".to_string(),
+                    _ => e.to_string(),
+                })?;
+        }
+        let docker = connect(&addr, bollard::API_DEFAULT_VERSION)?;
         // One `/version` answers everything: that the engine is up, its API version (what
         // bollard's `negotiate_version` would ask again), its architecture and OS. Every hook
         // asks it before its `# accept`, while Nix's worker waits.
@@ -191,7 +616,7 @@ impl Engine {
             .map_err(|_| "timed out".to_string())?
             .map_err(|e| e.to_string())?;
         let docker = match info.api_version.as_deref().and_then(parse_api_version) {
-            Some(v) if v < *bollard::API_DEFAULT_VERSION => connect(&c.addr, &v)?,
+            Some(v) if v < *bollard::API_DEFAULT_VERSION => connect(&addr, &v)?,
             _ => docker,
         };
         Ok(Engine {
@@ -224,6 +649,7 @@ pub fn normalize_arch(a: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn api_versions_parse_and_compare() {
@@ -235,37 +661,220 @@ mod tests {
     }
 
     #[test]
-    fn config_host_comes_first_and_duplicates_are_dropped() {
-        let c = candidates(Some("unix:///var/run/docker.sock"));
-        assert_eq!(c[0].how, "config docker-host");
+    fn an_explicit_engine_is_the_only_candidate() {
+        let c = candidates_for(Some("unix:///srv/d.sock"), Some("tcp://x:1"), 0, None);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].how, HowFound::ConfigDockerHost);
+        assert_eq!(c[0].owners, None);
+        let c = candidates_for(None, Some("tcp://x:1"), 1000, None);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].how, HowFound::DockerHostEnv);
+        // An empty DOCKER_HOST is unset.
+        assert!(candidates_for(None, Some(""), 0, None).len() > 1);
+    }
+
+    /// As root: the system sockets only, each checked for root ownership; never a home, even
+    /// the one in HOME, and never /run/user.
+    #[test]
+    fn root_tries_only_checked_system_sockets() {
+        let home = tempfile::tempdir().unwrap();
+        let sock = home.path().join(".docker/run/docker.sock");
+        std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let c = candidates_for(None, None, 0, Some(home.path()));
+        let addrs: Vec<_> = c.iter().map(|c| c.addr.as_str()).collect();
         assert_eq!(
-            c.iter()
-                .filter(|c| c.addr == "unix:///var/run/docker.sock")
-                .count(),
-            1
+            addrs,
+            [
+                "unix:///var/run/docker.sock",
+                "unix:///run/podman/podman.sock"
+            ]
         );
+        assert!(c.iter().all(|c| c.owners == Some(vec![0])));
+        // A non-root user may use the engine in their own home, owned by them or root.
+        let c = candidates_for(None, None, 4242, Some(home.path()));
+        let mine = c
+            .iter()
+            .find(|c| c.how == HowFound::DockerDesktop)
+            .expect("own home's socket");
+        assert_eq!(mine.addr, format!("unix://{}", sock.display()));
+        assert_eq!(mine.owners, Some(vec![0, 4242]));
+        assert!(c.iter().all(|c| !c.addr.contains("/home/")));
     }
 
     #[tokio::test]
-    async fn nothing_answering_lists_what_was_tried() {
+    async fn a_named_engine_that_does_not_answer_is_an_error_naming_it() {
+        let err = EngineError::Explicit {
+            addr: "unix:///nonexistent/docker.sock".into(),
+            how: HowFound::ConfigDockerHost,
+            why: "no such socket".into(),
+        };
+        let text = err.to_string();
+        assert!(text.contains("unix:///nonexistent/docker.sock"), "{text}");
+        assert!(text.contains("change docker-host"), "{text}");
         let e = Engine::try_one(&Candidate {
             addr: "unix:///nonexistent/docker.sock".into(),
-            how: "test",
+            how: HowFound::Given,
+            owners: None,
         })
         .await
         .unwrap_err();
         assert_eq!(e, "no such socket");
         let err = EngineError::NotFound {
             tried: vec![("unix:///x (test)".into(), "no such socket".into())],
+            as_root: true,
         };
         let text = err.to_string();
         assert!(text.contains("unix:///x (test): no such socket"), "{text}");
-        assert!(text.contains("docker-host"), "{text}");
+        assert!(text.contains("sudo nixdock install"), "{text}");
     }
 
     #[test]
     fn arch_names() {
         assert_eq!(normalize_arch("amd64"), "x86_64");
         assert_eq!(normalize_arch("arm64"), "aarch64");
+    }
+
+    fn chown(p: &Path, uid: u32) {
+        std::os::unix::fs::lchown(p, Some(uid), None).unwrap();
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// A root-owned tree `<dir>/a/b/s.sock` (directories 0755, socket 0660) under /run,
+    /// whose ancestors belong to root and are not writable by others (/tmp is: sticky 1777).
+    struct Tree {
+        top: tempfile::TempDir,
+        dir: PathBuf,
+        sock: PathBuf,
+        _listener: std::os::unix::net::UnixListener,
+    }
+
+    fn tree() -> Option<Tree> {
+        if euid() != 0 || !Path::new("/run").is_dir() {
+            eprintln!("!! the ownership tests need root (chown) and /run: skipped");
+            return None;
+        }
+        let top = tempfile::Builder::new()
+            .prefix("nixdock-trust-")
+            .tempdir_in("/run")
+            .unwrap();
+        let dir = top.path().join("a/b");
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        chmod(&sock, 0o660);
+        for p in [top.path(), &top.path().join("a"), &dir] {
+            chmod(p, 0o755);
+        }
+        Some(Tree {
+            top,
+            dir,
+            sock,
+            _listener: listener,
+        })
+    }
+
+    #[test]
+    fn a_root_owned_socket_in_root_owned_directories_passes() {
+        let Some(t) = tree() else { return };
+        assert_eq!(check_socket(&t.sock, &[0]).unwrap(), t.sock);
+        // Group-writable socket (Docker's root:docker 0660) is fine; reached through a
+        // root-owned symlink in a root-owned directory too, and resolved to the socket.
+        let link = t.top.path().join("link.sock");
+        std::os::unix::fs::symlink("a/b/s.sock", &link).unwrap();
+        assert_eq!(check_socket(&link, &[0]).unwrap(), t.sock);
+        let up = t.top.path().join("a/up");
+        std::os::unix::fs::symlink("../a/./b/s.sock", &up).unwrap();
+        assert_eq!(check_socket(&up, &[0]).unwrap(), t.sock);
+    }
+
+    #[test]
+    fn a_socket_under_a_group_or_other_writable_directory_is_refused() {
+        let Some(t) = tree() else { return };
+        for mode in [0o775, 0o757, 0o1777] {
+            chmod(&t.dir, mode);
+            let e = check_socket(&t.sock, &[0]).unwrap_err();
+            assert!(e.contains(&t.dir.display().to_string()), "{e}");
+            assert!(e.contains("writable by group or others"), "{e}");
+        }
+        chmod(&t.dir, 0o755);
+        // A directory higher up counts as much.
+        chmod(t.top.path(), 0o777);
+        let e = check_socket(&t.sock, &[0]).unwrap_err();
+        assert!(e.contains("writable by group or others"), "{e}");
+        chmod(t.top.path(), 0o755);
+        // The same through a symlink whose directory is writable: the link could be swapped.
+        let other = t.top.path().join("open");
+        std::fs::create_dir(&other).unwrap();
+        chmod(&other, 0o777);
+        let link = other.join("docker.sock");
+        std::os::unix::fs::symlink(&t.sock, &link).unwrap();
+        let e = check_socket(&link, &[0]).unwrap_err();
+        assert!(e.contains(&other.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn a_socket_or_directory_owned_by_someone_else_is_refused() {
+        let Some(t) = tree() else { return };
+        chown(&t.sock, 64123);
+        let e = check_socket(&t.sock, &[0]).unwrap_err();
+        assert!(e.contains("socket") && e.contains("uid 64123"), "{e}");
+        // ... unless that user is who may own it (a non-root hook's own engine).
+        check_socket(&t.sock, &[0, 64123]).unwrap();
+        chown(&t.sock, 0);
+        chown(&t.dir, 64123);
+        let e = check_socket(&t.sock, &[0]).unwrap_err();
+        assert!(
+            e.contains(&format!(
+                "directory {} is owned by uid 64123",
+                t.dir.display()
+            )),
+            "{e}"
+        );
+        chown(&t.dir, 0);
+        // A symlink into a user-owned directory (Docker Desktop's /var/run/docker.sock on a
+        // Mac points into the user's home) is refused at that directory.
+        let home = t.top.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        chmod(&home, 0o755);
+        let theirs = home.join("d.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&theirs).unwrap();
+        chown(&home, 64123);
+        let link = t.top.path().join("system.sock");
+        std::os::unix::fs::symlink(&theirs, &link).unwrap();
+        let e = check_socket(&link, &[0]).unwrap_err();
+        assert!(e.contains("owned by uid 64123"), "{e}");
+    }
+
+    #[test]
+    fn an_other_writable_socket_or_not_a_socket_is_refused() {
+        let Some(t) = tree() else { return };
+        chmod(&t.sock, 0o666);
+        let e = check_socket(&t.sock, &[0]).unwrap_err();
+        assert!(e.contains("writable by others"), "{e}");
+        let file = t.dir.join("file");
+        std::fs::write(&file, "").unwrap();
+        let e = check_socket(&file, &[0]).unwrap_err();
+        assert!(e.contains("not a socket"), "{e}");
+        assert_eq!(
+            check_socket(&t.dir.join("absent"), &[0]).unwrap_err(),
+            "no such socket"
+        );
+        let e = check_socket(&t.dir, &[0]).unwrap_err();
+        assert!(e.contains("not a socket"), "{e}");
+        let e = check_socket(Path::new("relative.sock"), &[0]).unwrap_err();
+        assert!(e.contains("absolute"), "{e}");
+        // A symlink loop ends.
+        let a = t.dir.join("loop1");
+        std::os::unix::fs::symlink("loop2", &a).unwrap();
+        std::os::unix::fs::symlink("loop1", t.dir.join("loop2")).unwrap();
+        assert!(
+            check_socket(&a, &[0])
+                .unwrap_err()
+                .contains("too many symlinks")
+        );
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::builder::engine::HowFound;
 use crate::builder::systems::{self, EmulationSupport};
 use crate::builder::{Builders, Engine};
 use crate::state::StateDir;
@@ -170,12 +171,35 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
                     e.addr, e.how_found, e.os, e.arch
                 ),
             );
-            if e.how_found == "DOCKER_HOST" {
+            if e.how_found == HowFound::DockerHostEnv {
                 c.warn(
                     "engine",
                     "found through DOCKER_HOST, which nix-daemon's environment usually lacks",
                     format!(
                         "set docker-host = \"{}\" in {}",
+                        e.addr,
+                        env.config_path.display()
+                    ),
+                );
+            }
+            if !common::is_root()
+                && config.docker_host.is_none()
+                && !matches!(
+                    e.how_found,
+                    HowFound::DockerHostEnv | HowFound::SystemSocket | HowFound::PodmanRootful
+                )
+            {
+                // As root the hook looks at no one's home: it will not find this engine.
+                c.warn(
+                    "engine",
+                    format!(
+                        "found in your own home or /run/user ({}), where nix-daemon's hook, \
+                         running as root, does not look",
+                        e.how_found
+                    ),
+                    format!(
+                        "run `sudo nixdock install` (it records the engine as docker-host), or \
+                         set docker-host = \"{}\" in {}",
                         e.addr,
                         env.config_path.display()
                     ),
@@ -196,15 +220,29 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
             Some(e)
         }
         Err(e) => {
-            c.fail(
-                "engine",
-                e,
-                format!(
-                    "start the Docker engine (e.g. `systemctl start docker`), or set \
-                     docker-host = \"unix:///path/to/docker.sock\" in {}",
+            let fix = match (&config.docker_host, common::is_root()) {
+                (Some(h), _) => format!(
+                    "start the engine at {h}, or change docker-host in {} (nixdock tries no \
+                     other engine when one is configured)",
                     env.config_path.display()
                 ),
-            );
+                // Root (so the hook) uses only the system sockets; an engine in a user's
+                // home must be named.
+                (None, true) => format!(
+                    "start the Docker engine (e.g. `systemctl start docker`); for Docker \
+                     Desktop, OrbStack, colima or a rootless engine, start it and run `sudo \
+                     nixdock install` (it records the engine it finds), or set docker-host = \
+                     \"unix:///path/to/docker.sock\" in {}",
+                    env.config_path.display()
+                ),
+                (None, false) => format!(
+                    "start the Docker engine (e.g. `systemctl start docker`), or set \
+                     docker-host = \"unix:///path/to/docker.sock\" in {}; run doctor as root \
+                     to see what nix-daemon's hook sees",
+                    env.config_path.display()
+                ),
+            };
+            c.fail("engine", e, fix);
             None
         }
     };

@@ -17,6 +17,8 @@ use std::process::Command;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::builder::Engine;
+use crate::builder::engine;
 use crate::state::StateDir;
 
 use super::Env;
@@ -63,6 +65,15 @@ What is written depends on the Nix version (the running nix-daemon's, else
   Always: <root>/etc/nixdock/nixdock.toml with commented defaults, if absent.
 The service manager defaults to launchd on macOS and systemd elsewhere.
 
+The Docker engine: as root the hook uses only docker-host, DOCKER_HOST and the
+root-owned system sockets, never an engine in a user's home. Installing into /
+searches once where engines live (DOCKER_HOST, the system sockets, Docker
+Desktop, OrbStack and colima in your home (SUDO_USER), the console user's and
+other homes, Podman), shows the engine found and records it as docker-host in
+the config, unless the config already names one (kept). --docker-host ADDR
+records ADDR instead. A socket owned by someone other than root, you or the
+console user is shown but not recorded.
+
 Every change is printed. The original of every file touched (or \"absent\") is
 kept in install-manifest.json in the state directory, so `nixdock uninstall`
 restores them exactly. Installing again first undoes the previous install.
@@ -89,6 +100,9 @@ pub struct InstallArgs {
     /// How nix-daemon is run: systemd, launchd or none
     #[arg(long, value_enum, value_name = "KIND", hide_possible_values = true)]
     pub service_manager: Option<ServiceManager>,
+    /// Record ADDR as docker-host [default: search]
+    #[arg(long, value_name = "ADDR")]
+    pub docker_host: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -421,9 +435,11 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 # Written by `nixdock install` with every setting commented out: the defaults apply.
 # `nixdock doctor` checks it; unknown keys are errors.
 
-# The Docker engine, tried before DOCKER_HOST, the system socket and the sockets of Docker
-# Desktop, OrbStack, colima and Podman. nix-daemon runs the hook as root without your
-# environment, so name the engine here if it is not found on its own.
+# The Docker engine. As root (under nix-daemon) the hook uses only this, else DOCKER_HOST,
+# else the sockets /var/run/docker.sock and /run/podman/podman.sock when they and every
+# directory above them belong to root: it never looks in users' homes. `sudo nixdock install`
+# records here the engine it finds (Docker Desktop, OrbStack, colima, ...). An engine named
+# here that does not answer is an error; no other is tried.
 # docker-host = "unix:///var/run/docker.sock"
 
 # Also send builds for this machine's own system to a builder (normally they run here).
@@ -570,7 +586,7 @@ fn same_path(a: &Path, b: &Path) -> bool {
     ca == cb
 }
 
-pub fn install(env: &Env, args: InstallArgs) -> Result<i32, String> {
+pub async fn install(env: &Env, args: InstallArgs) -> Result<i32, String> {
     let root = args.root.clone();
     if !root.is_absolute() || !root.is_dir() {
         return Err(format!(
@@ -623,6 +639,18 @@ pub fn install(env: &Env, args: InstallArgs) -> Result<i32, String> {
     let manager = args
         .service_manager
         .unwrap_or_else(ServiceManager::default_here);
+
+    // The docker-host in the config now (set by the user, or recorded by an earlier install)
+    // is kept, even through the undo below.
+    let cfg_path = under(&root, CONFIG);
+    let kept_host = match read_for_edit(&cfg_path)? {
+        Some((bytes, _)) => {
+            crate::config::Config::parse(&String::from_utf8_lossy(&bytes), &cfg_path)
+                .map(|c| c.docker_host)
+                .map_err(|e| e.to_string())
+        }
+        None => Ok(None),
+    };
 
     // A previous install is undone first, so the manifest keeps the true originals.
     let mpath = manifest_path(env);
@@ -734,13 +762,60 @@ pub fn install(env: &Env, args: InstallArgs) -> Result<i32, String> {
             ServiceManager::None => None,
         };
     }
-    let cfg_path = under(&root, CONFIG);
-    if read_for_edit(&cfg_path)?.is_none() {
-        plan.push(Change {
+    let record = match (&kept_host, &args.docker_host) {
+        (Err(e), _) => {
+            println!(
+                "warning: {e}\nthe config is left as it is and no docker-host is recorded: fix \
+                 it (the hook cannot read it either), then install again"
+            );
+            None
+        }
+        (Ok(Some(h)), _) => {
+            println!(
+                "Docker engine: keeping docker-host = {} from {}",
+                toml_string(h),
+                cfg_path.display()
+            );
+            if args.docker_host.as_ref().is_some_and(|a| a != h) {
+                println!(
+                    "warning: --docker-host ignored: the config already names an engine; \
+                     change it there"
+                );
+            }
+            None
+        }
+        (Ok(None), Some(h)) => Some(h.clone()),
+        (Ok(None), None) if real_root => engine_to_record().await,
+        (Ok(None), None) => None,
+    };
+    let cur_cfg = match read_for_edit(&cfg_path)? {
+        Some((b, _)) => Some(
+            String::from_utf8(b)
+                .map_err(|_| format!("{} is not UTF-8 text", cfg_path.display()))?,
+        ),
+        None => None,
+    };
+    // Undoing an earlier install may have taken away the docker-host it recorded (or that was
+    // set since): it goes back in.
+    let record = record.or_else(|| {
+        let now = cur_cfg
+            .as_deref()
+            .and_then(|t| crate::config::Config::parse(t, &cfg_path).ok())
+            .and_then(|c| c.docker_host);
+        kept_host.ok().flatten().filter(|_| now.is_none())
+    });
+    match (&cur_cfg, &record) {
+        (None, None) => plan.push(Change {
             path: cfg_path,
             new: DEFAULT_CONFIG.as_bytes().to_vec(),
             why: "nixdock's config, every setting commented out".into(),
-        });
+        }),
+        (cur, Some(host)) => plan.push(Change {
+            new: config_with_docker_host(cur.as_deref(), host, &cfg_path)?.into_bytes(),
+            path: cfg_path,
+            why: format!("nixdock's config: docker-host = {}", toml_string(host)),
+        }),
+        (Some(_), None) => {}
     }
 
     // Record everything before touching anything.
@@ -803,6 +878,85 @@ pub fn install(env: &Env, args: InstallArgs) -> Result<i32, String> {
     )?;
     println!("check the result with `nixdock doctor`");
     Ok(0)
+}
+
+/// A TOML string literal.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// The config with `docker-host` set: the commented default with that line filled in when
+/// there is none, else the file with the setting added at its top (before any table).
+fn config_with_docker_host(cur: Option<&str>, host: &str, path: &Path) -> Result<String, String> {
+    let line = format!("docker-host = {}", toml_string(host));
+    let new = match cur {
+        None => {
+            DEFAULT_CONFIG.replacen("# docker-host = \"unix:///var/run/docker.sock\"", &line, 1)
+        }
+        Some(text) => format!(
+            "# The Docker engine `nixdock install` found (the hook as root looks nowhere else but\n\
+             # DOCKER_HOST and root's own system sockets).\n{line}\n\n{text}"
+        ),
+    };
+    match crate::config::Config::parse(&new, path) {
+        Ok(c) if c.docker_host.as_deref() == Some(host) => Ok(new),
+        Ok(_) => Err(format!(
+            "cannot add docker-host to {}: set docker-host = {} there yourself",
+            path.display(),
+            toml_string(host)
+        )),
+        Err(e) => Err(format!("{e} (with docker-host added)")),
+    }
+}
+
+/// `sudo nixdock install`'s search for the engine ([`Engine::search_at_install`]): shows what
+/// answered and returns its address to record, unless its socket belongs to someone other
+/// than root, the invoking user (SUDO_UID) or the console user, whose engine would get the
+/// builders: that is shown, and left to the operator to name.
+async fn engine_to_record() -> Option<String> {
+    let (found, tried) = Engine::search_at_install().await;
+    let tried_text = tried
+        .iter()
+        .map(|(w, why)| format!("  {w}: {why}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let Some(e) = found else {
+        println!(
+            "warning: no Docker engine answered; tried:\n{tried_text}\nThe hook (as root) will \
+             use only the root-owned system sockets. Start your engine (Docker Desktop, \
+             OrbStack, colima, ...) and run `sudo nixdock install` again, or set docker-host in \
+             the config."
+        );
+        return None;
+    };
+    println!(
+        "Docker engine: {} (found via {}), {} {}",
+        e.addr, e.how_found, e.os, e.arch
+    );
+    let mut trusted = vec![0, euid()];
+    trusted.extend(
+        std::env::var("SUDO_UID")
+            .ok()
+            .and_then(|u| u.parse::<u32>().ok()),
+    );
+    trusted.extend(engine::console_uid());
+    if let Some(uid) = engine::socket_owner(&e.addr)
+        && !trusted.contains(&uid)
+    {
+        println!(
+            "warning: not recorded as docker-host: that socket belongs to uid {uid}, who is \
+             neither root, you nor the console user, and whoever runs the engine gets the \
+             builders and what they build. If you trust it, set docker-host = {} in the config.",
+            toml_string(&e.addr)
+        );
+        return None;
+    }
+    Some(e.addr)
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
 }
 
 /// Restarts the daemon when asked, else says how.

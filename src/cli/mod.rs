@@ -159,7 +159,7 @@ async fn run(command: Command, env: Env) -> Result<i32, String> {
         Command::Gc(a) => gc::run(&env, a).await,
         Command::Logs(a) => logs::run(&env, a).await,
         Command::Doctor(a) => doctor::run(&env, a).await,
-        Command::Install(a) => install::install(&env, a),
+        Command::Install(a) => install::install(&env, a).await,
         Command::Uninstall(a) => install::uninstall(&env, a),
         Command::Demo(a) => demo::run(&env, a).await,
         Command::Image(c) => image::run(&env, c).await,
