@@ -72,19 +72,7 @@ impl Throwaway {
         };
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            let engine = Engine::discover(None).await.expect("a docker engine");
-            let arch = engine.arch.clone();
-            let builders = Builders::new(engine, state).unwrap();
-            let spec = BuilderSpec::from_config(
-                &t.id,
-                "x86_64-linux",
-                &BuilderConfig {
-                    image: Some(common::image("bookworm-amd64")),
-                    idle_timeout: Some(600),
-                    ..Default::default()
-                },
-                &arch,
-            );
+            let (builders, spec) = t.builders(state).await;
             let ready =
                 tokio::time::timeout(Duration::from_secs(180), builders.ensure_ready(&spec, None))
                     .await
@@ -93,6 +81,25 @@ impl Throwaway {
             let _ = ready.session.close().await;
         });
         t
+    }
+
+    /// The installation's builders and its x86_64-linux spec, through the library as the hook
+    /// has them.
+    async fn builders(&self, state: StateDir) -> (Builders, BuilderSpec) {
+        let engine = Engine::discover(None).await.expect("a docker engine");
+        let arch = engine.arch.clone();
+        let builders = Builders::new(engine, state).unwrap();
+        let spec = BuilderSpec::from_config(
+            &self.id,
+            "x86_64-linux",
+            &BuilderConfig {
+                image: Some(common::image("bookworm-amd64")),
+                idle_timeout: Some(600),
+                ..Default::default()
+            },
+            &arch,
+        );
+        (builders, spec)
     }
 
     fn container(&self) -> String {
@@ -244,4 +251,40 @@ fn status_does_not_walk_a_store_symlink_out_of_the_volume() {
         size < BIG,
         "status counted the host directory the store symlink points at: {b}"
     );
+}
+
+/// The fast path itself: it connects through the descriptor it checked (the path it hands out
+/// for further connections is that descriptor's), a second connection through it works, and
+/// once the socket's directory is a symlink — even one that stays inside the volume — the fast
+/// path is refused while the descriptor checked before still leads to the real socket.
+#[test]
+fn the_fast_path_connects_through_the_checked_descriptor() {
+    if !common::require_bed() {
+        return;
+    }
+    let t = Throwaway::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let state = StateDir::open(t.dir.path().join("state")).unwrap();
+        let (builders, spec) = t.builders(state).await;
+        let (path, _daemon) = builders
+            .connect_local(&spec)
+            .await
+            .expect("the fast path to a running builder");
+        assert!(path.starts_with("/proc/self/fd"), "{}", path.display());
+        nixdock::builder::lifecycle::open_local_daemon(&path, &t.container())
+            .await
+            .expect("a second connection through the same descriptor");
+        t.exec_root(
+            "mv /nix/var/nix/daemon-socket /nix/var/nix/daemon-socket.real && \
+             ln -s daemon-socket.real /nix/var/nix/daemon-socket",
+        );
+        assert!(
+            builders.connect_local(&spec).await.is_none(),
+            "the fast path went through a symlink"
+        );
+        nixdock::builder::lifecycle::open_local_daemon(&path, &t.container())
+            .await
+            .expect("the checked descriptor still reaches the daemon");
+    });
 }
