@@ -390,8 +390,13 @@ mod remove {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let parent_fd = open_dir_at(libc::AT_FDCWD, &cstring(parent.as_os_str().as_bytes())?)
-            .map_err(|e| context(e, parent))?;
+        let parent_fd = match open_dir_at(libc::AT_FDCWD, &cstring(parent.as_os_str().as_bytes())?)
+        {
+            Ok(fd) => fd,
+            // No parent, so no path: nothing to remove.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(context(e, parent)),
+        };
         let name = cstring(name.as_bytes())?;
         remove_at(&parent_fd, &name).map_err(|e| context(e, path))
     }
@@ -640,6 +645,7 @@ mod remove {
             remove_tree(&d).unwrap();
             assert!(!d.exists());
             remove_tree(&d).unwrap(); // missing: fine
+            remove_tree(&d.join("a/b")).unwrap(); // missing parent: fine too
             std::fs::write(t.path().join("file"), b"x").unwrap();
             remove_tree(&t.path().join("file")).unwrap();
             assert!(std::fs::read_dir(t.path()).unwrap().next().is_none());
