@@ -228,23 +228,15 @@ fn status_does_not_walk_a_store_symlink_out_of_the_volume() {
     let volume = t.volume_dir();
     let host = host_dir_beside(&volume);
     std::fs::write(host.path().join("big"), vec![7u8; BIG as usize]).unwrap();
+    // Before: the store is sized on the volume, through descriptors.
+    let b = status_of(&t);
+    assert_eq!(b["store_measured_by"], "volume", "{b}");
+    assert!(b["store_bytes"].as_u64().is_some_and(|n| n > 0), "{b}");
     t.exec_root(&format!(
         "mv /nix/store /nix/store.real && ln -s {} /nix/store",
         host.path().display()
     ));
-    let mut cmd = Command::new(CLI);
-    cmd.args(["status", "--json"]);
-    t.env(&mut cmd);
-    let o = common::run_with_timeout(cmd, Duration::from_secs(180)).unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let b = v["builders"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["system"] == "x86_64-linux")
-        .unwrap_or_else(|| panic!("no x86_64-linux builder: {v}"))
-        .clone();
+    let b = status_of(&t);
     assert_eq!(b["state"], "running", "{b}");
     let size = b["store_bytes"].as_u64().unwrap_or(0);
     assert!(
@@ -287,4 +279,21 @@ fn the_fast_path_connects_through_the_checked_descriptor() {
             .await
             .expect("the checked descriptor still reaches the daemon");
     });
+}
+
+/// `nixdock status --json`'s entry for the x86_64-linux builder.
+fn status_of(t: &Throwaway) -> serde_json::Value {
+    let mut cmd = Command::new(CLI);
+    cmd.args(["status", "--json"]);
+    t.env(&mut cmd);
+    let o = common::run_with_timeout(cmd, Duration::from_secs(180)).unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["builders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["system"] == "x86_64-linux")
+        .unwrap_or_else(|| panic!("no x86_64-linux builder: {v}"))
+        .clone()
 }

@@ -20,8 +20,9 @@ Columns:
   PORT    the loopback port the engine published for the builder's sshd
   STORE   disk usage of /nix/store on the builder's /nix volume, counted on
           the volume's directory when this machine can read it (a local
-          engine, as root), else with `du -sk /nix/store` inside a running
-          builder; `-` when neither is possible
+          engine, as root; no symlink in the volume is followed), else with
+          `du -sk /nix/store` inside a running builder; `-` when neither is
+          possible
   BUILDS  builds running now / build slots (max-jobs)
 A `*` after the system marks a container that the config no longer names.")]
 pub struct Args {
