@@ -6,7 +6,8 @@
 //! RESOLVE_NO_MAGICLINKS`; where the kernel lacks it (`ENOSYS`, or a seccomp filter's `EPERM`)
 //! and on other systems, the path is walked one component at a time with `O_NOFOLLOW |
 //! O_DIRECTORY`. Either way a symlink anywhere, `..`, or an absolute path is refused. Callers
-//! then act through the descriptor they got, never through the path again.
+//! then act through the descriptor they got, never through the path again; [`disk_usage_fd`]
+//! walks such a tree the same way (descriptors only, no symlink followed, bounded).
 
 use std::ffi::CString;
 use std::io;
