@@ -2,6 +2,7 @@
 pub mod builder;
 pub mod cli;
 pub mod config;
+pub mod fs_beneath;
 pub mod hook;
 pub mod local_daemon;
 pub mod local_store;

@@ -270,21 +270,16 @@ impl Builders {
             .find(|m| m.destination.as_deref() == Some("/nix"))
             .and_then(|m| m.source.clone())
             .ok_or("no /nix volume")?;
-        let socket = std::path::Path::new(&volume).join(
-            provision::REMOTE_DAEMON_SOCKET
-                .strip_prefix("/nix/")
-                .unwrap_or(provision::REMOTE_DAEMON_SOCKET),
-        );
-        // Under a user-namespaced engine the socket belongs to a mapped uid and the daemon
-        // would not trust us; only a socket owned by our own uid is used.
-        let md =
-            std::fs::symlink_metadata(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
-        if std::os::unix::fs::MetadataExt::uid(&md) != effective_uid() {
-            return Err(format!("{} is not owned by us", socket.display()));
-        }
+        let rel = provision::REMOTE_DAEMON_SOCKET
+            .strip_prefix("/nix/")
+            .unwrap_or(provision::REMOTE_DAEMON_SOCKET);
+        let (socket, fd) = checked_volume_socket(std::path::Path::new(&volume), rel)?;
         let daemon = open_local_daemon(&socket, name)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("{volume}/{rel}: {e}"))?;
+        // The path names the checked socket only while its descriptor is open; a second
+        // connection (`Reopen::LocalSocket`) may come later in this process.
+        keep_open(fd);
         Ok((socket, daemon))
     }
 
@@ -673,9 +668,49 @@ pub async fn open_daemon(
 }
 
 /// This process's effective uid.
-fn effective_uid() -> u32 {
+/// The builder daemon's socket `rel` beneath the volume's mount point `volume`, for the root
+/// hook to connect to. Everything in the volume is the container's (its root is ours, without a
+/// user namespace), so nothing there is trusted: `rel` is resolved without following any
+/// symlink (a planted one could lead to the host's own daemon or the Docker socket), must be a
+/// socket owned by our uid (under a user-namespaced engine it belongs to a mapped uid and the
+/// daemon would not trust us), and is reached through the descriptor that was checked: the
+/// returned path is `/proc/self/fd/N` of that descriptor, valid while it stays open.
+#[cfg(target_os = "linux")]
+fn checked_volume_socket(
+    volume: &std::path::Path,
+    rel: &str,
+) -> Result<(std::path::PathBuf, std::os::fd::OwnedFd), String> {
+    use crate::fs_beneath::{self, Want};
+    use std::os::fd::AsFd;
+    let shown = || format!("{}/{rel}", volume.display());
+    let root = fs_beneath::open_root(volume).map_err(|e| e.to_string())?;
+    let fd = fs_beneath::open_beneath(root.as_fd(), std::path::Path::new(rel), Want::Object)
+        .map_err(|e| format!("{} (resolved without symlinks): {e}", shown()))?;
+    let st = fs_beneath::fstat(fd.as_fd()).map_err(|e| format!("{}: {e}", shown()))?;
+    if !fs_beneath::is_socket(&st) {
+        return Err(format!("{} is not a socket", shown()));
+    }
     // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    if st.st_uid != unsafe { libc::geteuid() } {
+        return Err(format!("{} is not owned by us", shown()));
+    }
+    Ok((fs_beneath::fd_path(fd.as_fd()), fd))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn checked_volume_socket(
+    _volume: &std::path::Path,
+    _rel: &str,
+) -> Result<(std::path::PathBuf, std::os::fd::OwnedFd), String> {
+    Err("connecting through a checked descriptor needs Linux".into())
+}
+
+/// Keeps a descriptor open until the process exits (one per local-socket connection).
+fn keep_open(fd: std::os::fd::OwnedFd) {
+    static HELD: std::sync::Mutex<Vec<std::os::fd::OwnedFd>> = std::sync::Mutex::new(Vec::new());
+    if let Ok(mut held) = HELD.lock() {
+        held.push(fd);
+    }
 }
 
 /// A worker-protocol connection to a builder's daemon socket reached on the host.

@@ -442,37 +442,6 @@ pub fn fit(s: &str, width: usize) -> String {
     }
 }
 
-/// Disk usage of everything under `dir` (hard links counted once), without following
-/// symlinks or crossing into other file systems.
-pub fn disk_usage(dir: &Path) -> std::io::Result<u64> {
-    use std::collections::HashSet;
-    use std::os::unix::fs::MetadataExt;
-    let top = std::fs::symlink_metadata(dir)?;
-    let dev = top.dev();
-    let mut seen = HashSet::new();
-    let mut total = 0u64;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let Ok(m) = e.metadata() else { continue };
-            if m.dev() != dev {
-                continue;
-            }
-            if m.nlink() > 1 && !seen.insert(m.ino()) {
-                continue;
-            }
-            total += m.blocks() * 512;
-            if m.is_dir() {
-                stack.push(e.path());
-            }
-        }
-    }
-    Ok(total + top.blocks() * 512)
-}
-
 /// The `nixdock-hook` installed next to this program.
 pub fn hook_next_to_me() -> Result<std::path::PathBuf, String> {
     let me = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
@@ -567,15 +536,5 @@ mod tests {
         assert!(has_nix_conf_bug((2, 33)));
         assert!(!has_nix_conf_bug((2, 34)));
         assert!(!has_nix_conf_bug((3, 0)));
-    }
-
-    #[test]
-    fn disk_usage_counts_hard_links_once() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("a"), vec![1u8; 100_000]).unwrap();
-        let one = disk_usage(d.path()).unwrap();
-        std::fs::hard_link(d.path().join("a"), d.path().join("b")).unwrap();
-        assert_eq!(disk_usage(d.path()).unwrap(), one);
-        assert!(one >= 100_000);
     }
 }

@@ -20,8 +20,9 @@ Columns:
   PORT    the loopback port the engine published for the builder's sshd
   STORE   disk usage of /nix/store on the builder's /nix volume, counted on
           the volume's directory when this machine can read it (a local
-          engine, as root), else with `du -sk /nix/store` inside a running
-          builder; `-` when neither is possible
+          engine, as root; no symlink in the volume is followed), else with
+          `du -sk /nix/store` inside a running builder; `-` when neither is
+          possible
   BUILDS  builds running now / build slots (max-jobs)
 A `*` after the system marks a container that the config no longer names.")]
 pub struct Args {
@@ -173,15 +174,16 @@ pub async fn store_size(engine: &Engine, ex: &Existing) -> Option<(u64, &'static
     if let Some(vol) = ex.volume()
         && let Ok(v) = engine.docker.inspect_volume(vol).await
     {
-        let store = Path::new(&v.mountpoint).join("store");
-        if store.is_dir() {
-            let usage = tokio::task::spawn_blocking(move || common::disk_usage(&store))
-                .await
-                .ok()
-                .and_then(Result::ok);
-            if let Some(n) = usage {
-                return Some((n, "volume"));
-            }
+        let mountpoint = std::path::PathBuf::from(&v.mountpoint);
+        let usage = tokio::task::spawn_blocking(move || volume_store_usage(&mountpoint))
+            .await
+            .ok()
+            .and_then(|r| {
+                r.map_err(|e| tracing::debug!("not sizing the store on the volume: {e}"))
+                    .ok()
+            });
+        if let Some(n) = usage {
+            return Some((n, "volume"));
         }
     }
     if !ex.running() {
@@ -210,6 +212,22 @@ pub async fn store_size(engine: &Engine, ex: &Existing) -> Option<(u64, &'static
         .parse()
         .ok()?;
     Some((kib * 1024, "du"))
+}
+
+/// Disk usage of `store` beneath a volume's mount point. The volume's contents are the
+/// container's (its root can plant symlinks anywhere in it) and this runs as root: `store` is
+/// opened without following any symlink, and the walk never follows one, never leaves the
+/// volume's file system, and is bounded in depth and entries.
+fn volume_store_usage(mountpoint: &Path) -> std::io::Result<u64> {
+    use crate::fs_beneath::{self, Want};
+    use std::os::fd::AsFd;
+    /// Deeper than any real store (a NAR nests at most 1024 directories below its root).
+    const MAX_DEPTH: usize = 1100;
+    /// Far more than any real store holds; a walk past it is a hostile volume, not a store.
+    const MAX_ENTRIES: u64 = 100_000_000;
+    let root = fs_beneath::open_root(mountpoint)?;
+    let store = fs_beneath::open_beneath(root.as_fd(), Path::new("store"), Want::Dir)?;
+    fs_beneath::disk_usage_fd(store, MAX_DEPTH, MAX_ENTRIES)
 }
 
 fn print_table(r: &Report) {

@@ -356,23 +356,332 @@ fn process_umask() -> Option<u32> {
     u32::from_str_radix(line.trim(), 8).ok()
 }
 
-/// Removes a file, symlink or directory tree, making directories writable first (store trees
-/// are read-only). A missing path is not an error.
-pub fn remove_tree(path: &Path) -> io::Result<()> {
-    let md = match fs::symlink_metadata(path) {
-        Ok(md) => md,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if md.is_dir() {
-        if md.permissions().mode() & 0o700 != 0o700 {
-            fs::set_permissions(path, Permissions::from_mode(0o700))?;
+pub use remove::remove_tree;
+
+/// Deleting a tree in a directory others can write to (the store is group-writable by the
+/// build users) the way Nix's own `deletePath` does: every step goes through a descriptor of
+/// the directory it is in, never through a path, so swapping a subdirectory for a symlink
+/// mid-way can make the removal fail but never makes it delete or chmod anything outside the
+/// tree.
+mod remove {
+    use std::ffi::{CStr, CString};
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    /// Deeper than this is refused rather than held open one descriptor per level.
+    const MAX_DEPTH: usize = 4096;
+    /// How often one entry may change type under us before the removal gives up.
+    const MAX_RETRIES: usize = 8;
+
+    /// Removes a file, symlink or directory tree, making directories writable first (store
+    /// trees are read-only). A missing path is not an error. The last component of `path` is
+    /// never followed: a symlink there is removed, not its target. The directory `path` lies
+    /// in is opened with `O_NOFOLLOW`; everything below is reached through descriptors only.
+    pub fn remove_tree(path: &Path) -> io::Result<()> {
+        let name = path.file_name().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: not a removable name", path.display()),
+            )
+        })?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let parent_fd = match open_dir_at(libc::AT_FDCWD, &cstring(parent.as_os_str().as_bytes())?)
+        {
+            Ok(fd) => fd,
+            // No parent, so no path: nothing to remove.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(context(e, parent)),
+        };
+        let name = cstring(name.as_bytes())?;
+        remove_at(&parent_fd, &name).map_err(|e| context(e, path))
+    }
+
+    /// A directory being emptied: its descriptor, the entries still to remove, its own name
+    /// in the directory below it on the stack.
+    struct Frame {
+        fd: OwnedFd,
+        names: std::vec::IntoIter<CString>,
+        name: CString,
+    }
+
+    /// Depth-first with an explicit stack (no recursion, so no stack overflow however deep);
+    /// each level holds one descriptor.
+    fn remove_at(top: &OwnedFd, name: &CStr) -> io::Result<()> {
+        let mut stack: Vec<Frame> = Vec::new();
+        if let Some(f) = start(top, name)? {
+            stack.push(f);
         }
-        for entry in fs::read_dir(path)? {
-            remove_tree(&entry?.path())?;
+        while let Some(frame) = stack.last_mut() {
+            if let Some(child) = frame.names.next() {
+                if let Some(f) = start(&frame.fd, &child)? {
+                    if stack.len() >= MAX_DEPTH {
+                        return Err(io::Error::other(format!(
+                            "nested deeper than {MAX_DEPTH} directories"
+                        )));
+                    }
+                    stack.push(f);
+                }
+                continue;
+            }
+            let Some(done) = stack.pop() else { break };
+            drop(done.fd);
+            let parent = stack.last().map_or(top, |f| &f.fd);
+            match unlinkat(parent, &done.name, libc::AT_REMOVEDIR) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
         }
-        fs::remove_dir(path)
-    } else {
-        fs::remove_file(path)
+        Ok(())
+    }
+
+    /// Removes `name` in `dir` if it is not a directory; if it is, opens it (never following
+    /// a symlink), makes it writable through its descriptor and returns it with its entries.
+    fn start(dir: &OwnedFd, name: &CStr) -> io::Result<Option<Frame>> {
+        for _ in 0..MAX_RETRIES {
+            let st = match fstatat_nofollow(dir, name) {
+                Ok(st) => st,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                match unlinkat(dir, name, 0) {
+                    Ok(()) => return Ok(None),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+                    // Became a directory meanwhile (EPERM: unlink of a directory on macOS).
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EISDIR | libc::EPERM)) => {
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let fd = match open_dir_at(dir.as_raw_fd(), name) {
+                Ok(fd) => fd,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+                // Swapped for a symlink or a file since the fstatat: look again.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                    continue;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                    // Unreadable to a non-root owner: make it readable without following a
+                    // symlink (fchmodat refuses one with AT_SYMLINK_NOFOLLOW), then retry.
+                    let mode = (st.st_mode as libc::mode_t & 0o7777) | 0o700;
+                    // SAFETY: valid descriptor and NUL-terminated name.
+                    let r = unsafe {
+                        libc::fchmodat(
+                            dir.as_raw_fd(),
+                            name.as_ptr(),
+                            mode,
+                            libc::AT_SYMLINK_NOFOLLOW,
+                        )
+                    };
+                    if r != 0 {
+                        return Err(e);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let st = fstat(&fd)?;
+            if st.st_mode & 0o700 != 0o700 {
+                // SAFETY: a directory descriptor we own.
+                if unsafe {
+                    libc::fchmod(
+                        fd.as_raw_fd(),
+                        (st.st_mode as libc::mode_t & 0o7777) | 0o700,
+                    )
+                } != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            let names = read_names(&fd)?;
+            return Ok(Some(Frame {
+                fd,
+                names: names.into_iter(),
+                name: name.to_owned(),
+            }));
+        }
+        Err(io::Error::other(format!(
+            "{} kept changing while being removed",
+            name.to_string_lossy()
+        )))
+    }
+
+    fn open_dir_at(dir: RawFd, name: &CStr) -> io::Result<OwnedFd> {
+        // SAFETY: NUL-terminated name; the result is checked.
+        let fd = unsafe {
+            libc::openat(
+                dir,
+                name.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        owned(fd)
+    }
+
+    fn unlinkat(dir: &OwnedFd, name: &CStr, flags: libc::c_int) -> io::Result<()> {
+        // SAFETY: valid descriptor and NUL-terminated name.
+        if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn fstatat_nofollow(dir: &OwnedFd, name: &CStr) -> io::Result<libc::stat> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: valid descriptor and name; `st` is read only on success.
+        let r = unsafe {
+            libc::fstatat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                st.as_mut_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fstatat succeeded.
+        Ok(unsafe { st.assume_init() })
+    }
+
+    fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: valid descriptor; `st` is read only on success.
+        if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fstat succeeded.
+        Ok(unsafe { st.assume_init() })
+    }
+
+    /// The names in a directory (without `.` and `..`), read through its descriptor.
+    fn read_names(dir: &OwnedFd) -> io::Result<Vec<CString>> {
+        // fdopendir takes the descriptor it gets: give it a duplicate.
+        // SAFETY: valid descriptor; the result is checked.
+        let dup = owned(unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) })?;
+        // SAFETY: a directory descriptor we own; on success the DIR owns it.
+        let d = unsafe { libc::fdopendir(dup.as_raw_fd()) };
+        if d.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        std::mem::forget(dup);
+        let mut names = Vec::new();
+        let result = loop {
+            // readdir returns NULL at the end and on error; errno tells them apart.
+            set_errno(0);
+            // SAFETY: `d` is valid until the closedir below.
+            let ent = unsafe { libc::readdir(d) };
+            if ent.is_null() {
+                let err = io::Error::last_os_error();
+                break match err.raw_os_error() {
+                    Some(0) | None => Ok(()),
+                    Some(_) => Err(err),
+                };
+            }
+            // SAFETY: d_name is NUL-terminated within the entry readdir returned.
+            let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
+            if !matches!(name.to_bytes(), b"." | b"..") {
+                names.push(name.to_owned());
+            }
+        };
+        // SAFETY: `d` is valid and closed once.
+        unsafe { libc::closedir(d) };
+        result.map(|()| names)
+    }
+
+    fn set_errno(v: libc::c_int) {
+        // SAFETY: the calling thread's errno is always writable.
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        unsafe {
+            *libc::__errno_location() = v
+        };
+        // SAFETY: as above.
+        #[cfg(any(target_os = "macos", target_os = "ios", target_os = "freebsd"))]
+        unsafe {
+            *libc::__error() = v
+        };
+    }
+
+    fn cstring(b: &[u8]) -> io::Result<CString> {
+        CString::new(b)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))
+    }
+
+    fn owned(fd: RawFd) -> io::Result<OwnedFd> {
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor this process owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn context(e: io::Error, p: &Path) -> io::Error {
+        io::Error::new(e.kind(), format!("removing {}: {e}", p.display()))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::remove_tree;
+        use std::os::unix::fs::{PermissionsExt, symlink};
+
+        #[test]
+        fn removes_read_only_trees_files_and_missing_paths() {
+            let t = tempfile::tempdir().unwrap();
+            let d = t.path().join("tree");
+            std::fs::create_dir_all(d.join("a/b/c")).unwrap();
+            std::fs::write(d.join("a/b/c/f"), b"x").unwrap();
+            symlink("/nonexistent", d.join("a/l")).unwrap();
+            for p in ["a/b/c", "a/b", "a", ""] {
+                std::fs::set_permissions(d.join(p), std::fs::Permissions::from_mode(0o555))
+                    .unwrap();
+            }
+            remove_tree(&d).unwrap();
+            assert!(!d.exists());
+            remove_tree(&d).unwrap(); // missing: fine
+            remove_tree(&d.join("a/b")).unwrap(); // missing parent: fine too
+            std::fs::write(t.path().join("file"), b"x").unwrap();
+            remove_tree(&t.path().join("file")).unwrap();
+            assert!(std::fs::read_dir(t.path()).unwrap().next().is_none());
+        }
+
+        #[test]
+        fn a_symlink_is_removed_not_followed() {
+            let t = tempfile::tempdir().unwrap();
+            let outside = tempfile::tempdir().unwrap();
+            std::fs::write(outside.path().join("canary"), b"x").unwrap();
+            std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o751))
+                .unwrap();
+            // As the path itself, and inside a tree.
+            symlink(outside.path(), t.path().join("link")).unwrap();
+            remove_tree(&t.path().join("link")).unwrap();
+            std::fs::create_dir(t.path().join("tree")).unwrap();
+            symlink(outside.path(), t.path().join("tree/link")).unwrap();
+            remove_tree(&t.path().join("tree")).unwrap();
+            assert!(outside.path().join("canary").exists());
+            assert!(std::fs::read_dir(t.path()).unwrap().next().is_none());
+            // Its mode is untouched too.
+            let mode = std::fs::metadata(outside.path())
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o751);
+        }
+
+        #[test]
+        fn a_symlinked_parent_is_refused() {
+            let t = tempfile::tempdir().unwrap();
+            let outside = tempfile::tempdir().unwrap();
+            std::fs::write(outside.path().join("canary"), b"x").unwrap();
+            symlink(outside.path(), t.path().join("link")).unwrap();
+            assert!(remove_tree(&t.path().join("link/canary")).is_err());
+            assert!(outside.path().join("canary").exists());
+        }
     }
 }
