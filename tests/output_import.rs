@@ -128,6 +128,7 @@ async fn nar_of(root: &Path, path: &str) -> (Vec<u8>, PathInfo) {
         nar_hash_sha256: s.nar_sha256,
         nar_size: s.nar_size,
         references: BTreeSet::new(),
+        ca: None,
     };
     (nar, info)
 }
