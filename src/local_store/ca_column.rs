@@ -11,7 +11,9 @@
 //! calling Nix reads the outputs only after the hook exits), so nothing caches the old row.
 //!
 //! The database is opened, and its schema version checked, *before* anything is registered, so
-//! an unknown schema or an unusable database fails the import with nothing registered. Waits
+//! an unknown schema or an unusable database fails the import with nothing registered. Like
+//! every Nix process using the database, the hook holds a shared lock on `db/big-lock` from
+//! the check to the write, so no schema migration can run in between. Waits
 //! for SQLite's lock are bounded by a busy timeout, and the whole write is interrupted at the
 //! deadline (SQLite then rolls it back).
 
@@ -66,12 +68,55 @@ pub struct CaColumn {
     conn: Connection,
     db: PathBuf,
     timeout: Duration,
+    /// A shared lock on `db/big-lock`, as every Nix process holds one while it uses the
+    /// database, so that no schema migration (which takes it exclusively) runs between the
+    /// schema check and the write. Released on drop.
+    _big_lock: Option<std::fs::File>,
+}
+
+/// Takes a shared `flock` on `<state_dir>/db/big-lock` (Nix's `globalLock`), waiting up to
+/// `timeout`. A missing file means no Nix has opened this database yet, so nothing to wait for.
+fn lock_shared(
+    state_dir: &Path,
+    timeout: Duration,
+) -> Result<Option<std::fs::File>, CaColumnError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join("db/big-lock");
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(CaColumnError::Schema { path, source }),
+    };
+    let start = std::time::Instant::now();
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+            return Ok(Some(file));
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(CaColumnError::Schema { path, source: err });
+        }
+        if start.elapsed() > timeout {
+            return Err(CaColumnError::TimedOut {
+                path,
+                after: timeout,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 impl CaColumn {
     /// Opens `<state_dir>/db/db.sqlite` read-write (never creating it) after checking
     /// `<state_dir>/db/schema`; lock waits are bounded by `timeout`.
     pub fn open(state_dir: &Path, timeout: Duration) -> Result<CaColumn, CaColumnError> {
+        let big_lock = lock_shared(state_dir, timeout)?;
         let schema_file = state_dir.join("db/schema");
         let found =
             std::fs::read_to_string(&schema_file).map_err(|source| CaColumnError::Schema {
@@ -110,7 +155,12 @@ impl CaColumn {
                 found: format!("{KNOWN_SCHEMA} without a ValidPaths.ca column"),
             });
         }
-        Ok(CaColumn { conn, db, timeout })
+        Ok(CaColumn {
+            conn,
+            db,
+            timeout,
+            _big_lock: big_lock,
+        })
     }
 
     /// Sets `ca` for each `(store path, content address)` in one transaction; every path must
@@ -263,6 +313,23 @@ mod tests {
             CaColumn::open(t.path(), Duration::from_secs(1)),
             Err(CaColumnError::Schema { .. })
         ));
+    }
+
+    #[test]
+    fn a_migration_holding_the_big_lock_is_waited_for() {
+        use std::os::fd::AsRawFd;
+        let t = tempfile::tempdir().unwrap();
+        make_db(t.path(), "10", true);
+        let lock = std::fs::File::create(t.path().join("db/big-lock")).unwrap();
+        // SAFETY: flock on our own descriptor.
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+        assert!(matches!(
+            CaColumn::open(t.path(), Duration::from_millis(200)),
+            Err(CaColumnError::TimedOut { .. })
+        ));
+        drop(lock);
+        let mut c = CaColumn::open(t.path(), Duration::from_secs(5)).unwrap();
+        c.set(&[("/nix/store/a".into(), "x".into())]).unwrap();
     }
 
     #[test]
