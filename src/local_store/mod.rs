@@ -264,6 +264,12 @@ impl OutputImporter {
         })
     }
 
+    /// Nix's state directory, whose `db/db.sqlite` receives content addresses; by default
+    /// `NIX_STATE_DIR` or `/nix/var/nix`, as `nix-store` finds it.
+    pub fn set_state_dir(&mut self, dir: &Path) {
+        self.state_dir = dir.to_owned();
+    }
+
     /// Checks that `path` is `<store_dir>/<valid store path base name>`; returns the base name.
     fn check_store_path<'p>(&self, what: &'static str, path: &'p str) -> Result<&'p str> {
         let bad = |reason: String| ImportError::BadPath {
