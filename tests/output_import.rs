@@ -12,9 +12,12 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use hook_protocol::hash::HashAlgo;
 use hook_protocol::hash::{Hash, nix32_encode};
 use hook_protocol::nar::{DumpOptions, dump_path};
-use nixdock::local_store::{ImportError, OutputImporter, PathInfo, STAGING_PREFIX};
+use hook_protocol::store_path::{ContentAddressMethod, make_fixed_output_path};
+use nixdock::local_store::ca_column::CaColumnError;
+use nixdock::local_store::{ContentAddress, ImportError, OutputImporter, PathInfo, STAGING_PREFIX};
 use sha2::{Digest, Sha256};
 
 const STORE: &str = "/nix/store";
@@ -128,6 +131,7 @@ async fn nar_of(root: &Path, path: &str) -> (Vec<u8>, PathInfo) {
         nar_hash_sha256: s.nar_sha256,
         nar_size: s.nar_size,
         references: BTreeSet::new(),
+        ca: None,
     };
     (nar, info)
 }
@@ -405,4 +409,79 @@ async fn commit_locked_invalid_registers_and_replaces_leftovers() {
     assert_eq!(fs::read(format!("{out}/unique")).unwrap(), out.as_bytes());
     assert!(staging_dirs().is_empty(), "{:?}", staging_dirs());
     delete(&nix_store, &[&out]);
+}
+
+/// A flat fixed output: unique content, the store path its hash gives, its NAR and path info.
+async fn fixed_output(dir: &Path, name: &str) -> (String, Vec<u8>, PathInfo) {
+    let content = format!("{}\n", fake_store_path(name));
+    let hash = Hash::sha256_of(content.as_bytes());
+    let path = make_fixed_output_path(ContentAddressMethod::Flat, &hash, name)
+        .unwrap()
+        .to_string();
+    let f = dir.join(name);
+    fs::write(&f, &content).unwrap();
+    let (nar, mut info) = nar_of(&f, &path).await;
+    info.ca = Some(ContentAddress {
+        method: ContentAddressMethod::Flat,
+        hash,
+    });
+    (format!("fixed:sha256:{}", hash.to_nix32()), nar, info)
+}
+
+/// A fixed output is registered with its content address, which makes it self-certifying.
+#[tokio::test]
+async fn fixed_output_is_registered_with_its_ca() {
+    let Some(nix_store) = nix_store("fixed_output_is_registered_with_its_ca") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let t = tempfile::tempdir().unwrap();
+    let (ca, nar, info) = fixed_output(t.path(), "nixdock-test-fixed").await;
+    assert_eq!(HashAlgo::Sha256, info.ca.unwrap().hash.algo());
+    let p = info.path.clone();
+    let mut imp = OutputImporter::new(Path::new(STORE), false).unwrap();
+    imp.add(info, &nar[..]).await.unwrap();
+    imp.commit_locked_invalid(&nix_store).await.unwrap();
+    let nix = |args: &[&str]| {
+        let mut all = vec!["--extra-experimental-features", "nix-command"];
+        all.extend_from_slice(args);
+        let o = Command::new("nix").args(&all).output().unwrap();
+        assert!(o.status.success(), "nix {args:?}: {o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let json = nix(&["path-info", "--json", &p]);
+    assert!(json.contains(&format!("\"ca\":\"{ca}\"")), "{json}");
+    nix(&["store", "verify", "--sigs-needed", "1", &p]);
+    delete(&nix_store, &[&p]);
+}
+
+/// A database whose schema version nixdock does not know is refused before anything is
+/// registered or moved into the store.
+#[tokio::test]
+async fn unknown_schema_registers_nothing() {
+    let Some(nix_store) = nix_store("unknown_schema_registers_nothing") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let t = tempfile::tempdir().unwrap();
+    let (_, nar, info) = fixed_output(t.path(), "nixdock-test-schema").await;
+    let p = info.path.clone();
+    let state = t.path().join("state");
+    fs::create_dir_all(state.join("db")).unwrap();
+    fs::write(state.join("db/schema"), "11").unwrap();
+    let mut imp = OutputImporter::new(Path::new(STORE), false).unwrap();
+    imp.set_state_dir(&state);
+    imp.add(info, &nar[..]).await.unwrap();
+    let e = imp.commit_locked_invalid(&nix_store).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ImportError::CaColumn(CaColumnError::UnknownSchema { .. })
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("'11'"), "{e}");
+    assert!(!is_valid(&nix_store, &p));
+    assert!(fs::symlink_metadata(&p).is_err());
+    assert!(staging_dirs().is_empty(), "{:?}", staging_dirs());
 }

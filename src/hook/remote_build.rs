@@ -19,7 +19,8 @@ use tokio::io::AsyncWrite;
 
 use crate::builder::lifecycle::{self, DaemonConnection};
 use crate::local_daemon::LazyLocalDaemon;
-use crate::local_store::{OutputImporter, PathInfo};
+use crate::local_store::content_address::check_references;
+use crate::local_store::{ContentAddress, OutputImporter, PathInfo};
 use crate::transport::{RemoteStore, Reopen};
 
 mod build_log;
@@ -92,6 +93,10 @@ impl NarSource for FsNarSource<'_> {
         Ok(())
     }
 }
+
+/// Deadline of one metadata query during the output copy (local validity, the builder's
+/// QueryPathInfo).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Total input size from which a copy uses two streams.
 const PARALLEL_COPY_MIN_BYTES: u64 = 16 << 20;
@@ -224,6 +229,10 @@ impl Job<'_> {
         nix_store: &Path,
     ) -> Outcome {
         let t0 = Instant::now();
+        // Outputs nixdock could not check are refused before anything is built.
+        if let Err(o) = self.expected_outputs() {
+            return o;
+        }
         match self.copy_inputs(builder, local).await {
             Ok(()) => {}
             Err(o) => return o,
@@ -519,19 +528,37 @@ impl Job<'_> {
         result
     }
 
+    /// What each output must be: its path and, for a fixed output, the content address its
+    /// `.drv` states. Fails for outputs nixdock cannot check (floating, impure, git-hashed).
+    fn expected_outputs(&self) -> Result<BTreeMap<StorePath, Option<ContentAddress>>, Outcome> {
+        let drv_name = self
+            .drv_path
+            .name()
+            .strip_suffix(".drv")
+            .unwrap_or(self.drv_path.name());
+        let mut outputs = BTreeMap::new();
+        for (name, o) in &self.drv.outputs {
+            let p = o
+                .path()
+                .ok_or_else(|| fail(format!("output '{name}' of '{}' has no known path (content-addressed outputs are not supported)", self.drv_path)))?;
+            let ca = ContentAddress::of_output(drv_name, name, o)
+                .map_err(|e| fail(format!("'{}': {e}", self.drv_path)))?;
+            outputs.insert(p, ca);
+        }
+        Ok(outputs)
+    }
+
+    /// Brings the outputs the local store lacks from the builder. Every step has a deadline
+    /// (`local_store::deadlines`); on any failure nothing is left staged or registered, and the
+    /// builder connection must not be used again (a NAR may be cut off midway).
     async fn copy_outputs(
         &self,
         builder: &mut RemoteStore,
         local: &mut LazyLocalDaemon,
         nix_store: &Path,
     ) -> Result<(), Outcome> {
-        let mut outputs = BTreeSet::new();
-        for (name, o) in &self.drv.outputs {
-            let p = o
-                .path()
-                .ok_or_else(|| fail(format!("output '{name}' of '{}' has no known path (content-addressed outputs are not supported)", self.drv_path)))?;
-            outputs.insert(p);
-        }
+        let expected = self.expected_outputs()?;
+        let outputs: BTreeSet<StorePath> = expected.keys().cloned().collect();
         // A path that is not on disk is not valid; only ask the store about the others (an
         // invalid leftover, or an output that is there already).
         let on_disk: BTreeSet<StorePath> = outputs
@@ -542,18 +569,34 @@ impl Job<'_> {
         let valid = if on_disk.is_empty() {
             BTreeSet::new()
         } else {
-            local
+            let local = local
                 .get()
                 .await
-                .map_err(|e| fail(format!("nixdock cannot open the local store: {e}")))?
-                .query_valid_paths(&on_disk, false, &mut |_| {})
-                .await
-                .map_err(|e| fail(format!("asking the local store which outputs it has: {e}")))?
+                .map_err(|e| fail(format!("nixdock cannot open the local store: {e}")))?;
+            tokio::time::timeout(
+                QUERY_TIMEOUT,
+                local.query_valid_paths(&on_disk, false, &mut |_| {}),
+            )
+            .await
+            .map_err(|_| {
+                fail(format!(
+                    "the local store did not say within {QUERY_TIMEOUT:?} which outputs it has"
+                ))
+            })?
+            .map_err(|e| fail(format!("asking the local store which outputs it has: {e}")))?
         };
         let missing: Vec<StorePath> = outputs.difference(&valid).cloned().collect();
         if missing.is_empty() {
             return Ok(());
         }
+        // References a builder may claim: the closure Nix sent and the derivation's outputs.
+        let mut allowed: BTreeSet<StorePath> = self
+            .work
+            .inputs
+            .iter()
+            .filter_map(|p| StorePath::from_absolute(p).ok())
+            .collect();
+        allowed.extend(outputs.iter().cloned());
         let store_dir = Path::new(hook_protocol::store_path::STORE_DIR);
         let mut importer =
             OutputImporter::new(store_dir, self.settings.use_case_hack()).map_err(|e| {
@@ -565,16 +608,28 @@ impl Job<'_> {
         let daemon = &mut builder.daemon;
         let mut infos = Vec::with_capacity(missing.len());
         for p in &missing {
-            let info = daemon
-                .query_path_info(p, &mut |_| {})
+            let info = tokio::time::timeout(QUERY_TIMEOUT, daemon.query_path_info(p, &mut |_| {}))
                 .await
+                .map_err(|_| {
+                    fail(format!(
+                        "builder '{}' did not describe output {p} within {QUERY_TIMEOUT:?}",
+                        self.machine
+                    ))
+                })?
                 .map_err(|e| remote_err(&format!("reading output {p} on the builder"), e))?
                 .ok_or_else(|| {
                     fail(format!(
                         "the builder says output {p} is not valid after a successful build"
                     ))
                 })?;
-            infos.push((p, info));
+            let ca = expected.get(p).copied().flatten();
+            check_references(p, &info.references, ca.is_some(), &allowed).map_err(|e| {
+                fail(format!(
+                    "refusing the outputs of '{}' from '{}': {e}",
+                    self.drv_path, self.machine
+                ))
+            })?;
+            infos.push((p, info, ca));
         }
         let progress = CopyProgress::start(
             self.parent,
@@ -582,9 +637,9 @@ impl Job<'_> {
             &self.store_uri(),
             "local",
             infos.len() as u64,
-            infos.iter().map(|(_, i)| i.nar_size).sum(),
+            infos.iter().map(|(_, i, _)| i.nar_size).sum(),
         );
-        for (p, info) in infos {
+        for (p, info, ca) in infos {
             let mut digest = [0u8; 32];
             let d = info.nar_hash.digest();
             if d.len() != 32 {
@@ -599,21 +654,31 @@ impl Job<'_> {
                 nar_hash_sha256: digest,
                 nar_size: info.nar_size,
                 references: info.references.iter().map(|r| r.to_absolute()).collect(),
+                ca,
             };
             let mut path_progress = progress.path(&p.to_absolute(), info.nar_size);
-            let (mut w, mut r) = tokio::io::duplex(1 << 20);
-            let fetch = async {
-                let mut counting = CountingWriter {
-                    inner: &mut w,
-                    progress: &mut path_progress,
-                };
-                let res = daemon.nar_from_path(p, &mut counting, &mut |_| {}).await;
-                drop(w);
-                res
+            let daemon = &mut *daemon;
+            let machine = &self.machine;
+            let fetch = |mut w: tokio::io::DuplexStream| {
+                let path_progress = &mut path_progress;
+                async move {
+                    let mut counting = CountingWriter {
+                        inner: &mut w,
+                        progress: path_progress,
+                    };
+                    daemon
+                        .nar_from_path(p, &mut counting, &mut |_| {})
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| format!("from '{machine}': {e}"))
+                }
             };
-            let (f, a) = tokio::join!(fetch, importer.add(pi, &mut r));
-            f.map_err(|e| remote_err(&format!("copying output {p} from '{}'", self.machine), e))?;
-            a.map_err(|e| fail(format!("writing output {p} into the local store: {e}")))?;
+            importer.add_streamed(pi, fetch).await.map_err(|e| {
+                fail(format!(
+                    "writing output {p} of '{}' into the local store: {e}",
+                    self.drv_path
+                ))
+            })?;
             path_progress.finish();
         }
         // `missing` was read just now, under the calling Nix's output locks.

@@ -8,10 +8,15 @@
 //!
 //! [`OutputImporter::add`] unpacks each NAR into a private staging directory inside the store
 //! directory (same file system, so the final move is a `rename`) and checks its SHA-256 and size
-//! against what the builder claimed. [`OutputImporter::commit`] moves the trees into place and
-//! registers them all in one transaction, with their hashes, derivers and references. If
-//! anything fails, every path it moved is removed again and nothing stays registered; dropping
-//! an importer removes its staging directory.
+//! against what the builder claimed; for a fixed output it also hashes the content as it streams
+//! by and checks it against the `.drv`'s `outputHash` ([`content_address`]), and refuses any
+//! reference. [`OutputImporter::add_streamed`] runs the fetch beside it under the deadlines of
+//! [`deadlines`]. [`OutputImporter::commit`] moves the trees into place and registers them all in
+//! one transaction, with their hashes, derivers and references, then records the fixed outputs'
+//! content addresses ([`ca_column`]). If anything fails before the registration, every path it
+//! moved is removed again and nothing stays registered; dropping an importer removes its staging
+//! directory. If only the content-address write fails, the paths stay registered without it
+//! and the import fails saying so (see [`ImportError::CaNotRecorded`]).
 //!
 //! If the process is killed in the middle (the parent may SIGKILL the hook), what can remain is
 //! a `.nixdock-tmp-*` directory and unregistered store paths. The latter are harmless to Nix
@@ -22,19 +27,30 @@
 //! side: a collection running during an import can remove its staging directory; the import
 //! then fails with an I/O error, registers nothing, and the build can be retried.
 
+pub mod ca_column;
+pub mod content_address;
+
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs::{self, Permissions};
 use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use hook_protocol::hash::{Hash, nix32_encode};
 use hook_protocol::nar::{NarError, UnpackOptions, remove_tree, unpack_nar};
 use hook_protocol::store_path::StorePath;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::process::Command;
+
+use ca_column::{CaColumn, CaColumnError};
+use content_address::CaHasher;
+pub use content_address::{CaError, ContentAddress};
 
 /// Prefix of the staging directories [`OutputImporter`] makes in the store directory.
 pub const STAGING_PREFIX: &str = ".nixdock-tmp-";
@@ -52,6 +68,9 @@ pub struct PathInfo {
     pub nar_size: u64,
     /// Absolute store paths it refers to (may include itself and other paths of the same import).
     pub references: BTreeSet<String>,
+    /// For a fixed output: the content address its `.drv` states. The content is checked
+    /// against it while the NAR streams in, and it is registered with the path.
+    pub ca: Option<ContentAddress>,
 }
 
 /// Why an import failed. After any of these, nothing of the import is left registered or on
@@ -107,8 +126,57 @@ pub enum ImportError {
         status: String,
         stderr: String,
     },
+    #[error("output '{path}' is not what its .drv specifies: {source}")]
+    ContentAddress {
+        path: String,
+        #[source]
+        source: CaError,
+    },
+    #[error(
+        "the builder says fixed output '{path}' references {references}, but fixed-output derivations must not reference store paths"
+    )]
+    FixedWithReferences { path: String, references: String },
+    #[error("cannot record content addresses in the local store's database: {0}")]
+    CaColumn(#[source] CaColumnError),
+    #[error(
+        "registered {paths} (content checked against the .drv), but could not record their content address: {source}. They stay valid without it, so they are not self-certifying (`nix store verify --sigs-needed 1` rejects them). To redo it: `nix-store --delete {paths}`, then build again."
+    )]
+    CaNotRecorded {
+        paths: String,
+        #[source]
+        source: CaColumnError,
+    },
+    #[error("copying '{path}' from the builder: {message}")]
+    Fetch { path: String, message: String },
+    #[error("{what} did not finish within {after:?}")]
+    TimedOut { what: String, after: Duration },
+    #[error("copying '{path}' from the builder: no data for {idle:?}")]
+    Stalled { path: String, idle: Duration },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// How long each phase of writing outputs into the local store may take (ARCHITECTURE.md,
+/// "Deadlines of the output copy").
+pub mod deadlines {
+    use std::time::Duration;
+
+    /// A NAR stream with no byte for this long is abandoned.
+    pub const NAR_IDLE: Duration = Duration::from_secs(120);
+    /// Every NAR stream may take this long plus [`NAR_MIN_RATE`]'s share of its size.
+    pub const NAR_BASE: Duration = Duration::from_secs(300);
+    /// Bytes per second below which a NAR stream is too slow to wait for.
+    pub const NAR_MIN_RATE: u64 = 1 << 20;
+    /// `nix-store --register-validity`, and each `--check-validity` around it (they wait for
+    /// SQLite's lock with Nix's own retries, so a long garbage collection can hold them up).
+    pub const NIX_STORE: Duration = Duration::from_secs(300);
+    /// The write of the content addresses, lock waits included.
+    pub const CA_WRITE: Duration = Duration::from_secs(60);
+
+    /// The overall bound of one NAR stream of `nar_size` bytes.
+    pub fn nar_overall(nar_size: u64) -> Duration {
+        NAR_BASE + Duration::from_secs(nar_size / NAR_MIN_RATE)
+    }
 }
 
 pub type Result<T, E = ImportError> = std::result::Result<T, E>;
@@ -118,6 +186,37 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Imp
         op,
         path: path.to_owned(),
         source,
+    }
+}
+
+/// Passes a NAR through, feeding the fixed-output hasher (if any) and noting when bytes last
+/// arrived (for the idle deadline).
+struct Tee<'a, R> {
+    inner: R,
+    hasher: Option<&'a mut CaHasher>,
+    last_read: Option<&'a AtomicU64>,
+    epoch: Instant,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Tee<'_, R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let new = &buf.filled()[before..];
+        if !new.is_empty() {
+            if let Some(h) = this.hasher.as_deref_mut() {
+                h.update(new);
+            }
+            if let Some(l) = this.last_read {
+                l.store(this.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
+        }
+        r
     }
 }
 
@@ -133,6 +232,8 @@ struct Staged {
 pub struct OutputImporter {
     store_dir: PathBuf,
     case_hack: bool,
+    /// Nix's state directory, whose `db/` holds the database content addresses go into.
+    state_dir: PathBuf,
     /// Created by the first `add`.
     staging: Option<PathBuf>,
     staged: Vec<Staged>,
@@ -157,9 +258,16 @@ impl OutputImporter {
         Ok(OutputImporter {
             store_dir: store_dir.to_owned(),
             case_hack,
+            state_dir: ca_column::nix_state_dir(),
             staging: None,
             staged: Vec::new(),
         })
+    }
+
+    /// Nix's state directory, whose `db/db.sqlite` receives content addresses; by default
+    /// `NIX_STATE_DIR` or `/nix/var/nix`, as `nix-store` finds it.
+    pub fn set_state_dir(&mut self, dir: &Path) {
+        self.state_dir = dir.to_owned();
     }
 
     /// Checks that `path` is `<store_dir>/<valid store path base name>`; returns the base name.
@@ -206,15 +314,35 @@ impl OutputImporter {
     }
 
     /// Unpacks one path's NAR (read up to its end, no further) into the staging directory and
-    /// checks it against `info`'s NAR hash and size. On error nothing of this path remains;
-    /// paths added before stay staged.
-    pub async fn add(&mut self, info: PathInfo, mut nar: impl AsyncRead + Unpin) -> Result<()> {
+    /// checks it against `info`'s NAR hash and size, and a fixed output's content against its
+    /// content address. On error nothing of this path remains; paths added before stay staged.
+    pub async fn add(&mut self, info: PathInfo, nar: impl AsyncRead + Unpin) -> Result<()> {
+        self.add_inner(info, nar, None).await
+    }
+
+    async fn add_inner(
+        &mut self,
+        info: PathInfo,
+        mut nar: impl AsyncRead + Unpin,
+        last_read: Option<(&AtomicU64, Instant)>,
+    ) -> Result<()> {
         let base = self.check_store_path("store path", &info.path)?.to_owned();
         if let Some(d) = &info.deriver {
             self.check_store_path("deriver", d)?;
         }
         for r in &info.references {
             self.check_store_path("reference", r)?;
+        }
+        if info.ca.is_some() && !info.references.is_empty() {
+            return Err(ImportError::FixedWithReferences {
+                path: info.path,
+                references: info
+                    .references
+                    .iter()
+                    .map(|r| format!("'{r}'"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
         }
         if self.staged.iter().any(|s| s.info.path == info.path) {
             return Err(ImportError::Duplicate(info.path));
@@ -224,14 +352,22 @@ impl OutputImporter {
         let opts = UnpackOptions {
             case_hack: self.case_hack,
         };
+        let mut hasher = info.ca.map(CaHasher::new);
         // Never read (and write to disk) more than the size the builder announced.
-        let mut limited = (&mut nar).take(info.nar_size);
-        let summary = match unpack_nar(&mut limited, &tmp, opts).await {
+        let mut limited = Tee {
+            inner: (&mut nar).take(info.nar_size),
+            hasher: hasher.as_mut(),
+            last_read: last_read.map(|(l, _)| l),
+            epoch: last_read.map_or_else(Instant::now, |(_, e)| e),
+        };
+        let unpacked = unpack_nar(&mut limited, &tmp, opts).await;
+        let all_read = limited.inner.limit() == 0;
+        let summary = match unpacked {
             Ok(s) => s,
             Err(source) => {
                 // unpack_nar has removed what it created.
                 self.remove_staging_if_unused();
-                if source.is_truncated() && limited.limit() == 0 {
+                if source.is_truncated() && all_read {
                     return Err(ImportError::TooLong {
                         path: info.path,
                         expected_size: info.nar_size,
@@ -254,6 +390,16 @@ impl OutputImporter {
                 got_hash: Hash::sha256(summary.nar_sha256).to_string(),
             });
         }
+        if let Some(h) = hasher
+            && let Err(source) = h.finish()
+        {
+            remove_tree_logged(&tmp).await;
+            self.remove_staging_if_unused();
+            return Err(ImportError::ContentAddress {
+                path: info.path,
+                source,
+            });
+        }
         tracing::debug!(path = %info.path, nar_size = summary.nar_size, "staged store path");
         self.staged.push(Staged {
             dest: self.store_dir.join(&base),
@@ -261,6 +407,112 @@ impl OutputImporter {
             tmp,
         });
         Ok(())
+    }
+
+    /// [`add`](Self::add) with the NAR coming from `fetch`, which writes it into the stream it
+    /// is given and then drops it. Both run at once under the deadlines of
+    /// [`deadlines`]: no byte for [`deadlines::NAR_IDLE`], or longer than
+    /// [`deadlines::nar_overall`] of the claimed size, and the copy is abandoned. As soon as
+    /// the import fails (a NAR longer than claimed, a wrong hash, …) `fetch` is dropped in the
+    /// middle, so a peer that keeps sending cannot hold it up; the caller must then drop the
+    /// connection `fetch` used (its stream is out of step). Nothing of this path stays staged
+    /// after an error.
+    pub async fn add_streamed<F, Fut>(&mut self, info: PathInfo, fetch: F) -> Result<()>
+    where
+        F: FnOnce(DuplexStream) -> Fut,
+        Fut: Future<Output = std::result::Result<(), String>>,
+    {
+        let overall = deadlines::nar_overall(info.nar_size);
+        self.add_streamed_within(info, deadlines::NAR_IDLE, overall, fetch)
+            .await
+    }
+
+    async fn add_streamed_within<F, Fut>(
+        &mut self,
+        info: PathInfo,
+        idle: Duration,
+        overall: Duration,
+        fetch: F,
+    ) -> Result<()>
+    where
+        F: FnOnce(DuplexStream) -> Fut,
+        Fut: Future<Output = std::result::Result<(), String>>,
+    {
+        let path = info.path.clone();
+        let tick_every = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let (w, r) = tokio::io::duplex(1 << 20);
+        let epoch = Instant::now();
+        let last_read = AtomicU64::new(0);
+        let (outcome, added, fetched) = {
+            let fetch = fetch(w);
+            // The reader is moved in, so it is dropped the moment the import ends: a fetch still
+            // writing then fails at once instead of filling the pipe and waiting forever.
+            let add = self.add_inner(info, r, Some((&last_read, epoch)));
+            tokio::pin!(fetch, add);
+            let mut fetched: Option<std::result::Result<(), String>> = None;
+            let mut added: Option<Result<()>> = None;
+            let mut tick = tokio::time::interval(tick_every);
+            let outcome = loop {
+                match (&added, &fetched) {
+                    (Some(Err(_)), _) | (Some(Ok(())), Some(_)) => break None,
+                    _ => {}
+                }
+                tokio::select! {
+                    a = &mut add, if added.is_none() => added = Some(a),
+                    f = &mut fetch, if fetched.is_none() => fetched = Some(f),
+                    _ = tick.tick() => {
+                        let last = Duration::from_millis(last_read.load(Ordering::Relaxed));
+                        if epoch.elapsed() > overall {
+                            break Some(ImportError::TimedOut {
+                                what: format!("copying '{path}' from the builder"),
+                                after: overall,
+                            });
+                        }
+                        if epoch.elapsed().saturating_sub(last) > idle {
+                            break Some(ImportError::Stalled { path: path.clone(), idle });
+                        }
+                    }
+                }
+            };
+            // Dropping the futures here cancels whichever is still running.
+            (outcome, added, fetched)
+        };
+        if let Some(e) = outcome {
+            // The import may have been cancelled midway: remove what it unpacked.
+            self.discard_partial(&path).await;
+            return Err(e);
+        }
+        match (added, fetched) {
+            // The fetch's own error says what went wrong first (a broken connection shows in
+            // the import as a truncated NAR).
+            (Some(Err(e @ ImportError::Nar { .. })), Some(Err(f))) => {
+                tracing::debug!("import of '{path}' failed after its fetch: {e}");
+                Err(ImportError::Fetch { path, message: f })
+            }
+            (Some(Err(e)), _) => Err(e),
+            (Some(Ok(())), Some(Err(f))) => {
+                // Everything arrived and matched, but the peer's stream did not end cleanly:
+                // refuse it all the same.
+                self.discard_partial(&path).await;
+                Err(ImportError::Fetch { path, message: f })
+            }
+            (Some(Ok(())), Some(Ok(()))) => Ok(()),
+            _ => Err(ImportError::Internal(format!(
+                "the copy of '{path}' ended in an impossible state"
+            ))),
+        }
+    }
+
+    /// Removes whatever of `path` is in the staging directory, staged or half unpacked.
+    async fn discard_partial(&mut self, path: &str) {
+        self.staged.retain(|s| s.info.path != path);
+        if let (Some(staging), Some(base)) = (&self.staging, Path::new(path).file_name()) {
+            let tmp = staging.join(base);
+            if fs::symlink_metadata(&tmp).is_ok() {
+                remove_tree_logged(&tmp).await;
+            }
+        }
+        self.remove_staging_if_unused();
     }
 
     fn remove_staging_if_unused(&mut self) {
@@ -295,11 +547,12 @@ impl OutputImporter {
         let staged = std::mem::take(&mut self.staged);
         let staging = self.staging.take();
         let nix_store = nix_store_bin.to_owned();
+        let state_dir = self.state_dir.clone();
         let task = tokio::spawn(async move {
             let result = if staged.is_empty() {
                 Ok(())
             } else {
-                commit_staged(&nix_store, staged, check_validity).await
+                commit_staged(&nix_store, &state_dir, staged, check_validity).await
             };
             if let Some(s) = staging {
                 remove_tree_logged(&s).await;
@@ -322,31 +575,57 @@ impl Drop for OutputImporter {
     }
 }
 
-async fn commit_staged(nix_store: &Path, staged: Vec<Staged>, check_validity: bool) -> Result<()> {
+async fn commit_staged(
+    nix_store: &Path,
+    state_dir: &Path,
+    staged: Vec<Staged>,
+    check_validity: bool,
+) -> Result<()> {
     let all: Vec<String> = staged.iter().map(|s| s.info.path.clone()).collect();
     let invalid = if check_validity {
         query_invalid(nix_store, &all).await?
     } else {
         all.iter().cloned().collect()
     };
+    let mut to_move: Vec<&Staged> = Vec::new();
+    for s in &staged {
+        if invalid.contains(&s.info.path) {
+            to_move.push(s);
+        } else {
+            tracing::info!(path = %s.info.path, "already valid in the local store; keeping it");
+        }
+    }
+    if to_move.is_empty() {
+        return Ok(());
+    }
+
+    // Content addresses go into the database after the registration; open it (and check its
+    // schema) first, so that a database the hook cannot write fails with nothing registered.
+    let ca_rows: Vec<(String, String)> = to_move
+        .iter()
+        .filter_map(|s| Some((s.info.path.clone(), s.info.ca?.render())))
+        .collect();
+    let mut ca_column = if ca_rows.is_empty() {
+        None
+    } else {
+        let dir = state_dir.to_owned();
+        let c = tokio::task::spawn_blocking(move || CaColumn::open(&dir, deadlines::CA_WRITE))
+            .await
+            .map_err(|e| ImportError::Internal(format!("opening the Nix database: {e}")))?
+            .map_err(ImportError::CaColumn)?;
+        Some(c)
+    };
 
     // Move into place.
     let mut moved: Vec<PathBuf> = Vec::new();
     let mut to_register: Vec<&PathInfo> = Vec::new();
-    for s in &staged {
-        if !invalid.contains(&s.info.path) {
-            tracing::info!(path = %s.info.path, "already valid in the local store; keeping it");
-            continue;
-        }
+    for s in to_move {
         if let Err(e) = move_into_place(&s.tmp, &s.dest).await {
             remove_all(&moved).await;
             return Err(e);
         }
         moved.push(s.dest.clone());
         to_register.push(&s.info);
-    }
-    if to_register.is_empty() {
-        return Ok(());
     }
 
     // Register them all at once.
@@ -361,7 +640,31 @@ async fn commit_staged(nix_store: &Path, staged: Vec<Staged>, check_validity: bo
     let err = match res {
         Ok(out) if out.status.success() => {
             tracing::debug!(paths = ?all, "registered store paths");
-            return Ok(());
+            let Some(mut c) = ca_column.take() else {
+                return Ok(());
+            };
+            // The paths are valid now, with content checked against the .drv. If their
+            // content address cannot be written, the build fails but they stay valid: taking
+            // them out of the database again by hand would be the hand-made registration this
+            // module avoids, and the parent's locks keep Nix's own deletion away.
+            let rows = ca_rows.clone();
+            let set = tokio::task::spawn_blocking(move || c.set(&rows))
+                .await
+                .map_err(|e| ImportError::Internal(format!("writing content addresses: {e}")))?;
+            return match set {
+                Ok(()) => {
+                    tracing::debug!(rows = ?ca_rows, "recorded content addresses");
+                    Ok(())
+                }
+                Err(source) => Err(ImportError::CaNotRecorded {
+                    paths: ca_rows
+                        .iter()
+                        .map(|(p, _)| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    source,
+                }),
+            };
         }
         Ok(out) => ImportError::NixStore {
             command,
@@ -430,6 +733,8 @@ async fn query_invalid(nix_store: &Path, paths: &[String]) -> Result<BTreeSet<St
         .collect())
 }
 
+/// Runs `nix-store ARGS` with `stdin`, killed after [`deadlines::NIX_STORE`] (an interrupted
+/// registration is rolled back by SQLite).
 async fn run_nix_store(
     nix_store: &Path,
     args: &[&str],
@@ -440,6 +745,7 @@ async fn run_nix_store(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .map_err(|source| ImportError::Spawn {
             program: nix_store.to_owned(),
@@ -451,7 +757,13 @@ async fn run_nix_store(
         drop(child_stdin);
         r
     };
-    let (written, output) = tokio::join!(write, child.wait_with_output());
+    let run = async { tokio::join!(write, child.wait_with_output()) };
+    let (written, output) = tokio::time::timeout(deadlines::NIX_STORE, run)
+        .await
+        .map_err(|_| ImportError::TimedOut {
+            what: format!("`{} {}`", nix_store.display(), args.join(" ")),
+            after: deadlines::NIX_STORE,
+        })?;
     let output = output.map_err(|source| ImportError::Spawn {
         program: nix_store.to_owned(),
         source,
@@ -564,6 +876,7 @@ mod tests {
                 "/nix/store/22222222222222222222222222222222-b".to_string(),
             ]
             .into(),
+            ca: None,
         };
         let b = PathInfo {
             path: "/nix/store/22222222222222222222222222222222-b".into(),
@@ -571,6 +884,7 @@ mod tests {
             nar_hash_sha256: [0; 32],
             nar_size: 8,
             references: BTreeSet::new(),
+            ca: None,
         };
         let s = registration_input(&[&a, &b]);
         let expected = format!(
@@ -583,6 +897,205 @@ mod tests {
             "00".repeat(32)
         );
         assert_eq!(s, expected);
+    }
+
+    /// A NAR of one small file and its path info, for a store at `store`.
+    async fn small_nar(store: &Path, content: &[u8]) -> (Vec<u8>, PathInfo) {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("f");
+        fs::write(&f, content).unwrap();
+        let mut nar = Vec::new();
+        let s = hook_protocol::nar::dump_path(&f, &mut nar, Default::default())
+            .await
+            .unwrap();
+        let info = PathInfo {
+            path: format!("{}/00000000000000000000000000000000-a", store.display()),
+            deriver: None,
+            nar_hash_sha256: s.nar_sha256,
+            nar_size: s.nar_size,
+            references: BTreeSet::new(),
+            ca: None,
+        };
+        (nar, info)
+    }
+
+    fn staging_dirs(store: &Path) -> Vec<PathBuf> {
+        fs::read_dir(store)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    }
+
+    /// Guards against a hang (the bug this tests): the import must end long before this.
+    const HANG: Duration = Duration::from_secs(120);
+
+    /// A peer whose NAR is longer than the size it claimed, and that keeps sending after it:
+    /// the import fails as too long and the fetch is cut off instead of blocking on a full
+    /// pipe (it used to wait forever).
+    #[tokio::test]
+    async fn a_nar_longer_than_claimed_ends_the_fetch() {
+        let store = tempfile::tempdir().unwrap();
+        let (nar, mut info) = small_nar(store.path(), &[3u8; 3 << 20]).await;
+        info.nar_size -= 8;
+        let mut imp = OutputImporter::new(store.path(), false).unwrap();
+        let fetch = |mut w: DuplexStream| async move {
+            w.write_all(&nar).await.map_err(|e| e.to_string())?;
+            loop {
+                w.write_all(&[0u8; 65536])
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        };
+        let r = tokio::time::timeout(HANG, imp.add_streamed(info, fetch))
+            .await
+            .expect("the import hung on a peer that kept sending");
+        assert!(matches!(r, Err(ImportError::TooLong { .. })), "{r:?}");
+        drop(imp);
+        assert!(staging_dirs(store.path()).is_empty());
+    }
+
+    /// The same when the NAR's file claims more content than the path info's size (the
+    /// fetch's own NAR parser would wait for all of it).
+    #[tokio::test]
+    async fn a_nar_bigger_inside_than_claimed_ends_the_fetch() {
+        let store = tempfile::tempdir().unwrap();
+        let (mut nar, mut info) = small_nar(store.path(), &[1u8; 4096]).await;
+        info.nar_size = 200;
+        nar.truncate(200);
+        let mut imp = OutputImporter::new(store.path(), false).unwrap();
+        let fetch = |mut w: DuplexStream| async move {
+            loop {
+                w.write_all(&nar).await.map_err(|e| e.to_string())?;
+            }
+        };
+        let r = tokio::time::timeout(HANG, imp.add_streamed(info, fetch))
+            .await
+            .expect("the import hung on a peer that kept sending");
+        assert!(matches!(r, Err(ImportError::TooLong { .. })), "{r:?}");
+        assert!(staging_dirs(store.path()).is_empty());
+    }
+
+    /// Shorter than claimed: the fetch ends early, the import fails, nothing stays staged.
+    #[tokio::test]
+    async fn a_nar_shorter_than_claimed_fails() {
+        let store = tempfile::tempdir().unwrap();
+        let (nar, mut info) = small_nar(store.path(), b"hello").await;
+        info.nar_size += 8;
+        let mut imp = OutputImporter::new(store.path(), false).unwrap();
+        let fetch =
+            |mut w: DuplexStream| async move { w.write_all(&nar).await.map_err(|e| e.to_string()) };
+        let r = tokio::time::timeout(HANG, imp.add_streamed(info, fetch))
+            .await
+            .expect("hung");
+        assert!(r.is_err(), "{r:?}");
+        assert!(staging_dirs(store.path()).is_empty());
+    }
+
+    /// A peer that stops sending midway hits the idle deadline (short here), and one that
+    /// trickles hits the overall one.
+    #[tokio::test]
+    async fn a_stalled_nar_hits_the_idle_deadline() {
+        let store = tempfile::tempdir().unwrap();
+        let (nar, info) = small_nar(store.path(), &[2u8; 1000]).await;
+        let mut imp = OutputImporter::new(store.path(), false).unwrap();
+        let head = nar[..300].to_vec();
+        let fetch = |mut w: DuplexStream| async move {
+            w.write_all(&head).await.map_err(|e| e.to_string())?;
+            std::future::pending::<()>().await;
+            Ok(())
+        };
+        let r = imp
+            .add_streamed_within(info.clone(), Duration::from_millis(300), HANG, fetch)
+            .await;
+        assert!(matches!(r, Err(ImportError::Stalled { .. })), "{r:?}");
+        assert!(staging_dirs(store.path()).is_empty());
+
+        let fetch = |mut w: DuplexStream| async move {
+            for b in &nar {
+                w.write_all(std::slice::from_ref(b))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(())
+        };
+        let r = imp
+            .add_streamed_within(info, HANG, Duration::from_millis(500), fetch)
+            .await;
+        assert!(matches!(r, Err(ImportError::TimedOut { .. })), "{r:?}");
+        drop(imp);
+        assert!(staging_dirs(store.path()).is_empty());
+    }
+
+    /// A fetch that fails after sending everything still fails the import, and nothing of the
+    /// path stays staged.
+    #[tokio::test]
+    async fn a_failed_fetch_after_a_complete_nar_is_refused() {
+        let store = tempfile::tempdir().unwrap();
+        let (nar, info) = small_nar(store.path(), b"x").await;
+        let mut imp = OutputImporter::new(store.path(), false).unwrap();
+        let fetch = |mut w: DuplexStream| async move {
+            w.write_all(&nar).await.map_err(|e| e.to_string())?;
+            Err("the peer said something odd".to_string())
+        };
+        let r = imp.add_streamed(info.clone(), fetch).await;
+        assert!(matches!(r, Err(ImportError::Fetch { .. })), "{r:?}");
+        assert!(staging_dirs(store.path()).is_empty());
+        // And a good one goes through.
+        let (nar, _) = small_nar(store.path(), b"x").await;
+        let fetch =
+            |mut w: DuplexStream| async move { w.write_all(&nar).await.map_err(|e| e.to_string()) };
+        imp.add_streamed(info, fetch).await.unwrap();
+        assert_eq!(imp.staged.len(), 1);
+    }
+
+    /// A fixed output whose content is not what the .drv says stays out of the staging area.
+    #[tokio::test]
+    async fn wrong_fixed_content_is_refused_before_staging() {
+        use hook_protocol::hash::HashAlgo;
+        use hook_protocol::store_path::ContentAddressMethod;
+        let store = tempfile::tempdir().unwrap();
+        let (nar, mut info) = small_nar(store.path(), b"tampered").await;
+        let digest = |b: &[u8]| Hash::sha256_of(b);
+        info.ca = Some(ContentAddress {
+            method: ContentAddressMethod::Flat,
+            hash: digest(b"original"),
+        });
+        let mut imp = OutputImporter::new(store.path(), false).unwrap();
+        let e = imp.add(info.clone(), &nar[..]).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ImportError::ContentAddress {
+                    source: CaError::Mismatch { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("sha256-"), "{e}");
+        assert!(staging_dirs(store.path()).is_empty());
+        // The right content passes, for every algorithm.
+        for algo in [
+            HashAlgo::Md5,
+            HashAlgo::Sha1,
+            HashAlgo::Sha256,
+            HashAlgo::Sha512,
+        ] {
+            info.ca = Some(ContentAddress {
+                method: ContentAddressMethod::Flat,
+                hash: content_address::hash_of(algo, b"tampered"),
+            });
+            let mut imp = OutputImporter::new(store.path(), false).unwrap();
+            imp.add(info.clone(), &nar[..]).await.unwrap();
+        }
+        // A fixed output with a reference is refused.
+        info.references = [info.path.clone()].into();
+        let mut imp = OutputImporter::new(store.path(), false).unwrap();
+        assert!(matches!(
+            imp.add(info, &nar[..]).await,
+            Err(ImportError::FixedWithReferences { .. })
+        ));
     }
 
     #[test]
