@@ -34,7 +34,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs::{self, Permissions};
 use std::io::{self, Read};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::Stdio;
@@ -791,28 +791,33 @@ async fn move_into_place(tmp: &Path, dest: &Path) -> Result<()> {
             Err(e) => return Err(io_err("checking", &dest)(e)),
         }
         // Moving a directory to another parent rewrites its "..", which needs write permission
-        // on it (for anyone but root).
+        // on it (for anyone but root). Modes and mtime are set through a descriptor opened in
+        // the private staging directory, never through the path in the shared store.
         let is_dir = fs::symlink_metadata(&tmp)
             .map_err(io_err("checking", &tmp))?
             .is_dir();
-        if is_dir {
-            fs::set_permissions(&tmp, Permissions::from_mode(0o755))
+        let dir = if is_dir {
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                .open(&tmp)
+                .map_err(io_err("opening", &tmp))?;
+            f.set_permissions(Permissions::from_mode(0o755))
                 .map_err(io_err("setting permissions of", &tmp))?;
-        }
+            Some(f)
+        } else {
+            None
+        };
         fs::rename(&tmp, &dest).map_err(io_err("moving a staged path to", &dest))?;
-        if is_dir {
-            fs::set_permissions(&dest, Permissions::from_mode(0o555))
+        if let Some(f) = dir {
+            f.set_permissions(Permissions::from_mode(0o555))
                 .map_err(io_err("setting permissions of", &dest))?;
             // The chmod did not touch the mtime, but be explicit: Nix's canonical mtime is 1.
-            fs::File::open(&dest)
-                .and_then(|f| {
-                    f.set_times(
-                        fs::FileTimes::new().set_modified(
-                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(1),
-                        ),
-                    )
-                })
-                .map_err(io_err("setting the mtime of", &dest))?;
+            f.set_times(
+                fs::FileTimes::new()
+                    .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1)),
+            )
+            .map_err(io_err("setting the mtime of", &dest))?;
         }
         Ok(())
     })
