@@ -32,13 +32,24 @@
 //! calling Nix from fd 4), so bad JSON was reported twice, once as a log line.
 //!
 //! **So the hook relays the raw bytes**: the builder's daemon keeps them in its log file (this
-//! connection sets `keep-build-log = true` and `compress-build-log = false`), and once
-//! `BuildDerivation` returns the hook copies that file unchanged to fd 4. The calling Nix then
-//! does steps 1–4 itself, as for a local build. The daemon's processed events are only used to
-//! know that the builder ran (the remote `actBuild` started, so its log file was truncated and
-//! rewritten for this build), to keep `max-silent-time`, and as a last resort when the file
-//! cannot be read (those lines then go to fd 4 too, so still untrusted). The price: the log
-//! reaches Nix when the build ends, not line by line while it runs.
+//! connection sets `keep-build-log = true` and `compress-build-log = false`), and the hook
+//! copies that file unchanged to fd 4. The calling Nix then does steps 1–4 itself, as for a
+//! local build. The daemon's processed events are only used to know that the builder ran (the
+//! remote `actBuild` started, so its log file was truncated and is rewritten for this build), to
+//! keep `max-silent-time`, and as a last resort when the file cannot be read (those lines then
+//! go to fd 4 too, so still untrusted).
+//!
+//! **Live, and still exact** ([`Live`]). Once the remote `actBuild` started, the file is
+//! followed while the build runs: in a local builder's volume it is opened beneath the volume
+//! and polled every [`POLL`]; over SSH one `tail -c +1 -f` runs in the builder (ended through its
+//! standard input when the build is over). Each newly appended byte range goes to fd 4 and
+//! `forwarded` counts it. When `BuildDerivation` returns, the daemon has closed (so flushed) the
+//! file: the rest is read from `forwarded` to the file's size then, so every byte is written
+//! once and in order, whatever stopped the following. A file that shrank below `forwarded` or
+//! was replaced ends the relay with a warning (nothing is written twice); if nothing of it could
+//! be read, the daemon's lines are the fallback. The builder's Nix writes the file through a
+//! 32 KiB buffer (`FdSink`), so a chatty build's log arrives in 32 KiB steps and a quiet build's
+//! when it ends. A user's own machine is read with `nix-store --read-log` when the build ends.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
