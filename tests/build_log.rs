@@ -332,6 +332,7 @@ fn remote_log_arrives_while_the_build_runs() {
         let seen = seen.unwrap_or_else(|| panic!("{via}: '{marker}' never shown: {}", text(&o)));
         // The builder sleeps 8 s after the first part: shown live, it came well before the end.
         let ahead = exited.saturating_duration_since(seen);
+        eprintln!("{via}: the first part was shown {ahead:?} before nix-build ended");
         assert!(
             ahead >= Duration::from_secs(5),
             "{via}: the first part of the log was shown only {ahead:?} before nix-build ended"

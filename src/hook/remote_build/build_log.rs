@@ -63,7 +63,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
 use crate::hook::parent::Parent;
 use crate::transport::Reopen;
-use crate::transport::ssh::{ExecChannel, ExecOutput, SshSession};
+use crate::transport::ssh::{ExecChannel, ExecOutput, ExitWaiter, SshSession};
 
 /// `ActivityType::actBuild`.
 const ACT_BUILD: u64 = 105;
@@ -490,7 +490,8 @@ impl<'a> Live<'a> {
                     "wc -c < {q} && tail -c +{} -- {q}",
                     self.forwarded.saturating_add(1)
                 );
-                let mut out = self.exec_output(&command).await?;
+                // Its exit status tells nothing more: the bytes are counted.
+                let (mut out, _) = self.exec_output(&command).await?;
                 let mut line = Vec::new();
                 tokio::time::timeout(READ_IDLE, (&mut out).take(32).read_until(b'\n', &mut line))
                     .await
@@ -509,20 +510,30 @@ impl<'a> Live<'a> {
                 self.copy_exact(&mut out, size).await
             }
             Some(Source::ReadLog(command)) => {
-                let mut out = self.exec_output(&command).await?;
-                self.copy_exact(&mut out, u64::MAX).await
+                let (mut out, exit) = self.exec_output(&command).await?;
+                self.copy_exact(&mut out, u64::MAX).await?;
+                // No log there prints nothing: only the status tells.
+                drop(out);
+                match tokio::time::timeout(READ_IDLE, exit.wait()).await {
+                    Ok(Ok(s)) if s.success() => Ok(()),
+                    Ok(Ok(s)) => Err(format!("`{command}` failed: {s}")),
+                    Ok(Err(e)) => Err(format!("`{command}`: {e}")),
+                    Err(_) => Err(format!("`{command}` did not end")),
+                }
             }
         }
     }
 
-    async fn exec_output(&self, command: &str) -> Result<tokio::io::BufReader<ExecOutput>, String> {
+    async fn exec_output(
+        &self,
+        command: &str,
+    ) -> Result<(tokio::io::BufReader<ExecOutput>, ExitWaiter), String> {
         let session = self.session.ok_or("no SSH session")?;
         let ch = session
             .exec(command)
             .await
             .map_err(|e| format!("running `{command}`: {e}"))?;
-        // Its exit status tells nothing more: the bytes are counted.
-        Ok(tokio::io::BufReader::new(ch.stdout))
+        Ok((tokio::io::BufReader::new(ch.stdout), ch.exit))
     }
 
     /// Copies from `r` until the forwarded offset reaches `end` (or `r` ends, when `end` is
