@@ -10,9 +10,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::output_text as text;
 
@@ -214,6 +214,134 @@ fn remote_log_is_what_a_local_build_logs() {
             String::from_utf8_lossy(&remote_log),
             String::from_utf8_lossy(&local_log),
             "{via}: stored log differs"
+        );
+        assert_eq!(remote_log, local_log, "{via}: stored log bytes differ");
+    }
+}
+
+/// Over 64 KiB of lines (the builder's Nix writes its log file through a 32 KiB buffer), a
+/// pause, then the rest.
+const LIVE_SCRIPT: &str = r#"i=0
+while [ $i -lt 1500 ]; do
+  echo "early line $i: the first part of the log, shown while the build still runs"
+  i=$((i+1))
+done
+/bin/sleep 8
+printf 'late line\r\nlast line'
+echo ok > $out"#;
+
+fn live_expr(system: &str, nonce: &str) -> String {
+    format!(
+        "derivation {{ name = \"live-log\"; system = \"{system}\"; builder = \"/bin/sh\"; \
+         args = [\"-c\" {LIVE_SCRIPT:?}]; nonce = \"{nonce}\"; }}"
+    )
+}
+
+/// Runs nix-build and notes when the first line with `marker` reached its stderr, and when it
+/// exited.
+fn timed_build(
+    e: &str,
+    extra: &[&str],
+    config: &Path,
+    marker: &str,
+) -> (Output, Option<Instant>, Instant) {
+    use std::io::BufRead;
+    let i = install();
+    let mut cmd = Command::new("nix-build");
+    cmd.args(["--no-out-link", "--log-format", "internal-json", "-E", e])
+        .args(extra)
+        .env("NIXDOCK_CONFIG", config)
+        .env("NIXDOCK_STATE_DIR", &i.state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("nix-build starts");
+    let out = common::drain(child.stdout.take());
+    let stderr = child.stderr.take().expect("piped");
+    let marker = marker.to_owned();
+    let err = std::thread::spawn(move || {
+        let mut seen = None;
+        let mut all = Vec::new();
+        for line in std::io::BufReader::new(stderr).split(b'\n') {
+            let Ok(line) = line else { break };
+            if seen.is_none() && String::from_utf8_lossy(&line).contains(&marker) {
+                seen = Some(Instant::now());
+            }
+            all.extend_from_slice(&line);
+            all.push(b'\n');
+        }
+        (seen, all)
+    });
+    let status =
+        common::wait_timeout(&mut child, Duration::from_secs(600)).expect("nix-build ends");
+    let exited = Instant::now();
+    let (seen, stderr) = err.join().expect("stderr reader");
+    let o = Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr,
+    };
+    (o, seen, exited)
+}
+
+/// The log of a remote build reaches the calling Nix while the build runs (over each
+/// transport), and what it stores is still exactly a local build's log.
+#[test]
+fn remote_log_arrives_while_the_build_runs() {
+    if !common::require_bed() {
+        return;
+    }
+    let i = install();
+    let nonce = common::unique_name("live");
+    let marker = "early line 0:";
+
+    let local_expr = live_expr("x86_64-linux", &nonce);
+    let local_drv = instantiate(&local_expr);
+    let o = nix_build(
+        &local_expr,
+        &["--builders", "", "--max-jobs", "1"],
+        &i.config,
+    );
+    common::out_path(&o);
+    let local_log = read_log(&local_drv);
+    assert!(local_log.len() > 64 * 1024, "{}", local_log.len());
+
+    for (via, config) in [("local socket", &i.config), ("ssh", &i.ssh_config)] {
+        let remote_expr = live_expr("aarch64-linux", &format!("{nonce}-{via}"));
+        let remote_drv = instantiate(&remote_expr);
+        let (o, seen, exited) = timed_build(
+            &remote_expr,
+            &[
+                "--option",
+                "build-hook",
+                HOOK,
+                "--builders",
+                "",
+                "--max-jobs",
+                "1",
+            ],
+            config,
+            marker,
+        );
+        common::out_path(&o);
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("nixdock-aarch64-linux"),
+            "{via}: not built by nixdock: {}",
+            text(&o)
+        );
+        let seen = seen.unwrap_or_else(|| panic!("{via}: '{marker}' never shown: {}", text(&o)));
+        // The builder sleeps 8 s after the first part: shown live, it came well before the end.
+        let ahead = exited.saturating_duration_since(seen);
+        eprintln!("{via}: the first part was shown {ahead:?} before nix-build ended");
+        assert!(
+            ahead >= Duration::from_secs(5),
+            "{via}: the first part of the log was shown only {ahead:?} before nix-build ended"
+        );
+        let remote_log = read_log(&remote_drv);
+        assert_eq!(
+            remote_log.len(),
+            local_log.len(),
+            "{via}: stored log length differs"
         );
         assert_eq!(remote_log, local_log, "{via}: stored log bytes differ");
     }

@@ -50,6 +50,18 @@ impl Parent {
         }
     }
 
+    /// A parent whose fd 4 is `log` (unit tests).
+    #[cfg(test)]
+    pub fn with_log(log: File) -> Parent {
+        Parent {
+            err: Mutex::new(std::io::stderr()),
+            log: Mutex::new(Some(log)),
+            ids: ActivityIds::new(),
+            tail: Mutex::new(Default::default()),
+            log_bytes: Default::default(),
+        }
+    }
+
     fn write_err(&self, bytes: &[u8]) -> std::io::Result<()> {
         let mut e = self.err.lock().unwrap_or_else(|p| p.into_inner());
         e.write_all(bytes)?;

@@ -474,8 +474,8 @@ impl Job<'_> {
             )
         };
         let basic = self.drv.to_basic(srcs);
-        // The daemon's events only say that the builder ran; its raw output is relayed when
-        // the build is over (see `build_log`).
+        // The daemon's events only say that the builder ran; its raw output is relayed from
+        // its log file, followed while the build runs (see `build_log`).
         let capture = std::sync::Mutex::new(build_log::Capture::default());
         let last_output = std::sync::Mutex::new(Instant::now());
         let mut relay = |ev: LogEvent| {
@@ -506,7 +506,16 @@ impl Job<'_> {
                 }
             }
         };
+        let mut live = build_log::Live::new(
+            self.parent,
+            builder.session.as_ref(),
+            &builder.reopen,
+            &builder.name,
+            &self.drv_path,
+        );
+        let follow = live.follow(&capture);
         let result = tokio::select! {
+            never = follow => match never {},
             r = build => r.map_err(|e| {
                 if e.is_connection_closed() {
                     fail(format!("lost the connection to builder '{}' during the build of '{}' (was the container stopped?): {e}", self.machine, self.drv_path))
@@ -522,8 +531,8 @@ impl Job<'_> {
         let capture = capture.into_inner().unwrap_or_else(|p| p.into_inner());
         match &result {
             // A builder killed by the watchdog may still be writing its log.
-            Err(_) => build_log::fallback(self.parent, capture),
-            Ok(_) => build_log::relay(self.parent, builder, &self.drv_path, capture).await,
+            Err(_) => live.abandon(capture),
+            Ok(_) => live.finish(capture).await,
         }
         result
     }

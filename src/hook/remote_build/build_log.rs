@@ -32,31 +32,49 @@
 //! calling Nix from fd 4), so bad JSON was reported twice, once as a log line.
 //!
 //! **So the hook relays the raw bytes**: the builder's daemon keeps them in its log file (this
-//! connection sets `keep-build-log = true` and `compress-build-log = false`), and once
-//! `BuildDerivation` returns the hook copies that file unchanged to fd 4. The calling Nix then
-//! does steps 1–4 itself, as for a local build. The daemon's processed events are only used to
-//! know that the builder ran (the remote `actBuild` started, so its log file was truncated and
-//! rewritten for this build), to keep `max-silent-time`, and as a last resort when the file
-//! cannot be read (those lines then go to fd 4 too, so still untrusted). The price: the log
-//! reaches Nix when the build ends, not line by line while it runs.
+//! connection sets `keep-build-log = true` and `compress-build-log = false`), and the hook
+//! copies that file unchanged to fd 4. The calling Nix then does steps 1–4 itself, as for a
+//! local build. The daemon's processed events are only used to know that the builder ran (the
+//! remote `actBuild` started, so its log file was truncated and is rewritten for this build), to
+//! keep `max-silent-time`, and as a last resort when the file cannot be read (those lines then
+//! go to fd 4 too, so still untrusted).
+//!
+//! **Live, and still exact** ([`Live`]). Once the remote `actBuild` started, the file is
+//! followed while the build runs: in a local builder's volume it is opened beneath the volume
+//! and polled every [`POLL`]; over SSH one `tail -c +1 -f` runs in the builder (ended through its
+//! standard input when the build is over). Each newly appended byte range goes to fd 4 and
+//! `forwarded` counts it. When `BuildDerivation` returns, the daemon has closed (so flushed) the
+//! file: the rest is read from `forwarded` to the file's size then, so every byte is written
+//! once and in order, whatever stopped the following. A file that shrank below `forwarded` or
+//! was replaced ends the relay with a warning (nothing is written twice); if nothing of it could
+//! be read, the daemon's lines are the fallback. The builder's Nix writes the file through a
+//! 32 KiB buffer (`FdSink`), so a chatty build's log arrives in 32 KiB steps and a quiet build's
+//! when it ends. A user's own machine is read with `nix-store --read-log` when the build ends.
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hook_protocol::store_path::StorePath;
 use hook_protocol::worker::{Field, LogEvent, RES_BUILD_LOG_LINE};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
 use crate::hook::parent::Parent;
-use crate::transport::{RemoteStore, Reopen};
+use crate::transport::Reopen;
+use crate::transport::ssh::{ExecChannel, ExecOutput, ExitWaiter, SshSession};
 
 /// `ActivityType::actBuild`.
 const ACT_BUILD: u64 = 105;
 /// Lines kept from the daemon's events for when the raw log cannot be read.
 const FALLBACK_BYTES: usize = 4 << 20;
-/// Longest wait for the next piece of the raw log.
+/// Longest wait for the next piece of the raw log once the build is over.
 const READ_IDLE: Duration = Duration::from_secs(60);
+/// How often a local builder's log file is looked at while the build runs.
+const POLL: Duration = Duration::from_millis(150);
+/// The most read (and written to fd 4) at once.
+const CHUNK: usize = 64 * 1024;
 /// The builder's Nix keeps its logs here (`NIX_LOG_DIR`); its `/nix` is the builder's volume.
 const REMOTE_LOG_DIR: &str = "/nix/var/log/nix";
 
@@ -112,31 +130,46 @@ impl Capture {
 }
 
 /// Where the raw log can be read.
+#[derive(Clone)]
 enum Source {
-    /// A local builder: the file inside its `/nix` volume on this host.
+    /// A local builder: the file inside its `/nix` volume on this host, followed while the
+    /// build runs.
     Volume(PathBuf),
-    /// A command whose standard output is the log.
-    Exec(String),
+    /// A builder container over SSH: the file at this path there, followed while the build
+    /// runs.
+    Container(String),
+    /// A user's machine: a command whose standard output is the whole log, run when the build
+    /// is over.
+    ReadLog(String),
 }
 
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-fn source_for(builder: &RemoteStore, drv: &StorePath) -> Option<Source> {
-    let rel = hook_protocol::log::build_log_rel_path(drv).join("/");
-    match &builder.reopen {
-        // `<volume>/var/nix/daemon-socket/socket`: the volume is the builder's `/nix`.
-        Reopen::LocalSocket(socket) => {
-            let root = socket.ancestors().nth(4)?;
-            let suffix = socket.strip_prefix(root).ok()?;
-            (suffix == Path::new("var/nix/daemon-socket/socket"))
-                .then(|| Source::Volume(root.to_path_buf()))
-        }
+/// The builder's `/nix` on this host, from the path of its daemon socket
+/// (`<volume>/var/nix/daemon-socket/socket`). The only place that knows how a local builder's
+/// socket path is made.
+fn volume_root(socket: &Path) -> Option<PathBuf> {
+    let root = socket.ancestors().nth(4)?;
+    let suffix = socket.strip_prefix(root).ok()?;
+    (suffix == Path::new("var/nix/daemon-socket/socket")).then(|| root.to_path_buf())
+}
+
+/// The log file's components beneath the builder's `/nix`.
+fn log_components(drv: &StorePath) -> Vec<String> {
+    let mut comps: Vec<String> = ["var", "log", "nix"].map(String::from).into();
+    comps.extend(hook_protocol::log::build_log_rel_path(drv));
+    comps
+}
+
+fn source_for(reopen: &Reopen, drv: &StorePath) -> Option<Source> {
+    match reopen {
+        Reopen::LocalSocket(socket) => volume_root(socket).map(Source::Volume),
         // A builder container writes it uncompressed (we are trusted there).
-        Reopen::Builder => Some(Source::Exec(format!(
-            "cat -- {}",
-            shell_quote(&format!("{REMOTE_LOG_DIR}/{rel}"))
+        Reopen::Builder => Some(Source::Container(format!(
+            "{REMOTE_LOG_DIR}/{}",
+            hook_protocol::log::build_log_rel_path(drv).join("/")
         ))),
         // A user's machine: `<dir>/nix-daemon --stdio [--store X]` becomes
         // `<dir>/nix-store [--store X] --read-log <drv>`, which also reads a `.bz2` log.
@@ -146,7 +179,7 @@ fn source_for(builder: &RemoteStore, drv: &StorePath) -> Option<Source> {
                 Some(dir) if dir.is_empty() || dir.ends_with('/') => format!("{dir}nix-store"),
                 _ => "nix-store".to_owned(),
             };
-            Some(Source::Exec(format!(
+            Some(Source::ReadLog(format!(
                 "{nix_store}{rest} --read-log {}",
                 shell_quote(&drv.to_absolute())
             )))
@@ -211,102 +244,321 @@ fn open_beneath(_root: &Path, _components: &[&str]) -> std::io::Result<std::fs::
     Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
 }
 
-/// Why the raw log could not be relayed, and whether some of it already was.
-struct Failed {
-    why: String,
-    sent_any: bool,
+#[cfg(unix)]
+fn file_id(f: &std::fs::File) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f.metadata()?;
+    Ok((m.dev(), m.ino()))
 }
 
-async fn copy_to_parent<R: tokio::io::AsyncRead + Unpin>(
-    parent: &Parent,
-    r: &mut R,
-    sent_any: &mut bool,
-) -> Result<(), String> {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match tokio::time::timeout(READ_IDLE, r.read(&mut buf)).await {
-            Err(_) => return Err(format!("no data for {} s", READ_IDLE.as_secs())),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Ok(Ok(0)) => return Ok(()),
-            Ok(Ok(n)) => n,
-        };
-        parent.build_log_bytes(&buf[..n]);
-        *sent_any = true;
+#[cfg(not(unix))]
+fn file_id(_f: &std::fs::File) -> std::io::Result<(u64, u64)> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+}
+
+/// What one look at the followed file found.
+enum Chunk {
+    Data(Vec<u8>),
+    /// Nothing new yet.
+    Nothing,
+}
+
+/// Reads what the file holds at `offset` (at most [`CHUNK`] bytes). A file now shorter than
+/// `offset` was truncated or rewritten: its bytes are no longer the ones forwarded.
+#[cfg(unix)]
+fn read_chunk(f: &std::fs::File, offset: u64) -> std::io::Result<Chunk> {
+    use std::os::unix::fs::FileExt;
+    let size = f.metadata()?.len();
+    if size < offset {
+        return Err(std::io::Error::other(format!(
+            "the log file shrank to {size} bytes after {offset} were shown"
+        )));
     }
+    let want = usize::try_from(size - offset).unwrap_or(CHUNK).min(CHUNK);
+    if want == 0 {
+        return Ok(Chunk::Nothing);
+    }
+    let mut buf = vec![0u8; want];
+    let n = f.read_at(&mut buf, offset)?;
+    buf.truncate(n);
+    Ok(if n == 0 {
+        Chunk::Nothing
+    } else {
+        Chunk::Data(buf)
+    })
 }
 
-async fn relay_raw(parent: &Parent, builder: &RemoteStore, drv: &StorePath) -> Result<(), Failed> {
-    let mut sent_any = false;
-    let fail = |why: String, sent_any: bool| Failed { why, sent_any };
-    match source_for(builder, drv) {
-        None => Err(fail("no way to read it from this builder".into(), false)),
-        Some(Source::Volume(root)) => {
-            let rel = hook_protocol::log::build_log_rel_path(drv);
-            let mut comps = vec!["var", "log", "nix"];
-            comps.extend(rel.iter().map(String::as_str));
-            let file = open_beneath(&root, &comps)
-                .map_err(|e| fail(format!("opening it in the builder's volume: {e}"), false))?;
-            let mut file = tokio::fs::File::from_std(file);
-            copy_to_parent(parent, &mut file, &mut sent_any)
-                .await
-                .map_err(|e| fail(e, sent_any))
+#[cfg(not(unix))]
+fn read_chunk(_f: &std::fs::File, _offset: u64) -> std::io::Result<Chunk> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+}
+
+/// A remote build's raw log on its way to fd 4: followed while the build runs
+/// ([`Live::follow`]), then read to its end ([`Live::finish`]). `forwarded` counts the bytes
+/// written to fd 4, so each byte of the file is written once, in order: whatever stops the
+/// following, the end read continues at that offset.
+pub(super) struct Live<'a> {
+    parent: &'a Parent,
+    session: Option<&'a SshSession>,
+    builder: &'a str,
+    drv: &'a StorePath,
+    source: Option<Source>,
+    forwarded: u64,
+    /// `(dev, ino)` of the file followed in a local builder's volume, to notice at the end
+    /// that the path now names another file.
+    followed: Option<(u64, u64)>,
+}
+
+impl<'a> Live<'a> {
+    pub(super) fn new(
+        parent: &'a Parent,
+        session: Option<&'a SshSession>,
+        reopen: &Reopen,
+        builder: &'a str,
+        drv: &'a StorePath,
+    ) -> Self {
+        Live {
+            parent,
+            session,
+            builder,
+            drv,
+            source: source_for(reopen, drv),
+            forwarded: 0,
+            followed: None,
         }
-        Some(Source::Exec(command)) => {
-            let session = builder
-                .session
-                .as_ref()
-                .ok_or_else(|| fail("no SSH session".into(), false))?;
-            let ch = session
-                .exec(&command)
+    }
+
+    fn forward(&mut self, bytes: &[u8]) {
+        self.parent.build_log_bytes(bytes);
+        self.forwarded += bytes.len() as u64;
+    }
+
+    /// Follows the log while the build runs; never returns (it is dropped when the build
+    /// ends, which also ends a remote follower). Starts once the builder's daemon started the
+    /// build, as its log file was truncated and is being rewritten for this build from then on.
+    pub(super) async fn follow(&mut self, cap: &std::sync::Mutex<Capture>) -> Infallible {
+        while !cap.lock().unwrap_or_else(|p| p.into_inner()).started() {
+            tokio::time::sleep(POLL).await;
+        }
+        let r = match self.source.clone() {
+            Some(Source::Volume(root)) => self.follow_volume(&root).await,
+            Some(Source::Container(path)) => self.follow_container(&path).await,
+            Some(Source::ReadLog(_)) | None => Ok(()),
+        };
+        if let Err(why) = r {
+            // The end read takes over from the forwarded offset, and says what is missing.
+            tracing::debug!(drv = %self.drv, forwarded = self.forwarded, "stopped following the build log: {why}");
+        }
+        std::future::pending().await
+    }
+
+    /// Polls the file in the builder's volume (opened beneath it, a regular file).
+    async fn follow_volume(&mut self, root: &Path) -> Result<(), String> {
+        let comps = log_components(self.drv);
+        let comps: Vec<&str> = comps.iter().map(String::as_str).collect();
+        let file = loop {
+            match open_beneath(root, &comps) {
+                Ok(f) => break Arc::new(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tokio::time::sleep(POLL).await
+                }
+                Err(e) => return Err(format!("opening it in the builder's volume: {e}")),
+            }
+        };
+        let id = file_id(&file).map_err(|e| e.to_string())?;
+        if self.followed.is_some_and(|old| old != id) {
+            return Err("the log file was replaced during the build".into());
+        }
+        self.followed = Some(id);
+        loop {
+            let (f, offset) = (file.clone(), self.forwarded);
+            let chunk = tokio::task::spawn_blocking(move || read_chunk(&f, offset))
                 .await
-                .map_err(|e| fail(format!("running `{command}`: {e}"), false))?;
-            let crate::transport::ssh::ExecChannel {
-                stdin,
-                mut stdout,
-                stderr,
-                exit,
-            } = ch;
-            drop(stdin);
-            drop(stderr);
-            copy_to_parent(parent, &mut stdout, &mut sent_any)
-                .await
-                .map_err(|e| fail(e, sent_any))?;
-            match tokio::time::timeout(READ_IDLE, exit.wait()).await {
-                Ok(Ok(s)) if s.success() => Ok(()),
-                Ok(Ok(s)) => Err(fail(format!("`{command}` failed: {s}"), sent_any)),
-                Ok(Err(e)) => Err(fail(format!("`{command}`: {e}"), sent_any)),
-                Err(_) => Err(fail(format!("`{command}` did not end"), sent_any)),
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            match chunk {
+                Chunk::Data(bytes) => self.forward(&bytes),
+                Chunk::Nothing => tokio::time::sleep(POLL).await,
             }
         }
     }
-}
 
-/// After `BuildDerivation`: the builder's raw output to fd 4, or, if it cannot be had, the
-/// lines its daemon sent (still through fd 4, so still handled as untrusted builder output).
-pub(super) async fn relay(parent: &Parent, builder: &RemoteStore, drv: &StorePath, cap: Capture) {
-    if !cap.started() {
-        return;
-    }
-    match relay_raw(parent, builder, drv).await {
-        Ok(()) => {}
-        Err(Failed {
-            why,
-            sent_any: true,
-        }) => parent.warn(&format!(
-            "the build log of '{drv}' on '{}' is incomplete: {why}",
-            builder.name
-        )),
-        Err(Failed {
-            why,
-            sent_any: false,
-        }) => {
-            parent.warn(&format!(
-                "the exact build log of '{drv}' is not available from '{}' ({why}); showing \
-                 the lines as the builder's Nix split them",
-                builder.name
-            ));
-            fallback(parent, cap);
+    /// One remote `tail -f` from the first byte. Its input is held open: when this future is
+    /// dropped, the input's EOF ends the `cat`, which ends the `tail` (a connection that dies
+    /// closes the input too), so no follower is left behind in the builder.
+    async fn follow_container(&mut self, path: &str) -> Result<(), String> {
+        let session = self.session.ok_or("no SSH session")?;
+        let command = format!(
+            "tail -c +1 -f -- {} & t=$!; cat >/dev/null; kill $t",
+            shell_quote(path)
+        );
+        let ExecChannel {
+            stdin: _stdin,
+            mut stdout,
+            stderr,
+            exit: _exit,
+        } = session
+            .exec(&command)
+            .await
+            .map_err(|e| format!("running `{command}`: {e}"))?;
+        drop(stderr);
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match stdout.read(&mut buf).await {
+                Ok(0) => return Err("the remote follower ended".into()),
+                Ok(n) => self.forward(&buf[..n]),
+                Err(e) => return Err(e.to_string()),
+            }
         }
+    }
+
+    /// After `BuildDerivation` returned: the rest of the raw log to fd 4, or, if none of it
+    /// could be had, the lines the builder's daemon sent (still through fd 4, so still handled
+    /// as untrusted builder output).
+    pub(super) async fn finish(mut self, cap: Capture) {
+        if !cap.started() {
+            return;
+        }
+        match self.read_rest().await {
+            Ok(()) => {}
+            Err(why) if self.forwarded > 0 => self.parent.warn(&format!(
+                "the build log of '{}' on '{}' is incomplete: {why}",
+                self.drv, self.builder
+            )),
+            Err(why) => {
+                self.parent.warn(&format!(
+                    "the exact build log of '{}' is not available from '{}' ({why}); showing \
+                     the lines as the builder's Nix split them",
+                    self.drv, self.builder
+                ));
+                fallback(self.parent, cap);
+            }
+        }
+    }
+
+    /// The build did not end normally (the watchdog stopped it, or the builder was lost): the
+    /// builder may still be writing, so nothing more is read. If nothing of the raw log was
+    /// shown yet, the daemon's lines are.
+    pub(super) fn abandon(self, cap: Capture) {
+        if self.forwarded == 0 {
+            fallback(self.parent, cap);
+        }
+    }
+
+    /// Everything from the forwarded offset to the end. The builder's daemon closed (and so
+    /// flushed) the file before it answered, so its size now is the log's.
+    async fn read_rest(&mut self) -> Result<(), String> {
+        match self.source.clone() {
+            None => Err("no way to read it from this builder".into()),
+            Some(Source::Volume(root)) => {
+                let comps = log_components(self.drv);
+                let comps: Vec<&str> = comps.iter().map(String::as_str).collect();
+                let file = open_beneath(&root, &comps)
+                    .map_err(|e| format!("opening it in the builder's volume: {e}"))?;
+                if self.forwarded > 0 && self.followed != file_id(&file).ok() {
+                    return Err("the log file was replaced during the build".into());
+                }
+                let size = file.metadata().map_err(|e| e.to_string())?.len();
+                if size < self.forwarded {
+                    return Err(format!(
+                        "the log file shrank to {size} bytes after {} were shown",
+                        self.forwarded
+                    ));
+                }
+                let file = Arc::new(file);
+                while self.forwarded < size {
+                    let (f, offset) = (file.clone(), self.forwarded);
+                    let chunk = tokio::task::spawn_blocking(move || read_chunk(&f, offset))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    match chunk {
+                        Chunk::Data(mut bytes) => {
+                            // Not past the size it had when the build ended.
+                            bytes.truncate(usize::try_from(size - offset).unwrap_or(usize::MAX));
+                            self.forward(&bytes)
+                        }
+                        Chunk::Nothing => return Err("the log file shrank".into()),
+                    }
+                }
+                Ok(())
+            }
+            Some(Source::Container(path)) => {
+                // Its size first (one line), then the bytes not shown yet.
+                let q = shell_quote(&path);
+                let command = format!(
+                    "wc -c < {q} && tail -c +{} -- {q}",
+                    self.forwarded.saturating_add(1)
+                );
+                // Its exit status tells nothing more: the bytes are counted.
+                let (mut out, _) = self.exec_output(&command).await?;
+                let mut line = Vec::new();
+                tokio::time::timeout(READ_IDLE, (&mut out).take(32).read_until(b'\n', &mut line))
+                    .await
+                    .map_err(|_| format!("no answer from `{command}`"))?
+                    .map_err(|e| e.to_string())?;
+                let size: u64 = std::str::from_utf8(&line)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .ok_or_else(|| format!("`{command}` did not say the log's size"))?;
+                if size < self.forwarded {
+                    return Err(format!(
+                        "the log file shrank to {size} bytes after {} were shown",
+                        self.forwarded
+                    ));
+                }
+                self.copy_exact(&mut out, size).await
+            }
+            Some(Source::ReadLog(command)) => {
+                let (mut out, exit) = self.exec_output(&command).await?;
+                self.copy_exact(&mut out, u64::MAX).await?;
+                // No log there prints nothing: only the status tells.
+                drop(out);
+                match tokio::time::timeout(READ_IDLE, exit.wait()).await {
+                    Ok(Ok(s)) if s.success() => Ok(()),
+                    Ok(Ok(s)) => Err(format!("`{command}` failed: {s}")),
+                    Ok(Err(e)) => Err(format!("`{command}`: {e}")),
+                    Err(_) => Err(format!("`{command}` did not end")),
+                }
+            }
+        }
+    }
+
+    async fn exec_output(
+        &self,
+        command: &str,
+    ) -> Result<(tokio::io::BufReader<ExecOutput>, ExitWaiter), String> {
+        let session = self.session.ok_or("no SSH session")?;
+        let ch = session
+            .exec(command)
+            .await
+            .map_err(|e| format!("running `{command}`: {e}"))?;
+        Ok((tokio::io::BufReader::new(ch.stdout), ch.exit))
+    }
+
+    /// Copies from `r` until the forwarded offset reaches `end` (or `r` ends, when `end` is
+    /// `u64::MAX`).
+    async fn copy_exact<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+        end: u64,
+    ) -> Result<(), String> {
+        let mut buf = vec![0u8; CHUNK];
+        while self.forwarded < end {
+            let want = usize::try_from(end - self.forwarded)
+                .unwrap_or(CHUNK)
+                .min(CHUNK);
+            match tokio::time::timeout(READ_IDLE, r.read(&mut buf[..want])).await {
+                Err(_) => return Err(format!("no data for {} s", READ_IDLE.as_secs())),
+                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Ok(0)) if end == u64::MAX => return Ok(()),
+                Ok(Ok(0)) => {
+                    return Err(format!("it ended after {} of {end} bytes", self.forwarded));
+                }
+                Ok(Ok(n)) => self.forward(&buf[..n]),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -402,5 +654,155 @@ mod tests {
         assert!(open_beneath(d.path(), &["l", "passwd"]).is_err());
         assert!(open_beneath(d.path(), &["a", "lf"]).is_err());
         assert!(open_beneath(d.path(), &["a"]).is_err());
+    }
+
+    /// A local builder's volume in a temporary directory, its log file, and a parent whose
+    /// fd 4 is a file.
+    #[cfg(unix)]
+    struct Bed {
+        dir: tempfile::TempDir,
+        reopen: Reopen,
+        drv: StorePath,
+        out: tempfile::NamedTempFile,
+    }
+
+    #[cfg(unix)]
+    impl Bed {
+        fn new() -> Bed {
+            let dir = tempfile::tempdir().unwrap();
+            let drv = StorePath::from_absolute("/nix/store/84kq5j53z5m4p7w8fckf5b810ys083ig-x.drv")
+                .unwrap();
+            let socket = dir.path().join("var/nix/daemon-socket/socket");
+            Bed {
+                reopen: Reopen::LocalSocket(socket),
+                drv,
+                dir,
+                out: tempfile::NamedTempFile::new().unwrap(),
+            }
+        }
+        fn log(&self) -> PathBuf {
+            self.dir
+                .path()
+                .join("var/log/nix/drvs/84/kq5j53z5m4p7w8fckf5b810ys083ig-x.drv")
+        }
+        fn append(&self, bytes: &[u8]) {
+            use std::io::Write;
+            std::fs::create_dir_all(self.log().parent().unwrap()).unwrap();
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.log())
+                .unwrap();
+            f.write_all(bytes).unwrap();
+        }
+        fn parent(&self) -> Parent {
+            Parent::with_log(self.out.reopen().unwrap())
+        }
+        fn shown(&self) -> Vec<u8> {
+            std::fs::read(self.out.path()).unwrap()
+        }
+    }
+
+    #[cfg(unix)]
+    fn started() -> Capture {
+        Capture {
+            build_act: Some(1),
+            ..Default::default()
+        }
+    }
+
+    /// Follows a file that appears late and grows, then reads the rest: every byte once, in
+    /// order, some of them before the build ended.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn follows_the_local_log_then_reads_the_rest() {
+        let bed = Bed::new();
+        let parent = bed.parent();
+        let cap = std::sync::Mutex::new(started());
+        let mut live = Live::new(&parent, None, &bed.reopen, "b", &bed.drv);
+        let writer = async {
+            tokio::time::sleep(POLL * 2).await;
+            bed.append(b"first\r");
+            tokio::time::sleep(POLL * 3).await;
+            bed.append(&vec![b'x'; 3 * CHUNK]);
+            tokio::time::sleep(POLL * 3).await;
+        };
+        tokio::select! {
+            never = live.follow(&cap) => match never {},
+            () = writer => {}
+        }
+        assert_eq!(live.forwarded, 6 + 3 * CHUNK as u64);
+        assert_eq!(bed.shown().len(), 6 + 3 * CHUNK);
+        bed.append(b"\n@nix last");
+        live.finish(cap.into_inner().unwrap()).await;
+        let mut want = b"first\r".to_vec();
+        want.extend(vec![b'x'; 3 * CHUNK]);
+        want.extend(b"\n@nix last");
+        assert_eq!(bed.shown(), want);
+    }
+
+    /// A log file that shrinks or is replaced after some of it was shown: nothing is shown
+    /// twice and nothing of the other content is shown (the daemon's lines neither).
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_shrunk_or_replaced_log_is_never_shown_twice() {
+        for replace in [false, true] {
+            let bed = Bed::new();
+            let parent = bed.parent();
+            let cap = std::sync::Mutex::new(started());
+            let mut live = Live::new(&parent, None, &bed.reopen, "b", &bed.drv);
+            bed.append(b"shown once\n");
+            let change = async {
+                tokio::time::sleep(POLL * 4).await;
+                assert_eq!(bed.shown(), b"shown once\n");
+                if replace {
+                    std::fs::remove_file(bed.log()).unwrap();
+                    bed.append(b"another file, longer than the first\n");
+                } else {
+                    std::fs::write(bed.log(), b"new\n").unwrap();
+                }
+                tokio::time::sleep(POLL * 4).await;
+            };
+            tokio::select! {
+                never = live.follow(&cap) => match never {},
+                () = change => {}
+            }
+            let mut c = cap.into_inner().unwrap();
+            c.event(&line(1, "from the daemon"));
+            live.finish(c).await;
+            assert_eq!(bed.shown(), b"shown once\n", "replaced: {replace}");
+        }
+    }
+
+    /// Nothing of the raw log could be read: the daemon's lines are shown instead.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn an_unreadable_log_falls_back_to_the_daemons_lines() {
+        let bed = Bed::new();
+        let parent = bed.parent();
+        std::fs::create_dir_all(bed.log().parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", bed.log()).unwrap();
+        let cap = std::sync::Mutex::new(started());
+        let mut live = Live::new(&parent, None, &bed.reopen, "b", &bed.drv);
+        tokio::select! {
+            never = live.follow(&cap) => match never {},
+            () = tokio::time::sleep(POLL * 3) => {}
+        }
+        let mut c = cap.into_inner().unwrap();
+        c.event(&line(1, "from the daemon"));
+        live.finish(c).await;
+        assert_eq!(bed.shown(), b"from the daemon\n");
+    }
+
+    #[test]
+    fn volume_root_is_the_sockets_fourth_ancestor() {
+        assert_eq!(
+            volume_root(Path::new("/v/x/_data/var/nix/daemon-socket/socket")),
+            Some(PathBuf::from("/v/x/_data"))
+        );
+        assert_eq!(
+            volume_root(Path::new("/v/x/_data/var/nix/other/socket")),
+            None
+        );
     }
 }
