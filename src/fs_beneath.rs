@@ -20,6 +20,9 @@ use std::path::{Path, PathBuf};
 pub enum Want {
     /// A directory, opened for reading its entries.
     Dir,
+    /// A regular file, opened for reading without blocking (a FIFO or device planted there
+    /// can never make the reader wait) and refused if it is anything else.
+    File,
     /// Any object but a symlink, as an `O_PATH` descriptor (Linux only): for `fstat` and for
     /// reaching the object through [`fd_path`] (e.g. connecting to a socket).
     Object,
@@ -54,10 +57,13 @@ pub fn open_beneath(root: BorrowedFd<'_>, rel: &Path, want: Want) -> io::Result<
 }
 
 /// `O_PATH | O_NOFOLLOW` opens a final symlink itself instead of failing (with openat2 too,
-/// even under `RESOLVE_NO_SYMLINKS`): refuse it.
+/// even under `RESOLVE_NO_SYMLINKS`): refuse it. A file must be a regular one.
 fn refuse_symlink(fd: OwnedFd, rel: &Path, want: Want) -> io::Result<OwnedFd> {
     if want == Want::Object && fstat(fd.as_fd())?.st_mode & libc::S_IFMT == libc::S_IFLNK {
         return Err(context(io::Error::from_raw_os_error(libc::ELOOP), rel));
+    }
+    if want == Want::File && fstat(fd.as_fd())?.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(context(io::Error::other("not a regular file"), rel));
     }
     Ok(fd)
 }
@@ -109,6 +115,7 @@ fn last_flags(want: Want) -> io::Result<libc::c_int> {
     let base = libc::O_NOFOLLOW | libc::O_CLOEXEC;
     match want {
         Want::Dir => Ok(base | libc::O_RDONLY | libc::O_DIRECTORY),
+        Want::File => Ok(base | libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY),
         #[cfg(target_os = "linux")]
         Want::Object => Ok(base | libc::O_PATH),
         #[cfg(not(target_os = "linux"))]

@@ -259,10 +259,11 @@ fn the_fast_path_connects_through_the_checked_descriptor() {
     rt.block_on(async {
         let state = StateDir::open(t.dir.path().join("state")).unwrap();
         let (builders, spec) = t.builders(state).await;
-        let (path, _daemon) = builders
+        let path = builders
             .connect_local(&spec)
             .await
-            .expect("the fast path to a running builder");
+            .expect("the fast path to a running builder")
+            .socket;
         assert!(path.starts_with("/proc/self/fd"), "{}", path.display());
         nixdock::builder::lifecycle::open_local_daemon(&path, &t.container())
             .await

@@ -230,10 +230,7 @@ impl Builders {
     /// goes the SSH way: another engine, a hook that is not root, a user-namespaced engine
     /// (the socket is not ours), a stopped or outdated container, a daemon that does not
     /// answer.
-    pub async fn connect_local(
-        &self,
-        spec: &BuilderSpec,
-    ) -> Option<(std::path::PathBuf, DaemonConnection)> {
+    pub async fn connect_local(&self, spec: &BuilderSpec) -> Option<LocalConnection> {
         let name = spec.container_name();
         match self.try_connect_local(spec, &name).await {
             Ok(r) => Some(r),
@@ -248,7 +245,7 @@ impl Builders {
         &self,
         spec: &BuilderSpec,
         name: &str,
-    ) -> Result<(std::path::PathBuf, DaemonConnection), String> {
+    ) -> Result<LocalConnection, String> {
         if !(cfg!(target_os = "linux") && self.engine.addr.starts_with("unix://")) {
             return Err(format!("engine {} is not a local socket", self.engine.addr));
         }
@@ -280,7 +277,11 @@ impl Builders {
         // The path names the checked socket only while its descriptor is open; a second
         // connection (`Reopen::LocalSocket`) may come later in this process.
         keep_open(fd);
-        Ok((socket, daemon))
+        Ok(LocalConnection {
+            socket,
+            volume: volume.into(),
+            daemon,
+        })
     }
 
     /// The per-builder lock: held while a container is created, started or recreated, and
@@ -740,4 +741,12 @@ pub async fn open_local_daemon(
         container: name.to_string(),
         source: Box::new(source),
     })
+}
+/// A connection straight to a local builder's daemon socket (see `Builders::connect_local`).
+pub struct LocalConnection {
+    /// Names the socket checked beneath the volume (`/proc/self/fd/N`) for further connections.
+    pub socket: std::path::PathBuf,
+    /// The builder's `/nix` on this host, as the engine reported it.
+    pub volume: std::path::PathBuf,
+    pub daemon: DaemonConnection,
 }

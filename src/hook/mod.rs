@@ -435,13 +435,16 @@ async fn run_accepted(
                 }
             };
             let ready = async {
-                if direct && let Some((socket, daemon)) = builders.connect_local(&spec).await {
+                if direct && let Some(local) = builders.connect_local(&spec).await {
                     return Ok((
                         RemoteStore {
                             name: spec.container_name(),
                             session: None,
-                            daemon,
-                            reopen: Reopen::LocalSocket(socket),
+                            daemon: local.daemon,
+                            reopen: Reopen::LocalSocket {
+                                socket: local.socket,
+                                volume: local.volume,
+                            },
                         },
                         "local socket",
                     ));

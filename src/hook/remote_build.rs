@@ -215,7 +215,7 @@ async fn open_second_daemon(
         Reopen::Exec(command) => crate::static_machines::open_daemon(session()?, command, machine)
             .await
             .map_err(|e| e.to_string()),
-        Reopen::LocalSocket(socket) => lifecycle::open_local_daemon(socket, machine)
+        Reopen::LocalSocket { socket, .. } => lifecycle::open_local_daemon(socket, machine)
             .await
             .map_err(|e| e.to_string()),
     }

@@ -36,6 +36,11 @@ pub enum Reopen {
     Builder,
     /// Run this command (`nix-daemon --stdio`, or the machine's `remote-program`).
     Exec(String),
-    /// Connect to this daemon socket again (a local builder's, through its volume).
-    LocalSocket(std::path::PathBuf),
+    /// Connect to this daemon socket again (a local builder's, through the descriptor checked
+    /// beneath its volume); `volume` is the builder's `/nix` on this host, as the engine
+    /// reported it (trusted: the engine's own path), for reading files beneath it.
+    LocalSocket {
+        socket: std::path::PathBuf,
+        volume: std::path::PathBuf,
+    },
 }

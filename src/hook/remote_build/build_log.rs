@@ -147,15 +147,6 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// The builder's `/nix` on this host, from the path of its daemon socket
-/// (`<volume>/var/nix/daemon-socket/socket`). The only place that knows how a local builder's
-/// socket path is made.
-fn volume_root(socket: &Path) -> Option<PathBuf> {
-    let root = socket.ancestors().nth(4)?;
-    let suffix = socket.strip_prefix(root).ok()?;
-    (suffix == Path::new("var/nix/daemon-socket/socket")).then(|| root.to_path_buf())
-}
-
 /// The log file's components beneath the builder's `/nix`.
 fn log_components(drv: &StorePath) -> Vec<String> {
     let mut comps: Vec<String> = ["var", "log", "nix"].map(String::from).into();
@@ -165,7 +156,7 @@ fn log_components(drv: &StorePath) -> Vec<String> {
 
 fn source_for(reopen: &Reopen, drv: &StorePath) -> Option<Source> {
     match reopen {
-        Reopen::LocalSocket(socket) => volume_root(socket).map(Source::Volume),
+        Reopen::LocalSocket { volume, .. } => Some(Source::Volume(volume.clone())),
         // A builder container writes it uncompressed (we are trusted there).
         Reopen::Builder => Some(Source::Container(format!(
             "{REMOTE_LOG_DIR}/{}",
@@ -188,60 +179,17 @@ fn source_for(reopen: &Reopen, drv: &StorePath) -> Option<Source> {
 }
 
 /// Opens `<root>/<components…>` for reading without following a symlink or leaving `root`
-/// (the volume's content is the container's to shape): every component is opened relative to
-/// the previous one with `O_NOFOLLOW`, and the last must be a regular file.
-#[cfg(unix)]
+/// (the volume's content is the container's to shape); the last must be a regular file.
 fn open_beneath(root: &Path, components: &[&str]) -> std::io::Result<std::fs::File> {
-    use std::ffi::CString;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
-
-    let cstr = |s: &[u8]| {
-        CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
-    };
-    let c = cstr(root.as_os_str().as_bytes())?;
-    // SAFETY: a valid C string; the result is checked.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just opened and is owned by nobody else.
-    let mut dir = unsafe { OwnedFd::from_raw_fd(fd) };
-    for (i, comp) in components.iter().enumerate() {
-        let last = i + 1 == components.len();
-        let flags = libc::O_RDONLY
-            | libc::O_NOFOLLOW
-            | libc::O_CLOEXEC
-            | if last {
-                // Never wait on a FIFO or a device planted there.
-                libc::O_NONBLOCK | libc::O_NOCTTY
-            } else {
-                libc::O_DIRECTORY
-            };
-        let c = cstr(comp.as_bytes())?;
-        // SAFETY: `dir` is an open directory and `c` a valid C string; the result is checked.
-        let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: as above.
-        dir = unsafe { OwnedFd::from_raw_fd(fd) };
-    }
-    let file = std::fs::File::from(dir);
-    if !file.metadata()?.file_type().is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
-    Ok(file)
-}
-
-#[cfg(not(unix))]
-fn open_beneath(_root: &Path, _components: &[&str]) -> std::io::Result<std::fs::File> {
-    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    use crate::fs_beneath::{Want, open_beneath, open_root};
+    use std::os::fd::AsFd;
+    let dir = open_root(root)?;
+    let rel: PathBuf = components.iter().collect();
+    Ok(std::fs::File::from(open_beneath(
+        dir.as_fd(),
+        &rel,
+        Want::File,
+    )?))
 }
 
 #[cfg(unix)]
@@ -674,7 +622,10 @@ mod tests {
                 .unwrap();
             let socket = dir.path().join("var/nix/daemon-socket/socket");
             Bed {
-                reopen: Reopen::LocalSocket(socket),
+                reopen: Reopen::LocalSocket {
+                    socket,
+                    volume: dir.path().to_owned(),
+                },
                 drv,
                 dir,
                 out: tempfile::NamedTempFile::new().unwrap(),
@@ -792,17 +743,5 @@ mod tests {
         c.event(&line(1, "from the daemon"));
         live.finish(c).await;
         assert_eq!(bed.shown(), b"from the daemon\n");
-    }
-
-    #[test]
-    fn volume_root_is_the_sockets_fourth_ancestor() {
-        assert_eq!(
-            volume_root(Path::new("/v/x/_data/var/nix/daemon-socket/socket")),
-            Some(PathBuf::from("/v/x/_data"))
-        );
-        assert_eq!(
-            volume_root(Path::new("/v/x/_data/var/nix/other/socket")),
-            None
-        );
     }
 }
