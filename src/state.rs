@@ -142,6 +142,14 @@ impl StateDir {
         &self.root
     }
 
+    /// `<state>/<name>`, a directory of the state's own (made 0700, checked like the others).
+    pub fn private_subdir(&self, name: &str) -> Result<PathBuf, StateError> {
+        let p = self.root.join(name);
+        make_private_dirs(&p, p.components().count() - 1)?;
+        check_private(&self.root, &p, true)?;
+        Ok(p)
+    }
+
     pub fn lock_path(&self, name: &str) -> PathBuf {
         self.root.join("locks").join(format!("{name}.lock"))
     }
@@ -417,6 +425,20 @@ impl FileLock {
     }
 }
 
+/// Creates (or truncates) `path` as a file of ours with mode exactly 0600, not through a
+/// symlink.
+pub fn create_private_file(path: &Path) -> std::io::Result<File> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)?;
+    ensure_mode(&f, 0o600)?;
+    Ok(f)
+}
+
 /// Gives a file of ours exactly `mode` (the umask may have narrowed it at creation).
 pub fn ensure_mode(file: &File, mode: u32) -> std::io::Result<()> {
     if file.metadata()?.mode() & 0o7777 != mode {
@@ -460,6 +482,23 @@ mod tests {
         assert_eq!(a.len(), 8);
         let mode = fs::metadata(s.path()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn private_subdir_and_files_pass_the_check() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path().join("state")).unwrap();
+        let sub = s.private_subdir("image-build").unwrap();
+        assert_eq!(fs::metadata(&sub).unwrap().mode() & 0o7777, 0o700);
+        create_private_file(&sub.join("x.log")).unwrap();
+        assert_eq!(
+            fs::metadata(sub.join("x.log")).unwrap().mode() & 0o7777,
+            0o600
+        );
+        StateDir::open(s.path()).unwrap();
+        // A symlink is never followed.
+        std::os::unix::fs::symlink("/nonexistent-target", sub.join("l.log")).unwrap();
+        assert!(create_private_file(&sub.join("l.log")).is_err());
     }
 
     #[test]
