@@ -81,7 +81,44 @@ rec {
           (check system "extra-nix-conf holds one setting per list element" (
             b.extra-nix-conf == null || !(builtins.any (lib.hasInfix "\n") b.extra-nix-conf)
           ))
-        ];
+        ]
+        ++ map (
+          line:
+          let
+            why = refusedNixConfLine line;
+          in
+          check system "extra-nix-conf line \"${line}\" is refused: ${toString why}; remove it" (
+            why == null
+          )
+        ) (if b.extra-nix-conf == null then [ ] else b.extra-nix-conf);
+
+      # Mirrors refused_nix_conf_line in src/config.rs (see the reasons there): settings a
+      # builder's nix.conf must not get from extra-nix-conf, read as Nix reads a line.
+      refusedNixConf = {
+        build-users-group = "builds in a builder must run as its unprivileged build users (nixbld, which nixdock sets up); as root a build would own the shared builder and every later build in it";
+        auto-allocate-uids = "builds must run as nixdock's build users, whose uids no host allocates; auto-allocated uids are the ones the host's own Nix kills around its builds";
+        require-drop-supplementary-groups = "a build must never keep the daemon's (root's) supplementary groups";
+        trusted-users = "only root (nixdock) may be trusted by a builder's nix-daemon; a trusted build user could reconfigure the daemon and so run as root";
+        allowed-users = "who may connect to a builder's nix-daemon is nixdock's to decide";
+        require-sigs = "without signatures a build user could add any content under any store path to the shared builder's store, poisoning later builds";
+      };
+      refusedNixConfLine =
+        line:
+        let
+          uncommented = builtins.head (lib.splitString "#" line);
+          words = builtins.filter (w: builtins.isString w && w != "") (
+            builtins.split "[[:space:]]+" uncommented
+          );
+          first = if words == [ ] then "" else builtins.head words;
+          name = builtins.head (lib.splitString "=" first);
+          base = lib.removePrefix "extra-" name;
+        in
+        if first == "include" || first == "!include" then
+          "an included file could set anything, including what nixdock must control (build-users-group, trusted-users, allowed-users, …); put the settings here instead"
+        else if refusedNixConf ? ${base} then
+          "`${base}` is nixdock's to set: ${refusedNixConf.${base}}"
+        else
+          null;
     in
     builtins.concatLists (lib.mapAttrsToList perBuilder builders);
 

@@ -139,9 +139,77 @@ impl Config {
             if b.extra_nix_conf.iter().any(|l| l.contains('\n')) {
                 return Err(invalid("extra-nix-conf holds one setting per list element"));
             }
+            for line in &b.extra_nix_conf {
+                if let Some(why) = refused_nix_conf_line(line) {
+                    return Err(invalid(&format!(
+                        "extra-nix-conf line {line:?} is refused: {why}; remove it"
+                    )));
+                }
+            }
         }
         Ok(cfg)
     }
+}
+
+/// Settings a builder's nix.conf must not get from `extra-nix-conf` (nor in their `extra-`
+/// form), with why: each undoes a rule that keeps one user's build from reaching another's.
+/// nix/common.nix mirrors this list for the NixOS and nix-darwin modules.
+///
+/// Deliberately not here: `sandbox` (builders have no privileges for Nix's sandbox, so it is
+/// off either way and builds are confined by their build user instead), `build-hook` and
+/// `pre-build-hook` (commands the administrator picks, run by the builder's root daemon; they
+/// change no user's rights), `trusted-public-keys` and `substituters` (which caches the
+/// administrator trusts).
+const REFUSED_NIX_CONF: &[(&str, &str)] = &[
+    (
+        "build-users-group",
+        "builds in a builder must run as its unprivileged build users (nixbld, which nixdock \
+         sets up); as root a build would own the shared builder and every later build in it",
+    ),
+    (
+        "auto-allocate-uids",
+        "builds must run as nixdock's build users, whose uids no host allocates; \
+         auto-allocated uids are the ones the host's own Nix kills around its builds",
+    ),
+    (
+        "require-drop-supplementary-groups",
+        "a build must never keep the daemon's (root's) supplementary groups",
+    ),
+    (
+        "trusted-users",
+        "only root (nixdock) may be trusted by a builder's nix-daemon; a trusted build user \
+         could reconfigure the daemon and so run as root",
+    ),
+    (
+        "allowed-users",
+        "who may connect to a builder's nix-daemon is nixdock's to decide",
+    ),
+    (
+        "require-sigs",
+        "without signatures a build user could add any content under any store path to the \
+         shared builder's store, poisoning later builds",
+    ),
+];
+
+/// Why `line` (one nix.conf line) may not go into a builder's nix.conf, or None. Read as Nix
+/// reads it: `#` starts a comment, the name is the first word (before `=`), `extra-NAME`
+/// changes NAME; `include` / `!include` are refused because nobody can see what they set.
+pub fn refused_nix_conf_line(line: &str) -> Option<String> {
+    let line = line.split('#').next().unwrap_or("");
+    let first = line.split_whitespace().next()?;
+    if first == "include" || first == "!include" {
+        return Some(
+            "an included file could set anything, including what nixdock must control \
+             (build-users-group, trusted-users, allowed-users, …); put the settings here instead"
+                .to_string(),
+        );
+    }
+    let name = first.split('=').next().unwrap_or(first);
+    let base = name.strip_prefix("extra-").unwrap_or(name);
+    REFUSED_NIX_CONF
+        .iter()
+        .find(|(n, _)| *n == base)
+        .map(|(n, why)| format!("`{n}` is nixdock's to set: {why}"))
 }
 
 /// Parses "8g", "512m", "1024k" or a plain byte count.
@@ -216,6 +284,53 @@ mod tests {
         assert!(parse("[builders.\"x86_64-linux\"]\nmax-jobs = 0\n").is_err());
         assert!(parse("[builders.\"x86_64-linux\"]\nmemory = \"lots\"\n").is_err());
         assert!(parse("[builders.\"linux\"]\n").is_err());
+    }
+
+    #[test]
+    fn extra_nix_conf_cannot_undo_the_trust_rules() {
+        let conf = |line: &str| {
+            parse(&format!(
+                "[builders.\"x86_64-linux\"]\nextra-nix-conf = [\"keep-outputs = true\", {line:?}]\n"
+            ))
+        };
+        for line in [
+            "build-users-group =",
+            "build-users-group = root",
+            "  build-users-group=",
+            "extra-build-users-group = x",
+            "trusted-users = root alice",
+            "extra-trusted-users = alice",
+            "trusted-users=*",
+            "allowed-users = alice",
+            "extra-allowed-users = @wheel",
+            "require-sigs = false",
+            "auto-allocate-uids = true",
+            "require-drop-supplementary-groups = false",
+            "include /etc/nix/other.conf",
+            "!include /etc/nix/other.conf",
+            "trusted-users = alice # a comment",
+        ] {
+            let e = conf(line).expect_err(line).to_string();
+            assert!(e.contains(line), "{line}: {e}");
+            assert!(e.contains("is refused"), "{line}: {e}");
+            assert!(e.contains("builders.\"x86_64-linux\""), "{line}: {e}");
+        }
+        let e = conf("trusted-users = alice").unwrap_err().to_string();
+        assert!(e.contains("only root (nixdock) may be trusted"), "{e}");
+        // Lines that only look alike, or are commented out, are fine.
+        for line in [
+            "# trusted-users = alice",
+            "",
+            "sandbox = false",
+            "build-hook = /bin/false",
+            "trusted-public-keys = k:AAAA",
+            "keep-outputs = true",
+            "max-jobs = 2 # trusted-users = alice",
+            "trusted-substituters = https://cache.example",
+            "extra-trusted-public-keys = k:AAAA",
+        ] {
+            assert!(conf(line).is_ok(), "{line} refused: {:?}", conf(line));
+        }
     }
 
     #[test]

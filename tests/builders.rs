@@ -2,7 +2,8 @@
 //! `scripts/testbed`: cold start, reuse, recreation on a configuration change (never under a
 //! running build), the `/nix` volume, racing callers (tasks and processes), two instances on
 //! one engine, idle stop, the emulated arm64 builder with build users, the nixos/nix-like
-//! image, an image without build users, an unreachable engine and an image without sshd.
+//! image, images without build users (builds still run as build users of nixdock's), an
+//! unreachable engine and an image without sshd.
 //!
 //! Every test uses its own temporary state directory, so its own instance id and containers;
 //! a guard removes the instance's containers and volumes (by label and by name) even when the
@@ -1161,22 +1162,92 @@ async fn nixos_layout_image_builds() {
     assert_eq!(out.machine, "x86_64");
     // A build user of nixdock's own, never a host build user's uid (the host's Nix kills every
     // process of its build users' uids, containers' included).
-    assert!(out.uid > 700_000_000, "built as uid {}", out.uid);
+    assert_nixdock_build_user(out.uid);
+    assert_multi_user_store(&ready).await;
 }
 
-/// Without a populated nixbld group the builder runs builds as root instead of failing on
-/// Nix's default `build-users-group = nixbld`.
+/// nixdock's build users: uids above the base in entry.sh and below Nix's auto-allocate-uids
+/// range, so never root and never a host's build user.
+fn assert_nixdock_build_user(uid: u32) {
+    assert!(
+        uid > 700_000_000 && uid < 872_415_232,
+        "built as uid {uid}, not as one of nixdock's build users"
+    );
+}
+
+/// The builder's store as multi-user Nix wants it: root's, group nixbld, 1775 (build users
+/// create outputs in it; only their own can they remove).
+async fn assert_multi_user_store(ready: &ReadyBuilder) {
+    let st = sh(&ready.session, "stat -c '%u %G %a' /nix/store").await;
+    assert_eq!(
+        st.trim(),
+        "0 nixbld 1775",
+        "/nix/store in {}",
+        ready.spec.image
+    );
+}
+
+/// Without a nixbld group the builder makes one (gid from nixdock's range, /etc/group edited
+/// directly) with its own build users, and builds never run as root.
 #[tokio::test]
-async fn image_without_build_users_builds_as_root() {
+async fn image_without_build_users_builds_as_a_build_user() {
     if !require_bed() {
         return;
     }
     let inst = Instance::new().await;
     let spec = inst.spec(X86, "bookworm-amd64-nobld");
     let mut ready = inst.ready(&spec).await;
-    assert_line(&nix_conf(&ready).await, "build-users-group =");
+    assert_line(&nix_conf(&ready).await, "build-users-group = nixbld");
+    let group = sh(&ready.session, "grep '^nixbld:' /etc/group").await;
+    let gid: u32 = group.split(':').nth(2).unwrap_or("").parse().expect(&group);
+    assert!(
+        gid >= 700_000_000,
+        "nixbld gid outside nixdock's range: {group}"
+    );
+    assert!(group.trim().ends_with(",nixdockbld32"), "{group}");
     let out = build_trivial(&mut ready, &format!("nobld-{}", inst.id)).await;
-    assert_eq!(out.uid, 0);
+    assert_nixdock_build_user(out.uid);
+    assert_multi_user_store(&ready).await;
+}
+
+/// An image whose nixbld group has no members (and no useradd/groupadd): the group keeps its
+/// gid and gets nixdock's build users. The image is made here from the nobld one and removed.
+#[tokio::test]
+async fn image_with_an_empty_nixbld_group_builds_as_a_build_user() {
+    if !require_bed() {
+        return;
+    }
+    let inst = Instance::new().await;
+    let tag = format!("nixdock-test-tmp/empty-nixbld-{}", inst.id);
+    struct RemoveImage(String);
+    impl Drop for RemoveImage {
+        fn drop(&mut self) {
+            let _ = docker(["image", "rm", "-f", &self.0]);
+        }
+    }
+    let dockerfile = format!(
+        "FROM {}\nRUN echo 'nixbld:x:30000:' >> /etc/group && \\\n    \
+         rm -f /usr/sbin/useradd /usr/sbin/groupadd /usr/sbin/usermod /usr/sbin/adduser\n",
+        image("bookworm-amd64-nobld")
+    );
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(ctx.path().join("Dockerfile"), dockerfile).unwrap();
+    let _rm = RemoveImage(tag.clone());
+    docker_ok(["build", "-q", "-t", &tag, &ctx.path().to_string_lossy()]);
+    let c = BuilderConfig {
+        image: Some(tag.clone()),
+        max_jobs: Some(2),
+        idle_timeout: Some(600),
+        ..Default::default()
+    };
+    let spec = BuilderSpec::from_config(&inst.id, X86, &c, &inst.builders.engine.arch);
+    let mut ready = inst.ready(&spec).await;
+    assert_line(&nix_conf(&ready).await, "build-users-group = nixbld");
+    let group = sh(&ready.session, "grep '^nixbld:' /etc/group").await;
+    assert!(group.starts_with("nixbld:x:30000:nixdockbld1,"), "{group}");
+    let out = build_trivial(&mut ready, &format!("emptybld-{}", inst.id)).await;
+    assert_nixdock_build_user(out.uid);
+    assert_multi_user_store(&ready).await;
 }
 
 /// An image without sshd fails fast with the entry script's explanation, not a timeout.

@@ -711,6 +711,74 @@ fn settings_values_get_nixdocks_verdict() {
             "x86_64-linux",
             json!({ "extra-nix-conf": ["a = 1\nb = 2"] }),
         ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "trusted-users = root alice"] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "extra-trusted-users = alice"] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "trusted-users=*"] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "allowed-users = alice"] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "build-users-group ="] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "extra-build-users-group = x"] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "require-sigs = false"] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "auto-allocate-uids = true"] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "require-drop-supplementary-groups = false"] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "!include /etc/nix/x.conf"] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "include /etc/nix/x.conf"] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "# trusted-users = alice"] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "max-jobs = 2 # trusted-users = alice"] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "sandbox = false"] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "build-hook = /bin/false"] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "extra-trusted-public-keys = k:AAAA"] }),
+        ),
+        (
+            "x86_64-linux",
+            json!({ "extra-nix-conf": ["keep-outputs = true", "  trusted-users   =   alice  "] }),
+        ),
     ];
     let mut verdicts = BTreeSet::new();
     for (system, builder) in cases {
@@ -735,6 +803,23 @@ fn settings_values_get_nixdocks_verdict() {
     }
     // The cases cover both verdicts.
     assert_eq!(verdicts.len(), 2);
+    // A refused extra-nix-conf line is named, with why, as nixdock names it.
+    let settings = json!({ "builders": { "x86_64-linux": {
+        "extra-nix-conf": ["extra-trusted-users = alice"] } } });
+    for module in [Module::NixOs, Module::Darwin] {
+        let r = eval_module(
+            module,
+            "2.35.2",
+            json!({ "enable": true, "settings": settings }),
+        )
+        .unwrap();
+        let failed = r["failedAssertions"].to_string();
+        assert!(
+            failed.contains("extra-nix-conf line \\\"extra-trusted-users = alice\\\" is refused")
+                && failed.contains("only root (nixdock) may be trusted"),
+            "{module:?}: {failed}"
+        );
+    }
 }
 
 /// On 2.25-2.33 the hook depends on nix-daemon's NIX_CONFIG: another definition of it must be

@@ -21,9 +21,11 @@ fn main() {
     }
     // The verbosity Nix passes is for its own messages; our log file has its own filter.
     let _verbosity = hook_protocol::hook::verbosity_from_args(&args[1..]);
-    let state_dir = StateDir::default_path();
-    if std::fs::create_dir_all(&state_dir).is_ok() {
-        nixdock::logfile::init(&state_dir.join("hook.log"), "info");
+    // The log goes only into a state directory that passed its checks (owner, 0700, no
+    // foreign files). A bad or missing one is reported to Nix when a build would need it
+    // (hook::run warns and declines), not here on every local build.
+    if let Ok(state) = StateDir::locate().and_then(StateDir::open) {
+        nixdock::logfile::init(&state.log_path(), "info");
     }
     let parent = Parent::new();
     let rt = match tokio::runtime::Builder::new_current_thread()

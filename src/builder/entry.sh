@@ -36,39 +36,77 @@ for tool in nix-store nix nix-collect-garbage; do
     if [ -x "$nix_bin_dir/$tool" ]; then ln -sf "$nix_bin_dir/$tool" "$ND/bin/$tool"; fi
 done
 
-# Builds run as build users only when the image has a nixbld group with members.
-build_users_group=
-if grep -q '^nixbld:[^:]*:[0-9]*:..*' /etc/group 2>/dev/null; then build_users_group=nixbld; fi
-
+# Builds always run as unprivileged build users, never as root: a build as root would own this
+# shared builder (replace its nix-daemon, rewrite its store) and so every later build of this
+# system for every user.
+#
 # The host's Nix kills every process of a build user's uid before and after each of its own
 # builds (killUser: kill(-1, SIGKILL) as that uid), and the host's PID namespace contains this
 # container's processes. An image's build users usually have the host's uids (Debian: 990-999,
 # NixOS and the installer: 30001-30032), so a host build would kill builds running here. The
-# group gets its own users, in a uid range no host allocates.
-if [ -n "$build_users_group" ] && ! grep -q '^nixdockbld1:' /etc/passwd; then
-    bld_gid=$(sed -n 's/^nixbld:[^:]*:\([0-9]*\):.*/\1/p' /etc/group)
+# group gets its own users, in a uid range no host allocates. Images without a nixbld group (or
+# with one without members) get the group too, with a gid from the same range. /etc/passwd and
+# /etc/group are edited directly: many images have no useradd/groupadd.
+
+# A file that is a symlink (e.g. into /nix/store) is replaced by a private copy before editing.
+own_file() {
+    if [ -L "$1" ]; then
+        cp "$1" "$1.nixdock" && mv -f "$1.nixdock" "$1"
+    elif [ ! -e "$1" ]; then
+        : > "$1"
+    fi
+}
+# Whether an id is taken in /etc/passwd or /etc/group ($1: file, $2: id).
+id_taken() { grep -q "^[^:]*:[^:]*:$2:" "$1"; }
+
+own_file /etc/group
+own_file /etc/passwd
+if ! grep -q '^nixbld:' /etc/group; then
+    gid=$NIXDOCK_BUILD_UID_BASE
+    while id_taken /etc/group "$gid"; do gid=$((gid + 1)); done
+    echo "nixbld:x:$gid:" >> /etc/group
+    log "created group nixbld (gid $gid)"
+fi
+bld_gid=$(sed -n 's/^nixbld:[^:]*:\([0-9]*\):.*/\1/p' /etc/group)
+if [ -z "$bld_gid" ] || [ "$bld_gid" = 0 ]; then
+    log "FATAL: group nixbld in /etc/group has no usable gid ('$bld_gid'); builds must not run in group root"
+    exit 67
+fi
+if ! grep -q '^nixdockbld1:' /etc/passwd; then
     jobs=$(sed -n 's/^max-jobs = \([0-9]*\)$/\1/p' "$ND/nix.conf.in")
     n=${jobs:-0}
     [ "$n" -ge 32 ] || n=32
-    members=
+    uid=$NIXDOCK_BUILD_UID_BASE
     i=1
     while [ "$i" -le "$n" ]; do
-        echo "nixdockbld$i:x:$((NIXDOCK_BUILD_UID_BASE + i)):$bld_gid:nixdock build user $i:/var/empty:/bin/false" >> /etc/passwd
-        members="$members${members:+,}nixdockbld$i"
+        uid=$((uid + 1))
+        while id_taken /etc/passwd "$uid"; do uid=$((uid + 1)); done
+        echo "nixdockbld$i:x:$uid:$bld_gid:nixdock build user $i:/var/empty:/bin/false" >> /etc/passwd
         i=$((i + 1))
     done
-    sed -i "s/^nixbld:\([^:]*\):\([0-9]*\):.*/nixbld:\1:\2:$members/" /etc/group
 fi
+# The group's members are exactly nixdock's build users (the image's own, with host uids, go).
+members=
+while IFS=: read -r name _; do
+    case "$name" in nixdockbld[0-9]*) members="$members${members:+,}$name" ;; esac
+done < /etc/passwd
+sed -i "s/^nixbld:\([^:]*\):\([0-9]*\):.*/nixbld:\1:\2:$members/" /etc/group
+if ! grep -q "^nixbld:[^:]*:$bld_gid:nixdockbld1" /etc/group; then
+    log "FATAL: could not give group nixbld its build users in /etc/group"
+    exit 67
+fi
+build_users_group=nixbld
 
 mkdir -p /etc/nix
 {
     echo "# written by nixdock at container start; settings of one caller travel per connection"
-    echo "build-users-group = $build_users_group"
     cat "$ND/nix.conf.in"
     if [ "${NIXDOCK_EMULATED:-0}" = 1 ]; then
         # seccomp filters cannot be loaded under qemu-user: "unable to load seccomp BPF program"
         echo "filter-syscalls = false"
     fi
+    # Last, so no earlier line can change it (the config refuses such lines anyway).
+    echo "build-users-group = $build_users_group"
 } > /etc/nix/nix.conf.nixdock
 mv /etc/nix/nix.conf.nixdock /etc/nix/nix.conf
 

@@ -145,11 +145,10 @@ impl BuilderSpec {
         )
     }
 
-    /// The static part of the builder's nix.conf (the entry script adds build-users-group and
-    /// the emulation settings it verified).
+    /// The static part of the builder's nix.conf (the entry script adds the emulation settings
+    /// it verified and, last, `build-users-group = nixbld`: builds never run as root).
     pub fn nix_conf(&self) -> String {
         let mut s = String::new();
-        s.push_str("trusted-users = root\n");
         s.push_str("sandbox = false\n");
         s.push_str(&format!("max-jobs = {}\n", self.max_jobs));
         s.push_str("cores = 0\n");
@@ -163,6 +162,9 @@ impl BuilderSpec {
             s.push_str(l);
             s.push('\n');
         }
+        // After the user's lines, so none of them can widen who is trusted (the config refuses
+        // such lines too); entry.sh appends `build-users-group = nixbld` after this.
+        s.push_str("trusted-users = root\n");
         s
     }
 

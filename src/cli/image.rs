@@ -325,11 +325,14 @@ pub async fn build_debian(
         return Err(format!("this machine cannot run {system} programs: {why}"));
     }
     let tag = tag.to_string();
-    let logs_dir = env.state_path.join("image-build");
-    std::fs::create_dir_all(&logs_dir)
-        .map_err(|e| format!("cannot create {}: {e}", logs_dir.display()))?;
+    // In the state directory, so private like the rest of it (0700, the log 0600).
+    let logs_dir = crate::state::StateDir::open(&env.state_path)
+        .and_then(|s| s.private_subdir("image-build"))
+        .map_err(|e| e.to_string())?;
     let log = logs_dir.join(format!("{system}.log"));
     let _ = std::fs::remove_file(&log);
+    crate::state::create_private_file(&log)
+        .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
     let base = std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
     let work = WorkDir(base.join(format!(
         "nixdock-image-{}",

@@ -41,7 +41,9 @@ impl Context {
     fn load() -> Result<Context, String> {
         let path = Config::path_from_env();
         let config = Config::load(&path).map_err(|e| e.to_string())?;
-        let state = StateDir::open(StateDir::default_path()).map_err(|e| e.to_string())?;
+        let state = StateDir::locate()
+            .and_then(StateDir::open)
+            .map_err(|e| e.to_string())?;
         let instance = state.instance_id().map_err(|e| e.to_string())?;
         let served = BuilderSpec::served(&config, &instance);
         Ok(Context {

@@ -2,8 +2,8 @@
 //! and per-container host keys (made fresh for every builder and pinned).
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -31,6 +31,11 @@ pub enum KeyError {
          delete it and nixdock will make a new one (builders must then be re-provisioned)"
     )]
     BadClientKey { path: PathBuf, reason: String },
+    #[error(
+        "client key {path} has mode {mode:o}, so other users may read it; `chmod 600 {path}` \
+         (and make new builders: `nixdock gc --volumes`) or delete it"
+    )]
+    ClientKeyMode { path: PathBuf, mode: u32 },
     #[error("SSH key {path} cannot be used: {reason}")]
     BadIdentity { path: PathBuf, reason: String },
     #[error("not a valid OpenSSH public key line {line:?}: {reason}")]
@@ -193,10 +198,10 @@ impl HostKey {
 /// file, and if two processes race, both end up using the first key stored.
 pub fn load_or_create_client_key(state_dir: &Path) -> Result<ClientKey> {
     let path = state_dir.join(CLIENT_KEY_FILE);
-    match fs::read_to_string(&path) {
+    match read_private(&path) {
         Ok(text) => return parse_client_key_file(&path, &text),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => return Err(KeyError::Read { path, source }),
+        Err(KeyError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
 
     DirBuilder::new()
@@ -228,6 +233,8 @@ pub fn load_or_create_client_key(state_dir: &Path) -> Result<ClientKey> {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
+        // Exactly 0600 whatever the umask.
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
         file.write_all(text.as_bytes())?;
         file.sync_all()?;
         drop(file);
@@ -250,12 +257,32 @@ pub fn load_or_create_client_key(state_dir: &Path) -> Result<ClientKey> {
         ClientKey::from_private_key(key, Some(path))
     } else {
         // Someone else stored a key first: use theirs.
-        let text = fs::read_to_string(&path).map_err(|source| KeyError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let text = read_private(&path)?;
         parse_client_key_file(&path, &text)
     }
+}
+
+/// Reads the client key file, not through a symlink, refusing it when others may read it.
+fn read_private(path: &Path) -> Result<String> {
+    let read = |source| KeyError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(read)?;
+    let mode = file.metadata().map_err(read)?.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::ClientKeyMode {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(read)?;
+    Ok(text)
 }
 
 fn parse_client_key_file(path: &Path, text: &str) -> Result<ClientKey> {
