@@ -341,6 +341,58 @@ fn check_private(root: &Path, path: &Path, dir: bool) -> Result<(), StateError> 
     Ok(())
 }
 
+/// Takes group and other bits off a state directory that an older nixdock made with the
+/// umask's modes (0755 directories, 0644 files), so an upgrade keeps its instance id and
+/// builders. Only what is ours and a plain file or directory is touched, each through a
+/// descriptor opened without following a symlink; anything else is left for [`StateDir::open`]
+/// to refuse. Returns the paths whose mode changed.
+pub fn tighten_legacy_modes(root: &Path) -> Result<Vec<PathBuf>, StateError> {
+    let mut changed = Vec::new();
+    match fs::symlink_metadata(root) {
+        Ok(m) if m.is_dir() && m.uid() == euid() => {}
+        Ok(_) => return Ok(changed),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(changed),
+        Err(e) => return Err(io(root)(e)),
+    }
+    let mut dirs = vec![root.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        if !tighten_one(&dir, true, &mut changed)? {
+            continue;
+        }
+        for entry in fs::read_dir(&dir).map_err(io(&dir))? {
+            let path = entry.map_err(io(&dir))?.path();
+            let m = fs::symlink_metadata(&path).map_err(io(&path))?;
+            if m.is_dir() {
+                dirs.push(path);
+            } else if m.is_file() {
+                tighten_one(&path, false, &mut changed)?;
+            }
+        }
+    }
+    Ok(changed)
+}
+
+/// `chmod go=` through a descriptor, if `path` is still a plain file or directory of ours.
+fn tighten_one(path: &Path, dir: bool, changed: &mut Vec<PathBuf>) -> Result<bool, StateError> {
+    let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK | if dir { libc::O_DIRECTORY } else { 0 };
+    let f = match OpenOptions::new().read(true).custom_flags(flags).open(path) {
+        Ok(f) => f,
+        // A symlink (ELOOP) or something swapped in meanwhile: not ours to fix.
+        Err(_) => return Ok(false),
+    };
+    let m = f.metadata().map_err(io(path))?;
+    if m.uid() != euid() || m.is_dir() != dir || !(m.is_dir() || m.is_file()) {
+        return Ok(false);
+    }
+    let mode = m.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        f.set_permissions(fs::Permissions::from_mode(mode & !0o077))
+            .map_err(io(path))?;
+        changed.push(path.to_owned());
+    }
+    Ok(true)
+}
+
 /// `n` characters from [a-z0-9], from the kernel's random source.
 pub fn random_id(n: usize) -> std::io::Result<String> {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
@@ -468,6 +520,40 @@ pub fn write_private(path: &Path, contents: &[u8], mode: u32) -> std::io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_older_nixdocks_state_dir_is_made_private() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("state");
+        let mode = |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m));
+        fs::create_dir_all(root.join("locks")).unwrap();
+        fs::write(root.join("instance-id"), "abcd1234\n").unwrap();
+        fs::write(root.join("locks/builder-x.lock"), "").unwrap();
+        let outside = d.path().join("outside");
+        fs::write(&outside, "").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("locks/planted")).unwrap();
+        for (p, m) in [
+            (root.clone(), 0o755),
+            (root.join("locks"), 0o755),
+            (root.join("instance-id"), 0o644),
+            (root.join("locks/builder-x.lock"), 0o644),
+            (outside.clone(), 0o644),
+        ] {
+            mode(&p, m).unwrap();
+        }
+        assert!(matches!(
+            StateDir::open(&root),
+            Err(StateError::Insecure { .. })
+        ));
+        let changed = tighten_legacy_modes(&root).unwrap();
+        assert_eq!(changed.len(), 4, "{changed:?}");
+        // A symlink is never followed: what it points at keeps its mode.
+        assert_eq!(fs::metadata(&outside).unwrap().mode() & 0o777, 0o644);
+        fs::remove_file(root.join("locks/planted")).unwrap();
+        let s = StateDir::open(&root).unwrap();
+        assert_eq!(s.instance_id().unwrap(), "abcd1234");
+        assert!(tighten_legacy_modes(&root).unwrap().is_empty());
+    }
 
     #[test]
     fn instance_id_is_made_once() {

@@ -4,7 +4,7 @@
 //! `build-hook` in the system nix.conf.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -533,45 +533,31 @@ fn check_state_dir(c: &mut Checks, env: &Env) -> Option<String> {
             return None;
         }
     };
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    let mode = meta.permissions().mode() & 0o777;
-    let mut problems = Vec::new();
-    let mut fixes = Vec::new();
-    if !meta.is_dir() {
-        problems.push("is not a directory".to_string());
-        fixes.push(format!("remove {}", p.display()));
-    }
-    if mode != 0o700 {
-        problems.push(format!("has mode {mode:04o}, not 0700"));
-        fixes.push(format!("chmod 700 {}", p.display()));
-    }
-    if meta.uid() != me {
-        problems.push(format!(
-            "is owned by uid {}, not by you (uid {me})",
-            meta.uid()
-        ));
-        fixes.push(format!("chown -R {me} {}", p.display()));
-    }
+    // The hook's own check (owner and mode of the directory, its parents and every entry),
+    // so doctor and hook never disagree; it only adds the empty subdirectories it would add.
+    let problem = if meta.is_dir() {
+        StateDir::open(p).err().map(|e| e.to_string())
+    } else {
+        Some(format!("{} is not a directory; remove it", p.display()))
+    };
     let id = std::fs::read_to_string(p.join("instance-id"))
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty());
-    if problems.is_empty() {
-        c.ok(
+    match problem {
+        None => c.ok(
             "state dir",
             format!(
                 "{} (0700, yours), instance {}",
                 p.display(),
                 id.as_deref().unwrap_or("not made yet")
             ),
-        );
-    } else {
-        c.fail(
+        ),
+        Some(why) => c.fail(
             "state dir",
-            format!("{} {}", p.display(), problems.join(", ")),
-            fixes.join("; "),
-        );
+            why,
+            "fix it as the message says: the hook refuses this directory and builds nothing remotely",
+        ),
     }
     id
 }

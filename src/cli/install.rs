@@ -573,6 +573,17 @@ fn load_manifest(path: &Path) -> Result<Option<Manifest>, String> {
 }
 
 fn save_manifest(env: &Env, m: &Manifest) -> Result<(), String> {
+    // An older nixdock left its state directory with the umask's modes, which the hook now
+    // refuses; installing over it is the upgrade, so make it private here.
+    let tightened =
+        crate::state::tighten_legacy_modes(&env.state_path).map_err(|e| e.to_string())?;
+    if !tightened.is_empty() {
+        println!(
+            "made {} private ({} entries were readable by other users; an older nixdock made them)",
+            env.state_path.display(),
+            tightened.len()
+        );
+    }
     let state = StateDir::open(&env.state_path).map_err(|e| e.to_string())?;
     let path = state.path().join(MANIFEST);
     let json = serde_json::to_vec_pretty(m).map_err(|e| e.to_string())?;
