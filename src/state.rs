@@ -127,7 +127,12 @@ impl StateDir {
             };
             for entry in entries {
                 let entry = entry.map_err(io(&dir))?;
-                check_private(&root, &entry.path(), false)?;
+                match check_private(&root, &entry.path(), false) {
+                    // Another hook's temporary file, renamed or removed since it was listed.
+                    Err(StateError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound => {}
+                    r => r?,
+                }
             }
         }
         for sub in SUBDIRS {
