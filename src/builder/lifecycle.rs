@@ -18,6 +18,7 @@ use hook_protocol::worker::WorkerClient;
 use crate::state::{FileLock, StateDir, StateError};
 use crate::transport::keys::{self, ClientKey};
 use crate::transport::ssh::{self, ExecOutput, ExecStdin, SshError, SshSession};
+use crate::transport::unix_socket::unix_stream_channel;
 
 use super::engine::{Engine, EngineError};
 use super::provision::{self, BuilderSpec, REMOTE_NIX_DAEMON, SSH_PORT};
@@ -730,7 +731,7 @@ pub async fn open_local_daemon(
     .await
     .map_err(|_| broken(format!("connecting to {} timed out", socket.display())))?
     .map_err(|e| broken(format!("connecting to {}: {e}", socket.display())))?;
-    let ssh::ExecChannel { stdin, stdout, .. } = ssh::unix_stream_channel(stream);
+    let ssh::ExecChannel { stdin, stdout, .. } = unix_stream_channel(stream);
     tokio::time::timeout(
         Duration::from_secs(30),
         WorkerClient::handshake(stdout, stdin),

@@ -4,6 +4,7 @@
 pub mod keys;
 pub mod known_hosts;
 pub mod ssh;
+pub mod unix_socket;
 
 pub use keys::{
     ClientKey, HostKey, KeyError, generate_host_key, load_or_create_client_key, parse_public_key,
