@@ -20,6 +20,7 @@ use crate::transport::keys;
 
 use super::Env;
 use super::common::{self, has_nix_conf_bug};
+use super::nix_daemon_process::{listening_nix_daemon, proc_list, process_start};
 use super::status::EngineInfo;
 
 #[derive(Debug, clap::Args)]
@@ -647,75 +648,6 @@ pub fn conf_setting(path: &Path, key: &str) -> Option<(String, PathBuf)> {
     found
 }
 
-/// A process's NUL-separated /proc file as strings.
-fn proc_list(pid: u32, file: &str) -> Option<Vec<String>> {
-    let b = std::fs::read(format!("/proc/{pid}/{file}")).ok()?;
-    Some(
-        b.split(|&c| c == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect(),
-    )
-}
-
-/// The listening nix-daemon of this machine (not per-connection children, not builders in
-/// containers).
-fn find_daemon() -> Option<u32> {
-    let my_ns = std::fs::read_link("/proc/self/ns/pid").ok();
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() != "nix-daemon" {
-            continue;
-        }
-        if let (Some(mine), Ok(theirs)) =
-            (&my_ns, std::fs::read_link(format!("/proc/{pid}/ns/pid")))
-            && *mine != theirs
-        {
-            continue;
-        }
-        let args = proc_list(pid, "cmdline").unwrap_or_default();
-        if args.iter().any(|a| a == "--stdio") {
-            continue;
-        }
-        let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                let after = s.rsplit_once(')')?.1.to_string();
-                after.split_whitespace().nth(1)?.parse::<u32>().ok()
-            })
-            .unwrap_or(0);
-        let parent_comm = std::fs::read_to_string(format!("/proc/{ppid}/comm")).unwrap_or_default();
-        if parent_comm.trim() == "nix-daemon" {
-            continue;
-        }
-        found.push(pid);
-    }
-    found.sort();
-    found.into_iter().next()
-}
-
-/// When a process started, in seconds since the epoch.
-fn process_start(pid: u32) -> Option<i64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    // Field 22 (starttime) is the 20th after the command name.
-    let ticks: i64 = after.split_whitespace().nth(19)?.parse().ok()?;
-    let btime: i64 = std::fs::read_to_string("/proc/stat")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("btime "))?
-        .trim()
-        .parse()
-        .ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as i64;
-    Some(btime + ticks / hz)
-}
-
 fn mtime(p: &Path) -> Option<i64> {
     std::fs::metadata(p).ok().map(|m| m.mtime())
 }
@@ -772,7 +704,7 @@ fn check_daemon(c: &mut Checks, hook: &Path) -> Option<DaemonInfo> {
         );
         return None;
     }
-    let Some(pid) = find_daemon() else {
+    let Some(pid) = listening_nix_daemon() else {
         c.warn(
             name,
             "no nix-daemon runs on this machine; builds by non-root users need one",

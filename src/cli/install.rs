@@ -229,7 +229,7 @@ fn parse_version(s: &str) -> Result<(u32, u32), String> {
 
 /// The Nix version to install for: the running daemon's, else the `nix` on PATH.
 fn detect_version() -> Result<((u32, u32), String), String> {
-    for pid in daemon_pids() {
+    for pid in super::nix_daemon_process::nix_daemons() {
         if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe"))
             && let Some((v, text)) = common::nix_version_of(&exe)
         {
@@ -246,26 +246,6 @@ fn detect_version() -> Result<((u32, u32), String), String> {
                 nix.display()
             )
         })
-}
-
-fn daemon_pids() -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    let my_ns = std::fs::read_link("/proc/self/ns/pid").ok();
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        let same_ns = std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok() == my_ns;
-        if comm.trim() == "nix-daemon" && same_ns {
-            out.push(pid);
-        }
-    }
-    out.sort();
-    out
 }
 
 /// Sets `key = value` in nix.conf text: replaces every uncommented assignment of `key`, or

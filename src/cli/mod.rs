@@ -13,6 +13,7 @@ pub mod gc;
 pub mod image;
 pub mod install;
 pub mod logs;
+mod nix_daemon_process;
 pub mod status;
 pub mod stop;
 
