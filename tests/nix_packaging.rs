@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use nixdock::cli::common::has_nix_conf_bug;
+use nixdock::cli::nix_version::has_nix_conf_bug;
 use nixdock::config::{Config, DEFAULT_CONFIG_PATH};
 use serde_json::{Value, json};
 
@@ -535,7 +535,7 @@ fn hook_setting_follows_the_nix_version() {
     for version in [
         "2.8.0", "2.24.12", "2.25.0", "2.26.3", "2.33.9", "2.34.0", "2.35.2",
     ] {
-        let (major, minor) = nixdock::cli::common::parse_nix_version(version).unwrap();
+        let (major, minor) = nixdock::cli::nix_version::parse_nix_version(version).unwrap();
         let buggy = has_nix_conf_bug((major, minor));
         for module in [Module::NixOs, Module::Darwin] {
             let what = format!("{module:?} with Nix {version}");

@@ -11,7 +11,10 @@ use crate::builder::systems::{self, EmulationSupport};
 use crate::builder::{BuilderSpec, Engine};
 
 use super::Env;
-use super::common::{self, Row};
+use super::{
+    builders::{self, Row},
+    containers, host, nix_version, timestamps,
+};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
@@ -56,20 +59,20 @@ struct Outcome {
 pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
     let hook = match &args.hook {
         Some(h) => h.clone(),
-        None => common::hook_next_to_me()?,
+        None => host::hook_next_to_me()?,
     };
-    if !common::is_executable(&hook) {
+    if !host::is_executable(&hook) {
         return Err(format!("{} is missing or not executable", hook.display()));
     }
     let nix_build = crate::nix_tools::find("nix-build").map_err(|e| e.to_string())?;
     let nix_version = crate::nix_tools::find("nix")
         .ok()
-        .and_then(|n| common::nix_version_of(&n))
+        .and_then(|n| nix_version::nix_version_of(&n))
         .map(|v| v.1)
         .unwrap_or_else(|| "Nix version unknown".into());
-    let loaded = common::load(env).await?;
-    let native = format!("{}-linux", common::host_arch());
-    let mut specs: Vec<BuilderSpec> = common::served(&loaded.config, &loaded.instance);
+    let loaded = builders::load(env).await?;
+    let native = format!("{}-linux", host::host_arch());
+    let mut specs: Vec<BuilderSpec> = builders::served(&loaded.config, &loaded.instance);
     if !args.systems.is_empty() {
         for s in &args.systems {
             if !specs.iter().any(|x| &x.system == s) {
@@ -96,7 +99,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
         loaded.engine.addr,
         loaded.engine.how_found
     );
-    if !common::is_root() {
+    if !host::is_root() {
         println!(
             "  note: as a non-root user these builds go through nix-daemon, which takes \
              --option build-hook only from trusted users"
@@ -116,7 +119,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
 
 async fn demo_one(
     env: &Env,
-    loaded: &common::Loaded,
+    loaded: &builders::Loaded,
     args: &Args,
     spec: &BuilderSpec,
     hook: &Path,
@@ -138,7 +141,7 @@ async fn demo_one(
         ok: false,
     };
     if let EmulationSupport::Missing(why) =
-        systems::emulation_support(system, common::host_arch(), common::ENGINE_IS_LOCAL)
+        systems::emulation_support(system, host::host_arch(), host::ENGINE_IS_LOCAL)
     {
         return Outcome {
             lines: vec![format!("  skipped: this machine cannot run it: {why}")],
@@ -170,7 +173,7 @@ async fn demo_one(
     for (i, label) in ["first build ", "second build"].iter().enumerate() {
         let nonce = format!(
             "{}-{}",
-            common::now(),
+            timestamps::now(),
             crate::state::random_id(10).unwrap_or_default()
         );
         let t = Instant::now();
@@ -229,7 +232,7 @@ async fn ensure_image(
 ) -> Result<(), String> {
     match engine.docker.inspect_image(&spec.image).await {
         Ok(_) => return Ok(()),
-        Err(e) if common::is_not_found(&e) => {}
+        Err(e) if containers::is_not_found(&e) => {}
         Err(e) => return Err(format!("cannot inspect {}: {e}", spec.image)),
     }
     if spec.image != default_image(&spec.system) {
@@ -237,7 +240,7 @@ async fn ensure_image(
         return Ok(());
     }
     let cmd = format!("nixdock image build --from-debian --system {}", spec.system);
-    let ask = !build && std::io::stdin().is_terminal() && common::is_root();
+    let ask = !build && std::io::stdin().is_terminal() && host::is_root();
     let go = build
         || (ask
             && {
@@ -264,13 +267,13 @@ async fn ensure_image(
 }
 
 async fn stop_builder(
-    loaded: &common::Loaded,
+    loaded: &builders::Loaded,
     row: Option<&Row>,
     name: &str,
 ) -> Result<(), String> {
-    let _lock = common::lock_builder(&loaded.state, name).await?;
+    let _lock = builders::lock_builder(&loaded.state, name).await?;
     let _slots = match row {
-        Some(r) => Some(common::hold_idle(&loaded.state, r)?),
+        Some(r) => Some(builders::hold_idle(&loaded.state, r)?),
         None => None,
     };
     let opts = bollard::query_parameters::StopContainerOptions {
@@ -279,7 +282,7 @@ async fn stop_builder(
     };
     match loaded.engine.docker.stop_container(name, Some(opts)).await {
         Ok(()) => Ok(()),
-        Err(e) if common::is_not_found(&e) => Ok(()),
+        Err(e) if containers::is_not_found(&e) => Ok(()),
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 304, ..
         }) => Ok(()),

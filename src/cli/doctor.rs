@@ -19,9 +19,12 @@ use crate::transport::SshError;
 use crate::transport::keys;
 
 use super::Env;
-use super::common::{self, has_nix_conf_bug};
 use super::nix_daemon_process::{listening_nix_daemon, proc_list, process_start};
 use super::status::EngineInfo;
+use super::{
+    builders, containers, host,
+    nix_version::{self, has_nix_conf_bug},
+};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
@@ -110,7 +113,7 @@ impl Checks {
 
 pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
     let mut c = Checks(Vec::new());
-    let hook = common::hook_next_to_me()?;
+    let hook = host::hook_next_to_me()?;
 
     // The config.
     let config = match env.config() {
@@ -142,7 +145,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
     };
 
     // The hook program.
-    if common::is_executable(&hook) {
+    if host::is_executable(&hook) {
         c.ok("hook program", hook.display().to_string());
     } else {
         c.fail(
@@ -156,7 +159,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
     let instance = check_state_dir(&mut c, env);
 
     // The engine.
-    let engine = match common::engine(&config).await {
+    let engine = match builders::engine(&config).await {
         Ok(e) => {
             let version = e
                 .docker
@@ -183,7 +186,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
                     ),
                 );
             }
-            if !common::is_root()
+            if !host::is_root()
                 && config.docker_host.is_none()
                 && !matches!(
                     e.how_found,
@@ -206,14 +209,14 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
                     ),
                 );
             }
-            if e.arch != common::host_arch() {
+            if e.arch != host::host_arch() {
                 c.warn(
                     "engine",
                     format!(
                         "the engine runs {} but this machine is {}; the hook decides what is \
                          emulated from this machine's architecture",
                         e.arch,
-                        common::host_arch()
+                        host::host_arch()
                     ),
                     "use an engine on this machine, or name each system's image in [builders]",
                 );
@@ -221,7 +224,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
             Some(e)
         }
         Err(e) => {
-            let fix = match (&config.docker_host, common::is_root()) {
+            let fix = match (&config.docker_host, host::is_root()) {
                 (Some(h), _) => format!(
                     "start the engine at {h}, or change docker-host in {} (nixdock tries no \
                      other engine when one is configured)",
@@ -249,7 +252,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
     };
 
     // Systems and images.
-    let specs = common::served(&config, instance.as_deref().unwrap_or("none"));
+    let specs = builders::served(&config, instance.as_deref().unwrap_or("none"));
     if specs.is_empty() {
         c.fail(
             "systems",
@@ -260,7 +263,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
     }
     for spec in &specs {
         let name = spec.system.as_str();
-        match systems::emulation_support(name, common::host_arch(), common::ENGINE_IS_LOCAL) {
+        match systems::emulation_support(name, host::host_arch(), host::ENGINE_IS_LOCAL) {
             EmulationSupport::Native => c.ok(name, "runs natively"),
             EmulationSupport::Binfmt => c.ok(name, "runs emulated (binfmt_misc qemu, flag F)"),
             EmulationSupport::EngineVm => c.ok(name, "runs emulated by the engine's VM"),
@@ -290,7 +293,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
                         .collect::<String>()
                 ),
             ),
-            Err(err) if common::is_not_found(&err) && default => c.fail(
+            Err(err) if containers::is_not_found(&err) && default => c.fail(
                 name,
                 format!("image {} does not exist", spec.image),
                 format!(
@@ -298,7 +301,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
                      build --from-debian --system {name}), or set image for {name} in the config"
                 ),
             ),
-            Err(err) if common::is_not_found(&err) => c.warn(
+            Err(err) if containers::is_not_found(&err) => c.warn(
                 name,
                 format!(
                     "image {} is not present locally; the hook pulls it at the first build",
@@ -319,7 +322,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
 
     // Nix.
     let nix = crate::nix_tools::find("nix").ok();
-    let nix_version = nix.as_deref().and_then(common::nix_version_of);
+    let nix_version = nix.as_deref().and_then(nix_version::nix_version_of);
     match (&nix, &nix_version) {
         (Some(p), Some((_, text))) => c.ok("nix", format!("{text} ({})", p.display())),
         (Some(p), None) => c.fail(
@@ -356,7 +359,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
     // Direct builds (root's nix-build opens the store itself; its hook is its own setting).
     if let (Some(s), Some((v, _))) = (&settings, &nix_version) {
         let value = s.build_hook.clone().unwrap_or_default();
-        if !common::is_root() {
+        if !host::is_root() {
             c.info(
                 "direct builds",
                 format!(
@@ -502,7 +505,7 @@ fn check_state_dir(c: &mut Checks, env: &Env) -> Option<String> {
     let p = &env.state_path;
     let explicit =
         std::env::var_os("NIXDOCK_STATE_DIR").is_some() || p != &StateDir::default_path();
-    if !common::is_root() && !explicit {
+    if !host::is_root() && !explicit {
         c.warn(
             "state dir",
             format!(
@@ -715,7 +718,7 @@ fn check_daemon(c: &mut Checks, hook: &Path) -> Option<DaemonInfo> {
     let args = proc_list(pid, "cmdline").unwrap_or_default();
     let environ = proc_list(pid, "environ");
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-    let version = exe.as_deref().and_then(common::nix_version_of);
+    let version = exe.as_deref().and_then(nix_version::nix_version_of);
     let uid = std::fs::metadata(format!("/proc/{pid}"))
         .map(|m| m.uid())
         .unwrap_or(0);
@@ -796,7 +799,7 @@ fn check_daemon(c: &mut Checks, hook: &Path) -> Option<DaemonInfo> {
     match value.as_deref() {
         Some(x) if is_nixdock_hook(x) => {
             let prog = x.split_whitespace().next().unwrap_or(x);
-            if common::is_executable(Path::new(prog)) {
+            if host::is_executable(Path::new(prog)) {
                 c.ok(name, format!("{head} calls {x} ({source})"));
             } else {
                 c.fail(
@@ -872,7 +875,7 @@ async fn check_builders(c: &mut Checks, builders: &str, system: Option<&str>) {
     let name = "builders";
     let default: std::collections::BTreeSet<String> = system
         .map(str::to_string)
-        .or_else(|| Some(format!("{}-linux", common::host_arch())))
+        .or_else(|| Some(format!("{}-linux", host::host_arch())))
         .into_iter()
         .collect();
     let machines = match hook_protocol::machines::parse_config_fs(&default, builders) {
@@ -998,7 +1001,7 @@ async fn check_builders(c: &mut Checks, builders: &str, system: Option<&str>) {
 
 /// An SSH handshake plus `nix-daemon --stdio` handshake with every running builder.
 async fn check_ssh(c: &mut Checks, engine: &Engine, env: &Env, instance: &str) {
-    let existing = match common::list_existing(engine, instance).await {
+    let existing = match containers::list_existing(engine, instance).await {
         Ok(x) => x,
         Err(e) => {
             c.fail("builders running", e, "see the engine's log");

@@ -12,7 +12,10 @@ use crate::builder::provision::{LABEL_INSTANCE, LABEL_SYSTEM};
 use crate::state::StateDir;
 
 use super::Env;
-use super::common::{self, Row};
+use super::{
+    builders::{self, Row},
+    containers,
+};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
@@ -36,8 +39,8 @@ pub struct Args {
 }
 
 pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
-    let loaded = common::load(env).await?;
-    let rows = common::select(loaded.rows, &args.systems)?;
+    let loaded = builders::load(env).await?;
+    let rows = builders::select(loaded.rows, &args.systems)?;
     let mut failed = 0;
     for row in &rows {
         let result = if args.volumes {
@@ -96,7 +99,7 @@ async fn collect(engine: &Engine, row: &Row) -> Result<String, String> {
     let mut last = String::new();
     let mut summary = String::new();
     let mut all = String::new();
-    let code = common::exec(
+    let code = containers::exec(
         &engine.docker,
         &ex.name,
         &["/bin/sh", "-c", script],
@@ -137,11 +140,11 @@ async fn remove_builder(
     force: bool,
 ) -> Result<String, String> {
     let name = row.container_name();
-    let _lock = common::lock_builder(state, &name).await?;
+    let _lock = builders::lock_builder(state, &name).await?;
     let _slots = if force {
         None
     } else {
-        Some(common::hold_idle(state, row)?)
+        Some(builders::hold_idle(state, row)?)
     };
     let mut done = Vec::new();
     if let Some(ex) = &row.existing {
@@ -151,7 +154,7 @@ async fn remove_builder(
         };
         match engine.docker.remove_container(&ex.name, Some(opts)).await {
             Ok(()) => done.push(format!("removed container {}", ex.name)),
-            Err(e) if common::is_not_found(&e) => {}
+            Err(e) if containers::is_not_found(&e) => {}
             Err(e) => return Err(format!("cannot remove {}: {e}", ex.name)),
         }
     }
@@ -162,7 +165,7 @@ async fn remove_builder(
             .await
         {
             Ok(()) => done.push(format!("removed volume {vol}")),
-            Err(e) if common::is_not_found(&e) => {}
+            Err(e) if containers::is_not_found(&e) => {}
             Err(e) => return Err(format!("cannot remove volume {vol}: {e}")),
         }
     }
@@ -236,8 +239,8 @@ async fn remove_unused_volumes(
         if vols.is_empty() {
             continue;
         }
-        let _lock = common::lock_builder(state, &row.container_name()).await?;
-        let in_use: HashSet<String> = common::list_existing(engine, instance)
+        let _lock = builders::lock_builder(state, &row.container_name()).await?;
+        let in_use: HashSet<String> = containers::list_existing(engine, instance)
             .await?
             .iter()
             .filter_map(|e| e.volume().map(str::to_string))

@@ -23,7 +23,7 @@ use crate::builder::provision::default_image;
 use crate::builder::systems::{self, EmulationSupport};
 
 use super::Env;
-use super::common;
+use super::{builders, host};
 
 const DEBIAN_SCRIPT: &str = include_str!("debian-image.sh");
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
@@ -87,7 +87,7 @@ pub async fn run(env: &Env, cmd: ImageCommand) -> Result<i32, String> {
     let ImageCommand::Build(args) = cmd;
     let config = env.config()?;
     let systems = if args.systems.is_empty() {
-        let specs = common::served(&config, "none");
+        let specs = builders::served(&config, "none");
         if specs.is_empty() {
             return Err("this installation serves no system; name one with --system".into());
         }
@@ -98,7 +98,7 @@ pub async fn run(env: &Env, cmd: ImageCommand) -> Result<i32, String> {
     if args.tag.is_some() && systems.len() != 1 {
         return Err("--tag needs exactly one --system".into());
     }
-    let engine = common::engine(&config).await?;
+    let engine = builders::engine(&config).await?;
     let mut failed = 0;
     for system in &systems {
         let t = Instant::now();
@@ -304,7 +304,7 @@ pub async fn build_debian(
 ) -> Result<String, String> {
     let arch =
         debian_arch(system).ok_or_else(|| format!("Debian has no architecture for {system}"))?;
-    if !common::is_root() {
+    if !host::is_root() {
         return Err("--from-debian needs root (debootstrap, chroot and mount)".into());
     }
     if crate::nix_tools::find_in(
@@ -320,7 +320,7 @@ pub async fn build_debian(
         return Err("debootstrap is not installed: apt-get install debootstrap".into());
     }
     if let EmulationSupport::Missing(why) =
-        systems::emulation_support(system, common::host_arch(), common::ENGINE_IS_LOCAL)
+        systems::emulation_support(system, host::host_arch(), host::ENGINE_IS_LOCAL)
     {
         return Err(format!("this machine cannot run {system} programs: {why}"));
     }

@@ -22,7 +22,10 @@ use crate::builder::engine;
 use crate::state::StateDir;
 
 use super::Env;
-use super::common::{self, has_nix_conf_bug};
+use super::{
+    host,
+    nix_version::{self, has_nix_conf_bug},
+};
 
 pub const MANIFEST: &str = "install-manifest.json";
 const DROPIN: &str = "etc/systemd/system/nix-daemon.service.d/nixdock.conf";
@@ -223,7 +226,7 @@ struct Change {
 }
 
 fn parse_version(s: &str) -> Result<(u32, u32), String> {
-    common::parse_nix_version(s)
+    nix_version::parse_nix_version(s)
         .ok_or_else(|| format!("--nix-version {s:?}: expected a version like 2.26"))
 }
 
@@ -231,14 +234,14 @@ fn parse_version(s: &str) -> Result<(u32, u32), String> {
 fn detect_version() -> Result<((u32, u32), String), String> {
     for pid in super::nix_daemon_process::nix_daemons() {
         if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe"))
-            && let Some((v, text)) = common::nix_version_of(&exe)
+            && let Some((v, text)) = nix_version::nix_version_of(&exe)
         {
             return Ok((v, format!("{text} (the running nix-daemon)")));
         }
     }
     let nix =
         crate::nix_tools::find("nix").map_err(|e| format!("{e}\nor pass --nix-version X.Y"))?;
-    common::nix_version_of(&nix)
+    nix_version::nix_version_of(&nix)
         .map(|(v, t)| (v, format!("{t} ({})", nix.display())))
         .ok_or_else(|| {
             format!(
@@ -586,7 +589,7 @@ pub async fn install(env: &Env, args: InstallArgs) -> Result<i32, String> {
         ));
     }
     let real_root = same_path(&root, Path::new("/"));
-    if real_root && !common::is_root() {
+    if real_root && !host::is_root() {
         return Err("installing into / needs root: run `sudo nixdock install`".into());
     }
     if args.restart_daemon && !real_root {
@@ -594,7 +597,7 @@ pub async fn install(env: &Env, args: InstallArgs) -> Result<i32, String> {
     }
     let hook = match &args.hook {
         Some(h) => h.clone(),
-        None => common::hook_next_to_me()?,
+        None => host::hook_next_to_me()?,
     };
     if !hook.is_absolute() {
         return Err(format!(
@@ -613,7 +616,7 @@ pub async fn install(env: &Env, args: InstallArgs) -> Result<i32, String> {
             hook.display()
         ));
     }
-    if !common::is_executable(&hook) {
+    if !host::is_executable(&hook) {
         if real_root {
             return Err(format!("{} is not an executable file", hook.display()));
         }
@@ -1068,7 +1071,7 @@ pub fn uninstall(env: &Env, args: UninstallArgs) -> Result<i32, String> {
         ));
     }
     let real_root = same_path(&m.root, Path::new("/"));
-    if real_root && !common::is_root() {
+    if real_root && !host::is_root() {
         return Err("uninstalling from / needs root: run `sudo nixdock uninstall`".into());
     }
     if args.restart_daemon && !real_root {

@@ -10,7 +10,7 @@ use bollard::query_parameters::LogsOptions;
 use futures_util::StreamExt;
 
 use super::Env;
-use super::common;
+use super::builders;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
@@ -43,8 +43,8 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
         return hook_log(&env.state_path, args.lines, args.follow).await;
     }
     let system = args.system.unwrap_or_default();
-    let loaded = common::load(env).await?;
-    let rows = common::select(loaded.rows, std::slice::from_ref(&system))?;
+    let loaded = builders::load(env).await?;
+    let rows = builders::select(loaded.rows, std::slice::from_ref(&system))?;
     let Some(ex) = rows.into_iter().next().and_then(|r| r.existing) else {
         return Err(format!(
             "the {system} builder has no container yet (the first build for {system} creates it)"

@@ -6,16 +6,21 @@
 //! Every command acts on this installation's builders only: the containers labelled with the
 //! instance id from the state directory.
 
-pub mod common;
+pub mod builders;
+pub mod containers;
 pub mod demo;
 pub mod doctor;
+pub mod format;
 pub mod gc;
+pub mod host;
 pub mod image;
 pub mod install;
 pub mod logs;
 mod nix_daemon_process;
+pub mod nix_version;
 pub mod status;
 pub mod stop;
+pub mod timestamps;
 
 use std::path::PathBuf;
 

@@ -9,7 +9,11 @@ use serde::Serialize;
 use crate::builder::{Engine, slots};
 
 use super::Env;
-use super::common::{self, Existing, Row};
+use super::{
+    builders::{self, Row},
+    containers::{self, Existing},
+    format, timestamps,
+};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
@@ -86,14 +90,14 @@ struct BuilderInfo {
 pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
     let config = env.config()?;
     let (state, instance) = env.instance()?;
-    let specs = common::served(&config, &instance);
-    let (engine, engine_error) = match common::engine(&config).await {
+    let specs = builders::served(&config, &instance);
+    let (engine, engine_error) = match builders::engine(&config).await {
         Ok(e) => (Some(e), None),
         Err(e) => (None, Some(e)),
     };
     let mut engine_error = engine_error;
     let existing = match &engine {
-        Some(e) => match common::list_existing(e, &instance).await {
+        Some(e) => match containers::list_existing(e, &instance).await {
             Ok(x) => x,
             Err(err) => {
                 engine_error = Some(err);
@@ -102,8 +106,8 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
         },
         None => Vec::new(),
     };
-    let rows = common::merge(specs, existing);
-    let now = common::now();
+    let rows = builders::merge(specs, existing);
+    let now = timestamps::now();
     let mut builders = Vec::new();
     for row in &rows {
         builders.push(describe(row, engine.as_ref(), &state, now, !args.no_size).await);
@@ -190,7 +194,7 @@ pub async fn store_size(engine: &Engine, ex: &Existing) -> Option<(u64, &'static
         return None;
     }
     let mut out = Vec::new();
-    let code = common::exec(
+    let code = containers::exec(
         &engine.docker,
         &ex.name,
         &["du", "-sk", "/nix/store"],
@@ -271,17 +275,17 @@ fn print_table(r: &Report) {
             .unwrap_or_else(|| "-".into());
         println!(
             "{:<14} {:<7} {:>6} {:>5} {:>7} {:>6}  {}",
-            common::fit(&system, 14),
-            common::fit(&b.state, 7),
+            format::fit(&system, 14),
+            format::fit(&b.state, 7),
             b.uptime_secs
-                .map(common::human_duration)
+                .map(format::human_duration)
                 .unwrap_or_else(|| "-".into()),
             b.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             b.store_bytes
-                .map(common::human_bytes)
+                .map(format::human_bytes)
                 .unwrap_or_else(|| "-".into()),
             format!("{}/{}", b.builds_running, b.slots),
-            common::fit(&image, 80 - 52),
+            format::fit(&image, 80 - 52),
         );
     }
     if r.builders.iter().any(|b| b.store_bytes.is_some()) {

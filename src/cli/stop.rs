@@ -4,7 +4,10 @@
 use bollard::query_parameters::StopContainerOptions;
 
 use super::Env;
-use super::common::{self, Row};
+use super::{
+    builders::{self, Row},
+    containers,
+};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
@@ -28,8 +31,8 @@ pub struct Args {
 }
 
 pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
-    let loaded = common::load(env).await?;
-    let rows = common::select(loaded.rows, &args.systems)?;
+    let loaded = builders::load(env).await?;
+    let rows = builders::select(loaded.rows, &args.systems)?;
     let mut failed = 0;
     for row in &rows {
         match stop_one(&loaded.engine, &loaded.state, row, args.force).await {
@@ -55,11 +58,11 @@ async fn stop_one(
     if !ex.running() {
         return Ok(format!("{} is not running ({})", ex.name, ex.state_name()));
     }
-    let _lock = common::lock_builder(state, &ex.name).await?;
+    let _lock = builders::lock_builder(state, &ex.name).await?;
     let _slots = if force {
         None
     } else {
-        Some(common::hold_idle(state, row)?)
+        Some(builders::hold_idle(state, row)?)
     };
     let opts = StopContainerOptions {
         t: Some(10),
@@ -67,7 +70,7 @@ async fn stop_one(
     };
     match engine.docker.stop_container(&ex.name, Some(opts)).await {
         Ok(()) => Ok(format!("stopped {}", ex.name)),
-        Err(e) if common::is_not_found(&e) => Ok(format!("{} is gone", ex.name)),
+        Err(e) if containers::is_not_found(&e) => Ok(format!("{} is gone", ex.name)),
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 304, ..
         }) => Ok(format!("{} was already stopped", ex.name)),
