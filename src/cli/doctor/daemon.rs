@@ -4,6 +4,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use super::super::install;
 use super::super::nix_daemon_process::{listening_nix_daemon, proc_list, process_start};
 use super::super::{
     host,
@@ -253,12 +254,11 @@ fn daemon_build_hook(
 /// the daemon `pid` started.
 fn changed_after_start(pid: u32, system_conf: &Path, user_files: &[PathBuf]) -> Vec<String> {
     let started = process_start(pid);
-    let dropin = Path::new("/etc/systemd/system/nix-daemon.service.d/nixdock.conf");
-    let plist = Path::new("/Library/LaunchDaemons/org.nixos.nix-daemon.plist");
+    // Where `nixdock install` puts the hook for this daemon.
     let mut candidates = vec![
         system_conf.to_path_buf(),
-        dropin.to_path_buf(),
-        plist.to_path_buf(),
+        Path::new("/").join(install::DROPIN),
+        Path::new("/").join(install::PLIST),
     ];
     candidates.extend(user_files.iter().cloned());
     candidates

@@ -1,0 +1,214 @@
+//! nixdock's own config file: the commented default install writes, and the Docker engine it
+//! records as `docker-host`.
+
+use std::path::Path;
+
+use crate::builder::Engine;
+use crate::builder::engine;
+
+use super::Change;
+use super::files::read_for_edit;
+
+/// The config file, under the install root.
+pub const CONFIG: &str = "etc/nixdock/nixdock.toml";
+
+/// The config file `install` writes when there is none: every setting, commented out.
+pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hook at every build and by `nixdock`.
+# Written by `nixdock install` with every setting commented out: the defaults apply.
+# `nixdock doctor` checks it; unknown keys are errors.
+
+# The Docker engine. As root (under nix-daemon) the hook uses only this, else DOCKER_HOST,
+# else the sockets /var/run/docker.sock and /run/podman/podman.sock when they and every
+# directory above them belong to root: it never looks in users' homes. `sudo nixdock install`
+# records here the engine it finds (Docker Desktop, OrbStack, colima, ...). An engine named
+# here that does not answer is an error; no other is tried.
+# docker-host = "unix:///var/run/docker.sock"
+
+# Also send builds for this machine's own system to a builder (normally they run here).
+# offload-local = false
+
+# How the hook reaches a builder's nix-daemon: "auto" goes straight to the daemon's socket in
+# the builder's /nix volume when the engine is local (Linux) and the hook runs as root, and
+# over SSH otherwise; "ssh" always uses SSH.
+# transport = "auto"
+
+# With no [builders] table, nixdock serves this machine's own Linux system and, when it can
+# emulate it (binfmt_misc with qemu, flag F), the other of x86_64-linux / aarch64-linux.
+# A table per system replaces those defaults:
+#
+# [builders."aarch64-linux"]
+# image = "nixdock/builder:aarch64-linux"   # `nixdock image build` makes it
+# platform = "linux/arm64"                  # only used when the image has to be pulled
+# max-jobs = 8                              # builds at once in this builder
+# cpus = 4.0                                # CPU limit of the container
+# memory = "8g"                             # memory limit of the container
+# idle-timeout = 1800                       # seconds without builds before it stops
+# features = ["big-parallel", "benchmark"]  # system features it offers
+# extra-nix-conf = ["keep-outputs = true"]  # lines added to the builder's nix.conf
+# kvm = false                               # pass /dev/kvm (adds kvm, nixos-test)
+# speed-factor = 1.0                        # against the machines in Nix's `builders`
+"#;
+
+/// Plans the config file: the commented default when there is none, with the engine to
+/// record as `docker-host` unless the config already names one (`kept_host`, read before an
+/// earlier install was undone); `docker_host` is `--docker-host`, `real_root` an install into /.
+pub(super) async fn plan_config(
+    cfg_path: &Path,
+    kept_host: Result<Option<String>, String>,
+    docker_host: Option<&String>,
+    real_root: bool,
+) -> Result<Option<Change>, String> {
+    let record = match (&kept_host, docker_host) {
+        (Err(e), _) => {
+            println!(
+                "warning: {e}\nthe config is left as it is and no docker-host is recorded: fix \
+                 it (the hook cannot read it either), then install again"
+            );
+            None
+        }
+        (Ok(Some(h)), _) => {
+            println!(
+                "Docker engine: keeping docker-host = {} from {}",
+                toml_string(h),
+                cfg_path.display()
+            );
+            if docker_host.is_some_and(|a| a != h) {
+                println!(
+                    "warning: --docker-host ignored: the config already names an engine; \
+                     change it there"
+                );
+            }
+            None
+        }
+        (Ok(None), Some(h)) => Some(h.clone()),
+        (Ok(None), None) if real_root => engine_to_record().await,
+        (Ok(None), None) => None,
+    };
+    let cur_cfg = match read_for_edit(cfg_path)? {
+        Some((b, _)) => Some(
+            String::from_utf8(b)
+                .map_err(|_| format!("{} is not UTF-8 text", cfg_path.display()))?,
+        ),
+        None => None,
+    };
+    // Undoing an earlier install may have taken away the docker-host it recorded (or that was
+    // set since): it goes back in.
+    let record = record.or_else(|| {
+        let now = cur_cfg
+            .as_deref()
+            .and_then(|t| crate::config::Config::parse(t, cfg_path).ok())
+            .and_then(|c| c.docker_host);
+        kept_host.ok().flatten().filter(|_| now.is_none())
+    });
+    Ok(match (&cur_cfg, &record) {
+        (None, None) => Some(Change {
+            path: cfg_path.to_path_buf(),
+            new: DEFAULT_CONFIG.as_bytes().to_vec(),
+            why: "nixdock's config, every setting commented out".into(),
+        }),
+        (cur, Some(host)) => Some(Change {
+            new: config_with_docker_host(cur.as_deref(), host, cfg_path)?.into_bytes(),
+            path: cfg_path.to_path_buf(),
+            why: format!("nixdock's config: docker-host = {}", toml_string(host)),
+        }),
+        (Some(_), None) => None,
+    })
+}
+
+/// A TOML string literal.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// The config with `docker-host` set: the commented default with that line filled in when
+/// there is none, else the file with the setting added at its top (before any table).
+fn config_with_docker_host(cur: Option<&str>, host: &str, path: &Path) -> Result<String, String> {
+    let line = format!("docker-host = {}", toml_string(host));
+    let new = match cur {
+        None => {
+            DEFAULT_CONFIG.replacen("# docker-host = \"unix:///var/run/docker.sock\"", &line, 1)
+        }
+        Some(text) => format!(
+            "# The Docker engine `nixdock install` found (the hook as root looks nowhere else but\n\
+             # DOCKER_HOST and root's own system sockets).\n{line}\n\n{text}"
+        ),
+    };
+    match crate::config::Config::parse(&new, path) {
+        Ok(c) if c.docker_host.as_deref() == Some(host) => Ok(new),
+        Ok(_) => Err(format!(
+            "cannot add docker-host to {}: set docker-host = {} there yourself",
+            path.display(),
+            toml_string(host)
+        )),
+        Err(e) => Err(format!("{e} (with docker-host added)")),
+    }
+}
+
+/// `sudo nixdock install`'s search for the engine ([`Engine::search_at_install`]): shows what
+/// answered and returns its address to record, unless its socket belongs to someone other
+/// than root, the invoking user (SUDO_UID) or the console user, whose engine would get the
+/// builders: that is shown, and left to the operator to name.
+async fn engine_to_record() -> Option<String> {
+    let (found, tried) = Engine::search_at_install().await;
+    let tried_text = tried
+        .iter()
+        .map(|(w, why)| format!("  {w}: {why}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let Some(e) = found else {
+        println!(
+            "warning: no Docker engine answered; tried:\n{tried_text}\nThe hook (as root) will \
+             use only the root-owned system sockets. Start your engine (Docker Desktop, \
+             OrbStack, colima, ...) and run `sudo nixdock install` again, or set docker-host in \
+             the config."
+        );
+        return None;
+    };
+    println!(
+        "Docker engine: {} (found via {}), {} {}",
+        e.addr, e.how_found, e.os, e.arch
+    );
+    let mut trusted = vec![0, euid()];
+    trusted.extend(
+        std::env::var("SUDO_UID")
+            .ok()
+            .and_then(|u| u.parse::<u32>().ok()),
+    );
+    trusted.extend(engine::console_uid());
+    if let Some(uid) = engine::socket_owner(&e.addr)
+        && !trusted.contains(&uid)
+    {
+        println!(
+            "warning: not recorded as docker-host: that socket belongs to uid {uid}, who is \
+             neither root, you nor the console user, and whoever runs the engine gets the \
+             builders and what they build. If you trust it, set docker-host = {} in the config.",
+            toml_string(&e.addr)
+        );
+        return None;
+    }
+    Some(e.addr)
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_parses_to_defaults() {
+        let c = crate::config::Config::parse(DEFAULT_CONFIG, Path::new("x")).unwrap();
+        assert_eq!(c, crate::config::Config::default());
+        // Uncommented, the example table is valid too.
+        let uncommented: String = DEFAULT_CONFIG
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.contains('=') || l.starts_with('['))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        crate::config::Config::parse(&uncommented, Path::new("x")).unwrap();
+    }
+}
