@@ -4,7 +4,7 @@
 //! Only processes in our own pid namespace count: the nix-daemons of builder containers run
 //! in theirs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The /proc of this machine.
 const PROC: &str = "/proc";
@@ -25,6 +25,24 @@ pub fn listening_nix_daemon() -> Option<u32> {
 /// cannot be read (gone, or another user's).
 pub fn proc_list(pid: u32, file: &str) -> Option<Vec<String>> {
     read_list(&Path::new(PROC).join(pid.to_string()).join(file))
+}
+
+/// The program a process runs; `None` if it cannot be read (gone, or another user's).
+pub fn process_exe(pid: u32) -> Option<PathBuf> {
+    std::fs::read_link(format!("{PROC}/{pid}/exe")).ok()
+}
+
+/// The uid a process runs as (its /proc directory's owner); `None` if it is gone.
+pub fn process_uid(pid: u32) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("{PROC}/{pid}"))
+        .ok()
+        .map(|m| m.uid())
+}
+
+/// Whether this machine has a /proc to look in (not macOS).
+pub fn have_proc() -> bool {
+    Path::new(PROC).join("self").exists()
 }
 
 /// When a process started, in seconds since the epoch.

@@ -5,7 +5,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::super::install;
-use super::super::nix_daemon_process::{listening_nix_daemon, proc_list, process_start};
+use super::super::nix_daemon_process::{
+    have_proc, listening_nix_daemon, proc_list, process_exe, process_start, process_uid,
+};
 use super::super::{
     host,
     nix_version::{self, has_nix_conf_bug},
@@ -61,7 +63,7 @@ fn home_of(uid: u32) -> Option<PathBuf> {
 /// user config files over the system nix.conf (which 2.25–2.33 ignore) over the default.
 pub(super) fn check_daemon(c: &mut Checks, hook: &Path) -> Option<DaemonInfo> {
     let name = "nix-daemon";
-    if !Path::new("/proc/self").exists() {
+    if !have_proc() {
         c.info(
             name,
             "cannot inspect the running daemon here (no /proc); see `sudo launchctl print \
@@ -79,11 +81,9 @@ pub(super) fn check_daemon(c: &mut Checks, hook: &Path) -> Option<DaemonInfo> {
     };
     let args = proc_list(pid, "cmdline").unwrap_or_default();
     let environ = proc_list(pid, "environ");
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let exe = process_exe(pid);
     let version = exe.as_deref().and_then(nix_version::nix_version_of);
-    let uid = std::fs::metadata(format!("/proc/{pid}"))
-        .map(|m| m.uid())
-        .unwrap_or(0);
+    let uid = process_uid(pid).unwrap_or(0);
     let mut info = DaemonInfo {
         pid,
         version: version.as_ref().map(|v| v.1.clone()),

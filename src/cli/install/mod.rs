@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Env;
 use super::{
-    host,
+    host, nix_daemon_process,
     nix_version::{self, has_nix_conf_bug},
 };
 
@@ -150,8 +150,8 @@ fn parse_version(s: &str) -> Result<(u32, u32), String> {
 
 /// The Nix version to install for: the running daemon's, else the `nix` on PATH.
 fn detect_version() -> Result<((u32, u32), String), String> {
-    for pid in super::nix_daemon_process::nix_daemons() {
-        if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe"))
+    for pid in nix_daemon_process::nix_daemons() {
+        if let Some(exe) = nix_daemon_process::process_exe(pid)
             && let Some((v, text)) = nix_version::nix_version_of(&exe)
         {
             return Ok((v, format!("{text} (the running nix-daemon)")));
