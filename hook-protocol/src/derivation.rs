@@ -182,7 +182,8 @@ pub struct Derivation {
     pub env: BTreeMap<String, String>,
 }
 
-/// What a builder gets: a derivation without its input derivations (reference §5.5).
+/// What a builder gets: a derivation without its input derivations (`writeDerivation` /
+/// `readDerivation` in `src/libstore/derivations.cc`, 2.26.3).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct BasicDerivation {
     pub outputs: BTreeMap<String, DerivationOutput>,

@@ -1,5 +1,5 @@
-//! NAR (Nix ARchive) serialisation, streaming in both directions (reference §7.1,
-//! `src/libutil/archive.cc`):
+//! NAR (Nix ARchive) serialisation, streaming in both directions (the format of Nix's
+//! `src/libutil/archive.cc`, the same at 2.8.0, 2.26.3 and 2.35.2):
 //!
 //! ```text
 //! nar  = str("nix-archive-1") node
@@ -18,10 +18,11 @@
 //! All three compute the NAR's SHA-256 and size as they go ([`NarSummary`]). None of them holds
 //! more than a few hundred KiB of a NAR or a file in memory.
 //!
-//! The reader is stricter than Nix's own parser in two places, both per §7.1: a regular file must
-//! have a `contents` field (Nix 2.26 accepts `( type regular )`), and a symlink target must be
-//! non-empty. Nix 2.8's parser also forgot to check that entries are sorted (it resets the
-//! previous name for every entry); this one always checks. No NAR written by Nix is affected.
+//! The reader is stricter than Nix's own parser in two places, both as the grammar above (what
+//! `dumpPath` in `src/libutil/archive.cc` writes): a regular file must have a `contents` field
+//! (Nix 2.26's `parseDump` accepts `( type regular )`), and a symlink target must be non-empty.
+//! Nix 2.8's parser also forgot to check that entries are sorted (it resets the previous name for
+//! every entry); this one always checks. No NAR written by Nix is affected.
 
 mod dump;
 mod parse;
