@@ -52,7 +52,9 @@ use crate::wire::{self, WireError};
 pub struct DerivationOutput {
     /// Absolute store path, or `""` if not known in advance.
     pub path: String,
+    /// `<method><algo>` for a content-addressed output (`r:sha256`, `sha1`, …), else `""`.
     pub hash_algo: String,
+    /// The base-16 digest of a fixed output, `impure`, or `""`.
     pub hash: String,
 }
 
@@ -72,6 +74,7 @@ impl DerivationOutput {
         !self.hash_algo.is_empty() && !self.hash.is_empty() && self.hash != "impure"
     }
 
+    /// Impure: built anew every time, its hash only known after the build.
     pub fn is_impure(&self) -> bool {
         !self.hash_algo.is_empty() && self.hash == "impure"
     }
@@ -172,57 +175,102 @@ pub fn output_path_name(drv_name: &str, output_name: &str) -> String {
 /// A parsed `.drv` file.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Derivation {
+    /// Outputs by name.
     pub outputs: BTreeMap<String, DerivationOutput>,
     /// Input derivations and which of their outputs are needed.
     pub input_drvs: BTreeMap<StorePath, BTreeSet<String>>,
+    /// Input store paths that are not outputs of derivations.
     pub input_srcs: BTreeSet<StorePath>,
+    /// The system it builds on (`x86_64-linux`, …).
     pub platform: String,
+    /// The program that builds it.
     pub builder: String,
+    /// The builder's arguments.
     pub args: Vec<String>,
+    /// The builder's environment.
     pub env: BTreeMap<String, String>,
 }
 
-/// What a builder gets: a derivation without its input derivations (reference §5.5).
+/// What a builder gets: a derivation without its input derivations (`writeDerivation` /
+/// `readDerivation` in `src/libstore/derivations.cc`, 2.26.3).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct BasicDerivation {
+    /// Outputs by name.
     pub outputs: BTreeMap<String, DerivationOutput>,
+    /// Input store paths (the hook sends the whole input closure here).
     pub input_srcs: BTreeSet<StorePath>,
+    /// The system it builds on.
     pub platform: String,
+    /// The program that builds it.
     pub builder: String,
+    /// The builder's arguments.
     pub args: Vec<String>,
+    /// The builder's environment.
     pub env: BTreeMap<String, String>,
 }
 
 /// Why a `.drv` could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DrvError {
+    /// A `DrvWithVersion(…)` derivation (experimental dynamic derivations).
     #[error(
         "unsupported derivation format (dynamic derivations): DrvWithVersion({0:?}, …); \
          only Derive(…) derivations are supported"
     )]
     UnsupportedVersion(String),
+    /// Not the ATerm syntax of a derivation.
     #[error("invalid derivation at byte {offset}: expected {expected}")]
     Syntax {
+        /// Where, in bytes from the start.
         offset: usize,
+        /// What the syntax allows there.
         expected: &'static str,
     },
+    /// A string that is not UTF-8.
     #[error("invalid derivation at byte {offset}: string is not valid UTF-8")]
-    NotUtf8 { offset: usize },
+    NotUtf8 {
+        /// Where the string starts, in bytes from the start.
+        offset: usize,
+    },
+    /// A store path that is not valid.
     #[error("invalid derivation: {what} '{value}': {source}")]
     BadStorePath {
+        /// Which field.
         what: &'static str,
+        /// The string.
         value: String,
+        /// Why it is not a store path.
         #[source]
         source: StorePathError,
     },
+    /// A name or path listed twice.
     #[error("invalid derivation: duplicate {what} '{key}'")]
-    Duplicate { what: &'static str, key: String },
+    Duplicate {
+        /// Which list.
+        what: &'static str,
+        /// The repeated entry.
+        key: String,
+    },
+    /// An output whose three strings form none of the kinds Nix accepts.
     #[error("invalid derivation: output '{name}': {reason}")]
-    BadOutput { name: String, reason: String },
+    BadOutput {
+        /// The output's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A name, output field or platform with `"` or `\`, which Nix would not escape there, so
+    /// the file could not be written back identically.
     #[error(
         "invalid derivation: {what} {value:?} contains '\"' or '\\', which Nix writes unescaped"
     )]
-    Unprintable { what: &'static str, value: String },
+    Unprintable {
+        /// Which field.
+        what: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// Bytes after the final `)`.
     #[error("invalid derivation: {0} bytes of trailing data after the final ')'")]
     TrailingData(usize),
 }
@@ -790,10 +838,12 @@ impl BasicDerivation {
         required_system_features(&self.env, &self.outputs)
     }
 
+    /// See [`Derivation::prefer_local_build`].
     pub fn prefer_local_build(&self) -> bool {
         prefer_local_build(&self.env)
     }
 
+    /// See [`Derivation::is_builtin`].
     pub fn is_builtin(&self) -> bool {
         is_builtin(&self.builder)
     }

@@ -3,31 +3,32 @@
 //! frame of length 0. The worker protocol uses them for `AddToStoreNar` (≥1.23),
 //! `AddMultipleToStore` and `AddBuildLog`.
 //!
-//! [`FramedWriter`] turns an [`AsyncWrite`] into a framed one; [`FramedWriter::finish`] writes the
-//! terminator. [`FramedReader`] reads the payload back and reports EOF at the terminator.
+//! [`FramedReader`] reads the payload back and reports EOF at the terminator. The writing side,
+//! `FramedWriter` (an [`AsyncWrite`] whose `finish` writes the terminator), is used by the
+//! worker client's uploads and is not public.
 //!
 //! Both keep their progress inside the struct, so a future that drives them may be dropped at
 //! any await point without corrupting the stream: a frame that was started is completed by the
-//! next write, flush or [`FramedWriter::finish`].
+//! next write, flush or `finish`.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// Default payload size of the frames [`FramedWriter`] emits.
-pub const DEFAULT_FRAME_SIZE: usize = 256 * 1024;
+pub(crate) const DEFAULT_FRAME_SIZE: usize = 256 * 1024;
 
 /// Largest frame [`FramedReader`] accepts by default. Nix's own frames are the size of a
 /// `BufferedSink` buffer (32 KiB); the limit only rejects garbage, since frames are streamed,
 /// never allocated whole.
-pub const DEFAULT_MAX_FRAME_LEN: u64 = 64 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_FRAME_LEN: u64 = 64 * 1024 * 1024;
 
 /// An [`AsyncWrite`] that wraps everything written to it in frames.
 ///
 /// Data is collected into frames of up to `frame_size` bytes; a full frame is written out on the
-/// next write, a partial one on [`flush`](AsyncWriteExt::flush) (which then flushes the inner
+/// next write, a partial one on [`flush`](tokio::io::AsyncWriteExt::flush) (which then flushes the inner
 /// writer). [`finish`](Self::finish) (or `shutdown`) writes any pending data and the `u64 0`
 /// terminator and flushes, but does **not** shut down the inner writer, which usually carries
 /// more protocol traffic afterwards.
@@ -36,7 +37,7 @@ pub const DEFAULT_MAX_FRAME_LEN: u64 = 64 * 1024 * 1024;
 /// error of the same kind, and [`is_poisoned`](Self::is_poisoned) tells the caller that the
 /// failure was on the inner writer rather than wherever its data came from.
 #[derive(Debug)]
-pub struct FramedWriter<W> {
+pub(crate) struct FramedWriter<W> {
     inner: W,
     frame_size: usize,
     /// Payload of the frame being assembled or written out.
@@ -61,7 +62,7 @@ impl<W> FramedWriter<W> {
     }
 
     /// `frame_size` is clamped to at least 1 byte.
-    pub fn with_frame_size(inner: W, frame_size: usize) -> Self {
+    pub(crate) fn with_frame_size(inner: W, frame_size: usize) -> Self {
         let frame_size = frame_size.max(1);
         FramedWriter {
             inner,
@@ -74,28 +75,14 @@ impl<W> FramedWriter<W> {
     }
 
     /// True once the inner writer has failed; the stream is then unusable.
-    pub fn is_poisoned(&self) -> bool {
+    pub(crate) fn is_poisoned(&self) -> bool {
         self.poisoned.is_some()
     }
 
     /// True once the terminator has been queued by [`finish`](Self::finish) (it may not be
     /// fully written yet if that future was dropped; call `finish` again to complete it).
-    pub fn is_terminated(&self) -> bool {
+    pub(crate) fn is_terminated(&self) -> bool {
         self.terminated
-    }
-
-    pub fn get_ref(&self) -> &W {
-        &self.inner
-    }
-
-    /// Direct access to the inner writer. Writing to it while a frame is pending corrupts the
-    /// stream.
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.inner
-    }
-
-    pub fn into_inner(self) -> W {
-        self.inner
     }
 
     fn poison_error(&self) -> Option<io::Error> {
@@ -255,11 +242,12 @@ pub struct FramedReader<R> {
 }
 
 impl<R> FramedReader<R> {
+    /// Reads a framed stream from `inner`, refusing frames longer than 64 MiB.
     pub fn new(inner: R) -> Self {
         Self::with_max_frame_len(inner, DEFAULT_MAX_FRAME_LEN)
     }
 
-    pub fn with_max_frame_len(inner: R, max_frame_len: u64) -> Self {
+    pub(crate) fn with_max_frame_len(inner: R, max_frame_len: u64) -> Self {
         FramedReader {
             inner,
             max_frame_len,
@@ -275,14 +263,13 @@ impl<R> FramedReader<R> {
         self.finished
     }
 
-    pub fn get_ref(&self) -> &R {
-        &self.inner
-    }
-
+    /// Direct access to the inner reader. Reading from it before the terminator has been read
+    /// desynchronises the stream.
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.inner
     }
 
+    /// Gives back the inner reader, positioned wherever reading stopped.
     pub fn into_inner(self) -> R {
         self.inner
     }
@@ -375,21 +362,22 @@ impl<R: AsyncRead + Unpin> AsyncRead for FramedReader<R> {
     }
 }
 
-/// Writes `data` as one framed stream (split into `frame_size` frames) plus terminator.
-/// Convenience for tests and small payloads.
-pub async fn write_framed<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    data: &[u8],
-    frame_size: usize,
-) -> io::Result<()> {
-    let mut fw = FramedWriter::with_frame_size(w, frame_size);
-    fw.write_all(data).await?;
-    fw.finish().await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// Writes `data` as one framed stream (split into `frame_size` frames) plus terminator.
+    /// Convenience for tests.
+    async fn write_framed<W: AsyncWrite + Unpin>(
+        w: &mut W,
+        data: &[u8],
+        frame_size: usize,
+    ) -> io::Result<()> {
+        let mut fw = FramedWriter::with_frame_size(w, frame_size);
+        fw.write_all(data).await?;
+        fw.finish().await
+    }
 
     fn frames(data: &[u8], frame: usize) -> Vec<u8> {
         let mut out = Vec::new();

@@ -14,9 +14,13 @@ use sha2::Digest;
 /// A hash algorithm Nix knows. Displayed and parsed as `md5`, `sha1`, `sha256`, `sha512`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum HashAlgo {
+    /// MD5 (16 bytes).
     Md5,
+    /// SHA-1 (20 bytes).
     Sha1,
+    /// SHA-256 (32 bytes).
     Sha256,
+    /// SHA-512 (64 bytes).
     Sha512,
 }
 
@@ -31,6 +35,7 @@ impl HashAlgo {
         }
     }
 
+    /// The name Nix uses: `md5`, `sha1`, `sha256` or `sha512`.
     pub const fn as_str(self) -> &'static str {
         match self {
             HashAlgo::Md5 => "md5",
@@ -41,17 +46,17 @@ impl HashAlgo {
     }
 
     /// Length of the base-16 form of a digest of this algorithm.
-    pub const fn base16_len(self) -> usize {
+    pub(crate) const fn base16_len(self) -> usize {
         self.size() * 2
     }
 
     /// Length of the nix32 form of a digest of this algorithm.
-    pub const fn nix32_len(self) -> usize {
+    pub(crate) const fn nix32_len(self) -> usize {
         nix32_len(self.size())
     }
 
     /// Length of the (padded) Base64 form of a digest of this algorithm.
-    pub const fn base64_len(self) -> usize {
+    pub(crate) const fn base64_len(self) -> usize {
         self.size().div_ceil(3) * 4
     }
 }
@@ -79,23 +84,44 @@ impl FromStr for HashAlgo {
 /// An error parsing or constructing a hash.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HashError {
+    /// The algorithm name is none of `md5`, `sha1`, `sha256`, `sha512`.
     #[error("unknown hash algorithm '{0}'")]
     UnknownAlgo(String),
+    /// A digest given to [`Hash::new`] has the wrong number of bytes for its algorithm.
     #[error("a {algo} digest is {expected} bytes, not {got}")]
     WrongDigestSize {
+        /// The algorithm.
         algo: HashAlgo,
+        /// Its digest size.
         expected: usize,
+        /// The size given.
         got: usize,
     },
+    /// The string names no algorithm and none was given.
     #[error("hash '{0}' does not include a type, nor is the type otherwise known from context")]
     NoAlgo(String),
+    /// The string names an algorithm other than the one given.
     #[error("hash '{hash}' should have type '{expected}'")]
-    AlgoMismatch { hash: String, expected: HashAlgo },
+    AlgoMismatch {
+        /// The string as given.
+        hash: String,
+        /// The algorithm the caller expected.
+        expected: HashAlgo,
+    },
+    /// The digest's length is that of none of the encodings for the algorithm.
     #[error("hash '{hash}' has wrong length for hash algorithm '{algo}'")]
-    WrongLength { hash: String, algo: HashAlgo },
+    WrongLength {
+        /// The digest part of the string.
+        hash: String,
+        /// The algorithm.
+        algo: HashAlgo,
+    },
+    /// The digest has the length of an encoding but is not valid in it.
     #[error("invalid {encoding} hash '{hash}'")]
     BadEncoding {
+        /// The encoding its length implies ("base-16", "base-32", "base-64" or "SRI").
         encoding: &'static str,
+        /// The digest part of the string.
         hash: String,
     },
 }
@@ -126,6 +152,7 @@ impl Hash {
         Ok(Hash { algo, bytes })
     }
 
+    /// Wraps a SHA-256 digest.
     pub fn sha256(digest: [u8; 32]) -> Hash {
         let mut bytes = [0u8; MAX_DIGEST];
         bytes[..32].copy_from_slice(&digest);
@@ -146,10 +173,12 @@ impl Hash {
         Hash::new(HashAlgo::Sha512, &d).expect("a SHA-512 digest is 64 bytes")
     }
 
+    /// The algorithm.
     pub fn algo(&self) -> HashAlgo {
         self.algo
     }
 
+    /// The digest bytes (as many as the algorithm's size).
     pub fn digest(&self) -> &[u8] {
         &self.bytes[..self.algo.size()]
     }
@@ -201,7 +230,7 @@ impl Hash {
 
     /// A bare base-16, nix32 or Base64 digest of a known algorithm (Nix's
     /// `Hash::parseNonSRIUnprefixed`, used for the hash field of `.drv` outputs).
-    pub fn parse_non_sri_unprefixed(s: &str, algo: HashAlgo) -> Result<Hash, HashError> {
+    pub(crate) fn parse_non_sri_unprefixed(s: &str, algo: HashAlgo) -> Result<Hash, HashError> {
         Hash::parse_encoded(s, algo, false)
     }
 
@@ -256,7 +285,7 @@ impl FromStr for Hash {
 // Encodings
 
 /// Nix's base-32 alphabet: digits and lower-case letters without `e`, `o`, `u`, `t`.
-pub const NIX32_CHARS: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";
+pub(crate) const NIX32_CHARS: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
 const fn nix32_len(bytes: usize) -> usize {
     if bytes == 0 {
@@ -295,10 +324,13 @@ pub fn nix32_encode(bytes: &[u8]) -> String {
 /// An error decoding a nix32 string.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Nix32Error {
+    /// No byte string encodes to this many characters.
     #[error("{0} characters is not the nix32 length of any byte string")]
     BadLength(usize),
+    /// A character outside the nix32 alphabet.
     #[error("invalid nix32 character {0:?}")]
     BadChar(char),
+    /// The string sets bits beyond the end of the decoded bytes.
     #[error("nix32 string has bits set beyond the end of the data")]
     Overflow,
 }

@@ -73,18 +73,22 @@ impl Settings {
         self.0.get(name).map(String::as_str)
     }
 
+    /// Number of settings the parent sent.
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
+    /// Whether the parent sent no settings.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
+    /// Every setting as `(name, value)`, in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
+    /// The settings as a map from name to rendered value.
     pub fn into_inner(self) -> BTreeMap<String, String> {
         self.0
     }
@@ -236,6 +240,7 @@ pub async fn read_settings<R: AsyncRead + Unpin>(r: &mut R) -> Result<Settings, 
 /// A command from the parent where one is expected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HookRequest {
+    /// `try`: the parent asks whether the hook will build a derivation.
     Try(TryRequest),
     /// The parent closed the pipe cleanly before a new command: the hook should exit 0.
     Exit,
@@ -327,7 +332,10 @@ pub async fn read_request<R: AsyncRead + Unpin>(r: &mut R) -> Result<HookRequest
 pub enum Reply {
     /// `# accept\n<machine>\n`. The machine name is only displayed by the parent
     /// (`building '…' on '<machine>'`, field 1 of its `actBuild` activity).
-    Accept { machine: String },
+    Accept {
+        /// The machine name shown by the parent.
+        machine: String,
+    },
     /// `# decline\n`: the parent builds locally or fails; this hook gets the next `try`.
     Decline,
     /// `# decline-permanently\n`: no hook is asked again by this parent Worker; this hook is

@@ -1,5 +1,13 @@
-//! Every byte format nixdock speaks with Nix: the build-hook channel, the worker and serve
-//! protocols, NAR archives, store paths, hashes and `.drv` files. No Docker, SSH or policy here.
+//! Nix's wire formats as a build hook needs them: the build-hook channel ([`hook`]) and its
+//! `@nix` log lines ([`log`]), a client of the daemon worker protocol 1.21–1.38 ([`worker`]),
+//! NAR archives ([`nar`]), `.drv` files ([`derivation`]), store paths ([`store_path`]), hashes
+//! ([`hash`]), machines files ([`machines`]), and the primitives under them ([`wire`],
+//! [`framed`]). Written from Nix's source (2.8.0, 2.26.3, 2.35.2); no Docker, SSH or policy.
+//!
+//! Not here: the serve protocol (`nix-store --serve`), the daemon side of the worker protocol,
+//! store directories other than `/nix/store`, dynamic derivations. See README.md.
+
+#![warn(missing_docs)]
 
 pub mod derivation;
 pub mod framed;

@@ -34,17 +34,26 @@ use serde_json::Value;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
 pub enum Verbosity {
+    /// `lvlError`: errors.
     Error = 0,
+    /// `lvlWarn`: warnings.
     Warn = 1,
+    /// `lvlNotice`.
     Notice = 2,
+    /// `lvlInfo`: Nix's default verbosity.
     Info = 3,
+    /// `lvlTalkative` (`-v`).
     Talkative = 4,
+    /// `lvlChatty` (`-vv`).
     Chatty = 5,
+    /// `lvlDebug` (`-vvv`).
     Debug = 6,
+    /// `lvlVomit` (`-vvvv` and more).
     Vomit = 7,
 }
 
 impl Verbosity {
+    /// Every value, in code order.
     pub const ALL: [Verbosity; 8] = [
         Verbosity::Error,
         Verbosity::Warn,
@@ -61,6 +70,7 @@ impl Verbosity {
         Self::ALL[code.min(7) as usize]
     }
 
+    /// The numeric code Nix uses.
     pub fn code(self) -> u64 {
         self as u64
     }
@@ -70,23 +80,38 @@ impl Verbosity {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u64)]
 pub enum ActivityType {
+    /// `actUnknown`.
     Unknown = 0,
+    /// `actCopyPath`: copying one store path.
     CopyPath = 100,
+    /// `actFileTransfer`: a download or upload.
     FileTransfer = 101,
+    /// `actRealise`: realising paths.
     Realise = 102,
+    /// `actCopyPaths`: copying a set of store paths.
     CopyPaths = 103,
+    /// `actBuilds`: the builds as a whole.
     Builds = 104,
+    /// `actBuild`: one build.
     Build = 105,
+    /// `actOptimiseStore`.
     OptimiseStore = 106,
+    /// `actVerifyPaths`.
     VerifyPaths = 107,
+    /// `actSubstitute`: substituting one path.
     Substitute = 108,
+    /// `actQueryPathInfo`.
     QueryPathInfo = 109,
+    /// `actPostBuildHook`: running the post-build hook.
     PostBuildHook = 110,
+    /// `actBuildWaiting`.
     BuildWaiting = 111,
+    /// `actFetchTree` (2.35 and later).
     FetchTree = 112,
 }
 
 impl ActivityType {
+    /// Every value, in code order.
     pub const ALL: [ActivityType; 14] = [
         ActivityType::Unknown,
         ActivityType::CopyPath,
@@ -104,10 +129,12 @@ impl ActivityType {
         ActivityType::FetchTree,
     ];
 
+    /// The value for a numeric code, if it is one of these.
     pub fn from_code(code: u64) -> Option<ActivityType> {
         Self::ALL.into_iter().find(|t| t.code() == code)
     }
 
+    /// The numeric code Nix uses.
     pub fn code(self) -> u64 {
         self as u64
     }
@@ -117,18 +144,28 @@ impl ActivityType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u64)]
 pub enum ResultType {
+    /// `resFileLinked`.
     FileLinked = 100,
+    /// `resBuildLogLine`: one line of build output.
     BuildLogLine = 101,
+    /// `resUntrustedPath`.
     UntrustedPath = 102,
+    /// `resCorruptedPath`.
     CorruptedPath = 103,
+    /// `resSetPhase`: the phase a build is in.
     SetPhase = 104,
+    /// `resProgress`: done, expected, running and failed counts.
     Progress = 105,
+    /// `resSetExpected`: how many of an activity type are expected.
     SetExpected = 106,
+    /// `resPostBuildLogLine`: one line of post-build hook output.
     PostBuildLogLine = 107,
+    /// `resFetchStatus` (2.35 and later).
     FetchStatus = 108,
 }
 
 impl ResultType {
+    /// Every value, in code order.
     pub const ALL: [ResultType; 9] = [
         ResultType::FileLinked,
         ResultType::BuildLogLine,
@@ -141,10 +178,12 @@ impl ResultType {
         ResultType::FetchStatus,
     ];
 
+    /// The value for a numeric code, if it is one of these.
     pub fn from_code(code: u64) -> Option<ResultType> {
         Self::ALL.into_iter().find(|t| t.code() == code)
     }
 
+    /// The numeric code Nix uses.
     pub fn code(self) -> u64 {
         self as u64
     }
@@ -153,7 +192,9 @@ impl ResultType {
 /// One element of an activity's or result's `fields`: Nix accepts only these two kinds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Field {
+    /// A non-negative integer.
     Int(u64),
+    /// A string.
     Str(String),
 }
 
@@ -186,6 +227,7 @@ impl Field {
 
 /// Text for a log line: `str`/`String` as is, bytes converted lossily to UTF-8.
 pub trait LogText {
+    /// The text as UTF-8.
     fn into_log_text(self) -> String;
 }
 
@@ -240,45 +282,69 @@ pub enum LogLine {
     /// `{"action":"msg","level":…,"msg":…}`; the parent logs `msg` at `level` (filtered by
     /// its own verbosity). Extra keys of Nix's error messages (`raw_msg`, `line`, …) are not
     /// kept: the parent ignores them.
-    Msg { level: Verbosity, msg: String },
+    Msg {
+        /// The level to log at.
+        level: Verbosity,
+        /// The message.
+        msg: String,
+    },
     /// `{"action":"start",…}`: the parent creates its own activity and maps `id` to it.
     Start {
+        /// The activity's id, unique within this hook.
         id: u64,
+        /// The activity's verbosity.
         level: Verbosity,
         /// An [`ActivityType`] code, kept raw so relayed lines of newer Nix survive.
         typ: u64,
+        /// The activity's description.
         text: String,
+        /// The activity's fields; their layout depends on `typ`.
         fields: Vec<Field>,
         /// Written only if `Some`; ignored by 2.8 and 2.26 parents (see the module docs).
         parent: Option<u64>,
     },
     /// `{"action":"stop","id":…}`
-    Stop { id: u64 },
+    Stop {
+        /// The activity.
+        id: u64,
+    },
     /// `{"action":"result",…}`: applied to the activity `id` if the parent knows it.
     Result {
+        /// The activity.
         id: u64,
         /// A [`ResultType`] code, kept raw.
         typ: u64,
+        /// The result's fields; their layout depends on `typ`.
         fields: Vec<Field>,
     },
     /// `{"action":"setPhase","phase":…}`: sets the phase of the parent's current activity.
-    SetPhase { phase: String },
+    SetPhase {
+        /// The phase's name (`buildPhase`, …).
+        phase: String,
+    },
 }
 
 /// Why a line is not an `@nix` message the parent would accept.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LogParseError {
+    /// Not an `@nix` line.
     #[error("the line does not start with '@nix '")]
     NoPrefix,
+    /// What follows the prefix is not JSON.
     #[error("bad JSON: {0}")]
     Json(String),
+    /// The JSON is not an object.
     #[error("the JSON is not an object")]
     NotAnObject,
+    /// `action` is none of `msg`, `start`, `stop`, `result`, `setPhase`.
     #[error("unknown action {0:?}")]
     UnknownAction(String),
+    /// A key the action needs is missing or has the wrong JSON type.
     #[error("key {key:?} is missing or not {expected}")]
     BadKey {
+        /// The key.
         key: &'static str,
+        /// The type it must have.
         expected: &'static str,
     },
 }

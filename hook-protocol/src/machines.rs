@@ -23,7 +23,7 @@
 //!   2.26 and later.
 //! - 2.8 kept the systems as a list in the order given; 2.26 and later as a set. Here a set.
 //!
-//! Pure: no I/O except through the caller's reader in [`expand`] / [`parse_config`].
+//! Pure: no I/O except through the caller's reader in `expand` / `parse_config`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -33,41 +33,74 @@ use crate::hash::base64_decode;
 
 /// How deep `@file` includes may nest before the parser gives up (Nix has no limit and would
 /// recurse until it runs out of stack on a file that includes itself).
-pub const MAX_INCLUDE_DEPTH: usize = 16;
+pub(crate) const MAX_INCLUDE_DEPTH: usize = 16;
 
 /// Errors of the machines syntax. The messages quote the entry, as Nix's do.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum MachinesError {
+    /// An entry whose first field is empty or `-`.
     #[error(
         "bad machine specification: store URL was not found at the first column of a row: '{line}'"
     )]
-    NoStoreUri { line: String },
+    NoStoreUri {
+        /// The entry.
+        line: String,
+    },
+    /// Max jobs or the speed factor is not a number of the right kind (a speed factor must also
+    /// be finite).
     #[error(
         "bad machine specification: failed to convert column #{column} in a row: '{line}' to '{expected}'"
     )]
     BadNumber {
+        /// The field, counted from 0 as in Nix's message.
         column: usize,
+        /// The entry.
         line: String,
+        /// The kind of number wanted ("unsigned int" or "float").
         expected: &'static str,
     },
+    /// A speed factor below 0.
     #[error("bad machine specification: speed factor must be >= 0 in the row: '{line}'")]
-    NegativeSpeed { line: String },
+    NegativeSpeed {
+        /// The entry.
+        line: String,
+    },
+    /// The host key field is not valid base64.
     #[error(
         "bad machine specification: column #{column} in the row '{line}' is not a valid base64 string (it must be the base64 of the host's public key line, e.g. `base64 -w0 /etc/ssh/ssh_host_ed25519_key.pub`)"
     )]
-    BadBase64 { column: usize, line: String },
+    BadBase64 {
+        /// The field, counted from 0 as in Nix's message.
+        column: usize,
+        /// The entry.
+        line: String,
+    },
+    /// The store URI cannot be parsed.
     #[error("bad machine specification: bad store URI '{uri}' in the row '{line}': {reason}")]
     BadStoreUri {
+        /// The URI as written.
         uri: String,
+        /// The entry.
         line: String,
+        /// What is wrong with it.
         reason: String,
     },
+    /// An `@file` exists but cannot be read.
     #[error("cannot read machines file '{path}': {reason}")]
-    ReadFile { path: String, reason: String },
+    ReadFile {
+        /// The file.
+        path: String,
+        /// The read error.
+        reason: String,
+    },
+    /// `@file` includes nested more than 16 deep.
     #[error(
         "machines file '{path}' is included more than {MAX_INCLUDE_DEPTH} levels deep (does it include itself?)"
     )]
-    IncludeTooDeep { path: String },
+    IncludeTooDeep {
+        /// The file at the limit.
+        path: String,
+    },
 }
 
 /// A store URI as a machine entry gives it, after the `ssh://` default.
@@ -83,6 +116,7 @@ pub struct StoreUri {
     pub user: Option<String>,
     /// The host (without brackets for `[v6]`), for URIs with an authority; `""` otherwise.
     pub host: String,
+    /// The port, if the URI gives one.
     pub port: Option<u16>,
     /// Everything between the authority and `?`: the path of `file:///x`, or a plain path.
     pub path: String,
@@ -91,11 +125,6 @@ pub struct StoreUri {
 }
 
 impl StoreUri {
-    /// Whether this is an SSH store (`ssh://` or `ssh-ng://`).
-    pub fn is_ssh(&self) -> bool {
-        self.scheme == "ssh" || self.scheme == "ssh-ng"
-    }
-
     /// `host` or `host:port` (with brackets for an IPv6 host), without the user.
     pub fn host_port(&self) -> String {
         let host = if self.host.contains(':') {
@@ -119,6 +148,7 @@ impl fmt::Display for StoreUri {
 /// One remote builder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Machine {
+    /// Where to reach it (the first field).
     pub store_uri: StoreUri,
     /// The systems it builds for (`x86_64-linux`, …).
     pub systems: BTreeSet<String>,
@@ -128,6 +158,7 @@ pub struct Machine {
     pub max_jobs: u32,
     /// Relative speed, > 0 (0 in the file means 1).
     pub speed_factor: f32,
+    /// Features it supports (`kvm`, `big-parallel`, …).
     pub supported_features: BTreeSet<String>,
     /// Features a derivation must require to be built here.
     pub mandatory_features: BTreeSet<String>,
@@ -168,7 +199,7 @@ fn trim(s: &str) -> &str {
 
 /// Splits `builders` text into entries, including `@file`s through `read`. `read` returns
 /// `Ok(None)` for a file that does not exist (skipped, as Nix does).
-pub fn expand<F>(text: &str, read: &mut F) -> Result<Vec<String>, MachinesError>
+pub(crate) fn expand<F>(text: &str, read: &mut F) -> Result<Vec<String>, MachinesError>
 where
     F: FnMut(&Path) -> std::io::Result<Option<String>>,
 {
@@ -222,7 +253,7 @@ where
 }
 
 /// Reads a machines file from the file system: `Ok(None)` when it does not exist.
-pub fn read_file(path: &Path) -> std::io::Result<Option<String>> {
+pub(crate) fn read_file(path: &Path) -> std::io::Result<Option<String>> {
     match std::fs::read(path) {
         Ok(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -233,7 +264,7 @@ pub fn read_file(path: &Path) -> std::io::Result<Option<String>> {
 /// Parses `builders` (inline entries and `@file`s, read through `read`) into machines, in the
 /// order given. `default_systems` is what an entry without systems builds for: the caller's
 /// `system` setting.
-pub fn parse_config<F>(
+pub(crate) fn parse_config<F>(
     default_systems: &BTreeSet<String>,
     text: &str,
     read: &mut F,
@@ -247,7 +278,9 @@ where
         .collect()
 }
 
-/// [`parse_config`] reading `@file`s from the file system.
+/// Parses `builders` text (entries and `@file` includes, as described in the module docs),
+/// reading the included files from the file system; a missing file is skipped.
+/// `default_systems` is what an entry without systems builds for (the caller's `system`).
 pub fn parse_config_fs(
     default_systems: &BTreeSet<String>,
     text: &str,
@@ -364,7 +397,7 @@ fn is_special_word(uri: &str) -> bool {
 }
 
 /// Parses a store URI the way a machine entry holds it, adding `ssh://` where Nix does.
-pub fn parse_store_uri(raw: &str) -> Result<StoreUri, String> {
+pub(crate) fn parse_store_uri(raw: &str) -> Result<StoreUri, String> {
     let uri = if raw.contains("://") || raw.contains('/') || is_special_word(raw) {
         raw.to_string()
     } else {

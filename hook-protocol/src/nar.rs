@@ -1,5 +1,5 @@
-//! NAR (Nix ARchive) serialisation, streaming in both directions (reference §7.1,
-//! `src/libutil/archive.cc`):
+//! NAR (Nix ARchive) serialisation, streaming in both directions (the format of Nix's
+//! `src/libutil/archive.cc`, the same at 2.8.0, 2.26.3 and 2.35.2):
 //!
 //! ```text
 //! nar  = str("nix-archive-1") node
@@ -18,10 +18,11 @@
 //! All three compute the NAR's SHA-256 and size as they go ([`NarSummary`]). None of them holds
 //! more than a few hundred KiB of a NAR or a file in memory.
 //!
-//! The reader is stricter than Nix's own parser in two places, both per §7.1: a regular file must
-//! have a `contents` field (Nix 2.26 accepts `( type regular )`), and a symlink target must be
-//! non-empty. Nix 2.8's parser also forgot to check that entries are sorted (it resets the
-//! previous name for every entry); this one always checks. No NAR written by Nix is affected.
+//! The reader is stricter than Nix's own parser in two places, both as the grammar above (what
+//! `dumpPath` in `src/libutil/archive.cc` writes): a regular file must have a `contents` field
+//! (Nix 2.26's `parseDump` accepts `( type regular )`), and a symlink target must be non-empty.
+//! Nix 2.8's parser also forgot to check that entries are sorted (it resets the previous name for
+//! every entry); this one always checks. No NAR written by Nix is affected.
 
 mod dump;
 mod parse;
@@ -36,15 +37,15 @@ pub use unpack::{remove_tree, unpack_nar};
 use crate::wire::WireError;
 
 /// The first string of every NAR.
-pub const NAR_MAGIC: &str = "nix-archive-1";
+pub(crate) const NAR_MAGIC: &str = "nix-archive-1";
 /// What Nix appends (with a counter) to a file name that collides case-insensitively with an
 /// earlier one in the same directory, when `use-case-hack` is on.
-pub const CASE_HACK_SUFFIX: &str = "~nix~case~hack~";
+pub(crate) const CASE_HACK_SUFFIX: &str = "~nix~case~hack~";
 /// Longest directory entry name accepted, in bytes. (Linux allows 255; this leaves room for NARs
 /// made elsewhere and for the case-hack suffix.)
 pub const MAX_NAME_LEN: usize = 1024;
 /// Longest symlink target accepted, in bytes (Linux's `PATH_MAX`).
-pub const MAX_TARGET_LEN: usize = 4096;
+pub(crate) const MAX_TARGET_LEN: usize = 4096;
 /// Deepest directory nesting accepted (the root directory is depth 0), both when reading and
 /// when dumping.
 pub const MAX_DEPTH: usize = 1024;
@@ -52,7 +53,9 @@ pub const MAX_DEPTH: usize = 1024;
 /// SHA-256 and length of a NAR, computed over exactly the bytes read or written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct NarSummary {
+    /// Length in bytes.
     pub nar_size: u64,
+    /// SHA-256 digest.
     pub nar_sha256: [u8; 32],
 }
 
@@ -89,92 +92,173 @@ pub struct DumpOptions {
 /// `/bin/hello` an entry); `PathBuf` fields are locations on disk.
 #[derive(Debug, thiserror::Error)]
 pub enum NarError {
+    /// The stream does not start with `nix-archive-1`.
     #[error("not a NAR: expected the magic 'nix-archive-1', got {found}")]
-    BadMagic { found: String },
-    #[error("bad NAR{}: expected {expected}, got {found}", at(path))]
-    UnexpectedToken {
-        path: String,
-        expected: &'static str,
+    BadMagic {
+        /// The first string read, as shown in the message.
         found: String,
     },
+    /// A token other than the grammar allows here.
+    #[error("bad NAR{}: expected {expected}, got {found}", at(path))]
+    UnexpectedToken {
+        /// Where in the NAR.
+        path: String,
+        /// What the grammar allows.
+        expected: &'static str,
+        /// What was read, as shown in the message.
+        found: String,
+    },
+    /// `executable` followed by something other than an empty string.
     #[error(
         "bad NAR{}: the 'executable' marker must be followed by an empty string, got {found}",
         at(path)
     )]
-    BadExecutableMarker { path: String, found: String },
+    BadExecutableMarker {
+        /// Where in the NAR.
+        path: String,
+        /// What followed, as shown in the message.
+        found: String,
+    },
+    /// An entry name that is empty, `.`, `..`, or contains `/` or NUL.
     #[error("bad NAR{}: invalid entry name {name}: {reason}", at(path))]
     InvalidName {
+        /// The directory holding the entry.
         path: String,
+        /// The name, as shown in the message.
         name: String,
+        /// Which rule it breaks.
         reason: &'static str,
     },
+    /// A directory's entries are not in byte-wise order.
     #[error(
         "bad NAR{}: entry {name} comes after {prev}, but entries must be sorted byte-wise",
         at(path)
     )]
     Unsorted {
+        /// The directory.
         path: String,
+        /// The entry before.
         prev: String,
+        /// The entry that should have come first.
         name: String,
     },
+    /// A directory holds the same name twice.
     #[error("bad NAR{}: duplicate entry {name}", at(path))]
-    DuplicateName { path: String, name: String },
+    DuplicateName {
+        /// The directory.
+        path: String,
+        /// The repeated name.
+        name: String,
+    },
+    /// A symlink target that is empty or contains NUL.
     #[error("bad NAR{}: invalid symlink target {target}: {reason}", at(path))]
     InvalidTarget {
+        /// The symlink.
         path: String,
+        /// The target, as shown in the message.
         target: String,
+        /// Which rule it breaks.
         reason: &'static str,
     },
+    /// A name, target or other string longer than its limit.
     #[error(
         "bad NAR{}: {what} of {len} bytes exceeds the limit of {max}",
         at(path)
     )]
     TooLong {
+        /// Where in the NAR.
         path: String,
+        /// What was too long.
         what: &'static str,
+        /// Its claimed length.
         len: u64,
+        /// The limit.
         max: u64,
     },
+    /// Directories nested deeper than [`MAX_DEPTH`].
     #[error("bad NAR{}: directories are nested more than {max} deep", at(path))]
-    TooDeep { path: String, max: usize },
+    TooDeep {
+        /// The directory at the limit.
+        path: String,
+        /// The limit.
+        max: usize,
+    },
+    /// A wire-level error (truncation, bad padding, …) reading the NAR.
     #[error("bad NAR{}: {source}", at(path))]
     Wire {
+        /// Where in the NAR, if known (empty if not).
         path: String,
+        /// The wire error.
         #[source]
         source: WireError,
     },
+    /// With the case hack, two entries of one directory would get the same name on disk.
     /// `path` is the directory on disk being filled.
     #[error(
         "unpacking into '{path}': with the case hack, entry {name} would be stored as {hacked}, which collides with another entry"
     )]
     CaseHackCollision {
+        /// The directory on disk.
         path: String,
+        /// The entry's name in the NAR.
         name: String,
+        /// The name it would get on disk.
         hacked: String,
     },
+    /// A file-system operation failed.
     #[error("{op} '{}': {source}", path.display())]
     Io {
+        /// What was being done ("creating file", "reading", …).
         op: &'static str,
+        /// The path on disk.
         path: PathBuf,
+        /// The error.
         #[source]
         source: std::io::Error,
     },
+    /// [`unpack_nar`]'s destination exists already.
     #[error("cannot unpack a NAR to '{}': it already exists", .0.display())]
     DestinationExists(PathBuf),
+    /// [`dump_path`] met something other than a regular file, directory or symlink.
     #[error("'{}' is {kind}; a NAR can hold only regular files, directories and symlinks", path.display())]
-    UnsupportedFileType { path: PathBuf, kind: &'static str },
+    UnsupportedFileType {
+        /// The path on disk.
+        path: PathBuf,
+        /// What it is ("a socket", …).
+        kind: &'static str,
+    },
+    /// A file changed while [`dump_path`] read it.
     #[error("'{}' changed while it was being dumped: {what}", path.display())]
-    FileChanged { path: PathBuf, what: &'static str },
+    FileChanged {
+        /// The path on disk.
+        path: PathBuf,
+        /// How it changed.
+        what: &'static str,
+    },
+    /// With the case hack, two names of one directory are the same once the suffix is removed.
     #[error(
         "file name collision between '{}' and '{}' after removing the case-hack suffix",
         first.display(),
         second.display()
     )]
-    CaseHackDumpCollision { first: PathBuf, second: PathBuf },
+    CaseHackDumpCollision {
+        /// One path on disk.
+        first: PathBuf,
+        /// The other.
+        second: PathBuf,
+    },
+    /// [`dump_path`] met directories nested deeper than [`MAX_DEPTH`].
     #[error("'{}' is nested more than {max} directories deep", path.display())]
-    DumpTooDeep { path: PathBuf, max: usize },
+    DumpTooDeep {
+        /// The directory at the limit.
+        path: PathBuf,
+        /// The limit.
+        max: usize,
+    },
+    /// Writing the NAR to its destination failed.
     #[error("writing the NAR: {0}")]
     Write(#[source] std::io::Error),
+    /// A worker thread failed or stopped early (a bug, not bad input).
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -16,7 +16,7 @@ use crate::wire::{self, WireError};
 /// The only store directory nixdock supports.
 pub const STORE_DIR: &str = "/nix/store";
 /// Length of the nix32 hash part of a store path (160 bits).
-pub const HASH_PART_LEN: usize = 32;
+pub(crate) const HASH_PART_LEN: usize = 32;
 /// Longest store path name Nix accepts (`StorePath::MaxPathLen`).
 pub const MAX_NAME_LEN: usize = 211;
 
@@ -33,16 +33,26 @@ pub struct StorePath {
 /// Why a string is not a valid store path or store path name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StorePathError {
+    /// An absolute path that is not directly below [`STORE_DIR`].
     #[error("path '{0}' is not in the Nix store ({STORE_DIR})")]
     NotInStore(String),
+    /// Shorter than a hash part and a dash.
     #[error("'{0}' is too short to be a valid store path")]
     TooShort(String),
+    /// The first 32 characters are not the nix32 form of a 20-byte digest.
     #[error("store path '{0}' has an invalid nix32 hash part")]
     BadHashPart(String),
+    /// The hash part is not followed by `-`.
     #[error("'{0}' can't name a store path because the hash part is not followed by a '-'")]
     NoDash(String),
+    /// The name after the dash breaks Nix's rules for store path names.
     #[error("store path name '{name}' is not valid: {reason}")]
-    BadName { name: String, reason: String },
+    BadName {
+        /// The name.
+        name: String,
+        /// Which rule it breaks.
+        reason: String,
+    },
 }
 
 impl From<StorePathError> for WireError {
@@ -54,7 +64,7 @@ impl From<StorePathError> for WireError {
 /// Checks a store path name as Nix 2.26/2.35 `checkName` does: non-empty, at most 211
 /// characters, only `[A-Za-z0-9+\-._?=]`, and not `.`, `..` or starting with `.-` / `..-`.
 /// (Names such as `.foo` are valid; Nix 2.8 did not even reject `.` and `..`.)
-pub fn check_name(name: &str) -> Result<(), StorePathError> {
+pub(crate) fn check_name(name: &str) -> Result<(), StorePathError> {
     let bad = |reason: String| {
         Err(StorePathError::BadName {
             name: name.to_string(),
@@ -132,6 +142,7 @@ impl StorePath {
         &self.digest
     }
 
+    /// The name: everything after the hash part and its dash.
     pub fn name(&self) -> &str {
         &self.base_name[HASH_PART_LEN + 1..]
     }
@@ -271,7 +282,7 @@ impl ContentAddressMethod {
 
     /// Splits a `.drv` hashAlgo field such as `r:sha256` into method and algorithm name
     /// (`ContentAddressMethod::parsePrefix`).
-    pub fn split_prefix(s: &str) -> (ContentAddressMethod, &str) {
+    pub(crate) fn split_prefix(s: &str) -> (ContentAddressMethod, &str) {
         for m in [
             ContentAddressMethod::Nar,
             ContentAddressMethod::Git,
@@ -299,7 +310,7 @@ fn make_type(mut type_: String, references: &BTreeSet<StorePath>, self_ref: bool
 
 /// Nix's `makeTextPath`: a text-hashed path (e.g. a `.drv`) with `references`.
 /// Nix requires a SHA-256 hash here.
-pub fn make_text_path(
+pub(crate) fn make_text_path(
     hash: &Hash,
     references: &BTreeSet<StorePath>,
     name: &str,
@@ -314,8 +325,8 @@ pub fn make_text_path(
 }
 
 /// Nix's `makeFixedOutputPath` for a path without references (a fixed-output derivation's
-/// output, or something added with `nix-store --add[-fixed]`). `Text` goes through
-/// [`make_text_path`].
+/// output, or something added with `nix-store --add[-fixed]`). `Text` gives Nix's
+/// `makeTextPath` with no references (it needs a SHA-256 hash).
 pub fn make_fixed_output_path(
     method: ContentAddressMethod,
     hash: &Hash,
@@ -379,10 +390,12 @@ pub async fn read_store_path_set<R: AsyncRead + Unpin + ?Sized>(
     Ok(out)
 }
 
+/// Writes a store path (full printed path).
 pub fn put_store_path(buf: &mut BytesMut, p: &StorePath) {
     wire::put_str(buf, &p.to_absolute());
 }
 
+/// Writes an optional store path: `None` is `""`.
 pub fn put_optional_store_path(buf: &mut BytesMut, p: Option<&StorePath>) {
     match p {
         Some(p) => put_store_path(buf, p),

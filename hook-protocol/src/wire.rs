@@ -13,32 +13,47 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Largest string accepted by default (structured-attrs `__json` values can be megabytes).
-pub const MAX_STRING_LEN: u64 = 64 * 1024 * 1024;
+pub(crate) const MAX_STRING_LEN: u64 = 64 * 1024 * 1024;
 /// Largest number of elements accepted in a list, set or map.
 pub const MAX_COLLECTION_LEN: u64 = 1 << 20;
 
 /// An error decoding or encoding a wire value.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
+    /// The stream ended before the value (named here) was complete.
     #[error("the stream ended in the middle of {0}")]
     Truncated(&'static str),
+    /// A length or count read from the wire is above the limit for it.
     #[error("{what} of length {len} exceeds the limit of {max}")]
     TooLong {
+        /// What was being read ("string", "list", …).
         what: &'static str,
+        /// The length the stream claimed.
         len: u64,
+        /// The limit it exceeded.
         max: u64,
     },
+    /// The padding after a string held a non-zero byte.
     #[error("non-zero padding after a string")]
     NonZeroPadding,
+    /// A string that must be UTF-8 was not.
     #[error("{0} is not valid UTF-8")]
     NotUtf8(&'static str),
+    /// A value that does not mean anything at this place (an unknown tag, a bad path, …).
     #[error("invalid {what}: {value}")]
-    BadValue { what: &'static str, value: String },
+    BadValue {
+        /// What was being read.
+        what: &'static str,
+        /// The offending value, as text.
+        value: String,
+    },
+    /// Reading failed other than by the stream ending.
     #[error("I/O error: {0}")]
     Io(#[source] std::io::Error),
 }
 
 impl WireError {
+    /// A [`WireError::BadValue`] for `what`, with `value` shown as text.
     pub fn bad(what: &'static str, value: impl std::fmt::Display) -> Self {
         WireError::BadValue {
             what,
@@ -55,13 +70,15 @@ impl WireError {
     }
 }
 
+/// `Result` with [`WireError`] as the default error.
 pub type Result<T, E = WireError> = std::result::Result<T, E>;
 
 /// Number of zero bytes that follow a string of `len` bytes.
-pub fn padding_len(len: u64) -> usize {
+pub(crate) fn padding_len(len: u64) -> usize {
     ((8 - (len % 8)) % 8) as usize
 }
 
+/// Reads a little-endian u64.
 pub async fn read_u64<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<u64> {
     let mut b = [0u8; 8];
     r.read_exact(&mut b)
@@ -71,7 +88,7 @@ pub async fn read_u64<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<u64> {
 }
 
 /// A boolean is a u64 that must be 0 or 1.
-pub async fn read_bool<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<bool> {
+pub(crate) async fn read_bool<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<bool> {
     match read_u64(r).await? {
         0 => Ok(false),
         1 => Ok(true),
@@ -93,7 +110,7 @@ pub async fn read_len<R: AsyncRead + Unpin + ?Sized>(
 }
 
 /// Reads the zero padding after a string of `len` bytes.
-pub async fn read_padding<R: AsyncRead + Unpin + ?Sized>(r: &mut R, len: u64) -> Result<()> {
+pub(crate) async fn read_padding<R: AsyncRead + Unpin + ?Sized>(r: &mut R, len: u64) -> Result<()> {
     let pad = padding_len(len);
     if pad > 0 {
         let mut b = [0u8; 8];
@@ -109,7 +126,7 @@ pub async fn read_padding<R: AsyncRead + Unpin + ?Sized>(r: &mut R, len: u64) ->
 
 /// Reads a byte string of at most `max` bytes. The buffer grows as data arrives, so a claimed
 /// length the stream does not back up costs no memory.
-pub async fn read_bytes_limited<R: AsyncRead + Unpin + ?Sized>(
+pub(crate) async fn read_bytes_limited<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     max: u64,
 ) -> Result<Vec<u8>> {
@@ -127,6 +144,7 @@ pub async fn read_bytes_limited<R: AsyncRead + Unpin + ?Sized>(
     Ok(buf)
 }
 
+/// Reads a byte string (length, bytes, zero padding to 8) of at most 64 MiB.
 pub async fn read_bytes<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Vec<u8>> {
     read_bytes_limited(r, MAX_STRING_LEN).await
 }
@@ -136,6 +154,7 @@ pub async fn read_string<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Str
     String::from_utf8(read_bytes(r).await?).map_err(|_| WireError::NotUtf8("a string"))
 }
 
+/// Reads a list of UTF-8 strings: a count (at most [`MAX_COLLECTION_LEN`]), then each string.
 pub async fn read_string_list<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Vec<String>> {
     let n = read_len(r, "list", MAX_COLLECTION_LEN).await?;
     let mut out = Vec::with_capacity(n.min(1024));
@@ -145,11 +164,13 @@ pub async fn read_string_list<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Resul
     Ok(out)
 }
 
+/// Reads a set of strings: the same encoding as a list; duplicates collapse.
 pub async fn read_string_set<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<BTreeSet<String>> {
     Ok(read_string_list(r).await?.into_iter().collect())
 }
 
-pub async fn read_string_map<R: AsyncRead + Unpin + ?Sized>(
+/// Reads a map of strings: a count, then key and value for each entry.
+pub(crate) async fn read_string_map<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
 ) -> Result<BTreeMap<String, String>> {
     let n = read_len(r, "map", MAX_COLLECTION_LEN).await?;
@@ -162,20 +183,24 @@ pub async fn read_string_map<R: AsyncRead + Unpin + ?Sized>(
     Ok(out)
 }
 
+/// Writes a little-endian u64.
 pub fn put_u64(buf: &mut BytesMut, v: u64) {
     buf.put_u64_le(v);
 }
 
-pub fn put_bool(buf: &mut BytesMut, v: bool) {
+/// Writes a boolean as the u64 0 or 1.
+pub(crate) fn put_bool(buf: &mut BytesMut, v: bool) {
     buf.put_u64_le(u64::from(v));
 }
 
+/// Writes a byte string: its length, the bytes, and zero padding to a multiple of 8.
 pub fn put_bytes(buf: &mut BytesMut, b: &[u8]) {
     buf.put_u64_le(b.len() as u64);
     buf.put_slice(b);
     buf.put_bytes(0, padding_len(b.len() as u64));
 }
 
+/// Writes a string as a byte string.
 pub fn put_str(buf: &mut BytesMut, s: &str) {
     put_bytes(buf, s.as_bytes());
 }
@@ -194,7 +219,8 @@ where
     }
 }
 
-pub fn put_string_map(buf: &mut BytesMut, map: &BTreeMap<String, String>) {
+/// Writes a map of strings: the count, then key and value for each entry in key order.
+pub(crate) fn put_string_map(buf: &mut BytesMut, map: &BTreeMap<String, String>) {
     buf.put_u64_le(map.len() as u64);
     for (k, v) in map {
         put_str(buf, k);

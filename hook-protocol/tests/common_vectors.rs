@@ -20,14 +20,14 @@ use hook_protocol::wire::{self, WireError};
 use proptest::prelude::*;
 use serde_json::Value;
 
-const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/nix-test-vectors");
+const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/upstream");
 const PROTOCOLS: [&str; 3] = ["common-protocol", "worker-protocol", "serve-protocol"];
 
 fn vector(version: &str, proto: &str, name: &str) -> Vec<u8> {
     let root = PathBuf::from(VECTORS);
     assert!(
         root.join(version).is_dir(),
-        "Nix test vectors not found at {} (expected /work/shared/nix-test-vectors/{version})",
+        "Nix test vectors not found at {} (expected {version}/ inside)",
         root.display()
     );
     let p = root.join(version).join(proto).join(name);

@@ -13,7 +13,7 @@ use hook_protocol::wire::{self, WireError};
 use proptest::prelude::*;
 use serde_json::Value;
 
-const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/nix-test-vectors");
+const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/upstream");
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
 const VERSIONS: [&str; 2] = ["2.26.3", "2.35.2"];
 
@@ -21,8 +21,7 @@ fn vectors_dir() -> PathBuf {
     let p = PathBuf::from(VECTORS);
     assert!(
         p.join("2.26.3").is_dir() && p.join("2.35.2").is_dir(),
-        "Nix test vectors not found at {} (expected /work/shared/nix-test-vectors with 2.26.3/ and \
-         2.35.2/ inside); these tests need them",
+        "Nix test vectors not found at {} (expected 2.26.3/ and 2.35.2/ inside; see its README)",
         p.display()
     );
     p
@@ -40,24 +39,10 @@ fn walk(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) {
     out.sort();
 }
 
-/// The contents of a vector `.drv`. Some upstream vectors are git symlinks that the shared copy
-/// holds only as their target text; those come from tests/data/nix-drv instead.
-fn read_vector_drv(version: &str, path: &Path) -> Vec<u8> {
-    let bytes = std::fs::read(path).unwrap();
-    if bytes.starts_with(b"../") && !bytes.contains(&b'(') {
-        let rel = path
-            .strip_prefix(vectors_dir().join(version).join("derivation"))
-            .unwrap();
-        let resolved = Path::new(DATA).join("nix-drv").join(version).join(rel);
-        return std::fs::read(&resolved).unwrap_or_else(|e| {
-            panic!(
-                "{} is a dangling symlink copy; its resolved contents should be at {}: {e}",
-                path.display(),
-                resolved.display()
-            )
-        });
-    }
-    bytes
+/// The contents of a vector `.drv`. Upstream, the `advanced-attributes*.drv` vectors are git
+/// symlinks into `tests/functional/derivation/`; tests/data/upstream holds the files they point to.
+fn read_vector_drv(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Vectors whose hashes upstream replaced by `aaaa…`, so their input derivations are no longer
@@ -77,7 +62,7 @@ fn upstream_drv_vectors_parse_and_reserialise_identically() {
         );
         for path in files {
             let file = path.file_name().unwrap().to_str().unwrap();
-            let bytes = read_vector_drv(version, &path);
+            let bytes = read_vector_drv(&path);
             let res = Derivation::parse(&bytes);
             if file.starts_with("bad-") {
                 assert!(res.is_err(), "{version}/{file} should not parse");
@@ -330,7 +315,7 @@ fn upstream_output_vectors() {
 fn advanced_attributes_options() {
     let read = |v: &str, rel: &str| {
         let p = vectors_dir().join(v).join("derivation").join(rel);
-        Derivation::parse(&read_vector_drv(v, &p)).unwrap()
+        Derivation::parse(&read_vector_drv(&p)).unwrap()
     };
     let features = |xs: &[&str]| xs.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
 
@@ -677,7 +662,8 @@ fn basic_derivation_exact_bytes() {
     let mut buf = BytesMut::new();
     b.write(&mut buf);
 
-    // Reference §5.5, built field by field from the primitives.
+    // `writeDerivation(Sink &, …)` in `src/libstore/derivations.cc` (2.26.3), built field by
+    // field from the primitives.
     let mut want = BytesMut::new();
     let s = |w: &mut BytesMut, x: &str| wire::put_str(w, x);
     wire::put_u64(&mut want, 2);

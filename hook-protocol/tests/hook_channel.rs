@@ -306,7 +306,8 @@ async fn settings_write_is_what_the_parent_sends() {
     let s: Settings = [("max-jobs", "0")].into_iter().collect();
     let mut b = BytesMut::new();
     s.write(&mut b);
-    // One entry as in the reference, then the terminator.
+    // One entry (`u64 1`, name, value), then the terminator `u64 0`, as `HookInstance` writes
+    // them (`src/libstore/unix/build/hook-instance.cc`, 2.26.3).
     let mut expect = vec![1, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0];
     expect.extend(b"max-jobs");
     expect.extend([1, 0, 0, 0, 0, 0, 0, 0, b'0', 0, 0, 0, 0, 0, 0, 0]);
@@ -420,7 +421,9 @@ fn log_lines_are_exact() {
     }
 }
 
-/// The reference's §3.6 example: a forwarded remote log line.
+/// A forwarded remote log line: a daemon's `STDERR_RESULT` of type 101 (`resBuildLogLine`) with
+/// activity id 0x00001234_00000005, as Nix's `JSONLogger` writes it (`src/libutil/logging.cc`,
+/// 2.26.3).
 #[test]
 fn reference_example_bytes() {
     let id = (0x1234u64 << 32) | 5;

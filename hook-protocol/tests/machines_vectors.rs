@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use hook_protocol::machines::{MachinesError, parse_config_fs};
 
-const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/nix-test-vectors");
+const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/upstream");
 const VERSIONS: [&str; 2] = ["2.26.3", "2.35.2"];
 
 fn vector(version: &str, name: &str) -> PathBuf {

@@ -478,7 +478,8 @@ async fn rejects_bad_magic_and_tokens() {
     let err = rejected(&bad).await;
     assert!(matches!(err, NarError::BadExecutableMarker { .. }), "{err}");
 
-    // A regular file without contents (Nix 2.26 would accept it; §7.1 does not).
+    // A regular file without contents (Nix 2.26's `parseDump` would accept it; its `dumpPath`,
+    // `src/libutil/archive.cc` at 2.26.3, never writes one).
     let mut bad = Vec::new();
     for t in ["nix-archive-1", "(", "type", "regular", ")"] {
         s(&mut bad, t.as_bytes());

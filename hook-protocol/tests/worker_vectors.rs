@@ -1,9 +1,10 @@
 //! Worker-protocol encodings against Nix's own test vectors, decoder robustness, and fault
 //! injection with a scripted fake daemon.
 //!
-//! Vectors: `/work/shared/nix-test-vectors/{2.26.3,2.35.2}/worker-protocol/` (copied from
-//! `src/libstore-tests/data/worker-protocol/`). 2.35.2 values come from the `.json` beside each
-//! `.bin`; 2.26.3 values are transcribed from `2.26.3:src/libstore-tests/worker-protocol.cc`.
+//! Vectors: `tests/data/upstream/{2.26.3,2.35.2}/worker-protocol/` (copied from NixOS/nix's
+//! `src/libstore-tests/data/worker-protocol/` at those tags). 2.35.2 values come from the
+//! `.json` beside each `.bin`; 2.26.3 values are transcribed from
+//! `2.26.3:src/libstore-tests/worker-protocol.cc`.
 //! Every file must decode to those values and re-encode byte for byte.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,15 +33,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream
 const TAGS: [&str; 2] = ["2.26.3", "2.35.2"];
 
 fn vectors_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/nix-test-vectors")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/upstream")
 }
 
 fn vector_path(tag: &str, name: &str) -> PathBuf {
     let root = vectors_root();
     assert!(
         root.is_dir(),
-        "Nix test vectors are missing: expected them at {} (/work/shared/nix-test-vectors, \
-         see its README)",
+        "Nix test vectors are missing: expected them at {} (see tests/data/upstream/README.md)",
         root.display()
     );
     root.join(tag).join("worker-protocol").join(name)

@@ -2,7 +2,10 @@
 //!
 //! While the hook runs, the parent Nix holds the lock of every output path, so any route that
 //! goes through `addToStore` (the daemon's `AddToStoreNar`, `nix-store --import`, `nix copy`)
-//! blocks forever (reference §9). What works on every Nix version is to write the trees into the
+//! blocks forever (`DerivationGoal::tryToBuild` locks them,
+//! `src/libstore/build/derivation-goal.cc`; `LocalStore::addToStore` waits for the same lock,
+//! `src/libstore/local-store.cc`; both at 2.26.3).
+//! What works on every Nix version is to write the trees into the
 //! store directory ourselves and register them with one
 //! `nix-store --register-validity --hash-given`, which takes no path locks.
 //!

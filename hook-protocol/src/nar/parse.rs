@@ -406,9 +406,9 @@ impl<W: AsyncWrite + Unpin + ?Sized> NarSink for CopySink<'_, W> {
     }
 }
 
-/// Reads one NAR from `r`, checking its structure (§7.1), and writes exactly the bytes read to
-/// `w` (flushing it at the end). Stops reading at the NAR's last byte: whatever follows stays in
-/// `r`. Returns the NAR's SHA-256 and size.
+/// Reads one NAR from `r`, checking its structure (the grammar in [`crate::nar`]), and writes
+/// exactly the bytes read to `w` (flushing it at the end). Stops reading at the NAR's last byte:
+/// whatever follows stays in `r`. Returns the NAR's SHA-256 and size.
 ///
 /// On error, `w` may have received part of the NAR, and `r` is left somewhere inside it.
 pub async fn copy_nar<R, W>(r: &mut R, w: &mut W) -> Result<NarSummary, NarError>

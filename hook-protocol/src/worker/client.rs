@@ -39,6 +39,7 @@ const READ_BUFFER: usize = 64 * 1024;
 /// `out` forwards into the daemon connection; a write error on it means the connection
 /// failed, and the implementation should just return it.
 pub trait NarSource: Send {
+    /// Writes the NAR of `info.path` to `out`.
     fn write_nar<W: AsyncWrite + Unpin + Send>(
         &mut self,
         info: &ValidPathInfo,
@@ -715,24 +716,6 @@ where
         }
         .await;
         self.finish(res, Op::AddTempRoot, Some(path))
-    }
-
-    /// `EnsurePath`: makes `path` valid, substituting it if needed.
-    pub async fn ensure_path(
-        &mut self,
-        path: &StorePath,
-        logs: &mut impl FnMut(LogEvent),
-    ) -> Result<(), WorkerError> {
-        let res = async {
-            self.check()?;
-            let mut buf = Self::op_buf(Op::EnsurePath);
-            put_store_path(&mut buf, path);
-            self.simple(&buf, logs).await?;
-            wire::read_u64(&mut self.r).await?;
-            Ok(())
-        }
-        .await;
-        self.finish(res, Op::EnsurePath, Some(path))
     }
 
     /// `QueryMissing`: what building `paths` would build, substitute, or cannot know.

@@ -11,11 +11,14 @@ use super::ProtocolVersion;
 /// such as `QueryPathInfo /nix/store/…-foo: `, or nothing when unknown.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OpContext {
+    /// The operation's name (`QueryPathInfo`, `handshake`, …).
     pub op: Option<&'static str>,
+    /// The store path it was about, if any.
     pub path: Option<String>,
 }
 
 impl OpContext {
+    /// The context of operation `op` on `path`.
     pub fn new(op: &'static str, path: Option<String>) -> Self {
         OpContext { op: Some(op), path }
     }
@@ -44,6 +47,7 @@ pub enum WorkerError {
     /// The daemon answered with `STDERR_ERROR`.
     #[error("{ctx}the Nix daemon reported: {message}{}", fmt_traces(.traces))]
     Remote {
+        /// The operation and path it happened in.
         ctx: OpContext,
         /// The error text, possibly with ANSI escapes and several lines.
         message: String,
@@ -57,56 +61,88 @@ pub enum WorkerError {
     /// The daemon closed the connection (EOF, broken pipe or reset) — typically it crashed,
     /// was killed, or rejected the connection and exited.
     #[error("{ctx}connection closed by the Nix daemon ({detail})")]
-    ConnectionClosed { ctx: OpContext, detail: String },
+    ConnectionClosed {
+        /// The operation and path it happened in.
+        ctx: OpContext,
+        /// The I/O error's text.
+        detail: String,
+    },
     /// A value from the daemon could not be decoded.
     #[error("{ctx}bad data from the Nix daemon: {source}")]
     Wire {
+        /// The operation and path it happened in.
         ctx: OpContext,
+        /// The decoding error.
         #[source]
         source: WireError,
     },
     /// An I/O error on the connection other than it being closed.
     #[error("{ctx}I/O error on the daemon connection: {source}")]
     Io {
+        /// The operation and path it happened in.
         ctx: OpContext,
+        /// The error.
         #[source]
         source: io::Error,
     },
     /// The daemon did something the protocol does not allow here (unknown stderr tag,
     /// unexpected `STDERR_READ`, …).
     #[error("{ctx}protocol error: {message}")]
-    Protocol { ctx: OpContext, message: String },
+    Protocol {
+        /// The operation and path it happened in.
+        ctx: OpContext,
+        /// What the daemon did.
+        message: String,
+    },
     /// The daemon (or the requested client version) speaks a protocol version outside
     /// 1.21..=1.38.
     #[error("{ctx}unsupported worker protocol version {version} (supported: {min}..={max})")]
     UnsupportedVersion {
+        /// The operation and path it happened in.
         ctx: OpContext,
+        /// The version offered, as text.
         version: String,
+        /// The oldest supported version.
         min: ProtocolVersion,
+        /// The newest supported version.
         max: ProtocolVersion,
     },
     /// The operation needs a newer negotiated protocol version.
     #[error("{ctx}needs worker protocol {needed}, but {negotiated} was negotiated")]
     TooOld {
+        /// The operation and path it happened in.
         ctx: OpContext,
+        /// The version the operation needs.
         needed: ProtocolVersion,
+        /// The version in use.
         negotiated: ProtocolVersion,
     },
     /// A caller-supplied source or sink (the NAR to upload, the writer a NAR is streamed
     /// into) failed, or supplied inconsistent data.
     #[error("{ctx}{message}: {source}")]
     Local {
+        /// The operation and path it happened in.
         ctx: OpContext,
+        /// What was being done.
         message: String,
+        /// The error.
         #[source]
         source: io::Error,
     },
     /// An argument cannot be expressed on the wire at the negotiated version.
     #[error("{ctx}{message}")]
-    InvalidArgument { ctx: OpContext, message: String },
+    InvalidArgument {
+        /// The operation and path it happened in.
+        ctx: OpContext,
+        /// Which argument, and why.
+        message: String,
+    },
     /// An earlier error left the connection in an unknown state.
     #[error("{ctx}the daemon connection is unusable after an earlier error")]
-    Broken { ctx: OpContext },
+    Broken {
+        /// The operation and path it happened in.
+        ctx: OpContext,
+    },
 }
 
 fn fmt_traces(traces: &[String]) -> String {
@@ -119,6 +155,7 @@ fn fmt_traces(traces: &[String]) -> String {
 }
 
 impl WorkerError {
+    /// The operation and path the error happened in.
     pub fn ctx(&self) -> &OpContext {
         match self {
             WorkerError::Remote { ctx, .. }
@@ -150,7 +187,7 @@ impl WorkerError {
     }
 
     /// Fills in the operation and path where not already set.
-    pub fn with_context(mut self, op: &'static str, path: Option<&str>) -> Self {
+    pub(crate) fn with_context(mut self, op: &'static str, path: Option<&str>) -> Self {
         let ctx = self.ctx_mut();
         if ctx.op.is_none() {
             ctx.op = Some(op);

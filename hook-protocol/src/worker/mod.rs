@@ -38,7 +38,7 @@ pub const WORKER_MAGIC_2: u64 = 0x6478_696f;
 
 /// The 2.35 feature that changes how `BuildResult::builtOutputs` is encoded. nixdock never
 /// offers it, so daemons never use it with us.
-pub const FEATURE_REALISATION_WITH_PATH_NOT_HASH: &str = "realisation-with-path-not-hash";
+pub(crate) const FEATURE_REALISATION_WITH_PATH_NOT_HASH: &str = "realisation-with-path-not-hash";
 
 /// A worker protocol version, `major.minor`, sent as the u64 `major << 8 | minor`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -53,18 +53,22 @@ impl ProtocolVersion {
     /// The oldest daemon nixdock talks to (1.21: `AddToStoreNar` via `STDERR_READ`).
     pub const MIN: ProtocolVersion = ProtocolVersion::new(1, 21);
 
+    /// The version `major.minor`.
     pub const fn new(major: u8, minor: u8) -> Self {
         ProtocolVersion { major, minor }
     }
 
+    /// The major version (1 for every daemon this crate talks to).
     pub const fn major(self) -> u8 {
         self.major
     }
 
+    /// The minor version.
     pub const fn minor(self) -> u8 {
         self.minor
     }
 
+    /// The u64 sent on the wire: `major << 8 | minor`.
     pub const fn to_wire(self) -> u64 {
         ((self.major as u64) << 8) | self.minor as u64
     }
@@ -85,26 +89,21 @@ impl fmt::Display for ProtocolVersion {
     }
 }
 
-/// Worker protocol opcodes (`WorkerProto::Op`), the ones this client sends and a few more.
+/// Worker protocol opcodes (`WorkerProto::Op`) this client sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u64)]
-pub enum Op {
+pub(crate) enum Op {
     IsValidPath = 1,
-    AddToStore = 7,
     BuildPaths = 9,
-    EnsurePath = 10,
     AddTempRoot = 11,
     SetOptions = 19,
     QueryPathInfo = 26,
     QueryValidPaths = 31,
     BuildDerivation = 36,
-    AddSignatures = 37,
     NarFromPath = 38,
     AddToStoreNar = 39,
     QueryMissing = 40,
-    QueryDerivationOutputMap = 41,
     AddMultipleToStore = 44,
-    AddBuildLog = 45,
     BuildPathsWithResults = 46,
 }
 
@@ -116,21 +115,16 @@ impl Op {
     pub fn name(self) -> &'static str {
         match self {
             Op::IsValidPath => "IsValidPath",
-            Op::AddToStore => "AddToStore",
             Op::BuildPaths => "BuildPaths",
-            Op::EnsurePath => "EnsurePath",
             Op::AddTempRoot => "AddTempRoot",
             Op::SetOptions => "SetOptions",
             Op::QueryPathInfo => "QueryPathInfo",
             Op::QueryValidPaths => "QueryValidPaths",
             Op::BuildDerivation => "BuildDerivation",
-            Op::AddSignatures => "AddSignatures",
             Op::NarFromPath => "NarFromPath",
             Op::AddToStoreNar => "AddToStoreNar",
             Op::QueryMissing => "QueryMissing",
-            Op::QueryDerivationOutputMap => "QueryDerivationOutputMap",
             Op::AddMultipleToStore => "AddMultipleToStore",
-            Op::AddBuildLog => "AddBuildLog",
             Op::BuildPathsWithResults => "BuildPathsWithResults",
         }
     }

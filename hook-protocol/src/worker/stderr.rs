@@ -13,17 +13,26 @@ use crate::wire::{self, MAX_COLLECTION_LEN};
 use super::ProtocolVersion;
 use super::error::{OpContext, WorkerError};
 
+/// `STDERR_NEXT`: a log message follows.
 pub const STDERR_NEXT: u64 = 0x6f6c_6d67;
+/// `STDERR_READ`: the daemon asks for up to a number of bytes of the request's data.
 pub const STDERR_READ: u64 = 0x6461_7461;
+/// `STDERR_WRITE`: the daemon sends a chunk of data to the client.
 pub const STDERR_WRITE: u64 = 0x6461_7416;
+/// `STDERR_LAST`: the operation succeeded; its reply follows.
 pub const STDERR_LAST: u64 = 0x616c_7473;
+/// `STDERR_ERROR`: the operation failed; the error follows, and nothing after it.
 pub const STDERR_ERROR: u64 = 0x6378_7470;
+/// `STDERR_START_ACTIVITY`: an activity starts.
 pub const STDERR_START_ACTIVITY: u64 = 0x5354_5254;
+/// `STDERR_STOP_ACTIVITY`: an activity ends.
 pub const STDERR_STOP_ACTIVITY: u64 = 0x5354_4f50;
+/// `STDERR_RESULT`: an activity reports a result.
 pub const STDERR_RESULT: u64 = 0x5253_4c54;
 
 /// `ResultType` values (`src/libutil/logging.hh`) that carry a build log line.
 pub const RES_BUILD_LOG_LINE: u64 = 101;
+/// `resPostBuildLogLine`: a line of post-build hook output.
 pub const RES_POST_BUILD_LOG_LINE: u64 = 107;
 
 /// Largest chunk sent in answer to one `STDERR_READ` (the daemon asks for up to 64 KiB or so;
@@ -33,6 +42,7 @@ const MAX_READ_REPLY: usize = 64 * 1024;
 /// A field of an activity or result message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Field {
+    /// An integer.
     Int(u64),
     /// Decoded lossily: build output need not be UTF-8.
     String(String),
@@ -48,19 +58,31 @@ pub enum LogEvent {
     Next(String),
     /// `STDERR_START_ACTIVITY` (daemon → clients ≥1.20).
     StartActivity {
+        /// The daemon's id for the activity.
         id: u64,
+        /// Its verbosity code.
         level: u64,
+        /// Its `ActivityType` code.
         typ: u64,
+        /// Its description.
         text: String,
+        /// Its fields; their layout depends on `typ`.
         fields: Vec<Field>,
+        /// The daemon's id of the parent activity (0: none).
         parent: u64,
     },
     /// `STDERR_STOP_ACTIVITY`.
-    StopActivity { id: u64 },
+    StopActivity {
+        /// The activity.
+        id: u64,
+    },
     /// `STDERR_RESULT`, e.g. a build log line (`typ` 101) or progress (105).
     Result {
+        /// The activity.
         id: u64,
+        /// The `ResultType` code.
         typ: u64,
+        /// The result's fields; their layout depends on `typ`.
         fields: Vec<Field>,
     },
 }

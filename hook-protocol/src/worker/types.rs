@@ -38,14 +38,17 @@ fn put_i64(buf: &mut BytesMut, v: i64) {
 /// How to build (`BuildMode` in `src/libstore/store-api.hh`); a u64 on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum BuildMode {
+    /// Build what is missing (0).
     #[default]
     Normal,
-    /// Trusted clients only.
+    /// Rebuild and replace corrupted paths (1). Trusted clients only.
     Repair,
+    /// Build again and compare with the existing outputs (2).
     Check,
 }
 
 impl BuildMode {
+    /// The wire code.
     pub fn code(self) -> u64 {
         match self {
             BuildMode::Normal => 0,
@@ -54,6 +57,7 @@ impl BuildMode {
         }
     }
 
+    /// The mode for a wire code.
     pub fn from_code(v: u64) -> Option<Self> {
         match v {
             0 => Some(BuildMode::Normal),
@@ -63,11 +67,13 @@ impl BuildMode {
         }
     }
 
+    /// Reads a build mode (a u64).
     pub async fn read<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Self, WireError> {
         let v = wire::read_u64(r).await?;
         BuildMode::from_code(v).ok_or_else(|| WireError::bad("build mode", v))
     }
 
+    /// Writes the build mode (a u64).
     pub fn write(self, buf: &mut BytesMut) {
         wire::put_u64(buf, self.code());
     }
@@ -85,6 +91,7 @@ pub async fn read_trusted_flag<R: AsyncRead + Unpin + ?Sized>(
     }
 }
 
+/// Writes the optional trusted flag (see [`read_trusted_flag`]).
 pub fn put_trusted_flag(buf: &mut BytesMut, v: Option<bool>) {
     wire::put_u64(
         buf,
@@ -100,11 +107,14 @@ pub fn put_trusted_flag(buf: &mut BytesMut, v: Option<bool>) {
 /// version (≥1.33) and whether it trusts us (≥1.35).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClientHandshakeInfo {
+    /// The daemon's Nix version string (≥1.33).
     pub daemon_nix_version: Option<String>,
+    /// Whether the daemon trusts the client (≥1.35; `None`: it did not say).
     pub trusted: Option<bool>,
 }
 
 impl ClientHandshakeInfo {
+    /// Reads what the daemon sends at `version`.
     pub async fn read<R: AsyncRead + Unpin + ?Sized>(
         r: &mut R,
         version: ProtocolVersion,
@@ -119,6 +129,7 @@ impl ClientHandshakeInfo {
         Ok(info)
     }
 
+    /// Writes it as a daemon would at `version`.
     pub fn write(&self, buf: &mut BytesMut, version: ProtocolVersion) {
         if version.minor() >= 33 {
             wire::put_str(buf, self.daemon_nix_version.as_deref().unwrap_or(""));
@@ -134,13 +145,17 @@ impl ClientHandshakeInfo {
 /// registrationTime, narSize`, and from 1.16 on `ultimate, sigs, ca ("" = none)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidPathInfo {
+    /// The store path described.
     pub path: StorePath,
+    /// The derivation that produced it, if known.
     pub deriver: Option<StorePath>,
     /// SHA-256 of the NAR serialisation.
     pub nar_hash: Hash,
+    /// The store paths it refers to (itself included, if it does).
     pub references: BTreeSet<StorePath>,
     /// Seconds since the epoch (`time_t`); 0 lets the receiving store pick the time.
     pub registration_time: i64,
+    /// Length of the NAR serialisation in bytes.
     pub nar_size: u64,
     /// Built locally rather than substituted. Untrusted senders have it forced to false.
     pub ultimate: bool,
@@ -232,25 +247,40 @@ impl ValidPathInfo {
 /// `BuildResult::Status`; the wire codes are the same in 2.8, 2.26 and 2.35.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BuildStatus {
+    /// 0: built.
     Built,
+    /// 1: substituted.
     Substituted,
+    /// 2: the outputs were valid already.
     AlreadyValid,
+    /// 3: the build failed (not transiently).
     PermanentFailure,
+    /// 4: an input was rejected.
     InputRejected,
+    /// 5: an output was rejected (a hash mismatch, for instance).
     OutputRejected,
+    /// 6: a failure that may be transient.
     TransientFailure,
-    /// No longer produced by Nix.
+    /// 7: no longer produced by Nix.
     CachedFailure,
+    /// 8: the build timed out.
     TimedOut,
+    /// 9: another failure.
     MiscFailure,
+    /// 10: a dependency failed.
     DependencyFailed,
+    /// 11: the build log exceeded its limit.
     LogLimitExceeded,
+    /// 12: a repeated build gave different outputs.
     NotDeterministic,
+    /// 13: the resolved derivation's outputs were valid already.
     ResolvesToAlreadyValid,
+    /// 14: no substituter could provide a path.
     NoSubstituters,
 }
 
 impl BuildStatus {
+    /// Every status, in code order.
     pub const ALL: [BuildStatus; 15] = [
         BuildStatus::Built,
         BuildStatus::Substituted,
@@ -269,10 +299,12 @@ impl BuildStatus {
         BuildStatus::NoSubstituters,
     ];
 
+    /// The wire code.
     pub fn code(self) -> u64 {
         self as u64
     }
 
+    /// The status for a wire code.
     pub fn from_code(v: u64) -> Option<Self> {
         usize::try_from(v)
             .ok()
@@ -311,6 +343,7 @@ impl BuildStatus {
         }
     }
 
+    /// The status Nix names `s`.
     pub fn from_name(s: &str) -> Option<Self> {
         BuildStatus::ALL.into_iter().find(|b| b.name() == s)
     }
@@ -330,13 +363,18 @@ impl fmt::Display for BuildStatus {
 /// and signatures travel, and both are `None`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Realisation {
+    /// The `DrvOutputId` key it came with, if any.
     pub id: Option<String>,
+    /// The output's store path.
     pub out_path: StorePath,
+    /// Signatures, `keyname:base64sig`.
     pub signatures: BTreeSet<String>,
+    /// The JSON document as received, if it came as one.
     pub json: Option<String>,
 }
 
 impl Realisation {
+    /// A realisation of `out_path` with no id, signatures or JSON.
     pub fn new(out_path: StorePath) -> Self {
         Realisation {
             id: None,
@@ -425,7 +463,9 @@ fn output_of_id(id: &str) -> Result<&str, WireError> {
 /// The result of building one derivation (`BuildResult`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildResult {
+    /// How the build ended.
     pub status: BuildStatus,
+    /// The error message of a failed build (empty otherwise).
     pub error_msg: String,
     /// ≥1.29.
     pub times_built: u64,
@@ -444,6 +484,7 @@ pub struct BuildResult {
 }
 
 impl BuildResult {
+    /// A result with `status` and everything else empty or zero.
     pub fn new(status: BuildStatus) -> Self {
         BuildResult {
             status,
@@ -458,6 +499,7 @@ impl BuildResult {
         }
     }
 
+    /// Whether the status is a success ([`BuildStatus::is_success`]).
     pub fn is_success(&self) -> bool {
         self.status.is_success()
     }
@@ -522,6 +564,7 @@ impl BuildResult {
         Ok(res)
     }
 
+    /// Encodes the form without the `realisation-with-path-not-hash` feature.
     pub fn write(&self, buf: &mut BytesMut, version: ProtocolVersion) {
         self.write_with(buf, version, false)
     }
@@ -595,6 +638,7 @@ fn put_opt_micros(buf: &mut BytesMut, v: Option<i64>) {
 /// Which outputs of a derivation are wanted.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum OutputsSpec {
+    /// Every output (`*`).
     All,
     /// Non-empty.
     Names(BTreeSet<String>),
@@ -607,9 +651,13 @@ pub enum OutputsSpec {
 /// requested. Dynamic derivations (`a.drv!out!x`) are not supported.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DerivedPath {
+    /// A store path as it is.
     Opaque(StorePath),
+    /// Outputs of a derivation.
     Built {
+        /// The `.drv`.
         drv_path: StorePath,
+        /// Which of its outputs.
         outputs: OutputsSpec,
     },
 }
@@ -645,7 +693,7 @@ impl DerivedPath {
     }
 
     /// Parses the wire string at `version`.
-    pub fn parse_wire(s: &str, version: ProtocolVersion) -> Result<Self, WireError> {
+    pub(crate) fn parse_wire(s: &str, version: ProtocolVersion) -> Result<Self, WireError> {
         let bad = |why: &str| WireError::bad("derived path", format!("{s:?}: {why}"));
         let path_of = |p: &str| StorePath::from_absolute(p).map_err(|e| bad(&e.to_string()));
         match s.split_once('!') {
@@ -683,6 +731,7 @@ impl DerivedPath {
         }
     }
 
+    /// Reads the wire string at `version`.
     pub async fn read<R: AsyncRead + Unpin + ?Sized>(
         r: &mut R,
         version: ProtocolVersion,
@@ -691,6 +740,7 @@ impl DerivedPath {
         Self::parse_wire(&s, version)
     }
 
+    /// Writes the wire string at `version`; fails for what it cannot express.
     pub fn write(&self, buf: &mut BytesMut, version: ProtocolVersion) -> Result<(), WireError> {
         wire::put_str(buf, &self.to_wire_string(version)?);
         Ok(())
@@ -710,11 +760,14 @@ impl fmt::Display for DerivedPath {
 /// A [`BuildResult`] with the [`DerivedPath`] it is for (`BuildPathsWithResults` replies).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyedBuildResult {
+    /// What was built.
     pub path: DerivedPath,
+    /// How it went.
     pub result: BuildResult,
 }
 
 impl KeyedBuildResult {
+    /// Reads the path and its result, without the `realisation-with-path-not-hash` feature.
     pub async fn read<R: AsyncRead + Unpin + ?Sized>(
         r: &mut R,
         version: ProtocolVersion,
@@ -722,6 +775,7 @@ impl KeyedBuildResult {
         Self::read_with(r, version, false).await
     }
 
+    /// Reads the path and its result; see [`BuildResult::read_with`].
     pub async fn read_with<R: AsyncRead + Unpin + ?Sized>(
         r: &mut R,
         version: ProtocolVersion,
@@ -732,10 +786,12 @@ impl KeyedBuildResult {
         Ok(KeyedBuildResult { path, result })
     }
 
+    /// Writes the path and its result, without the `realisation-with-path-not-hash` feature.
     pub fn write(&self, buf: &mut BytesMut, version: ProtocolVersion) -> Result<(), WireError> {
         self.write_with(buf, version, false)
     }
 
+    /// Writes the path and its result; see [`BuildResult::write_with`].
     pub fn write_with(
         &self,
         buf: &mut BytesMut,
@@ -756,17 +812,24 @@ impl KeyedBuildResult {
 /// substituters); other overrides are ignored with a warning.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientSettings {
+    /// `keep-failed`.
     pub keep_failed: bool,
+    /// `keep-going`.
     pub keep_going: bool,
+    /// `fallback`.
     pub try_fallback: bool,
     /// `Verbosity`: 0 error, 1 warn, 2 notice, 3 info, 4 talkative, 5 chatty, 6 debug,
     /// 7 vomit. The daemon drops log messages above it.
     pub verbosity: u64,
+    /// `max-jobs`.
     pub max_build_jobs: u64,
+    /// `max-silent-time`, seconds (0: none).
     pub max_silent_time: u64,
     /// Sent as `lvlError` (0) when true, `lvlVomit` (7) when false.
     pub verbose_build: bool,
+    /// `cores`.
     pub build_cores: u64,
+    /// `substitute`.
     pub use_substitutes: bool,
     /// Setting name → value (≥1.12).
     pub overrides: BTreeMap<String, String>,
@@ -849,14 +912,20 @@ impl ClientSettings {
 /// The `QueryMissing` reply.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Missing {
+    /// Derivations that would be built.
     pub will_build: BTreeSet<StorePath>,
+    /// Paths that would be substituted.
     pub will_substitute: BTreeSet<StorePath>,
+    /// Paths whose fate is unknown.
     pub unknown: BTreeSet<StorePath>,
+    /// Bytes to download for the substitutions.
     pub download_size: u64,
+    /// Unpacked size of the substitutions, in NAR bytes.
     pub nar_size: u64,
 }
 
 impl Missing {
+    /// Reads the reply.
     pub async fn read<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Self, WireError> {
         Ok(Missing {
             will_build: read_store_path_set(r).await?,
@@ -867,6 +936,7 @@ impl Missing {
         })
     }
 
+    /// Writes the reply as a daemon would.
     pub fn write(&self, buf: &mut BytesMut) {
         put_store_path_set(buf, &self.will_build);
         put_store_path_set(buf, &self.will_substitute);
