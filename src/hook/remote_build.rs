@@ -279,20 +279,14 @@ impl Job<'_> {
         builder: &mut RemoteStore,
         local: &mut LazyLocalDaemon,
     ) -> Result<(), Outcome> {
-        let mut inputs = BTreeSet::new();
-        for p in &self.work.inputs {
-            inputs.insert(
-                StorePath::from_absolute(p)
-                    .map_err(|e| fail(format!("bad input path from Nix {p}: {e}")))?,
-            );
-        }
+        let inputs = &self.work.inputs;
         if inputs.is_empty() {
             return Ok(());
         }
         let substitute = self.settings.builders_use_substitutes();
         let valid = builder
             .daemon
-            .query_valid_paths(&inputs, substitute, &mut |_| {})
+            .query_valid_paths(inputs, substitute, &mut |_| {})
             .await
             .map_err(|e| remote_err("asking the builder which inputs it has", e))?;
         let missing: Vec<StorePath> = inputs.difference(&valid).cloned().collect();
@@ -465,13 +459,7 @@ impl Job<'_> {
         let srcs = if self.drv.input_drvs.is_empty() {
             None
         } else {
-            Some(
-                self.work
-                    .inputs
-                    .iter()
-                    .filter_map(|p| StorePath::from_absolute(p).ok())
-                    .collect(),
-            )
+            Some(self.work.inputs.clone())
         };
         let basic = self.drv.to_basic(srcs);
         // The daemon's events only say that the builder ran; its raw output is relayed from
@@ -599,12 +587,7 @@ impl Job<'_> {
             return Ok(());
         }
         // References a builder may claim: the closure Nix sent and the derivation's outputs.
-        let mut allowed: BTreeSet<StorePath> = self
-            .work
-            .inputs
-            .iter()
-            .filter_map(|p| StorePath::from_absolute(p).ok())
-            .collect();
+        let mut allowed: BTreeSet<StorePath> = self.work.inputs.clone();
         allowed.extend(outputs.iter().cloned());
         let store_dir = Path::new(hook_protocol::store_path::STORE_DIR);
         let mut importer =
