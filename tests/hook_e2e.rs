@@ -278,6 +278,34 @@ fn failing_build_shows_the_log_and_registers_nothing() {
     }
 }
 
+/// Nix strings are bytes, and so are a `.drv`'s environment values: `substring` cuts "ÿ" after
+/// its first byte (0xc3), which is not UTF-8. Such a derivation is built on the aarch64
+/// builder like any other, the byte reaching the build unchanged (nixdock used to refuse to
+/// parse its `.drv` and decline it, so the build failed).
+#[test]
+fn derivation_with_non_utf8_env_value_builds() {
+    if !common::require_bed() {
+        return;
+    }
+    let expr = format!(
+        r#"derivation {{ name = "non-utf8"; system = "aarch64-linux"; builder = "/bin/sh";
+           args = ["-c" "printf %s \"$x\" > $out"]; x = builtins.substring 0 1 "ÿ";
+           nonce = "{}"; }}"#,
+        nonce()
+    );
+    let drv = instantiate(&expr);
+    let bytes = std::fs::read(&drv).unwrap();
+    assert!(std::str::from_utf8(&bytes).is_err(), "{drv} is UTF-8");
+    let o = nix_build(&expr, &with_hook(&[]), &[]);
+    let out = out_path(&o);
+    assert_eq!(std::fs::read(&out).unwrap(), b"\xc3");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("nixdock-aarch64-linux"),
+        "{}",
+        text(&o)
+    );
+}
+
 #[test]
 fn feature_no_builder_has_is_declined_with_a_reason() {
     if !common::require_bed() {
