@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hook_protocol::derivation::Derivation;
+use hook_protocol::hash::HashAlgo;
 use hook_protocol::hook::{AcceptedWork, Settings};
 use hook_protocol::nar::{DumpOptions, dump_path_unhashed};
 use hook_protocol::store_path::StorePath;
@@ -631,24 +632,16 @@ impl Job<'_> {
             infos.len() as u64,
             infos.iter().map(|(_, i, _)| i.nar_size).sum(),
         );
-        for (p, info, ca) in infos {
-            let mut digest = [0u8; 32];
-            let d = info.nar_hash.digest();
-            if d.len() != 32 {
+        for (p, mut info, ca) in infos {
+            if info.nar_hash.algo() != HashAlgo::Sha256 {
                 return Err(fail(format!(
                     "output {p}: the builder's NAR hash is not SHA-256"
                 )));
             }
-            digest.copy_from_slice(d);
-            let pi = PathInfo {
-                path: p.to_absolute(),
-                deriver: Some(self.drv_path.to_absolute()),
-                nar_hash_sha256: digest,
-                nar_size: info.nar_size,
-                references: info.references.iter().map(|r| r.to_absolute()).collect(),
-                ca,
-            };
-            let mut path_progress = progress.path(&p.to_absolute(), info.nar_size);
+            let nar_size = info.nar_size;
+            info.deriver = Some(self.drv_path.clone());
+            let pi = PathInfo { info, ca };
+            let mut path_progress = progress.path(&p.to_absolute(), nar_size);
             let daemon = &mut *daemon;
             let machine = &self.machine;
             let fetch = |mut w: tokio::io::DuplexStream| {
