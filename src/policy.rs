@@ -127,17 +127,36 @@ pub fn any_static_serves<'m>(
     })
 }
 
-pub fn decide(
-    req: &TryRequest,
-    settings: &Settings,
-    offload_local: bool,
-    pool: &Pool<'_>,
-) -> Decision {
+/// What the calling Nix could do with a `try` itself, answered once per `try` and passed to
+/// everything that asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Host {
+    /// Its `system`/`extra-platforms` and `system-features` cover the derivation
+    /// ([`host_can_build`]).
+    pub can_build: bool,
+    /// `max-jobs = 0`: it builds nothing itself.
+    pub max_jobs_zero: bool,
+}
+
+impl Host {
+    pub fn of(req: &TryRequest, settings: &Settings) -> Host {
+        Host {
+            can_build: host_can_build(req, settings),
+            max_jobs_zero: settings.max_jobs() == Some(0),
+        }
+    }
+
+    /// The parent builds the derivation itself if the hook declines it.
+    pub fn builds_it(self) -> bool {
+        self.can_build && !self.max_jobs_zero
+    }
+}
+
+pub fn decide(req: &TryRequest, host: Host, offload_local: bool, pool: &Pool<'_>) -> Decision {
     let served = pool.docker;
-    let max_jobs_zero = settings.max_jobs() == Some(0);
-    let local = host_can_build(req, settings);
+    let local = host.can_build;
     let statics = pool.static_candidates(req);
-    if local && !max_jobs_zero && !offload_local {
+    if host.builds_it() && !offload_local {
         // Like Nix's hook: a free remote machine first, else the host.
         if statics.is_empty() || req.required_features.contains(CA_DERIVATIONS) {
             return Decision::DeclineLocal;
@@ -255,7 +274,9 @@ mod tests {
         TryRequest {
             am_willing: true,
             needed_system: system.into(),
-            drv_path: "/nix/store/00000000000000000000000000000000-x.drv".into(),
+            drv_path: "/nix/store/00000000000000000000000000000000-x.drv"
+                .parse()
+                .unwrap(),
             required_features: features.iter().map(|s| s.to_string()).collect(),
         }
     }
@@ -269,7 +290,7 @@ mod tests {
     ) -> Decision {
         decide(
             req,
-            settings,
+            Host::of(req, settings),
             offload,
             &Pool {
                 docker: served,
@@ -296,7 +317,7 @@ mod tests {
         let busy: std::collections::HashMap<Target, u32> = busy.iter().copied().collect();
         decide(
             req,
-            &settings(max_jobs),
+            Host::of(req, &settings(max_jobs)),
             false,
             &Pool {
                 docker: served,

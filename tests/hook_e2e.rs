@@ -278,6 +278,108 @@ fn failing_build_shows_the_log_and_registers_nothing() {
     }
 }
 
+/// Nix strings are bytes, and so are a `.drv`'s environment values: `substring` cuts "ÿ" after
+/// its first byte (0xc3), which is not UTF-8. Such a derivation is built on the aarch64
+/// builder like any other, the byte reaching the build unchanged (nixdock used to refuse to
+/// parse its `.drv` and decline it, so the build failed).
+#[test]
+fn derivation_with_non_utf8_env_value_builds() {
+    if !common::require_bed() {
+        return;
+    }
+    let expr = format!(
+        r#"derivation {{ name = "non-utf8"; system = "aarch64-linux"; builder = "/bin/sh";
+           args = ["-c" "printf %s \"$x\" > $out"]; x = builtins.substring 0 1 "ÿ";
+           nonce = "{}"; }}"#,
+        nonce()
+    );
+    let drv = instantiate(&expr);
+    let bytes = std::fs::read(&drv).unwrap();
+    assert!(std::str::from_utf8(&bytes).is_err(), "{drv} is UTF-8");
+    let o = nix_build(&expr, &with_hook(&[]), &[]);
+    let out = out_path(&o);
+    assert_eq!(std::fs::read(&out).unwrap(), b"\xc3");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("nixdock-aarch64-linux"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// The hook as a fake parent drives it: a bad store path among the inputs Nix sends after
+/// `# accept` is an error naming it, at once (the builder is not even started), not a path
+/// silently left out of the build's inputs and allowed references.
+#[test]
+fn bad_input_path_after_accept_is_an_error_naming_it() {
+    use std::io::{BufRead, BufReader, Write};
+    if !common::require_bed() {
+        return;
+    }
+    let i = install();
+    let drv = instantiate(&drv_expr("bad-input", "aarch64-linux", "echo > $out"));
+    let mut child = Command::new(HOOK)
+        .arg("3")
+        .env("NIXDOCK_CONFIG", &i.config)
+        .env("NIXDOCK_STATE_DIR", &i.state)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Every wait below ends: the hook is killed after two minutes whatever happens.
+    // (It is not yet reaped then, so the pid is still its own.)
+    let pid = child.id();
+    let (done, done_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            done_rx.recv_timeout(Duration::from_secs(120))
+        {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    let mut buf = bytes::BytesMut::new();
+    hook_protocol::hook::Settings(
+        [("system", "x86_64-linux"), ("max-jobs", "0")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+    .write(&mut buf);
+    hook_protocol::hook::TryRequest {
+        am_willing: false,
+        needed_system: "aarch64-linux".into(),
+        drv_path: drv.parse().unwrap(),
+        required_features: Default::default(),
+    }
+    .write(&mut buf);
+    stdin.write_all(&buf).unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "no reply: {seen}");
+        seen.push_str(&line);
+        if line == "# accept\n" {
+            break;
+        }
+    }
+    let bad = "/nix/store/not-a-store-path";
+    let mut buf = bytes::BytesMut::new();
+    hook_protocol::wire::put_u64(&mut buf, 1);
+    hook_protocol::wire::put_str(&mut buf, bad);
+    hook_protocol::wire::put_strings(&mut buf, ["out"]);
+    stdin.write_all(&buf).unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    drop(done);
+    assert_eq!(status.code(), Some(1), "{seen}{rest}");
+    assert!(rest.contains(bad), "{seen}{rest}");
+    assert!(rest.contains("input path"), "{seen}{rest}");
+}
+
 #[test]
 fn feature_no_builder_has_is_declined_with_a_reason() {
     if !common::require_bed() {

@@ -32,7 +32,9 @@ fn hook_stdin() -> Vec<u8> {
     TryRequest {
         am_willing: true,
         needed_system: "s390x-linux".into(),
-        drv_path: "/nix/store/00000000000000000000000000000000-state-dir-test.drv".into(),
+        drv_path: "/nix/store/00000000000000000000000000000000-state-dir-test.drv"
+            .parse()
+            .unwrap(),
         required_features: Default::default(),
     }
     .write(&mut buf);

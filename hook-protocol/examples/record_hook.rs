@@ -184,7 +184,7 @@ async fn run(fds: String) {
             Err(e) => panic!("reading a request: {e}"),
         };
         if emit {
-            emit_samples(&ids, &req.drv_path);
+            emit_samples(&ids, &req.drv_path.to_absolute());
         }
         let accept = match mode.as_str() {
             "decline" => false,

@@ -22,7 +22,9 @@
 //! re-serialises identically. `DrvWithVersion(…)` (experimental dynamic derivations) is
 //! rejected.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 
 use bytes::BytesMut;
 use nom::bytes::complete::tag;
@@ -38,6 +40,120 @@ use crate::store_path::{
     self, ContentAddressMethod, StorePath, StorePathError, make_fixed_output_path,
 };
 use crate::wire::{self, WireError};
+
+/// Text a derivation may hold as arbitrary bytes: its builder, arguments and environment
+/// values, and a whole `.drv`. Nix strings are byte strings, so these need not be UTF-8 (a
+/// `builtins.readFile` of a binary file, a `substring` through a multi-byte character); store
+/// paths, output names and the platform stay validated text.
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ByteString(Vec<u8>);
+
+impl ByteString {
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The bytes, owned.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+
+    /// The text, if it is UTF-8.
+    pub fn to_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.0).ok()
+    }
+
+    /// The text with invalid UTF-8 replaced by U+FFFD, for messages.
+    pub fn to_string_lossy(&self) -> Cow<'_, str> {
+        String::from_utf8_lossy(&self.0)
+    }
+}
+
+impl From<Vec<u8>> for ByteString {
+    fn from(b: Vec<u8>) -> Self {
+        ByteString(b)
+    }
+}
+
+impl From<&[u8]> for ByteString {
+    fn from(b: &[u8]) -> Self {
+        ByteString(b.to_vec())
+    }
+}
+
+impl From<String> for ByteString {
+    fn from(s: String) -> Self {
+        ByteString(s.into_bytes())
+    }
+}
+
+impl From<&str> for ByteString {
+    fn from(s: &str) -> Self {
+        ByteString(s.as_bytes().to_vec())
+    }
+}
+
+impl std::ops::Deref for ByteString {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for ByteString {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Lossy, for messages.
+impl fmt::Display for ByteString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_string_lossy())
+    }
+}
+
+/// As a string literal when UTF-8, else with the bytes escaped (`\xff`).
+impl fmt::Debug for ByteString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.to_str() {
+            Some(s) => fmt::Debug::fmt(s, f),
+            None => write!(f, "b\"{}\"", self.0.escape_ascii()),
+        }
+    }
+}
+
+impl PartialEq<str> for ByteString {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+
+impl PartialEq<&str> for ByteString {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+
+impl PartialEq<String> for ByteString {
+    fn eq(&self, other: &String) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+
+impl PartialEq<ByteString> for String {
+    fn eq(&self, other: &ByteString) -> bool {
+        self.as_bytes() == other.0
+    }
+}
+
+impl PartialEq<ByteString> for &str {
+    fn eq(&self, other: &ByteString) -> bool {
+        self.as_bytes() == other.0
+    }
+}
 
 /// One output as written in the ATerm and on the wire: the three raw strings.
 ///
@@ -184,11 +300,12 @@ pub struct Derivation {
     /// The system it builds on (`x86_64-linux`, …).
     pub platform: String,
     /// The program that builds it.
-    pub builder: String,
+    pub builder: ByteString,
     /// The builder's arguments.
-    pub args: Vec<String>,
-    /// The builder's environment.
-    pub env: BTreeMap<String, String>,
+    pub args: Vec<ByteString>,
+    /// The builder's environment: names are text (Nix attribute names in practice), values
+    /// any bytes.
+    pub env: BTreeMap<String, ByteString>,
 }
 
 /// What a builder gets: a derivation without its input derivations (`writeDerivation` /
@@ -202,11 +319,12 @@ pub struct BasicDerivation {
     /// The system it builds on.
     pub platform: String,
     /// The program that builds it.
-    pub builder: String,
+    pub builder: ByteString,
     /// The builder's arguments.
-    pub args: Vec<String>,
-    /// The builder's environment.
-    pub env: BTreeMap<String, String>,
+    pub args: Vec<ByteString>,
+    /// The builder's environment: names are text (Nix attribute names in practice), values
+    /// any bytes.
+    pub env: BTreeMap<String, ByteString>,
 }
 
 /// Why a `.drv` could not be parsed.
@@ -323,9 +441,27 @@ fn lit<'a>(
     context(expected, tag(t.as_bytes()))
 }
 
-/// A quoted string. Fails softly if there is no opening quote (so a list can end there), hard
-/// on anything wrong after it.
+/// A quoted string that must be UTF-8 (paths, names, the platform).
 fn string(i: &[u8]) -> Res<'_, String> {
+    let (rest, b) = bytes_string(i)?;
+    match String::from_utf8(b) {
+        Ok(v) => Ok((rest, v)),
+        Err(_) => Err(nom::Err::Failure(PErr {
+            at: &i[1..],
+            kind: PErrKind::NotUtf8,
+        })),
+    }
+}
+
+/// A quoted string of any bytes (builder, args, env values).
+fn byte_string(i: &[u8]) -> Res<'_, ByteString> {
+    let (rest, b) = bytes_string(i)?;
+    Ok((rest, ByteString(b)))
+}
+
+/// A quoted string, unescaped. Fails softly if there is no opening quote (so a list can end
+/// there), hard on anything wrong after it.
+fn bytes_string(i: &[u8]) -> Res<'_, Vec<u8>> {
     let Some(s) = i.strip_prefix(b"\"") else {
         return Err(nom::Err::Error(PErr {
             at: i,
@@ -360,14 +496,7 @@ fn string(i: &[u8]) -> Res<'_, String> {
         });
         j += 2;
     }
-    let rest = &s[j + 1..];
-    match String::from_utf8(out) {
-        Ok(v) => Ok((rest, v)),
-        Err(_) => Err(nom::Err::Failure(PErr {
-            at: s,
-            kind: PErrKind::NotUtf8,
-        })),
-    }
+    Ok((&s[j + 1..], out))
 }
 
 /// `[item,item,…]`.
@@ -423,10 +552,10 @@ fn input_drv(i: &[u8]) -> Res<'_, (String, Vec<String>)> {
 }
 
 /// `("key","value")`
-fn env_pair(i: &[u8]) -> Res<'_, (String, String)> {
+fn env_pair(i: &[u8]) -> Res<'_, (String, ByteString)> {
     let (i, _) = lit("(", "'('").parse(i)?;
     let (i, k) = cut(string).parse(i)?;
-    let (i, v) = comma(string).parse(i)?;
+    let (i, v) = comma(byte_string).parse(i)?;
     let (i, _) = cut(lit(")", "')'")).parse(i)?;
     Ok((i, (k, v)))
 }
@@ -436,9 +565,9 @@ type RawDrv = (
     Vec<(String, Vec<String>)>,
     Vec<String>,
     String,
-    String,
-    Vec<String>,
-    Vec<(String, String)>,
+    ByteString,
+    Vec<ByteString>,
+    Vec<(String, ByteString)>,
 );
 
 fn aterm(i: &[u8]) -> Res<'_, RawDrv> {
@@ -447,8 +576,8 @@ fn aterm(i: &[u8]) -> Res<'_, RawDrv> {
     let (i, input_drvs) = comma(list(input_drv)).parse(i)?;
     let (i, input_srcs) = comma(list(string)).parse(i)?;
     let (i, platform) = comma(string).parse(i)?;
-    let (i, builder) = comma(string).parse(i)?;
-    let (i, args) = comma(list(string)).parse(i)?;
+    let (i, builder) = comma(byte_string).parse(i)?;
+    let (i, args) = comma(list(byte_string)).parse(i)?;
     let (i, env) = comma(list(env_pair)).parse(i)?;
     let (i, _) = cut(lit(")", "')'")).parse(i)?;
     Ok((
@@ -514,17 +643,17 @@ fn set_unique<T: Ord + ToString>(
 // ----------------------------------------------------------------------------------------------
 // Writer
 
-fn push_unquoted(out: &mut String, s: &str) {
-    out.push('"');
-    out.push_str(s);
-    out.push('"');
+fn push_unquoted(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
 }
 
 /// Nix's `printString`.
-fn push_escaped(out: &mut String, s: &str) {
-    out.push('"');
+fn push_escaped(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(b'"');
     let mut start = 0;
-    for (k, c) in s.bytes().enumerate() {
+    for (k, &c) in s.iter().enumerate() {
         let esc = match c {
             b'"' => "\\\"",
             b'\\' => "\\\\",
@@ -533,40 +662,43 @@ fn push_escaped(out: &mut String, s: &str) {
             b'\t' => "\\t",
             _ => continue,
         };
-        out.push_str(&s[start..k]);
-        out.push_str(esc);
+        out.extend_from_slice(&s[start..k]);
+        out.extend_from_slice(esc.as_bytes());
         start = k + 1;
     }
-    out.push_str(&s[start..]);
-    out.push('"');
+    out.extend_from_slice(&s[start..]);
+    out.push(b'"');
 }
 
 fn push_list<T>(
-    out: &mut String,
+    out: &mut Vec<u8>,
     items: impl IntoIterator<Item = T>,
-    mut f: impl FnMut(&mut String, T),
+    mut f: impl FnMut(&mut Vec<u8>, T),
 ) {
-    out.push('[');
+    out.push(b'[');
     for (k, x) in items.into_iter().enumerate() {
         if k > 0 {
-            out.push(',');
+            out.push(b',');
         }
         f(out, x);
     }
-    out.push(']');
+    out.push(b']');
 }
 
 // ----------------------------------------------------------------------------------------------
 // Options read from the environment / structured attributes
 
-fn structured_attrs(env: &BTreeMap<String, String>) -> Option<serde_json::Value> {
+fn structured_attrs(env: &BTreeMap<String, ByteString>) -> Option<serde_json::Value> {
     let j = env.get("__json")?;
     // An unparsable `__json` makes Nix fail the build; here it counts as an empty object.
-    Some(serde_json::from_str(j).unwrap_or(serde_json::Value::Object(Default::default())))
+    Some(
+        serde_json::from_slice(j.as_bytes())
+            .unwrap_or(serde_json::Value::Object(Default::default())),
+    )
 }
 
 fn required_system_features(
-    env: &BTreeMap<String, String>,
+    env: &BTreeMap<String, ByteString>,
     outputs: &BTreeMap<String, DerivationOutput>,
 ) -> BTreeSet<String> {
     let mut res: BTreeSet<String> = match structured_attrs(env) {
@@ -582,10 +714,12 @@ fn required_system_features(
         None => env
             .get("requiredSystemFeatures")
             .map(|s| {
-                // `tokenizeString` with its default separators.
-                s.split([' ', '\t', '\n', '\r'])
+                // `tokenizeString` with its default separators. A feature that is not UTF-8
+                // is kept (lossily) so that no builder claims to offer it.
+                s.as_bytes()
+                    .split(|c| b" \t\n\r".contains(c))
                     .filter(|w| !w.is_empty())
-                    .map(str::to_string)
+                    .map(|w| String::from_utf8_lossy(w).into_owned())
                     .collect()
             })
             .unwrap_or_default(),
@@ -598,15 +732,15 @@ fn required_system_features(
     res
 }
 
-fn prefer_local_build(env: &BTreeMap<String, String>) -> bool {
+fn prefer_local_build(env: &BTreeMap<String, ByteString>) -> bool {
     match structured_attrs(env) {
         Some(attrs) => attrs.get("preferLocalBuild").and_then(|v| v.as_bool()) == Some(true),
         None => env.get("preferLocalBuild").is_some_and(|v| v == "1"),
     }
 }
 
-fn is_builtin(builder: &str) -> bool {
-    builder.starts_with("builtin:")
+fn is_builtin(builder: &ByteString) -> bool {
+    builder.as_bytes().starts_with(b"builtin:")
 }
 
 impl Derivation {
@@ -614,7 +748,9 @@ impl Derivation {
     pub fn parse(bytes: &[u8]) -> Result<Derivation, DrvError> {
         let offset = |at: &[u8]| bytes.len() - at.len();
         if let Some(rest) = bytes.strip_prefix(b"DrvWithVersion(") {
-            let version = string(rest).map(|(_, v)| v).unwrap_or_default();
+            let version = bytes_string(rest)
+                .map(|(_, v)| String::from_utf8_lossy(&v).into_owned())
+                .unwrap_or_default();
             return Err(DrvError::UnsupportedVersion(version));
         }
         let (rest, raw) = aterm(bytes).map_err(|e| match e {
@@ -687,46 +823,46 @@ impl Derivation {
     }
 
     /// The ATerm, byte for byte as Nix's `Derivation::unparse(store, false)` writes it.
-    pub fn to_aterm(&self) -> String {
-        let mut s = String::with_capacity(4096);
-        s.push_str("Derive(");
+    pub fn to_aterm(&self) -> ByteString {
+        let mut s = Vec::with_capacity(4096);
+        s.extend_from_slice(b"Derive(");
         push_list(&mut s, &self.outputs, |s, (name, o)| {
-            s.push('(');
+            s.push(b'(');
             push_unquoted(s, name);
             for f in [&o.path, &o.hash_algo, &o.hash] {
-                s.push(',');
+                s.push(b',');
                 push_unquoted(s, f);
             }
-            s.push(')');
+            s.push(b')');
         });
-        s.push(',');
+        s.push(b',');
         push_list(&mut s, &self.input_drvs, |s, (path, outs)| {
-            s.push('(');
+            s.push(b'(');
             push_unquoted(s, &path.to_absolute());
-            s.push(',');
+            s.push(b',');
             push_list(s, outs, |s, o| push_unquoted(s, o));
-            s.push(')');
+            s.push(b')');
         });
-        s.push(',');
+        s.push(b',');
         push_list(&mut s, &self.input_srcs, |s, p| {
             push_unquoted(s, &p.to_absolute())
         });
-        s.push(',');
+        s.push(b',');
         push_unquoted(&mut s, &self.platform);
-        s.push(',');
-        push_escaped(&mut s, &self.builder);
-        s.push(',');
-        push_list(&mut s, &self.args, |s, a| push_escaped(s, a));
-        s.push(',');
+        s.push(b',');
+        push_escaped(&mut s, self.builder.as_bytes());
+        s.push(b',');
+        push_list(&mut s, &self.args, |s, a| push_escaped(s, a.as_bytes()));
+        s.push(b',');
         push_list(&mut s, &self.env, |s, (k, v)| {
-            s.push('(');
-            push_escaped(s, k);
-            s.push(',');
-            push_escaped(s, v);
-            s.push(')');
+            s.push(b'(');
+            push_escaped(s, k.as_bytes());
+            s.push(b',');
+            push_escaped(s, v.as_bytes());
+            s.push(b')');
         });
-        s.push(')');
-        s
+        s.push(b')');
+        ByteString(s)
     }
 
     /// The path Nix stores this derivation at (`writeDerivation`): a text-hashed path named
@@ -786,9 +922,16 @@ impl BasicDerivation {
         }
         store_path::put_store_path_set(buf, &self.input_srcs);
         wire::put_str(buf, &self.platform);
-        wire::put_str(buf, &self.builder);
-        wire::put_strings(buf, &self.args);
-        wire::put_string_map(buf, &self.env);
+        wire::put_bytes(buf, self.builder.as_bytes());
+        wire::put_u64(buf, self.args.len() as u64);
+        for a in &self.args {
+            wire::put_bytes(buf, a.as_bytes());
+        }
+        wire::put_u64(buf, self.env.len() as u64);
+        for (k, v) in &self.env {
+            wire::put_str(buf, k);
+            wire::put_bytes(buf, v.as_bytes());
+        }
     }
 
     /// Reads the wire form (`readDerivation`), validating each output as Nix does.
@@ -820,9 +963,18 @@ impl BasicDerivation {
         }
         let input_srcs = store_path::read_store_path_set(r).await?;
         let platform = wire::read_string(r).await?;
-        let builder = wire::read_string(r).await?;
-        let args = wire::read_string_list(r).await?;
-        let env = wire::read_string_map(r).await?;
+        let builder = ByteString(wire::read_bytes(r).await?);
+        let n = wire::read_len(r, "list", wire::MAX_COLLECTION_LEN).await?;
+        let mut args = Vec::with_capacity(n.min(1024) as usize);
+        for _ in 0..n {
+            args.push(ByteString(wire::read_bytes(r).await?));
+        }
+        let n = wire::read_len(r, "map", wire::MAX_COLLECTION_LEN).await?;
+        let mut env = BTreeMap::new();
+        for _ in 0..n {
+            let k = wire::read_string(r).await?;
+            env.insert(k, ByteString(wire::read_bytes(r).await?));
+        }
         Ok(BasicDerivation {
             outputs,
             input_srcs,

@@ -21,6 +21,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::store_path::{self, StorePath};
 use crate::wire::{self, WireError};
 
 /// Most settings accepted in one preamble. Nix 2.8 sends about 90 and 2.26 about 150; the limit
@@ -254,8 +255,8 @@ pub struct TryRequest {
     pub am_willing: bool,
     /// The derivation's `system` (e.g. `aarch64-linux`, or `builtin`).
     pub needed_system: String,
-    /// Full path of the `.drv` in the parent's store, as printed by the parent.
-    pub drv_path: String,
+    /// The `.drv` in the parent's store; read as its full printed path and parsed once here.
+    pub drv_path: StorePath,
     /// `requiredSystemFeatures` (plus `ca-derivations` for floating-CA derivations).
     pub required_features: BTreeSet<String>,
 }
@@ -266,9 +267,19 @@ impl TryRequest {
         wire::put_str(buf, "try");
         wire::put_bool(buf, self.am_willing);
         wire::put_str(buf, &self.needed_system);
-        wire::put_str(buf, &self.drv_path);
+        store_path::put_store_path(buf, &self.drv_path);
         wire::put_strings(buf, &self.required_features);
     }
+}
+
+/// Reads a full store path; an invalid one is [`WireError::BadValue`] naming `what` and the
+/// whole path.
+async fn read_path<R: AsyncRead + Unpin>(
+    r: &mut R,
+    what: &'static str,
+) -> Result<StorePath, WireError> {
+    let s = wire::read_string(r).await?;
+    StorePath::from_absolute(&s).map_err(|e| WireError::bad(what, format!("'{s}' ({e})")))
 }
 
 /// Reads a u64, or `None` if the stream ends before its first byte.
@@ -317,7 +328,7 @@ pub async fn read_request<R: AsyncRead + Unpin>(r: &mut R) -> Result<HookRequest
     }
     let am_willing = wire::read_bool(r).await?;
     let needed_system = wire::read_string(r).await?;
-    let drv_path = wire::read_string(r).await?;
+    let drv_path = read_path(r, "derivation path").await?;
     let required_features = wire::read_string_set(r).await?;
     Ok(HookRequest::Try(TryRequest {
         am_willing,
@@ -379,8 +390,9 @@ pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> std
 /// What the parent sends after `# accept`, just before closing the pipe.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AcceptedWork {
-    /// The input closure to copy to the builder: full store paths, without the `.drv` files.
-    pub inputs: BTreeSet<String>,
+    /// The input closure to copy to the builder (without the `.drv` files), each path parsed
+    /// once here.
+    pub inputs: BTreeSet<StorePath>,
     /// Output *names* whose paths are not valid yet (all outputs under `--check`). The stock
     /// hook calls them `wantedOutputs`.
     pub wanted_outputs: BTreeSet<String>,
@@ -389,14 +401,18 @@ pub struct AcceptedWork {
 impl AcceptedWork {
     /// Encodes the data as the parent does (for tests and fake parents).
     pub fn write(&self, buf: &mut BytesMut) {
-        wire::put_strings(buf, &self.inputs);
+        store_path::put_store_path_set(buf, &self.inputs);
         wire::put_strings(buf, &self.wanted_outputs);
     }
 }
 
 /// Reads the post-accept data: a store path set, then a string set of output names.
 pub async fn read_accepted<R: AsyncRead + Unpin>(r: &mut R) -> Result<AcceptedWork, WireError> {
-    let inputs = wire::read_string_set(r).await?;
+    let n = wire::read_len(r, "input path set", wire::MAX_COLLECTION_LEN).await?;
+    let mut inputs = BTreeSet::new();
+    for _ in 0..n {
+        inputs.insert(read_path(r, "input path").await?);
+    }
     let wanted_outputs = wire::read_string_set(r).await?;
     Ok(AcceptedWork {
         inputs,

@@ -189,7 +189,67 @@ impl ResultType {
     }
 }
 
-/// One element of an activity's or result's `fields`: Nix accepts only these two kinds.
+/// A type code a peer sent: one this crate knows, or a number from a newer Nix, kept as it is
+/// (never an error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Code<T> {
+    /// A code this crate knows.
+    Known(T),
+    /// A code it does not (a newer Nix's), as sent.
+    Unknown(u64),
+}
+
+/// The type codes [`Code`] wraps.
+pub trait TypeCode: Copy {
+    /// The value for a numeric code, if it is one of these.
+    fn from_code(code: u64) -> Option<Self>;
+    /// The numeric code Nix uses.
+    fn code(self) -> u64;
+}
+
+impl TypeCode for ActivityType {
+    fn from_code(code: u64) -> Option<Self> {
+        ActivityType::from_code(code)
+    }
+
+    fn code(self) -> u64 {
+        ActivityType::code(self)
+    }
+}
+
+impl TypeCode for ResultType {
+    fn from_code(code: u64) -> Option<Self> {
+        ResultType::from_code(code)
+    }
+
+    fn code(self) -> u64 {
+        ResultType::code(self)
+    }
+}
+
+impl<T: TypeCode> Code<T> {
+    /// Wraps a code a peer sent, known or not.
+    pub fn from_code(code: u64) -> Code<T> {
+        T::from_code(code).map_or(Code::Unknown(code), Code::Known)
+    }
+
+    /// The numeric code, as sent.
+    pub fn code(self) -> u64 {
+        match self {
+            Code::Known(t) => t.code(),
+            Code::Unknown(c) => c,
+        }
+    }
+}
+
+impl<T> From<T> for Code<T> {
+    fn from(t: T) -> Self {
+        Code::Known(t)
+    }
+}
+
+/// One element of an activity's or result's `fields` (in `@nix` lines and in the daemon's
+/// stderr messages alike): Nix has only these two kinds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Field {
     /// A non-negative integer.

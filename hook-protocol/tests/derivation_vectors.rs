@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use bytes::BytesMut;
-use hook_protocol::derivation::{BasicDerivation, Derivation, DerivationOutput, DrvError};
+use hook_protocol::derivation::{
+    BasicDerivation, ByteString, Derivation, DerivationOutput, DrvError,
+};
 use hook_protocol::hash::Hash;
 use hook_protocol::store_path::{ContentAddressMethod, STORE_DIR, StorePath};
 use hook_protocol::wire::{self, WireError};
@@ -89,7 +91,7 @@ fn upstream_drv_vectors_parse_and_reserialise_identically() {
             } else {
                 assert_eq!(
                     out,
-                    String::from_utf8_lossy(&bytes),
+                    ByteString::from(bytes.clone()),
                     "{version}/{file} did not re-serialise byte-identically"
                 );
             }
@@ -169,11 +171,15 @@ fn compare_output(o: &DerivationOutput, j: &Value, ctx: &str) {
 
 fn compare_with_json(drv: &Derivation, j: &Value, ctx: &str) {
     assert_eq!(j["system"], drv.platform, "{ctx}: system");
-    assert_eq!(j["builder"], drv.builder, "{ctx}: builder");
+    assert_eq!(j["builder"], drv.builder.to_string(), "{ctx}: builder");
     let args: Vec<String> = serde_json::from_value(j["args"].clone()).unwrap();
     assert_eq!(args, drv.args, "{ctx}: args");
     let env: BTreeMap<String, String> = serde_json::from_value(j["env"].clone()).unwrap();
-    let mut our_env = drv.env.clone();
+    let mut our_env: BTreeMap<String, String> = drv
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_string()))
+        .collect();
     // JSON version 4 (2.35) moves `__json` out of the env into a `structuredAttrs` object.
     if let Some(sa) = j.get("structuredAttrs") {
         let ours: Value = serde_json::from_str(&our_env.remove("__json").unwrap()).unwrap();
@@ -369,7 +375,7 @@ fn check_store_drv(path: &StorePath, bytes: &[u8]) -> Derivation {
     let drv = Derivation::parse(bytes).unwrap_or_else(|e| panic!("{path}: {e}"));
     assert_eq!(
         drv.to_aterm(),
-        String::from_utf8_lossy(bytes),
+        ByteString::from(bytes),
         "{path} did not re-serialise byte-identically"
     );
     let name = path.derivation_name().unwrap();
@@ -548,6 +554,24 @@ newline"],[("k","\x\"")])"#,
     );
 }
 
+/// Nix strings are bytes: a builder, argument or environment value that is not UTF-8 parses,
+/// re-serialises byte for byte and goes over the wire unchanged (such a derivation used to be
+/// refused as "not valid UTF-8", and so never built by nixdock).
+#[test]
+fn non_utf8_builder_args_and_env_values_are_kept_as_bytes() {
+    let text: &[u8] = b"Derive([(\"out\",\"/nix/store/g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo\",\"\",\"\")],[],[],\"s\",\"/bin/\xff\",[\"-c\",\"a\xc3\"],[(\"k\",\"\xff\\n\xfe\")])";
+    let d = Derivation::parse(text).unwrap();
+    assert_eq!(d.builder.as_bytes(), b"/bin/\xff");
+    assert_eq!(d.args[1].as_bytes(), b"a\xc3");
+    assert_eq!(d.env["k"].as_bytes(), b"\xff\n\xfe");
+    assert_eq!(d.to_aterm().as_bytes(), text);
+    let b = d.to_basic(None);
+    let mut buf = BytesMut::new();
+    b.write(&mut buf);
+    let back = rt().block_on(BasicDerivation::read(&mut &buf[..])).unwrap();
+    assert_eq!(back, b);
+}
+
 #[test]
 fn rejects_malformed() {
     let p = "/nix/store/g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo";
@@ -587,8 +611,9 @@ fn rejects_malformed() {
             .to_string();
         assert!(err.contains(want), "{text:?}: error {err:?} lacks {want:?}");
     }
-    let err = Derivation::parse(b"Derive([],[],[],\"s\",\"\xff\",[],[])").unwrap_err();
-    assert!(matches!(err, DrvError::NotUtf8 { offset: 21 }), "{err:?}");
+    // Paths, names and the platform are text; the builder, args and env values are not.
+    let err = Derivation::parse(b"Derive([],[],[],\"\xff\",\"b\",[],[])").unwrap_err();
+    assert!(matches!(err, DrvError::NotUtf8 { offset: 17 }), "{err:?}");
     let err = Derivation::parse(b"Derive([],[],[],\"s\",\"b\",[],[]]").unwrap_err();
     assert_eq!(
         err,
@@ -838,7 +863,12 @@ prop_compose! {
         args in proptest::collection::vec(arb_text(), 0..4),
         env in proptest::collection::btree_map(arb_text(), arb_text(), 0..6),
     ) -> Derivation {
-        Derivation { outputs, input_drvs, input_srcs, platform, builder, args, env }
+        Derivation {
+            outputs, input_drvs, input_srcs, platform,
+            builder: builder.into(),
+            args: args.into_iter().map(ByteString::from).collect(),
+            env: env.into_iter().map(|(k, v)| (k, v.into())).collect(),
+        }
     }
 }
 

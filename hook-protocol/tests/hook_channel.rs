@@ -12,6 +12,7 @@ use hook_protocol::hook::{
 use hook_protocol::log::{
     ActivityIds, ActivityType, Field, LogLine, LogParseError, ResultType, Verbosity,
 };
+use hook_protocol::store_path::StorePath;
 use hook_protocol::wire::WireError;
 use proptest::prelude::*;
 
@@ -38,6 +39,10 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
+}
+
+fn paths(items: &[&str]) -> BTreeSet<StorePath> {
+    items.iter().map(|s| s.parse().unwrap()).collect()
 }
 
 fn features_of(drv: &str) -> BTreeSet<String> {
@@ -98,7 +103,7 @@ fn check_reencode(version: &str, run: &str, s: &Settings) {
 }
 
 fn check_accepted(work: &AcceptedWork) {
-    assert_eq!(work.inputs, set(&[INPUT]));
+    assert_eq!(work.inputs, paths(&[INPUT]));
     assert_eq!(work.wanted_outputs, set(&["dev", "out"]));
     let mut b = BytesMut::new();
     work.write(&mut b);
@@ -117,7 +122,7 @@ async fn accepted_transcripts_parse_completely() {
         let t = expect_try(read_request(&mut r).await.unwrap());
         assert!(!t.am_willing, "{version}: max-jobs 0 means not willing");
         assert_eq!(t.needed_system, "x86_64-linux");
-        assert_eq!(t.drv_path, ACCEPT_DRV);
+        assert_eq!(t.drv_path.to_absolute(), ACCEPT_DRV);
         assert_eq!(t.required_features, set(&["big-parallel"]));
         let mut b = BytesMut::new();
         t.write(&mut b);
@@ -162,16 +167,21 @@ async fn declined_then_accepted_transcripts_parse_completely() {
         let t1 = expect_try(read_request(&mut r).await.unwrap());
         let t2 = expect_try(read_request(&mut r).await.unwrap());
         assert_eq!(
-            [t1.drv_path.as_str(), t2.drv_path.as_str()]
+            [&t1.drv_path, &t2.drv_path]
                 .into_iter()
+                .cloned()
                 .collect::<BTreeSet<_>>(),
-            [ACCEPT_DRV, OTHER_DRV].into_iter().collect(),
+            paths(&[ACCEPT_DRV, OTHER_DRV]),
             "{version}"
         );
         for t in [&t1, &t2] {
             assert!(!t.am_willing);
             assert_eq!(t.needed_system, "x86_64-linux");
-            assert_eq!(t.required_features, features_of(&t.drv_path), "{version}");
+            assert_eq!(
+                t.required_features,
+                features_of(&t.drv_path.to_absolute()),
+                "{version}"
+            );
         }
         assert_eq!(
             fixture(version, "decline-first", "reply-1.bin"),
@@ -299,6 +309,51 @@ async fn unknown_tags_and_commands_are_errors() {
     hook_protocol::wire::put_str(&mut b, "try");
     hook_protocol::wire::put_u64(&mut b, 2);
     assert!(read_request(&mut &b[..]).await.is_err());
+}
+
+/// Store paths from the parent are parsed once, where they are read: a bad input path in the
+/// post-accept data is an error naming it (it used to be accepted here and later dropped from
+/// the build's input sources and allowed references without a word), and so is a bad `.drv`
+/// path in a `try`.
+#[tokio::test]
+async fn bad_store_paths_from_the_parent_are_errors_naming_them() {
+    let bad = "/nix/store/not-a-store-path";
+    let mut b = BytesMut::new();
+    hook_protocol::wire::put_u64(&mut b, 2);
+    hook_protocol::wire::put_str(&mut b, INPUT);
+    hook_protocol::wire::put_str(&mut b, bad);
+    hook_protocol::wire::put_strings(&mut b, set(&["out"]));
+    let err = read_accepted(&mut &b[..]).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WireError::BadValue {
+                what: "input path",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains(bad), "{err}");
+
+    let mut b = BytesMut::new();
+    hook_protocol::wire::put_str(&mut b, "try");
+    hook_protocol::wire::put_bool(&mut b, true);
+    hook_protocol::wire::put_str(&mut b, "x86_64-linux");
+    hook_protocol::wire::put_str(&mut b, "/tmp/x.drv");
+    hook_protocol::wire::put_strings(&mut b, set(&[]));
+    let err = read_request(&mut &b[..]).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WireError::BadValue {
+                what: "derivation path",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("/tmp/x.drv"), "{err}");
 }
 
 #[tokio::test]

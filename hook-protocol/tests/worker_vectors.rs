@@ -1317,19 +1317,19 @@ async fn fake_stderr_error_new_form_keeps_connection() {
         vec![
             LogEvent::StartActivity {
                 id: 7,
-                level: 3,
-                typ: 105,
+                level: hook_protocol::worker::Verbosity::Info,
+                typ: hook_protocol::worker::ActivityType::Build.into(),
                 text: "copying".into(),
                 fields: vec![
                     hook_protocol::worker::Field::Int(42),
-                    hook_protocol::worker::Field::String("bad \u{fffd} utf8".into()),
+                    hook_protocol::worker::Field::Str("bad \u{fffd} utf8".into()),
                 ],
                 parent: 0,
             },
             LogEvent::Result {
                 id: 7,
-                typ: 101,
-                fields: vec![hook_protocol::worker::Field::String("a build line".into())],
+                typ: hook_protocol::worker::ResultType::BuildLogLine.into(),
+                fields: vec![hook_protocol::worker::Field::Str("a build line".into())],
             },
             LogEvent::StopActivity { id: 7 },
         ]

@@ -15,7 +15,6 @@ use hook_protocol::hook::{
 };
 use hook_protocol::log::LogLine;
 use hook_protocol::machines::Machine;
-use hook_protocol::store_path::StorePath;
 use tokio::io::BufReader;
 
 use crate::builder::systems::{self, EmulationSupport};
@@ -93,9 +92,10 @@ pub async fn run(parent: &Parent) -> i32 {
             }
         };
         let t0 = Instant::now();
+        // Asked once per `try`; everything below is handed the answer.
+        let host = policy::Host::of(&req, &settings);
         // Declines for the host's own builds must stay instant: no config, no Docker.
-        if policy::host_can_build(&req, &settings)
-            && settings.max_jobs() != Some(0)
+        if host.builds_it()
             && !statics.could_serve(&req)
             && !*offload_local.get_or_insert_with(|| {
                 Config::load(&Config::path_from_env()).is_ok_and(|c| c.offload_local)
@@ -121,7 +121,13 @@ pub async fn run(parent: &Parent) -> i32 {
         }
         let Some(c) = ctx.as_mut() else { return 1 };
         statics.warn_parse_error(parent);
-        match handle_try(c, &mut statics, parent, &settings, &req, &mut stdin).await {
+        let t = Try {
+            parent,
+            settings: &settings,
+            req: &req,
+            host,
+        };
+        match handle_try(c, &mut statics, t, &mut stdin).await {
             TryEnd::Answered => {
                 tracing::debug!(drv = %req.drv_path, us = t0.elapsed().as_micros() as u64, "answered try");
             }
@@ -180,14 +186,23 @@ impl Statics {
     }
 }
 
+/// One `try` request and what it is answered from.
+#[derive(Clone, Copy)]
+struct Try<'a> {
+    parent: &'a Parent,
+    settings: &'a Settings,
+    req: &'a TryRequest,
+    /// What the parent could build itself, asked once per `try`.
+    host: policy::Host,
+}
+
 async fn handle_try(
     ctx: &mut Context,
     statics: &mut Statics,
-    parent: &Parent,
-    settings: &Settings,
-    req: &TryRequest,
+    t: Try<'_>,
     stdin: &mut (impl tokio::io::AsyncRead + Unpin),
 ) -> TryEnd {
+    let Try { parent, req, .. } = t;
     let reply = |r: Reply| match parent.reply(&r) {
         Ok(()) => TryEnd::Answered,
         Err(_) => TryEnd::Exit(1),
@@ -211,7 +226,7 @@ async fn handle_try(
         busy: &busy,
         skip: &skip,
     };
-    let candidates = match policy::decide(req, settings, ctx.config.offload_local, &pool) {
+    let candidates = match policy::decide(req, t.host, ctx.config.offload_local, &pool) {
         Decision::DeclineLocal => return reply(Reply::Decline),
         Decision::Decline { reason, tell_user } => {
             if tell_user {
@@ -221,21 +236,11 @@ async fn handle_try(
             }
             return reply(Reply::Decline);
         }
-        Decision::Busy => return reply(busy_reply(ctx, req, settings)),
+        Decision::Busy => return reply(busy_reply(ctx, t)),
         Decision::Offload { candidates } => candidates,
     };
     // Read and check the derivation before committing to it.
-    let drv_path = match StorePath::from_absolute(&req.drv_path) {
-        Ok(p) => p,
-        Err(e) => {
-            parent.warn(&format!(
-                "nixdock: bad derivation path '{}': {e}",
-                req.drv_path
-            ));
-            return reply(Reply::Decline);
-        }
-    };
-    let drv = match std::fs::read(&req.drv_path)
+    let drv = match std::fs::read(req.drv_path.to_absolute())
         .map_err(|e| e.to_string())
         .and_then(|b| Derivation::parse(&b).map_err(|e| e.to_string()))
     {
@@ -279,15 +284,21 @@ async fn handle_try(
                 continue;
             }
         };
-        return run_accepted(
-            ctx, parent, settings, req, stdin, slot, *remote, drv_path, drv, &nix_store,
-        )
+        return run_accepted(Accepted {
+            ctx,
+            t,
+            stdin,
+            slot,
+            remote: *remote,
+            drv,
+            nix_store: &nix_store,
+        })
         .await;
     }
     if raced {
-        return reply(busy_reply(ctx, req, settings));
+        return reply(busy_reply(ctx, t));
     }
-    if !policy::host_can_build(req, settings) || settings.max_jobs() == Some(0) {
+    if !t.host.builds_it() {
         parent.warn(&format!(
             "nixdock found no usable builder for '{}' ({} tried; see the warnings above)",
             req.drv_path,
@@ -299,14 +310,11 @@ async fn handle_try(
 
 /// Every candidate is busy: wait for a slot (`# postpone`), unless the host would build it
 /// itself meanwhile (Nix's hook declines then).
-fn busy_reply(ctx: &Context, req: &TryRequest, settings: &Settings) -> Reply {
-    if policy::host_can_build(req, settings)
-        && settings.max_jobs() != Some(0)
-        && !ctx.config.offload_local
-    {
+fn busy_reply(ctx: &Context, t: Try<'_>) -> Reply {
+    if t.host.builds_it() && !ctx.config.offload_local {
         Reply::Decline
     } else {
-        tracing::info!(system = %req.needed_system, "all slots busy; postponing");
+        tracing::info!(system = %t.req.needed_system, "all slots busy; postponing");
         Reply::Postpone
     }
 }
@@ -388,19 +396,33 @@ async fn prepare_static(statics: &mut Statics, i: usize, load_dir: &std::path::P
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_accepted(
-    ctx: &mut Context,
-    parent: &Parent,
-    settings: &Settings,
-    req: &TryRequest,
-    stdin: &mut (impl tokio::io::AsyncRead + Unpin),
+/// A `try` about to be accepted: the request, the slot taken, where it will run and the
+/// derivation already read.
+struct Accepted<'a, R> {
+    ctx: &'a mut Context,
+    t: Try<'a>,
+    stdin: &'a mut R,
     slot: slots::Slot,
     remote: Remote,
-    drv_path: StorePath,
     drv: Derivation,
-    nix_store: &std::path::Path,
-) -> TryEnd {
+    nix_store: &'a std::path::Path,
+}
+
+async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> TryEnd {
+    let Accepted {
+        ctx,
+        t: Try {
+            parent,
+            settings,
+            req,
+            ..
+        },
+        stdin,
+        slot,
+        remote,
+        drv,
+        nix_store,
+    } = a;
     let machine = match &remote {
         Remote::Docker { spec } => format!("nixdock-{}", spec.system),
         Remote::Static(r) => r.name.clone(),
@@ -497,7 +519,7 @@ async fn run_accepted(
     let job = Job {
         parent,
         settings,
-        drv_path,
+        drv_path: req.drv_path.clone(),
         drv,
         work,
         machine,

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hook_protocol::derivation::Derivation;
+use hook_protocol::hash::HashAlgo;
 use hook_protocol::hook::{AcceptedWork, Settings};
 use hook_protocol::nar::{DumpOptions, dump_path_unhashed};
 use hook_protocol::store_path::StorePath;
@@ -279,20 +280,14 @@ impl Job<'_> {
         builder: &mut RemoteStore,
         local: &mut LazyLocalDaemon,
     ) -> Result<(), Outcome> {
-        let mut inputs = BTreeSet::new();
-        for p in &self.work.inputs {
-            inputs.insert(
-                StorePath::from_absolute(p)
-                    .map_err(|e| fail(format!("bad input path from Nix {p}: {e}")))?,
-            );
-        }
+        let inputs = &self.work.inputs;
         if inputs.is_empty() {
             return Ok(());
         }
         let substitute = self.settings.builders_use_substitutes();
         let valid = builder
             .daemon
-            .query_valid_paths(&inputs, substitute, &mut |_| {})
+            .query_valid_paths(inputs, substitute, &mut |_| {})
             .await
             .map_err(|e| remote_err("asking the builder which inputs it has", e))?;
         let missing: Vec<StorePath> = inputs.difference(&valid).cloned().collect();
@@ -465,13 +460,7 @@ impl Job<'_> {
         let srcs = if self.drv.input_drvs.is_empty() {
             None
         } else {
-            Some(
-                self.work
-                    .inputs
-                    .iter()
-                    .filter_map(|p| StorePath::from_absolute(p).ok())
-                    .collect(),
-            )
+            Some(self.work.inputs.clone())
         };
         let basic = self.drv.to_basic(srcs);
         // The daemon's events only say that the builder ran; its raw output is relayed from
@@ -599,12 +588,7 @@ impl Job<'_> {
             return Ok(());
         }
         // References a builder may claim: the closure Nix sent and the derivation's outputs.
-        let mut allowed: BTreeSet<StorePath> = self
-            .work
-            .inputs
-            .iter()
-            .filter_map(|p| StorePath::from_absolute(p).ok())
-            .collect();
+        let mut allowed: BTreeSet<StorePath> = self.work.inputs.clone();
         allowed.extend(outputs.iter().cloned());
         let store_dir = Path::new(hook_protocol::store_path::STORE_DIR);
         let mut importer =
@@ -648,24 +632,16 @@ impl Job<'_> {
             infos.len() as u64,
             infos.iter().map(|(_, i, _)| i.nar_size).sum(),
         );
-        for (p, info, ca) in infos {
-            let mut digest = [0u8; 32];
-            let d = info.nar_hash.digest();
-            if d.len() != 32 {
+        for (p, mut info, ca) in infos {
+            if info.nar_hash.algo() != HashAlgo::Sha256 {
                 return Err(fail(format!(
                     "output {p}: the builder's NAR hash is not SHA-256"
                 )));
             }
-            digest.copy_from_slice(d);
-            let pi = PathInfo {
-                path: p.to_absolute(),
-                deriver: Some(self.drv_path.to_absolute()),
-                nar_hash_sha256: digest,
-                nar_size: info.nar_size,
-                references: info.references.iter().map(|r| r.to_absolute()).collect(),
-                ca,
-            };
-            let mut path_progress = progress.path(&p.to_absolute(), info.nar_size);
+            let nar_size = info.nar_size;
+            info.deriver = Some(self.drv_path.clone());
+            let pi = PathInfo { info, ca };
+            let mut path_progress = progress.path(&p.to_absolute(), nar_size);
             let daemon = &mut *daemon;
             let machine = &self.machine;
             let fetch = |mut w: tokio::io::DuplexStream| {

@@ -18,12 +18,12 @@ mod types;
 
 use std::fmt;
 
+pub use crate::log::{ActivityType, Code, Field, ResultType, Verbosity};
 pub use client::{NarSource, WorkerClient};
 pub use error::{OpContext, WorkerError};
 pub use stderr::{
-    Field, LogEvent, RES_BUILD_LOG_LINE, RES_POST_BUILD_LOG_LINE, STDERR_ERROR, STDERR_LAST,
-    STDERR_NEXT, STDERR_READ, STDERR_RESULT, STDERR_START_ACTIVITY, STDERR_STOP_ACTIVITY,
-    STDERR_WRITE, discard_logs,
+    LogEvent, STDERR_ERROR, STDERR_LAST, STDERR_NEXT, STDERR_READ, STDERR_RESULT,
+    STDERR_START_ACTIVITY, STDERR_STOP_ACTIVITY, STDERR_WRITE, discard_logs,
 };
 pub use types::{
     BuildMode, BuildResult, BuildStatus, ClientHandshakeInfo, ClientSettings, DerivedPath,

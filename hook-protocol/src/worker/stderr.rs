@@ -8,6 +8,7 @@
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::log::{ActivityType, Code, Field, ResultType, Verbosity};
 use crate::wire::{self, MAX_COLLECTION_LEN};
 
 use super::ProtocolVersion;
@@ -30,28 +31,15 @@ pub const STDERR_STOP_ACTIVITY: u64 = 0x5354_4f50;
 /// `STDERR_RESULT`: an activity reports a result.
 pub const STDERR_RESULT: u64 = 0x5253_4c54;
 
-/// `ResultType` values (`src/libutil/logging.hh`) that carry a build log line.
-pub const RES_BUILD_LOG_LINE: u64 = 101;
-/// `resPostBuildLogLine`: a line of post-build hook output.
-pub const RES_POST_BUILD_LOG_LINE: u64 = 107;
-
 /// Largest chunk sent in answer to one `STDERR_READ` (the daemon asks for up to 64 KiB or so;
 /// whatever it asks, we never allocate more than this).
 const MAX_READ_REPLY: usize = 64 * 1024;
 
-/// A field of an activity or result message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Field {
-    /// An integer.
-    Int(u64),
-    /// Decoded lossily: build output need not be UTF-8.
-    String(String),
-}
-
 /// A message from the daemon's stderr channel, handed to the caller while an operation runs.
 ///
-/// Texts are decoded lossily (invalid UTF-8 becomes U+FFFD), since they can carry arbitrary
-/// build output.
+/// Texts, string fields included, are decoded lossily (invalid UTF-8 becomes U+FFFD), since
+/// they can carry arbitrary build output. Type codes a newer Nix adds are kept as
+/// [`Code::Unknown`]; levels above `Vomit` are `Vomit`, as Nix's own JSON logger reads them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogEvent {
     /// `STDERR_NEXT`: a log message, with trailing newlines removed.
@@ -60,10 +48,10 @@ pub enum LogEvent {
     StartActivity {
         /// The daemon's id for the activity.
         id: u64,
-        /// Its verbosity code.
-        level: u64,
-        /// Its `ActivityType` code.
-        typ: u64,
+        /// Its verbosity.
+        level: Verbosity,
+        /// Its activity type.
+        typ: Code<ActivityType>,
         /// Its description.
         text: String,
         /// Its fields; their layout depends on `typ`.
@@ -76,12 +64,12 @@ pub enum LogEvent {
         /// The activity.
         id: u64,
     },
-    /// `STDERR_RESULT`, e.g. a build log line (`typ` 101) or progress (105).
+    /// `STDERR_RESULT`, e.g. a build log line or progress.
     Result {
         /// The activity.
         id: u64,
-        /// The `ResultType` code.
-        typ: u64,
+        /// The result type.
+        typ: Code<ResultType>,
         /// The result's fields; their layout depends on `typ`.
         fields: Vec<Field>,
     },
@@ -93,14 +81,14 @@ impl LogEvent {
     pub fn log_line(&self) -> Option<&str> {
         match self {
             LogEvent::Next(s) => Some(s),
-            LogEvent::Result { typ, fields, .. }
-                if *typ == RES_BUILD_LOG_LINE || *typ == RES_POST_BUILD_LOG_LINE =>
-            {
-                match fields.first() {
-                    Some(Field::String(s)) => Some(s),
-                    _ => None,
-                }
-            }
+            LogEvent::Result {
+                typ: Code::Known(ResultType::BuildLogLine | ResultType::PostBuildLogLine),
+                fields,
+                ..
+            } => match fields.first() {
+                Some(Field::Str(s)) => Some(s),
+                _ => None,
+            },
             _ => None,
         }
     }
@@ -123,7 +111,7 @@ async fn read_fields<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Vec<Fie
     for _ in 0..n {
         match wire::read_u64(r).await? {
             0 => out.push(Field::Int(wire::read_u64(r).await?)),
-            1 => out.push(Field::String(read_lossy(r).await?)),
+            1 => out.push(Field::Str(read_lossy(r).await?)),
             t => {
                 return Err(WorkerError::protocol(format!(
                     "got unsupported field type {t:#x} from the Nix daemon"
@@ -234,8 +222,8 @@ where
             }
             STDERR_START_ACTIVITY => {
                 let id = wire::read_u64(r).await?;
-                let level = wire::read_u64(r).await?;
-                let typ = wire::read_u64(r).await?;
+                let level = Verbosity::from_code(wire::read_u64(r).await?);
+                let typ = Code::from_code(wire::read_u64(r).await?);
                 let text = read_lossy(r).await?;
                 let fields = read_fields(r).await?;
                 let parent = wire::read_u64(r).await?;
@@ -254,7 +242,7 @@ where
             }
             STDERR_RESULT => {
                 let id = wire::read_u64(r).await?;
-                let typ = wire::read_u64(r).await?;
+                let typ = Code::from_code(wire::read_u64(r).await?);
                 let fields = read_fields(r).await?;
                 logs(LogEvent::Result { id, typ, fields });
             }
@@ -296,5 +284,59 @@ where
                 )));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+
+    /// Type codes and levels a newer Nix may send are kept (or clamped), never an error.
+    #[tokio::test]
+    async fn unknown_activity_and_result_types_are_kept() {
+        let mut b = BytesMut::new();
+        b.put_u64_le(STDERR_START_ACTIVITY);
+        for v in [1, 12, 199] {
+            b.put_u64_le(v); // id, level, type
+        }
+        wire::put_str(&mut b, "new");
+        b.put_u64_le(0); // no fields
+        b.put_u64_le(0); // parent
+        b.put_u64_le(STDERR_RESULT);
+        b.put_u64_le(1);
+        b.put_u64_le(150);
+        b.put_u64_le(0);
+        b.put_u64_le(STDERR_LAST);
+        let mut events = Vec::new();
+        process_stderr(&mut &b[..], ProtocolVersion::LATEST, &mut |e| {
+            events.push(e)
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            events,
+            [
+                LogEvent::StartActivity {
+                    id: 1,
+                    level: Verbosity::Vomit,
+                    typ: Code::Unknown(199),
+                    text: "new".into(),
+                    fields: vec![],
+                    parent: 0,
+                },
+                LogEvent::Result {
+                    id: 1,
+                    typ: Code::Unknown(150),
+                    fields: vec![],
+                },
+            ]
+        );
+        assert_eq!(events[1].log_line(), None);
+        assert_eq!(
+            Code::<ResultType>::from_code(101),
+            Code::Known(ResultType::BuildLogLine)
+        );
+        assert_eq!(Code::<ActivityType>::Unknown(199).code(), 199);
     }
 }

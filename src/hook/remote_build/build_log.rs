@@ -58,15 +58,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hook_protocol::store_path::StorePath;
-use hook_protocol::worker::{Field, LogEvent, RES_BUILD_LOG_LINE};
+use hook_protocol::worker::{ActivityType, Code, Field, LogEvent, ResultType};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
 use crate::hook::parent::Parent;
 use crate::transport::Reopen;
 use crate::transport::ssh::{ExecChannel, ExecOutput, ExitWaiter, SshSession};
 
-/// `ActivityType::actBuild`.
-const ACT_BUILD: u64 = 105;
 /// Lines kept from the daemon's events for when the raw log cannot be read.
 const FALLBACK_BYTES: usize = 4 << 20;
 /// Longest wait for the next piece of the raw log once the build is over.
@@ -98,13 +96,19 @@ pub(super) struct Capture {
 impl Capture {
     pub(super) fn event(&mut self, ev: &LogEvent) {
         match ev {
-            LogEvent::StartActivity { id, typ, .. } if *typ == ACT_BUILD => {
+            LogEvent::StartActivity {
+                id,
+                typ: Code::Known(ActivityType::Build),
+                ..
+            } => {
                 self.build_act.get_or_insert(*id);
             }
-            LogEvent::Result { id, typ, fields }
-                if *typ == RES_BUILD_LOG_LINE && Some(*id) == self.build_act =>
-            {
-                if let Some(Field::String(line)) = fields.first() {
+            LogEvent::Result {
+                id,
+                typ: Code::Known(ResultType::BuildLogLine),
+                fields,
+            } if Some(*id) == self.build_act => {
+                if let Some(Field::Str(line)) = fields.first() {
                     self.bytes += line.len() + 1;
                     self.lines.push_back(line.clone());
                     while self.bytes > FALLBACK_BYTES {
@@ -523,13 +527,13 @@ pub(super) fn fallback(parent: &Parent, cap: Capture) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hook_protocol::worker::Field;
+    use hook_protocol::worker::Verbosity;
 
     fn line(id: u64, s: &str) -> LogEvent {
         LogEvent::Result {
             id,
-            typ: RES_BUILD_LOG_LINE,
-            fields: vec![Field::String(s.into())],
+            typ: ResultType::BuildLogLine.into(),
+            fields: vec![Field::Str(s.into())],
         }
     }
 
@@ -540,14 +544,14 @@ mod tests {
         assert!(!c.started());
         c.event(&LogEvent::StartActivity {
             id: 5,
-            level: 3,
-            typ: ACT_BUILD,
+            level: Verbosity::Info,
+            typ: ActivityType::Build.into(),
             text: "building".into(),
             fields: vec![],
             parent: 0,
         });
         c.event(&line(5, "built"));
-        // A builder's own type-101 activity, and the daemon's messages: not log lines.
+        // A builder's own activity of another type, and the daemon's messages: not log lines.
         c.event(&line(9, "in a builder activity"));
         c.event(&LogEvent::Next("injected".into()));
         assert!(c.started());
@@ -559,8 +563,8 @@ mod tests {
         let mut c = Capture::default();
         c.event(&LogEvent::StartActivity {
             id: 1,
-            level: 3,
-            typ: ACT_BUILD,
+            level: Verbosity::Info,
+            typ: ActivityType::Build.into(),
             text: String::new(),
             fields: vec![],
             parent: 0,
