@@ -189,7 +189,7 @@ pub fn put_u64(buf: &mut BytesMut, v: u64) {
 }
 
 /// Writes a boolean as the u64 0 or 1.
-pub(crate) fn put_bool(buf: &mut BytesMut, v: bool) {
+pub fn put_bool(buf: &mut BytesMut, v: bool) {
     buf.put_u64_le(u64::from(v));
 }
 
