@@ -36,7 +36,7 @@ use crate::hash::base64_decode;
 pub(crate) const MAX_INCLUDE_DEPTH: usize = 16;
 
 /// Errors of the machines syntax. The messages quote the entry, as Nix's do.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum MachinesError {
     /// An entry whose first field is empty or `-`.
     #[error(
@@ -86,12 +86,12 @@ pub enum MachinesError {
         reason: StoreUriError,
     },
     /// An `@file` exists but cannot be read.
-    #[error("cannot read machines file '{path}': {reason}")]
+    #[error("cannot read machines file '{path}': {source}")]
     ReadFile {
         /// The file.
         path: String,
         /// The read error.
-        reason: String,
+        source: std::io::Error,
     },
     /// `@file` includes nested more than 16 deep.
     #[error(
@@ -269,10 +269,10 @@ where
                     Ok(None) => {
                         tracing::debug!("cannot find machines file '{path}'");
                     }
-                    Err(e) => {
+                    Err(source) => {
                         return Err(MachinesError::ReadFile {
                             path: path.into(),
-                            reason: e.to_string(),
+                            source,
                         });
                     }
                 }
