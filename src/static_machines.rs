@@ -53,7 +53,11 @@ pub enum StaticError {
     #[error(
         "remote builder '{machine}': its host key field (8th column) does not decode to an OpenSSH public key line ({reason}); it must be the base64 of e.g. the contents of /etc/ssh/ssh_host_ed25519_key.pub"
     )]
-    BadHostKey { machine: String, reason: String },
+    BadHostKey { machine: String, reason: KeyError },
+    #[error(
+        "remote builder '{machine}': its host key field (8th column) does not decode to an OpenSSH public key line (it is empty); it must be the base64 of e.g. the contents of /etc/ssh/ssh_host_ed25519_key.pub"
+    )]
+    EmptyHostKey { machine: String },
     #[error("remote builder '{machine}': {source}")]
     Key {
         machine: String,
@@ -247,9 +251,8 @@ pub fn host_keys(m: &Machine, home: Option<&Path>) -> Result<HostKeys, StaticErr
             );
         }
         if keys.is_empty() {
-            return Err(StaticError::BadHostKey {
+            return Err(StaticError::EmptyHostKey {
                 machine: m.store_uri.uri.clone(),
-                reason: "it is empty".into(),
             });
         }
         return Ok(HostKeys::any_of(
@@ -272,7 +275,7 @@ pub fn host_keys(m: &Machine, home: Option<&Path>) -> Result<HostKeys, StaticErr
 }
 
 /// An OpenSSH public key line, or a known_hosts-style `host keytype key` line.
-fn parse_key_line(line: &str) -> Result<PublicKey, String> {
+fn parse_key_line(line: &str) -> Result<PublicKey, KeyError> {
     match keys::parse_public_key(line) {
         Ok(k) => Ok(k),
         Err(e) => {
@@ -281,7 +284,7 @@ fn parse_key_line(line: &str) -> Result<PublicKey, String> {
             let rest = line.split_once(char::is_whitespace).map(|(_, r)| r.trim());
             match rest.map(keys::parse_public_key) {
                 Some(Ok(k)) => Ok(k),
-                _ => Err(e.to_string()),
+                _ => Err(e),
             }
         }
     }

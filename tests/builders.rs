@@ -1442,7 +1442,10 @@ async fn helper_process_discover_without_engines() {
     let tried = match &err {
         EngineError::NotFound { tried, as_root } => {
             assert!(*as_root);
-            tried.clone()
+            tried
+                .iter()
+                .map(|(w, why)| (w.clone(), why.to_string()))
+                .collect::<Vec<_>>()
         }
         other => panic!("expected NotFound, got {other}"),
     };

@@ -35,7 +35,7 @@ use nom::sequence::{delimited, preceded};
 use nom::{IResult, Parser};
 use tokio::io::AsyncRead;
 
-use crate::hash::{Hash, HashAlgo};
+use crate::hash::{Hash, HashAlgo, HashError};
 use crate::store_path::{
     self, ContentAddressMethod, StorePath, StorePathError, make_fixed_output_path,
 };
@@ -244,15 +244,15 @@ impl DerivationOutput {
     /// Checks that the three strings form one of the kinds Nix accepts
     /// (`parseDerivationOutput`). Stricter than Nix in one place: Nix ignores a hash given
     /// without an algorithm, which would not re-serialise identically, so it is an error here.
-    pub fn validate(&self) -> Result<(), String> {
-        let check_path = |what: &str| {
+    pub fn validate(&self) -> Result<(), OutputError> {
+        let check_path = |kind: &'static str| {
             StorePath::from_absolute(&self.path)
                 .map(|_| ())
-                .map_err(|e| format!("{what} output path: {e}"))
+                .map_err(|source| OutputError::BadPath { kind, source })
         };
         if self.hash_algo.is_empty() {
             if !self.hash.is_empty() {
-                return Err(format!("hash '{}' given without an algorithm", self.hash));
+                return Err(OutputError::HashWithoutAlgo(self.hash.clone()));
             }
             if self.path.is_empty() {
                 return Ok(()); // deferred
@@ -260,23 +260,45 @@ impl DerivationOutput {
             return check_path("input-addressed");
         }
         let (_, algo) = ContentAddressMethod::split_prefix(&self.hash_algo);
-        let algo: HashAlgo = algo
-            .parse()
-            .map_err(|e: crate::hash::HashError| e.to_string())?;
+        let algo: HashAlgo = algo.parse().map_err(OutputError::BadHash)?;
         if self.hash == "impure" {
             if !self.path.is_empty() {
-                return Err("impure derivation output should not specify output path".into());
+                return Err(OutputError::ImpureWithPath);
             }
         } else if !self.hash.is_empty() {
             check_path("fixed-output")?;
-            Hash::parse_non_sri_unprefixed(&self.hash, algo).map_err(|e| e.to_string())?;
+            Hash::parse_non_sri_unprefixed(&self.hash, algo).map_err(OutputError::BadHash)?;
         } else if !self.path.is_empty() {
-            return Err(
-                "content-addressed derivation output should not specify output path".into(),
-            );
+            return Err(OutputError::FloatingWithPath);
         }
         Ok(())
     }
+}
+
+/// Why a derivation output's path, hash algorithm and hash form none of the kinds Nix accepts
+/// ([`DerivationOutput::validate`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OutputError {
+    /// A hash without a hash algorithm.
+    #[error("hash '{0}' given without an algorithm")]
+    HashWithoutAlgo(String),
+    /// The output path is not a store path.
+    #[error("{kind} output path: {source}")]
+    BadPath {
+        /// `input-addressed` or `fixed-output`.
+        kind: &'static str,
+        /// Why the path is not a store path.
+        source: StorePathError,
+    },
+    /// The hash algorithm is unknown or the hash does not parse with it.
+    #[error(transparent)]
+    BadHash(HashError),
+    /// An impure output with a path.
+    #[error("impure derivation output should not specify output path")]
+    ImpureWithPath,
+    /// A floating content-addressed output with a path.
+    #[error("content-addressed derivation output should not specify output path")]
+    FloatingWithPath,
 }
 
 /// The store name of output `output_name` of derivation `drv_name` (`outputPathName`).
@@ -375,7 +397,7 @@ pub enum DrvError {
         /// The output's name.
         name: String,
         /// What is wrong.
-        reason: String,
+        reason: OutputError,
     },
     /// A name, output field or platform with `"` or `\`, which Nix would not escape there, so
     /// the file could not be written back identically.

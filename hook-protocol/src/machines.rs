@@ -36,7 +36,7 @@ use crate::hash::base64_decode;
 pub(crate) const MAX_INCLUDE_DEPTH: usize = 16;
 
 /// Errors of the machines syntax. The messages quote the entry, as Nix's do.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum MachinesError {
     /// An entry whose first field is empty or `-`.
     #[error(
@@ -83,15 +83,15 @@ pub enum MachinesError {
         /// The entry.
         line: String,
         /// What is wrong with it.
-        reason: String,
+        reason: StoreUriError,
     },
     /// An `@file` exists but cannot be read.
-    #[error("cannot read machines file '{path}': {reason}")]
+    #[error("cannot read machines file '{path}': {source}")]
     ReadFile {
         /// The file.
         path: String,
         /// The read error.
-        reason: String,
+        source: std::io::Error,
     },
     /// `@file` includes nested more than 16 deep.
     #[error(
@@ -101,6 +101,38 @@ pub enum MachinesError {
         /// The file at the limit.
         path: String,
     },
+}
+
+/// Why a machine entry's store URI cannot be parsed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreUriError {
+    /// The scheme is empty or has characters a URI scheme cannot.
+    #[error("bad scheme '{0}'")]
+    BadScheme(String),
+    /// An `ssh://` or `ssh-ng://` URI without a host.
+    #[error("no host name")]
+    NoHost,
+    /// White space in the host name.
+    #[error("white space in the host name")]
+    SpaceInHost,
+    /// `[v6` without `]` (the authority is quoted).
+    #[error("unclosed '[' in '{0}'")]
+    UnclosedBracket(String),
+    /// Something other than `:port` after `[v6]` (the authority is quoted).
+    #[error("junk after ']' in '{0}'")]
+    JunkAfterBracket(String),
+    /// More than one `:` outside brackets (the authority is quoted).
+    #[error("an IPv6 host must be in brackets: '{0}'")]
+    UnbracketedIpv6(String),
+    /// A port that is not a number from 1 to 65535.
+    #[error("bad port '{0}'")]
+    BadPort(String),
+    /// `%` not followed by two hex digits (the part is quoted).
+    #[error("bad percent escape in '{0}'")]
+    BadPercentEscape(String),
+    /// Percent escapes that decode to bytes that are not UTF-8 (the part is quoted).
+    #[error("'{0}' is not UTF-8 once decoded")]
+    NotUtf8(String),
 }
 
 /// A store URI as a machine entry gives it, after the `ssh://` default.
@@ -237,10 +269,10 @@ where
                     Ok(None) => {
                         tracing::debug!("cannot find machines file '{path}'");
                     }
-                    Err(e) => {
+                    Err(source) => {
                         return Err(MachinesError::ReadFile {
                             path: path.into(),
-                            reason: e.to_string(),
+                            source,
                         });
                     }
                 }
@@ -397,7 +429,7 @@ fn is_special_word(uri: &str) -> bool {
 }
 
 /// Parses a store URI the way a machine entry holds it, adding `ssh://` where Nix does.
-pub(crate) fn parse_store_uri(raw: &str) -> Result<StoreUri, String> {
+pub(crate) fn parse_store_uri(raw: &str) -> Result<StoreUri, StoreUriError> {
     let uri = if raw.contains("://") || raw.contains('/') || is_special_word(raw) {
         raw.to_string()
     } else {
@@ -434,7 +466,7 @@ pub(crate) fn parse_store_uri(raw: &str) -> Result<StoreUri, String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
     {
-        return Err(format!("bad scheme '{scheme}'"));
+        return Err(StoreUriError::BadScheme(scheme.to_string()));
     }
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -446,10 +478,10 @@ pub(crate) fn parse_store_uri(raw: &str) -> Result<StoreUri, String> {
     };
     let (host, port) = split_host_port(hostport)?;
     if (scheme == "ssh" || scheme == "ssh-ng") && host.is_empty() {
-        return Err("no host name".into());
+        return Err(StoreUriError::NoHost);
     }
     if host.chars().any(char::is_whitespace) {
-        return Err("white space in the host name".into());
+        return Err(StoreUriError::SpaceInHost);
     }
     Ok(StoreUri {
         uri: uri.clone(),
@@ -462,22 +494,22 @@ pub(crate) fn parse_store_uri(raw: &str) -> Result<StoreUri, String> {
     })
 }
 
-fn split_host_port(s: &str) -> Result<(String, Option<u16>), String> {
+fn split_host_port(s: &str) -> Result<(String, Option<u16>), StoreUriError> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let Some((h, after)) = rest.split_once(']') else {
-            return Err(format!("unclosed '[' in '{s}'"));
+            return Err(StoreUriError::UnclosedBracket(s.to_string()));
         };
         match after {
             "" => (h, None),
             _ => match after.strip_prefix(':') {
                 Some(p) => (h, Some(p)),
-                None => return Err(format!("junk after ']' in '{s}'")),
+                None => return Err(StoreUriError::JunkAfterBracket(s.to_string())),
             },
         }
     } else {
         match s.rsplit_once(':') {
             Some((h, p)) if !h.contains(':') => (h, Some(p)),
-            Some(_) => return Err(format!("an IPv6 host must be in brackets: '{s}'")),
+            Some(_) => return Err(StoreUriError::UnbracketedIpv6(s.to_string())),
             None => (s, None),
         }
     };
@@ -487,13 +519,13 @@ fn split_host_port(s: &str) -> Result<(String, Option<u16>), String> {
             p.parse::<u16>()
                 .ok()
                 .filter(|p| *p != 0)
-                .ok_or_else(|| format!("bad port '{p}'"))?,
+                .ok_or_else(|| StoreUriError::BadPort(p.to_string()))?,
         ),
     };
     Ok((host.to_string(), port))
 }
 
-fn parse_query(q: &str) -> Result<BTreeMap<String, String>, String> {
+fn parse_query(q: &str) -> Result<BTreeMap<String, String>, StoreUriError> {
     let mut out = BTreeMap::new();
     for pair in q.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -502,7 +534,7 @@ fn parse_query(q: &str) -> Result<BTreeMap<String, String>, String> {
     Ok(out)
 }
 
-fn percent_decode(s: &str) -> Result<String, String> {
+fn percent_decode(s: &str) -> Result<String, StoreUriError> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -512,7 +544,7 @@ fn percent_decode(s: &str) -> Result<String, String> {
                 .get(i + 1..i + 3)
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("bad percent escape in '{s}'"))?;
+                .ok_or_else(|| StoreUriError::BadPercentEscape(s.to_string()))?;
             out.push(hex);
             i += 3;
         } else {
@@ -520,7 +552,7 @@ fn percent_decode(s: &str) -> Result<String, String> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| format!("'{s}' is not UTF-8 once decoded"))
+    String::from_utf8(out).map_err(|_| StoreUriError::NotUtf8(s.to_string()))
 }
 
 #[cfg(test)]

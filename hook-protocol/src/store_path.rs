@@ -51,8 +51,31 @@ pub enum StorePathError {
         /// The name.
         name: String,
         /// Which rule it breaks.
-        reason: String,
+        reason: NameError,
     },
+}
+
+/// Which of Nix's rules a store path name breaks ([`StorePathError::BadName`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// The name is empty.
+    #[error("name must not be empty")]
+    Empty,
+    /// The name is longer than 211 characters.
+    #[error("name must be no longer than {MAX_NAME_LEN} characters")]
+    TooLong,
+    /// `.`, `..`, or starting with `.-` / `..-`.
+    #[error("first dash-separated component must not be '.' or '..'")]
+    DotComponent,
+    /// A character outside `[A-Za-z0-9+\-._?=]`.
+    #[error("contains illegal character {0:?}")]
+    IllegalChar(char),
+    /// A text-hashed path (a `.drv`) with a hash other than SHA-256.
+    #[error("text-hashed paths need a sha256 hash, not {0}")]
+    TextNeedsSha256(HashAlgo),
+    /// A git-hashed path with a hash other than SHA-1.
+    #[error("git file ingestion must use a SHA-1 hash")]
+    GitNeedsSha1,
 }
 
 impl From<StorePathError> for WireError {
@@ -65,28 +88,26 @@ impl From<StorePathError> for WireError {
 /// characters, only `[A-Za-z0-9+\-._?=]`, and not `.`, `..` or starting with `.-` / `..-`.
 /// (Names such as `.foo` are valid; Nix 2.8 did not even reject `.` and `..`.)
 pub(crate) fn check_name(name: &str) -> Result<(), StorePathError> {
-    let bad = |reason: String| {
+    let bad = |reason: NameError| {
         Err(StorePathError::BadName {
             name: name.to_string(),
             reason,
         })
     };
     if name.is_empty() {
-        return bad("name must not be empty".into());
+        return bad(NameError::Empty);
     }
     if name.len() > MAX_NAME_LEN {
-        return bad(format!(
-            "name must be no longer than {MAX_NAME_LEN} characters"
-        ));
+        return bad(NameError::TooLong);
     }
     let b = name.as_bytes();
     if name == "." || name == ".." || name.starts_with(".-") || name.starts_with("..-") {
-        return bad("first dash-separated component must not be '.' or '..'".into());
+        return bad(NameError::DotComponent);
     }
     if let Some(&c) = b.iter().find(|&&c| {
         !(c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.' | b'_' | b'?' | b'='))
     }) {
-        return bad(format!("contains illegal character {:?}", char::from(c)));
+        return bad(NameError::IllegalChar(char::from(c)));
     }
     Ok(())
 }
@@ -318,7 +339,7 @@ pub(crate) fn make_text_path(
     if hash.algo() != HashAlgo::Sha256 {
         return Err(StorePathError::BadName {
             name: name.to_string(),
-            reason: format!("text-hashed paths need a sha256 hash, not {}", hash.algo()),
+            reason: NameError::TextNeedsSha256(hash.algo()),
         });
     }
     try_make_store_path(&make_type("text".into(), references, false), hash, name)
@@ -341,7 +362,7 @@ pub fn make_fixed_output_path(
             if method == ContentAddressMethod::Git && hash.algo() != HashAlgo::Sha1 {
                 return Err(StorePathError::BadName {
                     name: name.to_string(),
-                    reason: "git file ingestion must use a SHA-1 hash".into(),
+                    reason: NameError::GitNeedsSha1,
                 });
             }
             let inner = format!(

@@ -51,7 +51,7 @@ pub enum EngineError {
         if *.as_root { ROOT_HINT } else { USER_HINT }
     )]
     NotFound {
-        tried: Vec<(String, String)>,
+        tried: Vec<(String, CandidateError)>,
         /// Whether discovery ran as root (and so looked only at the system sockets).
         as_root: bool,
     },
@@ -60,7 +60,7 @@ pub enum EngineError {
     Explicit {
         addr: String,
         how: HowFound,
-        why: String,
+        why: CandidateError,
     },
     #[error("Docker engine at {addr}: {source}")]
     Api {
@@ -80,7 +80,7 @@ docker-host = \"unix:///path/to/docker.sock\" in the nixdock config (see `nixdoc
 const USER_HINT: &str =
     "Start Docker, or set `docker-host` in the nixdock config (see `nixdock doctor`).";
 
-fn explicit_message(addr: &str, how: HowFound, why: &str) -> String {
+fn explicit_message(addr: &str, how: HowFound, why: &CandidateError) -> String {
     match how {
         HowFound::DockerHostEnv => format!(
             "the Docker engine DOCKER_HOST={addr} names does not answer: {why}. nixdock tries \
@@ -390,35 +390,36 @@ const MAX_SYMLINKS: u32 = 40;
 /// may connect (clients, not who serves), and Docker's `docker` group (`root:docker 0660`)
 /// is root-equivalent by Docker's design, so it grants nothing root did not choose to grant.
 /// A socket writable by others is refused: every local user could drive that engine.
-pub fn check_socket(path: &Path, owners: &[u32]) -> Result<PathBuf, String> {
+pub fn check_socket(path: &Path, owners: &[u32]) -> Result<PathBuf, SocketError> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     if !path.is_absolute() {
-        return Err(format!("{}: not an absolute path", path.display()));
+        return Err(SocketError::NotAbsolute(path.into()));
     }
-    let check_dir = |dir: &Path, m: &std::fs::Metadata| -> Result<(), String> {
+    let check_dir = |dir: &Path, m: &std::fs::Metadata| -> Result<(), SocketError> {
         if !owners.contains(&m.uid()) {
-            return Err(format!(
-                "directory {} is owned by uid {}, not {}",
-                dir.display(),
-                m.uid(),
-                owner_names(owners)
-            ));
+            return Err(SocketError::DirectoryOwner {
+                dir: dir.into(),
+                uid: m.uid(),
+                owners: owner_names(owners),
+            });
         }
         if m.mode() & 0o022 != 0 {
-            return Err(format!(
-                "directory {} is writable by group or others (mode {:o})",
-                dir.display(),
-                m.mode() & 0o7777
-            ));
+            return Err(SocketError::DirectoryWritable {
+                dir: dir.into(),
+                mode: m.mode() & 0o7777,
+            });
         }
         Ok(())
     };
     let lstat = |p: &Path| {
         std::fs::symlink_metadata(p).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                "no such socket".to_string()
+                SocketError::NotFound
             } else {
-                format!("{}: {e}", p.display())
+                SocketError::Io {
+                    path: p.into(),
+                    source: e,
+                }
             }
         })
     };
@@ -462,10 +463,12 @@ pub fn check_socket(path: &Path, owners: &[u32]) -> Result<PathBuf, String> {
         if ft.is_symlink() {
             hops += 1;
             if hops > MAX_SYMLINKS {
-                return Err(format!("{}: too many symlinks", path.display()));
+                return Err(SocketError::TooManySymlinks(path.into()));
             }
-            let target =
-                std::fs::read_link(&next).map_err(|e| format!("{}: {e}", next.display()))?;
+            let target = std::fs::read_link(&next).map_err(|source| SocketError::Io {
+                path: next.clone(),
+                source,
+            })?;
             // The directory holding the link was checked; the target is walked (and checked)
             // from `/` or from here.
             push_front(&mut todo, &target);
@@ -476,31 +479,88 @@ pub fn check_socket(path: &Path, owners: &[u32]) -> Result<PathBuf, String> {
             cur = next;
             last = Some(m);
         } else {
-            return Err(format!("{}: not a directory", next.display()));
+            return Err(SocketError::NotADirectory(next));
         }
     }
     let Some(m) = last else {
-        return Err(format!("{} is not a socket", cur.display()));
+        return Err(SocketError::NotASocket(cur));
     };
     if !m.file_type().is_socket() {
-        return Err(format!("{} is not a socket", cur.display()));
+        return Err(SocketError::NotASocket(cur));
     }
     if !owners.contains(&m.uid()) {
-        return Err(format!(
-            "socket {} is owned by uid {}, not {}",
-            cur.display(),
-            m.uid(),
-            owner_names(owners)
-        ));
+        return Err(SocketError::SocketOwner {
+            socket: cur,
+            uid: m.uid(),
+            owners: owner_names(owners),
+        });
     }
     if m.mode() & 0o002 != 0 {
-        return Err(format!(
-            "socket {} is writable by others (mode {:o}): any local user could drive that engine",
-            cur.display(),
-            m.mode() & 0o7777
-        ));
+        return Err(SocketError::SocketWritable {
+            socket: cur,
+            mode: m.mode() & 0o7777,
+        });
     }
     Ok(cur)
+}
+
+/// Why [`check_socket`] does not trust a socket path.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("{}: not an absolute path", .0.display())]
+    NotAbsolute(PathBuf),
+    #[error("no such socket")]
+    NotFound,
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("directory {} is owned by uid {uid}, not {owners}", .dir.display())]
+    DirectoryOwner {
+        dir: PathBuf,
+        uid: u32,
+        owners: String,
+    },
+    #[error("directory {} is writable by group or others (mode {mode:o})", .dir.display())]
+    DirectoryWritable { dir: PathBuf, mode: u32 },
+    #[error("{}: too many symlinks", .0.display())]
+    TooManySymlinks(PathBuf),
+    #[error("{}: not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error("{} is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("socket {} is owned by uid {uid}, not {owners}", .socket.display())]
+    SocketOwner {
+        socket: PathBuf,
+        uid: u32,
+        owners: String,
+    },
+    #[error(
+        "socket {} is writable by others (mode {mode:o}): any local user could drive that engine",
+        .socket.display()
+    )]
+    SocketWritable { socket: PathBuf, mode: u32 },
+}
+
+/// Why one engine address did not give a working engine ([`Engine::try_one`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CandidateError {
+    #[error("not a unix socket address")]
+    NotUnix,
+    #[error(transparent)]
+    Untrusted(#[from] SocketError),
+    #[error("no such socket")]
+    NoSuchSocket,
+    #[error("unsupported address (use unix:// or tcp://)")]
+    Unsupported,
+    #[error("timed out")]
+    TimedOut,
+    /// The OS's reason ("Connection refused"), which says more than the HTTP client's.
+    #[error(transparent)]
+    Connect(std::io::Error),
+    #[error(transparent)]
+    Api(#[from] bollard::errors::Error),
 }
 
 fn owner_names(owners: &[u32]) -> String {
@@ -517,16 +577,24 @@ fn owner_names(owners: &[u32]) -> String {
         .join(" or ")
 }
 
-fn connect(addr: &str, version: &bollard::ClientVersion) -> Result<Docker, String> {
+fn connect(addr: &str, version: &bollard::ClientVersion) -> Result<Docker, CandidateError> {
     if let Some(path) = unix_path(addr) {
         if !Path::new(path).exists() {
-            return Err("no such socket".into());
+            return Err(CandidateError::NoSuchSocket);
         }
-        Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, version).map_err(|e| e.to_string())
+        Ok(Docker::connect_with_unix(
+            path,
+            REQUEST_TIMEOUT_SECS,
+            version,
+        )?)
     } else if addr.starts_with("tcp://") || addr.starts_with("http://") {
-        Docker::connect_with_http(addr, REQUEST_TIMEOUT_SECS, version).map_err(|e| e.to_string())
+        Ok(Docker::connect_with_http(
+            addr,
+            REQUEST_TIMEOUT_SECS,
+            version,
+        )?)
     } else {
-        Err("unsupported address (use unix:// or tcp://)".into())
+        Err(CandidateError::Unsupported)
     }
 }
 
@@ -573,7 +641,7 @@ impl Engine {
 
     /// `nixdock install`'s search ([`install_time_candidates`]): the first engine that answers,
     /// and what failed before it (everything, when none answered).
-    pub async fn search_at_install() -> (Option<Engine>, Vec<(String, String)>) {
+    pub async fn search_at_install() -> (Option<Engine>, Vec<(String, CandidateError)>) {
         let mut tried = Vec::new();
         for c in install_time_candidates() {
             match Self::try_one(&c).await {
@@ -586,10 +654,10 @@ impl Engine {
 
     /// Connects to one candidate: its ownership checked first when it has `owners`, then
     /// connected through the path that was checked.
-    pub async fn try_one(c: &Candidate) -> Result<Engine, String> {
+    pub async fn try_one(c: &Candidate) -> Result<Engine, CandidateError> {
         let addr = match &c.owners {
             Some(owners) => {
-                let path = unix_path(&c.addr).ok_or("not a unix socket address")?;
+                let path = unix_path(&c.addr).ok_or(CandidateError::NotUnix)?;
                 format!(
                     "unix://{}",
                     check_socket(Path::new(path), owners)?.display()
@@ -601,10 +669,10 @@ impl Engine {
             // The OS's reason ("Connection refused") says more than the HTTP client's.
             tokio::time::timeout(PING_TIMEOUT, tokio::net::UnixStream::connect(path))
                 .await
-                .map_err(|_| "timed out".to_string())?
+                .map_err(|_| CandidateError::TimedOut)?
                 .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound => "no such socket".to_string(),
-                    _ => e.to_string(),
+                    std::io::ErrorKind::NotFound => CandidateError::NoSuchSocket,
+                    _ => CandidateError::Connect(e),
                 })?;
         }
         let docker = connect(&addr, bollard::API_DEFAULT_VERSION)?;
@@ -613,8 +681,7 @@ impl Engine {
         // asks it before its `# accept`, while Nix's worker waits.
         let info = tokio::time::timeout(PING_TIMEOUT, docker.version())
             .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| CandidateError::TimedOut)??;
         let docker = match info.api_version.as_deref().and_then(parse_api_version) {
             Some(v) if v < *bollard::API_DEFAULT_VERSION => connect(&addr, &v)?,
             _ => docker,
@@ -707,7 +774,7 @@ mod tests {
         let err = EngineError::Explicit {
             addr: "unix:///nonexistent/docker.sock".into(),
             how: HowFound::ConfigDockerHost,
-            why: "no such socket".into(),
+            why: CandidateError::NoSuchSocket,
         };
         let text = err.to_string();
         assert!(text.contains("unix:///nonexistent/docker.sock"), "{text}");
@@ -719,9 +786,9 @@ mod tests {
         })
         .await
         .unwrap_err();
-        assert_eq!(e, "no such socket");
+        assert!(matches!(e, CandidateError::NoSuchSocket), "{e}");
         let err = EngineError::NotFound {
-            tried: vec![("unix:///x (test)".into(), "no such socket".into())],
+            tried: vec![("unix:///x (test)".into(), CandidateError::NoSuchSocket)],
             as_root: true,
         };
         let text = err.to_string();
@@ -796,14 +863,14 @@ mod tests {
         let Some(t) = tree() else { return };
         for mode in [0o775, 0o757, 0o1777] {
             chmod(&t.dir, mode);
-            let e = check_socket(&t.sock, &[0]).unwrap_err();
+            let e = check_socket(&t.sock, &[0]).unwrap_err().to_string();
             assert!(e.contains(&t.dir.display().to_string()), "{e}");
             assert!(e.contains("writable by group or others"), "{e}");
         }
         chmod(&t.dir, 0o755);
         // A directory higher up counts as much.
         chmod(t.top.path(), 0o777);
-        let e = check_socket(&t.sock, &[0]).unwrap_err();
+        let e = check_socket(&t.sock, &[0]).unwrap_err().to_string();
         assert!(e.contains("writable by group or others"), "{e}");
         chmod(t.top.path(), 0o755);
         // The same through a symlink whose directory is writable: the link could be swapped.
@@ -812,7 +879,7 @@ mod tests {
         chmod(&other, 0o777);
         let link = other.join("docker.sock");
         std::os::unix::fs::symlink(&t.sock, &link).unwrap();
-        let e = check_socket(&link, &[0]).unwrap_err();
+        let e = check_socket(&link, &[0]).unwrap_err().to_string();
         assert!(e.contains(&other.display().to_string()), "{e}");
     }
 
@@ -820,13 +887,13 @@ mod tests {
     fn a_socket_or_directory_owned_by_someone_else_is_refused() {
         let Some(t) = tree() else { return };
         chown(&t.sock, 64123);
-        let e = check_socket(&t.sock, &[0]).unwrap_err();
+        let e = check_socket(&t.sock, &[0]).unwrap_err().to_string();
         assert!(e.contains("socket") && e.contains("uid 64123"), "{e}");
         // ... unless that user is who may own it (a non-root hook's own engine).
         check_socket(&t.sock, &[0, 64123]).unwrap();
         chown(&t.sock, 0);
         chown(&t.dir, 64123);
-        let e = check_socket(&t.sock, &[0]).unwrap_err();
+        let e = check_socket(&t.sock, &[0]).unwrap_err().to_string();
         assert!(
             e.contains(&format!(
                 "directory {} is owned by uid 64123",
@@ -845,7 +912,7 @@ mod tests {
         chown(&home, 64123);
         let link = t.top.path().join("system.sock");
         std::os::unix::fs::symlink(&theirs, &link).unwrap();
-        let e = check_socket(&link, &[0]).unwrap_err();
+        let e = check_socket(&link, &[0]).unwrap_err().to_string();
         assert!(e.contains("owned by uid 64123"), "{e}");
     }
 
@@ -853,19 +920,21 @@ mod tests {
     fn an_other_writable_socket_or_not_a_socket_is_refused() {
         let Some(t) = tree() else { return };
         chmod(&t.sock, 0o666);
-        let e = check_socket(&t.sock, &[0]).unwrap_err();
+        let e = check_socket(&t.sock, &[0]).unwrap_err().to_string();
         assert!(e.contains("writable by others"), "{e}");
         let file = t.dir.join("file");
         std::fs::write(&file, "").unwrap();
-        let e = check_socket(&file, &[0]).unwrap_err();
+        let e = check_socket(&file, &[0]).unwrap_err().to_string();
         assert!(e.contains("not a socket"), "{e}");
-        assert_eq!(
+        assert!(matches!(
             check_socket(&t.dir.join("absent"), &[0]).unwrap_err(),
-            "no such socket"
-        );
-        let e = check_socket(&t.dir, &[0]).unwrap_err();
+            SocketError::NotFound
+        ));
+        let e = check_socket(&t.dir, &[0]).unwrap_err().to_string();
         assert!(e.contains("not a socket"), "{e}");
-        let e = check_socket(Path::new("relative.sock"), &[0]).unwrap_err();
+        let e = check_socket(Path::new("relative.sock"), &[0])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("absolute"), "{e}");
         // A symlink loop ends.
         let a = t.dir.join("loop1");
@@ -874,6 +943,7 @@ mod tests {
         assert!(
             check_socket(&a, &[0])
                 .unwrap_err()
+                .to_string()
                 .contains("too many symlinks")
         );
     }

@@ -246,19 +246,19 @@ impl Builders {
         &self,
         spec: &BuilderSpec,
         name: &str,
-    ) -> Result<LocalConnection, String> {
+    ) -> Result<LocalConnection, NoLocalSocket> {
         if !(cfg!(target_os = "linux") && self.engine.addr.starts_with("unix://")) {
-            return Err(format!("engine {} is not a local socket", self.engine.addr));
+            return Err(NoLocalSocket::RemoteEngine(self.engine.addr.clone()));
         }
         let (image_id, c) = tokio::join!(self.image_id(spec), self.inspect(name));
-        let image_id = image_id.map_err(|e| e.to_string())?;
-        let c = c.map_err(|e| e.to_string())?.ok_or("no container")?;
+        let image_id = image_id?;
+        let c = c?.ok_or(NoLocalSocket::NoContainer)?;
         let hash = spec.config_hash(&image_id, self.client_key.public_openssh());
         if label(&c, provision::LABEL_CONFIG) != Some(hash.as_str()) {
-            return Err("configuration changed".into());
+            return Err(NoLocalSocket::ConfigChanged);
         }
         if !matches!(status(&c), Some(ContainerStateStatusEnum::RUNNING)) {
-            return Err("not running".into());
+            return Err(NoLocalSocket::NotRunning);
         }
         let volume = c
             .mounts
@@ -267,14 +267,18 @@ impl Builders {
             .iter()
             .find(|m| m.destination.as_deref() == Some("/nix"))
             .and_then(|m| m.source.clone())
-            .ok_or("no /nix volume")?;
+            .ok_or(NoLocalSocket::NoVolume)?;
         let rel = provision::REMOTE_DAEMON_SOCKET
             .strip_prefix("/nix/")
             .unwrap_or(provision::REMOTE_DAEMON_SOCKET);
         let (socket, fd) = checked_volume_socket(std::path::Path::new(&volume), rel)?;
-        let daemon = open_local_daemon(&socket, name)
-            .await
-            .map_err(|e| format!("{volume}/{rel}: {e}"))?;
+        let daemon =
+            open_local_daemon(&socket, name)
+                .await
+                .map_err(|source| NoLocalSocket::Daemon {
+                    socket: format!("{volume}/{rel}"),
+                    source,
+                })?;
         // The path names the checked socket only while its descriptor is open; a second
         // connection (`Reopen::LocalSocket`) may come later in this process.
         keep_open(fd);
@@ -681,20 +685,27 @@ pub async fn open_daemon(
 fn checked_volume_socket(
     volume: &std::path::Path,
     rel: &str,
-) -> Result<(std::path::PathBuf, std::os::fd::OwnedFd), String> {
+) -> Result<(std::path::PathBuf, std::os::fd::OwnedFd), NoLocalSocket> {
     use crate::fs_beneath::{self, Want};
     use std::os::fd::AsFd;
     let shown = || format!("{}/{rel}", volume.display());
-    let root = fs_beneath::open_root(volume).map_err(|e| e.to_string())?;
+    let io = |what: &'static str| {
+        move |source| NoLocalSocket::Io {
+            socket: shown(),
+            what,
+            source,
+        }
+    };
+    let root = fs_beneath::open_root(volume).map_err(io("opening the volume"))?;
     let fd = fs_beneath::open_beneath(root.as_fd(), std::path::Path::new(rel), Want::Object)
-        .map_err(|e| format!("{} (resolved without symlinks): {e}", shown()))?;
-    let st = fs_beneath::fstat(fd.as_fd()).map_err(|e| format!("{}: {e}", shown()))?;
+        .map_err(io("resolving it without symlinks"))?;
+    let st = fs_beneath::fstat(fd.as_fd()).map_err(io("stat"))?;
     if !fs_beneath::is_socket(&st) {
-        return Err(format!("{} is not a socket", shown()));
+        return Err(NoLocalSocket::NotASocket(shown()));
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
     if st.st_uid != unsafe { libc::geteuid() } {
-        return Err(format!("{} is not owned by us", shown()));
+        return Err(NoLocalSocket::NotOurs(shown()));
     }
     Ok((fs_beneath::fd_path(fd.as_fd()), fd))
 }
@@ -703,8 +714,44 @@ fn checked_volume_socket(
 fn checked_volume_socket(
     _volume: &std::path::Path,
     _rel: &str,
-) -> Result<(std::path::PathBuf, std::os::fd::OwnedFd), String> {
-    Err("connecting through a checked descriptor needs Linux".into())
+) -> Result<(std::path::PathBuf, std::os::fd::OwnedFd), NoLocalSocket> {
+    Err(NoLocalSocket::NotLinux)
+}
+
+/// Why a builder is not reached through its daemon socket on the host (it is then reached over
+/// SSH); logged, not shown as a failure.
+#[derive(Debug, thiserror::Error)]
+enum NoLocalSocket {
+    #[error("engine {0} is not a local socket")]
+    RemoteEngine(String),
+    #[error("connecting through a checked descriptor needs Linux")]
+    #[cfg_attr(target_os = "linux", allow(dead_code))]
+    NotLinux,
+    #[error(transparent)]
+    Engine(#[from] BuilderError),
+    #[error("no container")]
+    NoContainer,
+    #[error("configuration changed")]
+    ConfigChanged,
+    #[error("not running")]
+    NotRunning,
+    #[error("no /nix volume")]
+    NoVolume,
+    #[error("{socket}: {what}: {source}")]
+    Io {
+        socket: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{0} is not a socket")]
+    NotASocket(String),
+    #[error("{0} is not owned by us")]
+    NotOurs(String),
+    #[error("{socket}: {source}")]
+    Daemon {
+        socket: String,
+        source: BuilderError,
+    },
 }
 
 /// Keeps a descriptor open until the process exits (one per local-socket connection).

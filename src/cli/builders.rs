@@ -1,6 +1,7 @@
 //! The builders a command works on: those this installation serves merged with its existing
 //! containers, selected by system, and the locks that keep the hook off them meanwhile.
 
+use anyhow::Context as _;
 use std::collections::BTreeMap;
 
 use crate::builder::{BuilderSpec, Engine, slots};
@@ -14,10 +15,8 @@ pub fn served(cfg: &Config, instance: &str) -> Vec<BuilderSpec> {
     BuilderSpec::served(cfg, instance)
 }
 
-pub async fn engine(cfg: &Config) -> Result<Engine, String> {
-    Engine::discover(cfg.docker_host.as_deref())
-        .await
-        .map_err(|e| e.to_string())
+pub async fn engine(cfg: &Config) -> anyhow::Result<Engine> {
+    Ok(Engine::discover(cfg.docker_host.as_deref()).await?)
 }
 
 /// One builder: configured (a spec), existing (a container), or both.
@@ -91,21 +90,21 @@ pub fn merge(specs: Vec<BuilderSpec>, existing: Vec<Existing>) -> Vec<Row> {
 
 /// The rows named by `systems` (all of them when `systems` is empty); an unknown name is an
 /// error that lists the known ones.
-pub fn select(rows: Vec<Row>, systems: &[String]) -> Result<Vec<Row>, String> {
+pub fn select(rows: Vec<Row>, systems: &[String]) -> anyhow::Result<Vec<Row>> {
     if systems.is_empty() {
         return Ok(rows);
     }
     let known: Vec<String> = rows.iter().map(|r| r.system.clone()).collect();
     for s in systems {
         if !known.contains(s) {
-            return Err(format!(
+            anyhow::bail!(
                 "no builder for {s} in this installation (known: {})",
                 if known.is_empty() {
                     "none".to_string()
                 } else {
                     known.join(", ")
                 }
-            ));
+            );
         }
     }
     Ok(rows
@@ -123,7 +122,7 @@ pub struct Loaded {
     pub rows: Vec<Row>,
 }
 
-pub async fn load(env: &super::Env) -> Result<Loaded, String> {
+pub async fn load(env: &super::Env) -> anyhow::Result<Loaded> {
     let config = env.config()?;
     let (state, instance) = env.instance()?;
     let engine = engine(&config).await?;
@@ -140,24 +139,24 @@ pub async fn load(env: &super::Env) -> Result<Loaded, String> {
 
 /// Takes the per-builder lock the hook takes while it creates or starts a container, so
 /// nothing starts the builder under us.
-pub async fn lock_builder(state: &StateDir, container: &str) -> Result<FileLock, String> {
+pub async fn lock_builder(state: &StateDir, container: &str) -> anyhow::Result<FileLock> {
     let path = state.lock_path(&format!("builder-{container}"));
     tokio::task::spawn_blocking(move || FileLock::exclusive(&path))
         .await
-        .map_err(|e| format!("lock task failed: {e}"))?
-        .map_err(|e| e.to_string())
+        .context("lock task failed")?
+        .map_err(Into::into)
 }
 
 /// Holds every build slot of a builder, so no build starts on it meanwhile; an error names
 /// how many builds run.
-pub fn hold_idle(state: &StateDir, row: &Row) -> Result<Vec<FileLock>, String> {
+pub fn hold_idle(state: &StateDir, row: &Row) -> anyhow::Result<Vec<FileLock>> {
     let name = row.container_name();
     let max = row.max_jobs();
-    match slots::try_acquire_all(&state.load_dir(), &name, max).map_err(|e| e.to_string())? {
+    match slots::try_acquire_all(&state.load_dir(), &name, max)? {
         Some(all) => Ok(all),
         None => {
             let busy = slots::busy_count(&state.load_dir(), &name, max).unwrap_or(0);
-            Err(format!(
+            Err(anyhow::anyhow!(
                 "{busy} build(s) running on {name}; wait for them, or pass --force (they fail)"
             ))
         }

@@ -1,6 +1,7 @@
 //! This installation's containers as the engine reports them (found by label through the
 //! Engine API), and commands run inside them.
 
+use anyhow::Context as _;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -97,7 +98,7 @@ impl Existing {
 }
 
 /// Every container labelled with this instance, inspected.
-pub async fn list_existing(engine: &Engine, instance: &str) -> Result<Vec<Existing>, String> {
+pub async fn list_existing(engine: &Engine, instance: &str) -> anyhow::Result<Vec<Existing>> {
     let opts = ListContainersOptions {
         all: true,
         filters: Some(HashMap::from([(
@@ -110,7 +111,7 @@ pub async fn list_existing(engine: &Engine, instance: &str) -> Result<Vec<Existi
         .docker
         .list_containers(Some(opts))
         .await
-        .map_err(|e| format!("Docker engine at {}: {e}", engine.addr))?;
+        .with_context(|| format!("Docker engine at {}", engine.addr))?;
     let mut out = Vec::new();
     for c in list {
         let Some(id) = c.id else { continue };
@@ -121,7 +122,7 @@ pub async fn list_existing(engine: &Engine, instance: &str) -> Result<Vec<Existi
         {
             Ok(i) => i,
             Err(e) if is_not_found(&e) => continue, // removed meanwhile
-            Err(e) => return Err(format!("Docker engine at {}: {e}", engine.addr)),
+            Err(e) => anyhow::bail!("Docker engine at {}: {e}", engine.addr),
         };
         let name = inspect
             .name
@@ -152,7 +153,7 @@ pub async fn exec(
     cmd: &[&str],
     timeout: Duration,
     mut on_output: impl FnMut(bool, &[u8]),
-) -> Result<i64, String> {
+) -> anyhow::Result<i64> {
     let created = docker
         .create_exec(
             container,
@@ -164,19 +165,19 @@ pub async fn exec(
             },
         )
         .await
-        .map_err(|e| format!("cannot run {cmd:?} in {container}: {e}"))?;
+        .with_context(|| format!("cannot run {cmd:?} in {container}"))?;
     let run = async {
         match docker
             .start_exec(&created.id, None)
             .await
-            .map_err(|e| format!("cannot run {cmd:?} in {container}: {e}"))?
+            .with_context(|| format!("cannot run {cmd:?} in {container}"))?
         {
             StartExecResults::Attached { mut output, .. } => {
                 while let Some(item) = output.next().await {
                     match item {
                         Ok(LogOutput::StdErr { message }) => on_output(true, &message),
                         Ok(other) => on_output(false, &other.into_bytes()),
-                        Err(e) => return Err(format!("{container}: {e}")),
+                        Err(e) => anyhow::bail!("{container}: {e}"),
                     }
                 }
             }
@@ -184,12 +185,12 @@ pub async fn exec(
         }
         Ok(())
     };
-    tokio::time::timeout(timeout, run)
-        .await
-        .map_err(|_| format!("{cmd:?} in {container} did not finish within {timeout:?}"))??;
+    tokio::time::timeout(timeout, run).await.map_err(|_| {
+        anyhow::anyhow!("{cmd:?} in {container} did not finish within {timeout:?}")
+    })??;
     let inspect = docker
         .inspect_exec(&created.id)
         .await
-        .map_err(|e| format!("{container}: {e}"))?;
+        .with_context(|| container.to_string())?;
     Ok(inspect.exit_code.unwrap_or(-1))
 }

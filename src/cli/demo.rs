@@ -1,6 +1,7 @@
 //! `nixdock demo`: builds a tiny derivation for every system the engine can run, through the
 //! real `nix-build` and nixdock-hook, twice (cold, then warm), and shows where it ran.
 
+use anyhow::Context as _;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -56,15 +57,15 @@ struct Outcome {
     ok: bool,
 }
 
-pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
+pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
     let hook = match &args.hook {
         Some(h) => h.clone(),
         None => host::hook_next_to_me()?,
     };
     if !host::is_executable(&hook) {
-        return Err(format!("{} is missing or not executable", hook.display()));
+        anyhow::bail!("{} is missing or not executable", hook.display());
     }
-    let nix_build = crate::nix_tools::find("nix-build").map_err(|e| e.to_string())?;
+    let nix_build = crate::nix_tools::find("nix-build")?;
     let nix_version = crate::nix_tools::find("nix")
         .ok()
         .and_then(|n| nix_version::nix_version_of(&n))
@@ -76,20 +77,20 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
     if !args.systems.is_empty() {
         for s in &args.systems {
             if !specs.iter().any(|x| &x.system == s) {
-                return Err(format!(
+                anyhow::bail!(
                     "{s} is not served by this installation (served: {})",
                     specs
                         .iter()
                         .map(|x| x.system.as_str())
                         .collect::<Vec<_>>()
                         .join(", ")
-                ));
+                );
             }
         }
         specs.retain(|x| args.systems.contains(&x.system));
     }
     if specs.is_empty() {
-        return Err("this installation serves no system (see `nixdock doctor`)".into());
+        anyhow::bail!("this installation serves no system (see `nixdock doctor`)");
     }
     println!(
         "nixdock demo: a tiny derivation per system through nix-build, twice (cold, warm)\n  \
@@ -150,7 +151,7 @@ async fn demo_one(
     }
     if let Err(e) = ensure_image(env, &loaded.engine, spec, args.build_images).await {
         return Outcome {
-            lines: vec![format!("  skipped: {e}")],
+            lines: vec![format!("  skipped: {e:#}")],
             ok: true,
         };
     }
@@ -160,7 +161,7 @@ async fn demo_one(
         let name = spec.container_name();
         let t = Instant::now();
         if let Err(e) = stop_builder(loaded, row, &name).await {
-            return fail(format!("cannot stop {name} for a cold start: {e}"));
+            return fail(format!("cannot stop {name} for a cold start: {e:#}"));
         }
         println!(
             "  stopped {name} for a cold start ({:.1} s)",
@@ -214,7 +215,7 @@ async fn demo_one(
             }
             Err(e) => {
                 lines.push(format!("  {label} {secs:6.1} s  FAILED:"));
-                lines.extend(e.lines().map(|l| format!("      {l}")));
+                lines.extend(format!("{e:#}").lines().map(|l| format!("      {l}")));
                 ok = false;
                 break;
             }
@@ -229,11 +230,11 @@ async fn ensure_image(
     engine: &Engine,
     spec: &BuilderSpec,
     build: bool,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     match engine.docker.inspect_image(&spec.image).await {
         Ok(_) => return Ok(()),
         Err(e) if containers::is_not_found(&e) => {}
-        Err(e) => return Err(format!("cannot inspect {}: {e}", spec.image)),
+        Err(e) => anyhow::bail!("cannot inspect {}: {e}", spec.image),
     }
     if spec.image != default_image(&spec.system) {
         // A configured image: the hook pulls it.
@@ -254,11 +255,12 @@ async fn ensure_image(
                 matches!(answer.trim(), "y" | "Y" | "yes")
             });
     if !go {
-        return Err(format!(
+        anyhow::bail!(
             "{} does not exist; build it with `{cmd}` (or `nixdock image build`), pass \
              --build-images, or name an image for {} in the config",
-            spec.image, spec.system
-        ));
+            spec.image,
+            spec.system
+        );
     }
     let mirror = super::image::debian_mirror();
     super::image::build_debian(engine, env, &spec.system, "bookworm", &mirror, &spec.image)
@@ -270,7 +272,7 @@ async fn stop_builder(
     loaded: &builders::Loaded,
     row: Option<&Row>,
     name: &str,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let _lock = builders::lock_builder(&loaded.state, name).await?;
     let _slots = match row {
         Some(r) => Some(builders::hold_idle(&loaded.state, r)?),
@@ -286,7 +288,7 @@ async fn stop_builder(
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 304, ..
         }) => Ok(()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -330,7 +332,7 @@ async fn nix_build_once(
     system: &str,
     native: bool,
     nonce: &str,
-) -> Result<String, String> {
+) -> anyhow::Result<String> {
     let mut cmd = tokio::process::Command::new(nix_build);
     cmd.arg("--no-out-link")
         .arg("-E")
@@ -349,26 +351,25 @@ async fn nix_build_once(
         .kill_on_drop(true);
     let child = cmd
         .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", nix_build.display()))?;
+        .with_context(|| format!("cannot run {}", nix_build.display()))?;
     let out = tokio::time::timeout(Duration::from_secs(600), child.wait_with_output())
         .await
-        .map_err(|_| "nix-build did not finish within 10 minutes".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| anyhow::anyhow!("nix-build did not finish within 10 minutes"))??;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
-        return Err(format!(
+        anyhow::bail!(
             "nix-build failed ({}):\n{}",
             out.status,
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        ));
+        );
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let path = stdout
         .lines()
         .rfind(|l| l.starts_with('/'))
-        .ok_or_else(|| format!("nix-build printed no output path; stderr:\n{stderr}"))?;
-    std::fs::read_to_string(path.trim()).map_err(|e| format!("cannot read {path}: {e}"))
+        .with_context(|| format!("nix-build printed no output path; stderr:\n{stderr}"))?;
+    std::fs::read_to_string(path.trim()).with_context(|| format!("cannot read {path}"))
 }
 
 #[cfg(test)]

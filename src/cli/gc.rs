@@ -2,6 +2,7 @@
 //! (through the Engine API), removes this installation's volumes that no container uses any
 //! more, and with `--volumes` removes the builders and their volumes altogether.
 
+use anyhow::Context as _;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -38,7 +39,7 @@ pub struct Args {
     pub force: bool,
 }
 
-pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
+pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
     let loaded = builders::load(env).await?;
     let rows = builders::select(loaded.rows, &args.systems)?;
     let mut failed = 0;
@@ -58,7 +59,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
         match result {
             Ok(msg) => println!("{}: {msg}", row.system),
             Err(e) => {
-                eprintln!("{}: {e}", row.system);
+                eprintln!("{}: {e:#}", row.system);
                 failed += 1;
             }
         }
@@ -72,14 +73,14 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
             }
         }
         Err(e) => {
-            eprintln!("nixdock: {e}");
+            eprintln!("nixdock: {e:#}");
             failed += 1;
         }
     }
     Ok(if failed > 0 { 1 } else { 0 })
 }
 
-async fn collect(engine: &Engine, row: &Row) -> Result<String, String> {
+async fn collect(engine: &Engine, row: &Row) -> anyhow::Result<String> {
     let Some(ex) = &row.existing else {
         return Ok("no container; nothing to collect".into());
     };
@@ -118,10 +119,10 @@ async fn collect(engine: &Engine, row: &Row) -> Result<String, String> {
     .await?;
     if code != 0 {
         let tail: Vec<&str> = all.lines().rev().take(10).collect();
-        return Err(format!(
+        anyhow::bail!(
             "nix-collect-garbage failed (exit code {code}):\n{}",
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        ));
+        );
     }
     Ok(if !summary.is_empty() {
         summary
@@ -138,7 +139,7 @@ async fn remove_builder(
     instance: &str,
     row: &Row,
     force: bool,
-) -> Result<String, String> {
+) -> anyhow::Result<String> {
     let name = row.container_name();
     let _lock = builders::lock_builder(state, &name).await?;
     let _slots = if force {
@@ -155,7 +156,7 @@ async fn remove_builder(
         match engine.docker.remove_container(&ex.name, Some(opts)).await {
             Ok(()) => done.push(format!("removed container {}", ex.name)),
             Err(e) if containers::is_not_found(&e) => {}
-            Err(e) => return Err(format!("cannot remove {}: {e}", ex.name)),
+            Err(e) => anyhow::bail!("cannot remove {}: {e}", ex.name),
         }
     }
     for vol in volumes_of(engine, instance, Some(&row.system)).await? {
@@ -166,7 +167,7 @@ async fn remove_builder(
         {
             Ok(()) => done.push(format!("removed volume {vol}")),
             Err(e) if containers::is_not_found(&e) => {}
-            Err(e) => return Err(format!("cannot remove volume {vol}: {e}")),
+            Err(e) => anyhow::bail!("cannot remove volume {vol}: {e}"),
         }
     }
     Ok(if done.is_empty() {
@@ -181,7 +182,7 @@ async fn volumes_of(
     engine: &Engine,
     instance: &str,
     system: Option<&str>,
-) -> Result<Vec<String>, String> {
+) -> anyhow::Result<Vec<String>> {
     Ok(labelled_volumes(engine, instance)
         .await?
         .into_iter()
@@ -194,7 +195,7 @@ async fn volumes_of(
 async fn labelled_volumes(
     engine: &Engine,
     instance: &str,
-) -> Result<Vec<(String, String)>, String> {
+) -> anyhow::Result<Vec<(String, String)>> {
     let opts = ListVolumesOptions {
         filters: Some(HashMap::from([(
             "label".to_string(),
@@ -205,7 +206,7 @@ async fn labelled_volumes(
         .docker
         .list_volumes(Some(opts))
         .await
-        .map_err(|e| format!("Docker engine at {}: {e}", engine.addr))?;
+        .with_context(|| format!("Docker engine at {}", engine.addr))?;
     let mut out: Vec<(String, String)> = list
         .volumes
         .unwrap_or_default()
@@ -227,7 +228,7 @@ async fn remove_unused_volumes(
     state: &StateDir,
     instance: &str,
     rows: &[Row],
-) -> Result<Vec<(String, String)>, String> {
+) -> anyhow::Result<Vec<(String, String)>> {
     let mut removed = Vec::new();
     let volumes = labelled_volumes(engine, instance).await?;
     for row in rows {

@@ -1,17 +1,18 @@
 //! This host as the commands see it: the hook's view of it, root or not, where the hook is.
 
+use anyhow::Context as _;
 use std::path::Path;
 
 /// The hook's own view of the host, so the CLI decides exactly as the hook does.
 pub use crate::builder::systems::{ENGINE_IS_LOCAL, host_arch};
 
 /// The `nixdock-hook` installed next to this program.
-pub fn hook_next_to_me() -> Result<std::path::PathBuf, String> {
-    let me = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+pub fn hook_next_to_me() -> anyhow::Result<std::path::PathBuf> {
+    let me = std::env::current_exe().context("cannot find this program")?;
     let me = std::fs::canonicalize(&me).unwrap_or(me);
     let dir = me
         .parent()
-        .ok_or_else(|| format!("{} has no directory", me.display()))?;
+        .with_context(|| format!("{} has no directory", me.display()))?;
     Ok(dir.join("nixdock-hook"))
 }
 

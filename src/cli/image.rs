@@ -5,6 +5,7 @@
 //! Either way the image only has to hold Nix and OpenSSH's sshd: nixdock uploads the entry
 //! script, keys and configuration into each container before it starts.
 
+use anyhow::Context as _;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -83,20 +84,20 @@ pub struct BuildArgs {
     pub tag: Option<String>,
 }
 
-pub async fn run(env: &Env, cmd: ImageCommand) -> Result<i32, String> {
+pub async fn run(env: &Env, cmd: ImageCommand) -> anyhow::Result<i32> {
     let ImageCommand::Build(args) = cmd;
     let config = env.config()?;
     let systems = if args.systems.is_empty() {
         let specs = builders::served(&config, "none");
         if specs.is_empty() {
-            return Err("this installation serves no system; name one with --system".into());
+            anyhow::bail!("this installation serves no system; name one with --system");
         }
         specs.into_iter().map(|s| s.system).collect()
     } else {
         args.systems.clone()
     };
     if args.tag.is_some() && systems.len() != 1 {
-        return Err("--tag needs exactly one --system".into());
+        anyhow::bail!("--tag needs exactly one --system");
     }
     let engine = builders::engine(&config).await?;
     let mut failed = 0;
@@ -112,7 +113,7 @@ pub async fn run(env: &Env, cmd: ImageCommand) -> Result<i32, String> {
         match result {
             Ok(tag) => println!("built {tag} in {:.0} s", t.elapsed().as_secs_f64()),
             Err(e) => {
-                eprintln!("nixdock: {system}: {e}");
+                eprintln!("nixdock: {system}: {e:#}");
                 failed += 1;
             }
         }
@@ -163,9 +164,9 @@ pub async fn build_from_nixos(
     system: &str,
     nix_tag: &str,
     tag: &str,
-) -> Result<String, String> {
+) -> anyhow::Result<String> {
     let platform = docker_platform(system)
-        .ok_or_else(|| format!("nixdock cannot run {system} in a Linux container"))?;
+        .with_context(|| format!("nixdock cannot run {system} in a Linux container"))?;
     let tag = tag.to_string();
     println!("{system}: building {tag} from nixos/nix:{nix_tag} ({platform})");
     let dockerfile = nixos_dockerfile(nix_tag);
@@ -174,9 +175,8 @@ pub async fn build_from_nixos(
     h.set_size(dockerfile.len() as u64);
     h.set_mode(0o644);
     h.set_mtime(0);
-    tar.append_data(&mut h, "Dockerfile", dockerfile.as_bytes())
-        .map_err(|e| e.to_string())?;
-    let context = tar.into_inner().map_err(|e| e.to_string())?;
+    tar.append_data(&mut h, "Dockerfile", dockerfile.as_bytes())?;
+    let context = tar.into_inner()?;
     let opts = BuildImageOptions {
         dockerfile: "Dockerfile".into(),
         t: Some(tag.clone()),
@@ -198,10 +198,10 @@ pub async fn build_from_nixos(
     while let Some(item) = stream.next().await {
         let info = match item {
             Ok(i) => i,
-            Err(e) => return Err(explain_nixos_failure(system, &e.to_string())),
+            Err(e) => anyhow::bail!(explain_nixos_failure(system, &e.to_string())),
         };
         if let Some(err) = info.error_detail.and_then(|d| d.message) {
-            return Err(explain_nixos_failure(system, &err));
+            anyhow::bail!(explain_nixos_failure(system, &err));
         }
         if let Some(s) = info.stream {
             for l in s.lines().filter(|l| !l.trim().is_empty()) {
@@ -216,9 +216,7 @@ pub async fn build_from_nixos(
         }
     }
     if engine.docker.inspect_image(&tag).await.is_err() {
-        return Err(format!(
-            "the engine reported no error, but {tag} does not exist"
-        ));
+        anyhow::bail!("the engine reported no error, but {tag} does not exist");
     }
     verify(engine, system, &tag).await?;
     Ok(tag)
@@ -301,11 +299,11 @@ pub async fn build_debian(
     suite: &str,
     mirror: &str,
     tag: &str,
-) -> Result<String, String> {
+) -> anyhow::Result<String> {
     let arch =
-        debian_arch(system).ok_or_else(|| format!("Debian has no architecture for {system}"))?;
+        debian_arch(system).with_context(|| format!("Debian has no architecture for {system}"))?;
     if !host::is_root() {
-        return Err("--from-debian needs root (debootstrap, chroot and mount)".into());
+        anyhow::bail!("--from-debian needs root (debootstrap, chroot and mount)");
     }
     if crate::nix_tools::find_in(
         "debootstrap",
@@ -317,31 +315,27 @@ pub async fn build_debian(
     )
     .is_err()
     {
-        return Err("debootstrap is not installed: apt-get install debootstrap".into());
+        anyhow::bail!("debootstrap is not installed: apt-get install debootstrap");
     }
     if let EmulationSupport::Missing(why) =
         systems::emulation_support(system, host::host_arch(), host::ENGINE_IS_LOCAL)
     {
-        return Err(format!("this machine cannot run {system} programs: {why}"));
+        anyhow::bail!("this machine cannot run {system} programs: {why}");
     }
     let tag = tag.to_string();
     // In the state directory, so private like the rest of it (0700, the log 0600).
     let logs_dir = crate::state::StateDir::open(&env.state_path)
-        .and_then(|s| s.private_subdir("image-build"))
-        .map_err(|e| e.to_string())?;
+        .and_then(|s| s.private_subdir("image-build"))?;
     let log = logs_dir.join(format!("{system}.log"));
     let _ = std::fs::remove_file(&log);
     crate::state::create_private_file(&log)
-        .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        .with_context(|| format!("cannot create {}", log.display()))?;
     let base = std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
-    let work = WorkDir(base.join(format!(
-        "nixdock-image-{}",
-        crate::state::random_id(10).map_err(|e| e.to_string())?
-    )));
+    let work = WorkDir(base.join(format!("nixdock-image-{}", crate::state::random_id(10)?)));
     std::fs::create_dir_all(work.path())
-        .map_err(|e| format!("cannot create {}: {e}", work.path().display()))?;
+        .with_context(|| format!("cannot create {}", work.path().display()))?;
     let script = work.path().join("debian-image.sh");
-    std::fs::write(&script, DEBIAN_SCRIPT).map_err(|e| e.to_string())?;
+    std::fs::write(&script, DEBIAN_SCRIPT)?;
     let out = work.path().join("rootfs.tar");
     println!(
         "{system}: building {tag} from Debian {suite}/{arch} (log: {})",
@@ -358,12 +352,12 @@ pub async fn build_debian(
         .stderr(Stdio::inherit())
         .status()
         .await
-        .map_err(|e| format!("cannot run bash: {e}"))?;
+        .context("cannot run bash")?;
     if !status.success() {
-        return Err(format!(
+        anyhow::bail!(
             "building the root file system failed (log: {})",
             log.display()
-        ));
+        );
     }
     println!("  importing into the engine as {tag}");
     import_tar(engine, &out, &tag).await?;
@@ -406,11 +400,11 @@ fn wipe(dir: &Path) -> std::io::Result<()> {
 }
 
 /// `docker import` of a tar file through the Engine API (`POST /images/create?fromSrc=-`).
-async fn import_tar(engine: &Engine, tar: &Path, tag: &str) -> Result<(), String> {
+async fn import_tar(engine: &Engine, tar: &Path, tag: &str) -> anyhow::Result<()> {
     let (repo, tagname) = tag.rsplit_once(':').unwrap_or((tag, "latest"));
     let file = tokio::fs::File::open(tar)
         .await
-        .map_err(|e| format!("cannot open {}: {e}", tar.display()))?;
+        .with_context(|| format!("cannot open {}", tar.display()))?;
     let body = futures_util::stream::unfold(file, |mut f| async move {
         let mut buf = vec![0u8; 1 << 20];
         match f.read(&mut buf).await {
@@ -431,22 +425,19 @@ async fn import_tar(engine: &Engine, tar: &Path, tag: &str) -> Result<(), String
         .docker
         .create_image(Some(opts), Some(bollard::body_stream(body)), None);
     while let Some(item) = s.next().await {
-        item.map_err(|e| format!("importing {tag}: {e}"))?;
+        item.with_context(|| format!("importing {tag}"))?;
     }
     engine
         .docker
         .inspect_image(tag)
         .await
         .map(|_| ())
-        .map_err(|e| format!("importing {tag} left no image: {e}"))
+        .with_context(|| format!("importing {tag} left no image"))
 }
 
 /// Runs the new image once: the right architecture, a Nix, an sshd.
-async fn verify(engine: &Engine, system: &str, tag: &str) -> Result<(), String> {
-    let name = format!(
-        "nixdock-verify-{}",
-        crate::state::random_id(8).map_err(|e| e.to_string())?
-    );
+async fn verify(engine: &Engine, system: &str, tag: &str) -> anyhow::Result<()> {
+    let name = format!("nixdock-verify-{}", crate::state::random_id(8)?);
     let probe = "uname -m; \
         for d in /root/.nix-profile/bin /nix/var/nix/profiles/default/bin /usr/bin /bin; do \
           if [ -x $d/nix-daemon ]; then $d/nix-daemon --version; break; fi; done; \
@@ -469,12 +460,12 @@ async fn verify(engine: &Engine, system: &str, tag: &str) -> Result<(), String> 
             body,
         )
         .await
-        .map_err(|e| format!("cannot run {tag}: {e}"))?;
+        .with_context(|| format!("cannot run {tag}"))?;
     let result = async {
         docker
             .start_container(&name, None::<StartContainerOptions>)
             .await
-            .map_err(|e| format!("cannot start {tag}: {e}"))?;
+            .with_context(|| format!("cannot start {tag}"))?;
         let mut wait = docker.wait_container(&name, None::<WaitContainerOptions>);
         let _ = tokio::time::timeout(Duration::from_secs(120), wait.next()).await;
         let mut logs = docker.logs(
@@ -489,7 +480,7 @@ async fn verify(engine: &Engine, system: &str, tag: &str) -> Result<(), String> 
         while let Some(Ok(chunk)) = logs.next().await {
             out.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
         }
-        Ok::<String, String>(out)
+        anyhow::Ok(out)
     }
     .await;
     let _ = docker
@@ -506,9 +497,7 @@ async fn verify(engine: &Engine, system: &str, tag: &str) -> Result<(), String> 
     let arch = lines.next().unwrap_or("").trim().to_string();
     let want = systems::container_arch(system).unwrap_or("?");
     if arch != want {
-        return Err(format!(
-            "{tag} runs as {arch:?}, but {system} needs {want}; output:\n{out}"
-        ));
+        anyhow::bail!("{tag} runs as {arch:?}, but {system} needs {want}; output:\n{out}");
     }
     let nix = out.lines().find(|l| l.contains("(Nix)"));
     let sshd = out.lines().find_map(|l| l.strip_prefix("sshd="));
@@ -517,7 +506,7 @@ async fn verify(engine: &Engine, system: &str, tag: &str) -> Result<(), String> 
             println!("  verified: {arch}, {}, sshd at {s}", n.trim());
             Ok(())
         }
-        _ => Err(format!(
+        _ => Err(anyhow::anyhow!(
             "{tag} lacks nix-daemon or sshd; its probe said:\n{out}"
         )),
     }

@@ -38,7 +38,7 @@ pub struct Args {
     pub follow: bool,
 }
 
-pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
+pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
     if args.hook {
         return hook_log(&env.state_path, args.lines, args.follow).await;
     }
@@ -46,9 +46,9 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
     let loaded = builders::load(env).await?;
     let rows = builders::select(loaded.rows, std::slice::from_ref(&system))?;
     let Some(ex) = rows.into_iter().next().and_then(|r| r.existing) else {
-        return Err(format!(
+        anyhow::bail!(
             "the {system} builder has no container yet (the first build for {system} creates it)"
-        ));
+        );
     };
     let opts = LogsOptions {
         follow: args.follow,
@@ -72,7 +72,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
             Ok(other) => {
                 let _ = out.write_all(&other.into_bytes());
             }
-            Err(e) => return Err(format!("{}: {e}", ex.name)),
+            Err(e) => anyhow::bail!("{}: {e}", ex.name),
         }
         let _ = out.flush();
     }
@@ -100,20 +100,20 @@ fn last_lines(text: &str, n: Option<usize>) -> (&str, usize) {
     (text, n.saturating_sub(have))
 }
 
-async fn hook_log(state_dir: &Path, lines: Option<usize>, follow: bool) -> Result<i32, String> {
+async fn hook_log(state_dir: &Path, lines: Option<usize>, follow: bool) -> anyhow::Result<i32> {
     let path = state_dir.join("hook.log");
     let rotated = state_dir.join("hook.log.1");
     let current = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!(
+            anyhow::bail!(
                 "no hook log at {} yet: the hook writes it at its first build. Is this the \
                  state directory the hook uses? (nix-daemon's hook runs as root: \
                  /var/lib/nixdock unless NIXDOCK_STATE_DIR is set in its environment)",
                 path.display()
-            ));
+            );
         }
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
     };
     let text = String::from_utf8_lossy(&current);
     let (tail, missing) = last_lines(&text, lines);

@@ -113,14 +113,14 @@ impl Env {
         }
     }
 
-    pub fn config(&self) -> Result<Config, String> {
-        Config::load(&self.config_path).map_err(|e| e.to_string())
+    pub fn config(&self) -> anyhow::Result<Config> {
+        Ok(Config::load(&self.config_path)?)
     }
 
     /// Opens (creating if needed) the state directory and reads this installation's id.
-    pub fn instance(&self) -> Result<(StateDir, String), String> {
-        let state = StateDir::open(&self.state_path).map_err(|e| e.to_string())?;
-        let id = state.instance_id().map_err(|e| e.to_string())?;
+    pub fn instance(&self) -> anyhow::Result<(StateDir, String)> {
+        let state = StateDir::open(&self.state_path)?;
+        let id = state.instance_id()?;
         Ok((state, id))
     }
 }
@@ -152,13 +152,29 @@ pub fn main() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("nixdock: {e}");
+            eprintln!("{}", error_report(&e));
             1
         }
     }
 }
 
-async fn run(command: Command, env: Env) -> Result<i32, String> {
+/// The error as the user sees it: what failed, then each cause on its own line (most errors
+/// from the libraries already quote their cause, which is then not repeated).
+fn error_report(e: &anyhow::Error) -> String {
+    let mut out = format!("nixdock: error: {e}");
+    let mut shown = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !shown.contains(&c) {
+            out.push_str("\n  caused by: ");
+            out.push_str(&c);
+        }
+        shown = c;
+    }
+    out
+}
+
+async fn run(command: Command, env: Env) -> anyhow::Result<i32> {
     match command {
         Command::Status(a) => status::run(&env, a).await,
         Command::Stop(a) => stop::run(&env, a).await,
@@ -176,6 +192,27 @@ async fn run(command: Command, env: Env) -> Result<i32, String> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn error_report_shows_each_cause_once() {
+        use anyhow::Context as _;
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = Err::<(), _>(io)
+            .context("cannot read /etc/nix/nix.conf")
+            .context("cannot install")
+            .unwrap_err();
+        assert_eq!(
+            error_report(&e),
+            "nixdock: error: cannot install\n  caused by: cannot read /etc/nix/nix.conf\n  \
+             caused by: no such file"
+        );
+        // A library error whose message already quotes its source does not repeat it.
+        #[derive(Debug, thiserror::Error)]
+        #[error("bad config: {0}")]
+        struct Quoting(#[source] std::io::Error);
+        let e = anyhow::Error::from(Quoting(std::io::Error::other("denied")));
+        assert_eq!(error_report(&e), "nixdock: error: bad config: denied");
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

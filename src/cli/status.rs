@@ -87,20 +87,20 @@ struct BuilderInfo {
     slots: u32,
 }
 
-pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
+pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
     let config = env.config()?;
     let (state, instance) = env.instance()?;
     let specs = builders::served(&config, &instance);
     let (engine, engine_error) = match builders::engine(&config).await {
         Ok(e) => (Some(e), None),
-        Err(e) => (None, Some(e)),
+        Err(e) => (None, Some(format!("{e:#}"))),
     };
     let mut engine_error = engine_error;
     let existing = match &engine {
         Some(e) => match containers::list_existing(e, &instance).await {
             Ok(x) => x,
             Err(err) => {
-                engine_error = Some(err);
+                engine_error = Some(format!("{err:#}"));
                 Vec::new()
             }
         },
@@ -126,10 +126,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
         builders,
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_table(&report);
     }

@@ -30,7 +30,7 @@ pub struct Args {
     pub force: bool,
 }
 
-pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
+pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
     let loaded = builders::load(env).await?;
     let rows = builders::select(loaded.rows, &args.systems)?;
     let mut failed = 0;
@@ -38,7 +38,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
         match stop_one(&loaded.engine, &loaded.state, row, args.force).await {
             Ok(msg) => println!("{}: {msg}", row.system),
             Err(e) => {
-                eprintln!("{}: {e}", row.system);
+                eprintln!("{}: {e:#}", row.system);
                 failed += 1;
             }
         }
@@ -51,7 +51,7 @@ async fn stop_one(
     state: &crate::state::StateDir,
     row: &Row,
     force: bool,
-) -> Result<String, String> {
+) -> anyhow::Result<String> {
     let Some(ex) = &row.existing else {
         return Ok("no container".into());
     };
@@ -74,6 +74,6 @@ async fn stop_one(
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 304, ..
         }) => Ok(format!("{} was already stopped", ex.name)),
-        Err(e) => Err(format!("cannot stop {}: {e}", ex.name)),
+        Err(e) => Err(anyhow::anyhow!("cannot stop {}: {e}", ex.name)),
     }
 }

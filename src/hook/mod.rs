@@ -37,13 +37,11 @@ struct Context {
 }
 
 impl Context {
-    fn load() -> Result<Context, String> {
+    fn load() -> Result<Context, ContextError> {
         let path = Config::path_from_env();
-        let config = Config::load(&path).map_err(|e| e.to_string())?;
-        let state = StateDir::locate()
-            .and_then(StateDir::open)
-            .map_err(|e| e.to_string())?;
-        let instance = state.instance_id().map_err(|e| e.to_string())?;
+        let config = Config::load(&path)?;
+        let state = StateDir::locate().and_then(StateDir::open)?;
+        let instance = state.instance_id()?;
         let served = BuilderSpec::served(&config, &instance);
         Ok(Context {
             config,
@@ -53,18 +51,29 @@ impl Context {
         })
     }
 
-    async fn builders(&mut self) -> Result<&Builders, String> {
-        if self.builders.is_none() {
-            let engine = Engine::discover(self.config.docker_host.as_deref())
-                .await
-                .map_err(|e| e.to_string())?;
-            self.builders =
-                Some(Builders::new(engine, self.state.clone()).map_err(|e| e.to_string())?);
-        }
-        self.builders
-            .as_ref()
-            .ok_or_else(|| "no engine".to_string())
+    async fn builders(&mut self) -> Result<&Builders, ContextError> {
+        let builders = match self.builders.take() {
+            Some(b) => b,
+            None => {
+                let engine = Engine::discover(self.config.docker_host.as_deref()).await?;
+                Builders::new(engine, self.state.clone())?
+            }
+        };
+        Ok(self.builders.insert(builders))
     }
+}
+
+/// Why the hook cannot load its config and state, or reach its engine.
+#[derive(Debug, thiserror::Error)]
+enum ContextError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Engine(#[from] crate::builder::engine::EngineError),
+    #[error(transparent)]
+    Builders(#[from] crate::builder::BuilderError),
 }
 
 /// Runs the hook; returns the process exit status.

@@ -207,19 +207,26 @@ fn remote_err(what: &str, e: WorkerError) -> Outcome {
 async fn open_second_daemon(
     builder: &RemoteStore,
     machine: &str,
-) -> Result<DaemonConnection, String> {
-    let session = || builder.session.as_ref().ok_or("no SSH session");
-    match &builder.reopen {
-        Reopen::Builder => lifecycle::open_daemon(session()?, machine)
-            .await
-            .map_err(|e| e.to_string()),
-        Reopen::Exec(command) => crate::static_machines::open_daemon(session()?, command, machine)
-            .await
-            .map_err(|e| e.to_string()),
-        Reopen::LocalSocket { socket, .. } => lifecycle::open_local_daemon(socket, machine)
-            .await
-            .map_err(|e| e.to_string()),
-    }
+) -> Result<DaemonConnection, SecondDaemonError> {
+    let session = || builder.session.as_ref().ok_or(SecondDaemonError::NoSession);
+    Ok(match &builder.reopen {
+        Reopen::Builder => lifecycle::open_daemon(session()?, machine).await?,
+        Reopen::Exec(command) => {
+            crate::static_machines::open_daemon(session()?, command, machine).await?
+        }
+        Reopen::LocalSocket { socket, .. } => lifecycle::open_local_daemon(socket, machine).await?,
+    })
+}
+
+/// Why no second connection for parallel copies was opened (the copy then uses one).
+#[derive(Debug, thiserror::Error)]
+enum SecondDaemonError {
+    #[error("no SSH session")]
+    NoSession,
+    #[error(transparent)]
+    Builder(#[from] lifecycle::BuilderError),
+    #[error(transparent)]
+    Static(#[from] crate::static_machines::StaticError),
 }
 
 impl Job<'_> {
@@ -655,7 +662,13 @@ impl Job<'_> {
                         .nar_from_path(p, &mut counting, &mut |_| {})
                         .await
                         .map(|_| ())
-                        .map_err(|e| format!("from '{machine}': {e}"))
+                        .map_err(|source| {
+                            FetchFailed {
+                                machine: machine.clone(),
+                                source,
+                            }
+                            .into()
+                        })
                 }
             };
             importer.add_streamed(pi, fetch).await.map_err(|e| {
@@ -689,6 +702,14 @@ impl Job<'_> {
             format!("ssh-ng://{}", self.machine)
         }
     }
+}
+
+/// A NAR fetch from a builder that failed (the importer's error names the path).
+#[derive(Debug, thiserror::Error)]
+#[error("from '{machine}': {source}")]
+struct FetchFailed {
+    machine: String,
+    source: hook_protocol::worker::WorkerError,
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use std::collections::BTreeSet;
 
 use hook_protocol::derivation::DerivationOutput;
 use hook_protocol::hash::{Hash, HashAlgo};
-use hook_protocol::store_path::{ContentAddressMethod, StorePath};
+use hook_protocol::store_path::{ContentAddressMethod, StorePath, StorePathError};
 
 /// A content address: how the content was hashed, and the hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,52 +52,88 @@ impl ContentAddress {
         drv_name: &str,
         output_name: &str,
         output: &DerivationOutput,
-    ) -> Result<Option<ContentAddress>, String> {
+    ) -> Result<Option<ContentAddress>, OutputCaError> {
         if output.hash_algo.is_empty() {
             return Ok(None);
         }
+        let output_name = output_name.to_string();
         if !output.is_fixed() {
-            return Err(format!(
-                "output '{output_name}' is content-addressed without a fixed hash (floating or impure), which nixdock does not support"
-            ));
+            return Err(OutputCaError::NotFixed { output_name });
         }
-        let (method, _) = output.method_and_algo().ok_or_else(|| {
-            format!(
-                "output '{output_name}': unknown hash algorithm '{}'",
-                output.hash_algo
-            )
-        })?;
-        let hash = output
-            .fixed_hash()
-            .ok_or_else(|| format!("output '{output_name}': unparsable hash '{}'", output.hash))?;
+        let Some((method, _)) = output.method_and_algo() else {
+            return Err(OutputCaError::UnknownAlgo {
+                output_name,
+                algo: output.hash_algo.clone(),
+            });
+        };
+        let Some(hash) = output.fixed_hash() else {
+            return Err(OutputCaError::BadHash {
+                output_name,
+                hash: output.hash.clone(),
+            });
+        };
         match method {
-            ContentAddressMethod::Git => {
-                return Err(format!(
-                    "output '{output_name}' is git-hashed (experimental), which nixdock cannot verify"
-                ));
-            }
+            ContentAddressMethod::Git => return Err(OutputCaError::Git { output_name }),
             ContentAddressMethod::Text if hash.algo() != HashAlgo::Sha256 => {
-                return Err(format!(
-                    "output '{output_name}' is text-hashed with {}; Nix allows only sha256",
-                    hash.algo()
-                ));
+                return Err(OutputCaError::TextNotSha256 {
+                    output_name,
+                    algo: hash.algo(),
+                });
             }
             _ => {}
         }
         // The .drv is the local store's own, but check that the path Nix locked is the one its
         // hash names, so the content check below checks the right thing.
-        let computed = output
-            .fixed_output_path(drv_name, output_name)
-            .ok_or_else(|| format!("output '{output_name}': no fixed output path"))?
-            .map_err(|e| format!("output '{output_name}': {e}"))?;
+        let computed = match output.fixed_output_path(drv_name, &output_name) {
+            None => return Err(OutputCaError::NoPath { output_name }),
+            Some(Err(source)) => {
+                return Err(OutputCaError::BadPath {
+                    output_name,
+                    source,
+                });
+            }
+            Some(Ok(p)) => p,
+        };
         if output.path() != Some(computed.clone()) {
-            return Err(format!(
-                "output '{output_name}' is at '{}', but its hash gives '{computed}'",
-                output.path
-            ));
+            return Err(OutputCaError::WrongPath {
+                output_name,
+                path: output.path.clone(),
+                computed,
+            });
         }
         Ok(Some(ContentAddress { method, hash }))
     }
+}
+
+/// Why a `.drv`'s output has no content address this hook can check
+/// ([`ContentAddress::of_output`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OutputCaError {
+    #[error(
+        "output '{output_name}' is content-addressed without a fixed hash (floating or impure), which nixdock does not support"
+    )]
+    NotFixed { output_name: String },
+    #[error("output '{output_name}': unknown hash algorithm '{algo}'")]
+    UnknownAlgo { output_name: String, algo: String },
+    #[error("output '{output_name}': unparsable hash '{hash}'")]
+    BadHash { output_name: String, hash: String },
+    #[error("output '{output_name}' is git-hashed (experimental), which nixdock cannot verify")]
+    Git { output_name: String },
+    #[error("output '{output_name}' is text-hashed with {algo}; Nix allows only sha256")]
+    TextNotSha256 { output_name: String, algo: HashAlgo },
+    #[error("output '{output_name}': no fixed output path")]
+    NoPath { output_name: String },
+    #[error("output '{output_name}': {source}")]
+    BadPath {
+        output_name: String,
+        source: StorePathError,
+    },
+    #[error("output '{output_name}' is at '{path}', but its hash gives '{computed}'")]
+    WrongPath {
+        output_name: String,
+        path: String,
+        computed: StorePath,
+    },
 }
 
 /// Checks the references a builder claims for `path`: a fixed output has none; any other
@@ -108,25 +144,48 @@ pub fn check_references(
     references: &BTreeSet<StorePath>,
     fixed: bool,
     allowed: &BTreeSet<StorePath>,
-) -> Result<(), String> {
+) -> Result<(), ReferenceError> {
     if fixed {
         if references.is_empty() {
             return Ok(());
         }
-        return Err(format!(
-            "the builder says fixed output {path} references {}, but fixed-output derivations must not reference store paths",
-            list(references.iter())
-        ));
+        return Err(ReferenceError::FixedHasReferences {
+            path: path.clone(),
+            references: references.iter().cloned().collect(),
+        });
     }
-    let outside: Vec<&StorePath> = references.difference(allowed).collect();
+    let outside: Vec<StorePath> = references.difference(allowed).cloned().collect();
     if outside.is_empty() {
         return Ok(());
     }
-    Err(format!(
+    Err(ReferenceError::Outside {
+        path: path.clone(),
+        outside,
+    })
+}
+
+/// References a builder claims that its output may not have ([`check_references`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReferenceError {
+    #[error(
+        "the builder says fixed output {path} references {}, but fixed-output derivations must not reference store paths",
+        list(.references.iter())
+    )]
+    FixedHasReferences {
+        path: StorePath,
+        /// Sorted.
+        references: Vec<StorePath>,
+    },
+    #[error(
         "the builder says output {path} references {}, which {} neither in the build's input closure nor among the derivation's outputs",
-        list(outside.iter().copied()),
-        if outside.len() == 1 { "is" } else { "are" }
-    ))
+        list(.outside.iter()),
+        if .outside.len() == 1 { "is" } else { "are" }
+    )]
+    Outside {
+        path: StorePath,
+        /// Sorted.
+        outside: Vec<StorePath>,
+    },
 }
 
 fn list<'a>(paths: impl Iterator<Item = &'a StorePath>) -> String {
@@ -537,7 +596,9 @@ mod tests {
         let ok: BTreeSet<_> = [p("in"), p("out")].into();
         assert!(check_references(&p("out"), &ok, false, &allowed).is_ok());
         let bad: BTreeSet<_> = [p("in"), p("evil"), p("zzz")].into();
-        let e = check_references(&p("out"), &bad, false, &allowed).unwrap_err();
+        let e = check_references(&p("out"), &bad, false, &allowed)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("-evil'") && e.contains("-zzz'") && !e.contains("-in'"),
             "{e}"

@@ -139,8 +139,8 @@ pub enum ImportError {
         #[source]
         source: CaColumnError,
     },
-    #[error("copying '{path}' from the builder: {message}")]
-    Fetch { path: String, message: String },
+    #[error("copying '{path}' from the builder: {source}")]
+    Fetch { path: String, source: FetchError },
     #[error("{what} did not finish within {after:?}")]
     TimedOut { what: String, after: Duration },
     #[error("copying '{path}' from the builder: no data for {idle:?}")]
@@ -173,6 +173,9 @@ pub mod deadlines {
 }
 
 pub type Result<T, E = ImportError> = std::result::Result<T, E>;
+
+/// Why the fetch beside [`OutputImporter::add_streamed`] failed: whatever the transport says.
+pub type FetchError = Box<dyn std::error::Error + Send + Sync>;
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ImportError + 'a {
     move |source| ImportError::Io {
@@ -398,7 +401,7 @@ impl OutputImporter {
     pub async fn add_streamed<F, Fut>(&mut self, info: PathInfo, fetch: F) -> Result<()>
     where
         F: FnOnce(DuplexStream) -> Fut,
-        Fut: Future<Output = std::result::Result<(), String>>,
+        Fut: Future<Output = std::result::Result<(), FetchError>>,
     {
         let overall = deadlines::nar_overall(info.info.nar_size);
         self.add_streamed_within(info, deadlines::NAR_IDLE, overall, fetch)
@@ -414,7 +417,7 @@ impl OutputImporter {
     ) -> Result<()>
     where
         F: FnOnce(DuplexStream) -> Fut,
-        Fut: Future<Output = std::result::Result<(), String>>,
+        Fut: Future<Output = std::result::Result<(), FetchError>>,
     {
         let store_path = info.info.path.clone();
         let path = self.abs(&store_path);
@@ -428,7 +431,7 @@ impl OutputImporter {
             // writing then fails at once instead of filling the pipe and waiting forever.
             let add = self.add_inner(info, r, Some((&last_read, epoch)));
             tokio::pin!(fetch, add);
-            let mut fetched: Option<std::result::Result<(), String>> = None;
+            let mut fetched: Option<std::result::Result<(), FetchError>> = None;
             let mut added: Option<Result<()>> = None;
             let mut tick = tokio::time::interval(tick_every);
             let outcome = loop {
@@ -466,14 +469,14 @@ impl OutputImporter {
             // the import as a truncated NAR).
             (Some(Err(e @ ImportError::Nar { .. })), Some(Err(f))) => {
                 tracing::debug!("import of '{path}' failed after its fetch: {e}");
-                Err(ImportError::Fetch { path, message: f })
+                Err(ImportError::Fetch { path, source: f })
             }
             (Some(Err(e)), _) => Err(e),
             (Some(Ok(())), Some(Err(f))) => {
                 // Everything arrived and matched, but the peer's stream did not end cleanly:
                 // refuse it all the same.
                 self.discard_partial(&store_path).await;
-                Err(ImportError::Fetch { path, message: f })
+                Err(ImportError::Fetch { path, source: f })
             }
             (Some(Ok(())), Some(Ok(()))) => Ok(()),
             _ => Err(ImportError::Internal(format!(
@@ -975,7 +978,7 @@ mod tests {
         info.info.nar_size += 8;
         let mut imp = OutputImporter::new(store.path(), false).unwrap();
         let fetch =
-            |mut w: DuplexStream| async move { w.write_all(&nar).await.map_err(|e| e.to_string()) };
+            |mut w: DuplexStream| async move { w.write_all(&nar).await.map_err(Into::into) };
         let r = tokio::time::timeout(HANG, imp.add_streamed(info, fetch))
             .await
             .expect("hung");
@@ -1028,7 +1031,7 @@ mod tests {
         let mut imp = OutputImporter::new(store.path(), false).unwrap();
         let fetch = |mut w: DuplexStream| async move {
             w.write_all(&nar).await.map_err(|e| e.to_string())?;
-            Err("the peer said something odd".to_string())
+            Err("the peer said something odd".into())
         };
         let r = imp.add_streamed(info.clone(), fetch).await;
         assert!(matches!(r, Err(ImportError::Fetch { .. })), "{r:?}");
@@ -1036,7 +1039,7 @@ mod tests {
         // And a good one goes through.
         let (nar, _) = small_nar(store.path(), b"x").await;
         let fetch =
-            |mut w: DuplexStream| async move { w.write_all(&nar).await.map_err(|e| e.to_string()) };
+            |mut w: DuplexStream| async move { w.write_all(&nar).await.map_err(Into::into) };
         imp.add_streamed(info, fetch).await.unwrap();
         assert_eq!(imp.staged.len(), 1);
     }

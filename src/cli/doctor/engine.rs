@@ -97,7 +97,7 @@ pub(super) async fn check_engine(c: &mut Checks, env: &Env, config: &Config) -> 
                     env.config_path.display()
                 ),
             };
-            c.fail("engine", e, fix);
+            c.fail("engine", format!("{e:#}"), fix);
             None
         }
     }

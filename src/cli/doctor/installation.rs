@@ -27,7 +27,7 @@ pub(super) fn check_config(c: &mut Checks, env: &Env) -> Config {
         Err(e) => {
             c.fail(
                 "config",
-                e,
+                format!("{e:#}"),
                 format!(
                     "edit {} (every key is listed in the file `nixdock install` writes)",
                     env.config_path.display()

@@ -111,7 +111,7 @@ impl Checks {
     }
 }
 
-pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
+pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
     let mut c = Checks(Vec::new());
     let hook = host::hook_next_to_me()?;
 
@@ -148,10 +148,7 @@ pub async fn run(env: &Env, args: Args) -> Result<i32, String> {
         checks: c.0,
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);
     }

@@ -15,7 +15,7 @@ pub(super) async fn check_ssh(c: &mut Checks, engine: &Engine, env: &Env, instan
     let existing = match containers::list_existing(engine, instance).await {
         Ok(x) => x,
         Err(e) => {
-            c.fail("builders running", e, "see the engine's log");
+            c.fail("builders running", format!("{e:#}"), "see the engine's log");
             return;
         }
     };

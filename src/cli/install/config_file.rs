@@ -54,14 +54,14 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 /// earlier install was undone); `docker_host` is `--docker-host`, `real_root` an install into /.
 pub(super) async fn plan_config(
     cfg_path: &Path,
-    kept_host: Result<Option<String>, String>,
+    kept_host: anyhow::Result<Option<String>>,
     docker_host: Option<&String>,
     real_root: bool,
-) -> Result<Option<Change>, String> {
+) -> anyhow::Result<Option<Change>> {
     let record = match (&kept_host, docker_host) {
         (Err(e), _) => {
             println!(
-                "warning: {e}\nthe config is left as it is and no docker-host is recorded: fix \
+                "warning: {e:#}\nthe config is left as it is and no docker-host is recorded: fix \
                  it (the hook cannot read it either), then install again"
             );
             None
@@ -87,7 +87,7 @@ pub(super) async fn plan_config(
     let cur_cfg = match read_for_edit(cfg_path)? {
         Some((b, _)) => Some(
             String::from_utf8(b)
-                .map_err(|_| format!("{} is not UTF-8 text", cfg_path.display()))?,
+                .map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", cfg_path.display()))?,
         ),
         None => None,
     };
@@ -122,7 +122,7 @@ fn toml_string(s: &str) -> String {
 
 /// The config with `docker-host` set: the commented default with that line filled in when
 /// there is none, else the file with the setting added at its top (before any table).
-fn config_with_docker_host(cur: Option<&str>, host: &str, path: &Path) -> Result<String, String> {
+fn config_with_docker_host(cur: Option<&str>, host: &str, path: &Path) -> anyhow::Result<String> {
     let line = format!("docker-host = {}", toml_string(host));
     let new = match cur {
         None => {
@@ -135,12 +135,12 @@ fn config_with_docker_host(cur: Option<&str>, host: &str, path: &Path) -> Result
     };
     match crate::config::Config::parse(&new, path) {
         Ok(c) if c.docker_host.as_deref() == Some(host) => Ok(new),
-        Ok(_) => Err(format!(
+        Ok(_) => Err(anyhow::anyhow!(
             "cannot add docker-host to {}: set docker-host = {} there yourself",
             path.display(),
             toml_string(host)
         )),
-        Err(e) => Err(format!("{e} (with docker-host added)")),
+        Err(e) => Err(anyhow::anyhow!("{e} (with docker-host added)")),
     }
 }
 

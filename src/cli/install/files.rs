@@ -1,24 +1,25 @@
 //! Reading, writing and showing the files install edits.
 
+use anyhow::Context as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 /// Reads a file for editing: `None` when absent; a symlink is refused (NixOS and
 /// home-manager make these, and their owner would overwrite our change).
-pub(super) fn read_for_edit(path: &Path) -> Result<Option<(Vec<u8>, std::fs::Metadata)>, String> {
+pub(super) fn read_for_edit(path: &Path) -> anyhow::Result<Option<(Vec<u8>, std::fs::Metadata)>> {
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => Err(format!(
+        Ok(m) if m.file_type().is_symlink() => Err(anyhow::anyhow!(
             "{} is a symlink (managed by NixOS or home-manager?): set build-hook there instead \
              (NixOS: nix.settings.build-hook, and for Nix 2.25-2.33 \
              systemd.services.nix-daemon.environment.NIX_CONFIG)",
             path.display()
         )),
-        Ok(m) if !m.is_file() => Err(format!("{} is not a regular file", path.display())),
+        Ok(m) if !m.is_file() => Err(anyhow::anyhow!("{} is not a regular file", path.display())),
         Ok(m) => std::fs::read(path)
             .map(|b| Some((b, m)))
-            .map_err(|e| format!("cannot read {}: {e}", path.display())),
+            .with_context(|| format!("cannot read {}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
     }
 }
 
@@ -28,7 +29,7 @@ pub(super) fn write_file(
     bytes: &[u8],
     mode: u32,
     owner: Option<(u32, u32)>,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -45,7 +46,7 @@ pub(super) fn write_file(
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        return Err(format!("cannot write {}: {e}", path.display()));
+        anyhow::bail!("cannot write {}: {e}", path.display());
     }
     Ok(())
 }

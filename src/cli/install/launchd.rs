@@ -35,9 +35,9 @@ fn indent_at(text: &str, at: usize) -> &str {
 /// Adds `NIX_CONFIG = build-hook = <hook>` to the EnvironmentVariables of a launchd plist,
 /// editing the XML as text so everything else stays byte for byte. An existing NIX_CONFIG
 /// keeps its other settings.
-pub fn plist_set_hook(text: &str, hook: &Path) -> Result<String, String> {
+pub fn plist_set_hook(text: &str, hook: &Path) -> anyhow::Result<String> {
     let setting = format!("build-hook = {}", hook.display());
-    let bad = |what: &str| format!("cannot edit the launchd plist: {what}");
+    let bad = |what: &str| anyhow::anyhow!("cannot edit the launchd plist: {what}");
     if let Some(k) = text.find("<key>EnvironmentVariables</key>") {
         let after_key = k + "<key>EnvironmentVariables</key>".len();
         let rest = &text[after_key..];

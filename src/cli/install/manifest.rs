@@ -1,6 +1,7 @@
 //! The install manifest: every file install touched with its original (or "absent"), kept in
 //! the state directory, and writing those originals back.
 
+use anyhow::Context as _;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -82,7 +83,7 @@ impl Present {
         }
     }
 
-    pub(super) fn bytes(&self) -> Result<Vec<u8>, String> {
+    pub(super) fn bytes(&self) -> anyhow::Result<Vec<u8>> {
         if let Some(t) = &self.text {
             return Ok(t.as_bytes().to_vec());
         }
@@ -92,7 +93,7 @@ impl Present {
             .map(|i| {
                 h.get(i..i + 2)
                     .and_then(|b| u8::from_str_radix(b, 16).ok())
-                    .ok_or_else(|| "corrupt hex content in the install manifest".to_string())
+                    .context("corrupt hex content in the install manifest")
             })
             .collect()
     }
@@ -109,21 +110,20 @@ pub(super) fn manifest_path(env: &Env) -> PathBuf {
     env.state_path.join(MANIFEST)
 }
 
-pub(super) fn load_manifest(path: &Path) -> Result<Option<Manifest>, String> {
+pub(super) fn load_manifest(path: &Path) -> anyhow::Result<Option<Manifest>> {
     match std::fs::read(path) {
         Ok(b) => serde_json::from_slice(&b)
             .map(Some)
-            .map_err(|e| format!("{} is corrupt: {e}", path.display())),
+            .with_context(|| format!("{} is corrupt", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
     }
 }
 
-pub(super) fn save_manifest(env: &Env, m: &Manifest) -> Result<(), String> {
+pub(super) fn save_manifest(env: &Env, m: &Manifest) -> anyhow::Result<()> {
     // An older nixdock left its state directory with the umask's modes, which the hook now
     // refuses; installing over it is the upgrade, so make it private here.
-    let tightened =
-        crate::state::tighten_legacy_modes(&env.state_path).map_err(|e| e.to_string())?;
+    let tightened = crate::state::tighten_legacy_modes(&env.state_path)?;
     if !tightened.is_empty() {
         println!(
             "made {} private ({} entries were readable by other users; an older nixdock made them)",
@@ -131,16 +131,16 @@ pub(super) fn save_manifest(env: &Env, m: &Manifest) -> Result<(), String> {
             tightened.len()
         );
     }
-    let state = StateDir::open(&env.state_path).map_err(|e| e.to_string())?;
+    let state = StateDir::open(&env.state_path)?;
     let path = state.path().join(MANIFEST);
-    let json = serde_json::to_vec_pretty(m).map_err(|e| e.to_string())?;
+    let json = serde_json::to_vec_pretty(m)?;
     crate::state::write_private(&path, &json, 0o600)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Writes back every original of a manifest, newest change first, then removes the
 /// directories install made (when empty).
-pub(super) fn restore(m: &Manifest) -> Result<(), String> {
+pub(super) fn restore(m: &Manifest) -> anyhow::Result<()> {
     let mut errors = Vec::new();
     for f in m.files.iter().rev() {
         let cur = match std::fs::symlink_metadata(&f.path) {
@@ -183,7 +183,7 @@ pub(super) fn restore(m: &Manifest) -> Result<(), String> {
                 }
                 match write_file(&f.path, &bytes, p.mode, Some((p.uid, p.gid))) {
                     Ok(()) => print_change(&f.path, cur.as_deref(), Some(&bytes), "restored"),
-                    Err(e) => errors.push(e),
+                    Err(e) => errors.push(format!("{e:#}")),
                 }
             }
         }
@@ -196,7 +196,7 @@ pub(super) fn restore(m: &Manifest) -> Result<(), String> {
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(errors.join("\n"))
+        Err(anyhow::anyhow!(errors.join("\n")))
     }
 }
 

@@ -10,6 +10,7 @@
 //! Every file touched is recorded first, with its original content (or "absent"), in
 //! `install-manifest.json` in the state directory; `uninstall` writes those originals back.
 
+use anyhow::Context as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -143,13 +144,13 @@ struct Change {
     why: String,
 }
 
-fn parse_version(s: &str) -> Result<(u32, u32), String> {
+fn parse_version(s: &str) -> anyhow::Result<(u32, u32)> {
     nix_version::parse_nix_version(s)
-        .ok_or_else(|| format!("--nix-version {s:?}: expected a version like 2.26"))
+        .with_context(|| format!("--nix-version {s:?}: expected a version like 2.26"))
 }
 
 /// The Nix version to install for: the running daemon's, else the `nix` on PATH.
-fn detect_version() -> Result<((u32, u32), String), String> {
+fn detect_version() -> anyhow::Result<((u32, u32), String)> {
     for pid in nix_daemon_process::nix_daemons() {
         if let Some(exe) = nix_daemon_process::process_exe(pid)
             && let Some((v, text)) = nix_version::nix_version_of(&exe)
@@ -157,11 +158,11 @@ fn detect_version() -> Result<((u32, u32), String), String> {
             return Ok((v, format!("{text} (the running nix-daemon)")));
         }
     }
-    let nix =
-        crate::nix_tools::find("nix").map_err(|e| format!("{e}\nor pass --nix-version X.Y"))?;
+    let nix = crate::nix_tools::find("nix")
+        .map_err(|e| anyhow::anyhow!("{e}\nor pass --nix-version X.Y"))?;
     nix_version::nix_version_of(&nix)
         .map(|(v, t)| (v, format!("{t} ({})", nix.display())))
-        .ok_or_else(|| {
+        .with_context(|| {
             format!(
                 "cannot tell the Nix version from `{} --version`; pass --nix-version X.Y",
                 nix.display()
@@ -175,45 +176,42 @@ fn same_path(a: &Path, b: &Path) -> bool {
     ca == cb
 }
 
-pub async fn install(env: &Env, args: InstallArgs) -> Result<i32, String> {
+pub async fn install(env: &Env, args: InstallArgs) -> anyhow::Result<i32> {
     let root = args.root.clone();
     if !root.is_absolute() || !root.is_dir() {
-        return Err(format!(
+        anyhow::bail!(
             "--root {}: not an existing absolute directory",
             root.display()
-        ));
+        );
     }
     let real_root = same_path(&root, Path::new("/"));
     if real_root && !host::is_root() {
-        return Err("installing into / needs root: run `sudo nixdock install`".into());
+        anyhow::bail!("installing into / needs root: run `sudo nixdock install`");
     }
     if args.restart_daemon && !real_root {
-        return Err("--restart-daemon only makes sense without --root".into());
+        anyhow::bail!("--restart-daemon only makes sense without --root");
     }
     let hook = match &args.hook {
         Some(h) => h.clone(),
         None => host::hook_next_to_me()?,
     };
     if !hook.is_absolute() {
-        return Err(format!(
-            "--hook {}: must be an absolute path",
-            hook.display()
-        ));
+        anyhow::bail!("--hook {}: must be an absolute path", hook.display());
     }
     let hook_s = hook.to_string_lossy();
     if hook_s
         .chars()
         .any(|c| c.is_whitespace() || c == '"' || c == '\\' || c == '\'')
     {
-        return Err(format!(
+        anyhow::bail!(
             "{}: Nix splits build-hook at spaces; install nixdock-hook at a path without \
              spaces or quotes",
             hook.display()
-        ));
+        );
     }
     if !host::is_executable(&hook) {
         if real_root {
-            return Err(format!("{} is not an executable file", hook.display()));
+            anyhow::bail!("{} is not an executable file", hook.display());
         }
         eprintln!(
             "warning: {} is not an executable file on this machine",
@@ -236,7 +234,7 @@ pub async fn install(env: &Env, args: InstallArgs) -> Result<i32, String> {
         Some((bytes, _)) => {
             crate::config::Config::parse(&String::from_utf8_lossy(&bytes), &cfg_path)
                 .map(|c| c.docker_host)
-                .map_err(|e| e.to_string())
+                .map_err(anyhow::Error::from)
         }
         None => Ok(None),
     };
@@ -245,16 +243,16 @@ pub async fn install(env: &Env, args: InstallArgs) -> Result<i32, String> {
     let mpath = manifest_path(env);
     if let Some(old) = load_manifest(&mpath)? {
         if !same_path(&old.root, &root) {
-            return Err(format!(
+            anyhow::bail!(
                 "nixdock is already installed under {} (manifest {}); run `nixdock uninstall` first",
                 old.root.display(),
                 mpath.display()
-            ));
+            );
         }
         println!("undoing the previous install first");
         restore(&old)?;
         std::fs::remove_file(&mpath)
-            .map_err(|e| format!("cannot remove {}: {e}", mpath.display()))?;
+            .with_context(|| format!("cannot remove {}", mpath.display()))?;
     }
 
     println!("installing {} for {version_text}", hook.display());
@@ -302,7 +300,7 @@ pub async fn install(env: &Env, args: InstallArgs) -> Result<i32, String> {
     save_manifest(env, &manifest)?;
 
     for dir in &manifest.created_dirs {
-        std::fs::create_dir(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         println!("created directory {}", dir.display());
     }
     for (ch, entry) in plan.iter().zip(&manifest.files) {
@@ -333,7 +331,7 @@ fn plan_hook_setting(
     hook: &Path,
     version: (u32, u32),
     manager: ServiceManager,
-) -> Result<Option<String>, String> {
+) -> anyhow::Result<Option<String>> {
     let hook_str = hook.display().to_string();
     let (major, minor) = version;
     let restart_cmd;
@@ -362,11 +360,11 @@ fn plan_hook_setting(
             ServiceManager::Launchd => {
                 let plist = under(root, PLIST);
                 if !plist.exists() {
-                    return Err(format!(
+                    anyhow::bail!(
                         "{} does not exist: is Nix installed in multi-user mode? (or pass \
                          --service-manager none)",
                         plist.display()
-                    ));
+                    );
                 }
                 let h = hook.to_path_buf();
                 plan_edit(
@@ -415,14 +413,14 @@ fn plan_hook_setting(
 fn plan_edit(
     plan: &mut Vec<Change>,
     path: PathBuf,
-    f: &dyn Fn(Option<&str>) -> Result<String, String>,
+    f: &dyn Fn(Option<&str>) -> anyhow::Result<String>,
     why: String,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let cur = read_for_edit(&path)?;
     let cur_text = match &cur {
         Some((b, _)) => Some(
             std::str::from_utf8(b)
-                .map_err(|_| format!("{} is not UTF-8 text", path.display()))?
+                .map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", path.display()))?
                 .to_string(),
         ),
         None => None,
@@ -444,7 +442,7 @@ fn finish(
     restart: bool,
     cmd: Option<&str>,
     manager: ServiceManager,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let Some(cmd) = cmd else {
         if real_root {
             println!("restart nix-daemon so it reads the change");
@@ -458,50 +456,50 @@ fn finish(
         return Ok(());
     }
     if manager == ServiceManager::Systemd && !Path::new("/run/systemd/system").exists() {
-        return Err(format!(
+        anyhow::bail!(
             "systemd does not run on this machine, so `{cmd}` cannot work: restart nix-daemon \
              the way it was started"
-        ));
+        );
     }
     println!("running: {cmd}");
     let status = Command::new("/bin/sh")
         .args(["-c", cmd])
         .status()
-        .map_err(|e| format!("cannot run {cmd}: {e}"))?;
+        .with_context(|| format!("cannot run {cmd}"))?;
     if !status.success() {
-        return Err(format!("`{cmd}` failed ({status})"));
+        anyhow::bail!("`{cmd}` failed ({status})");
     }
     Ok(())
 }
 
-pub fn uninstall(env: &Env, args: UninstallArgs) -> Result<i32, String> {
+pub fn uninstall(env: &Env, args: UninstallArgs) -> anyhow::Result<i32> {
     let mpath = manifest_path(env);
     let Some(m) = load_manifest(&mpath)? else {
-        return Err(format!(
+        anyhow::bail!(
             "nothing to uninstall: no install manifest at {} (is this the state directory \
              install used? see --state-dir)",
             mpath.display()
-        ));
+        );
     };
     if let Some(r) = &args.root
         && !same_path(r, &m.root)
     {
-        return Err(format!(
+        anyhow::bail!(
             "the install recorded in {} was under {}, not {}",
             mpath.display(),
             m.root.display(),
             r.display()
-        ));
+        );
     }
     let real_root = same_path(&m.root, Path::new("/"));
     if real_root && !host::is_root() {
-        return Err("uninstalling from / needs root: run `sudo nixdock uninstall`".into());
+        anyhow::bail!("uninstalling from / needs root: run `sudo nixdock uninstall`");
     }
     if args.restart_daemon && !real_root {
-        return Err("--restart-daemon only makes sense for an install into /".into());
+        anyhow::bail!("--restart-daemon only makes sense for an install into /");
     }
     restore(&m)?;
-    std::fs::remove_file(&mpath).map_err(|e| format!("cannot remove {}: {e}", mpath.display()))?;
+    std::fs::remove_file(&mpath).with_context(|| format!("cannot remove {}", mpath.display()))?;
     println!("removed {}", mpath.display());
     let touched_daemon = m.files.iter().any(|f| {
         let p = f.path.to_string_lossy();

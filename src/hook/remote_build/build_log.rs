@@ -63,7 +63,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
 use crate::hook::parent::Parent;
 use crate::transport::Reopen;
-use crate::transport::ssh::{ExecChannel, ExecOutput, ExitWaiter, SshSession};
+use crate::transport::ssh::{
+    ExecChannel, ExecOutput, ExitStatus, ExitWaiter, SshError, SshSession,
+};
 
 /// Lines kept from the daemon's events for when the raw log cannot be read.
 const FALLBACK_BYTES: usize = 4 << 20;
@@ -305,7 +307,7 @@ impl<'a> Live<'a> {
     }
 
     /// Polls the file in the builder's volume (opened beneath it, a regular file).
-    async fn follow_volume(&mut self, root: &Path) -> Result<(), String> {
+    async fn follow_volume(&mut self, root: &Path) -> Result<(), LogError> {
         let comps = log_components(self.drv);
         let comps: Vec<&str> = comps.iter().map(String::as_str).collect();
         let file = loop {
@@ -314,20 +316,17 @@ impl<'a> Live<'a> {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     tokio::time::sleep(POLL).await
                 }
-                Err(e) => return Err(format!("opening it in the builder's volume: {e}")),
+                Err(e) => return Err(LogError::Open(e)),
             }
         };
-        let id = file_id(&file).map_err(|e| e.to_string())?;
+        let id = file_id(&file)?;
         if self.followed.is_some_and(|old| old != id) {
-            return Err("the log file was replaced during the build".into());
+            return Err(LogError::Replaced);
         }
         self.followed = Some(id);
         loop {
             let (f, offset) = (file.clone(), self.forwarded);
-            let chunk = tokio::task::spawn_blocking(move || read_chunk(&f, offset))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+            let chunk = tokio::task::spawn_blocking(move || read_chunk(&f, offset)).await??;
             match chunk {
                 Chunk::Data(bytes) => self.forward(&bytes),
                 Chunk::Nothing => tokio::time::sleep(POLL).await,
@@ -338,8 +337,8 @@ impl<'a> Live<'a> {
     /// One remote `tail -f` from the first byte. Its input is held open: when this future is
     /// dropped, the input's EOF ends the `cat`, which ends the `tail` (a connection that dies
     /// closes the input too), so no follower is left behind in the builder.
-    async fn follow_container(&mut self, path: &str) -> Result<(), String> {
-        let session = self.session.ok_or("no SSH session")?;
+    async fn follow_container(&mut self, path: &str) -> Result<(), LogError> {
+        let session = self.session.ok_or(LogError::NoSession)?;
         let command = format!(
             "tail -c +1 -f -- {} & t=$!; cat >/dev/null; kill $t",
             shell_quote(path)
@@ -352,14 +351,14 @@ impl<'a> Live<'a> {
         } = session
             .exec(&command)
             .await
-            .map_err(|e| format!("running `{command}`: {e}"))?;
+            .map_err(|source| LogError::Exec { command, source })?;
         drop(stderr);
         let mut buf = vec![0u8; CHUNK];
         loop {
             match stdout.read(&mut buf).await {
-                Ok(0) => return Err("the remote follower ended".into()),
+                Ok(0) => return Err(LogError::FollowerEnded),
                 Ok(n) => self.forward(&buf[..n]),
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -399,38 +398,35 @@ impl<'a> Live<'a> {
 
     /// Everything from the forwarded offset to the end. The builder's daemon closed (and so
     /// flushed) the file before it answered, so its size now is the log's.
-    async fn read_rest(&mut self) -> Result<(), String> {
+    async fn read_rest(&mut self) -> Result<(), LogError> {
         match self.source.clone() {
-            None => Err("no way to read it from this builder".into()),
+            None => Err(LogError::NoSource),
             Some(Source::Volume(root)) => {
                 let comps = log_components(self.drv);
                 let comps: Vec<&str> = comps.iter().map(String::as_str).collect();
-                let file = open_beneath(&root, &comps)
-                    .map_err(|e| format!("opening it in the builder's volume: {e}"))?;
+                let file = open_beneath(&root, &comps).map_err(LogError::Open)?;
                 if self.forwarded > 0 && self.followed != file_id(&file).ok() {
-                    return Err("the log file was replaced during the build".into());
+                    return Err(LogError::Replaced);
                 }
-                let size = file.metadata().map_err(|e| e.to_string())?.len();
+                let size = file.metadata()?.len();
                 if size < self.forwarded {
-                    return Err(format!(
-                        "the log file shrank to {size} bytes after {} were shown",
-                        self.forwarded
-                    ));
+                    return Err(LogError::ShrankTo {
+                        size,
+                        shown: self.forwarded,
+                    });
                 }
                 let file = Arc::new(file);
                 while self.forwarded < size {
                     let (f, offset) = (file.clone(), self.forwarded);
-                    let chunk = tokio::task::spawn_blocking(move || read_chunk(&f, offset))
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?;
+                    let chunk =
+                        tokio::task::spawn_blocking(move || read_chunk(&f, offset)).await??;
                     match chunk {
                         Chunk::Data(mut bytes) => {
                             // Not past the size it had when the build ended.
                             bytes.truncate(usize::try_from(size - offset).unwrap_or(usize::MAX));
                             self.forward(&bytes)
                         }
-                        Chunk::Nothing => return Err("the log file shrank".into()),
+                        Chunk::Nothing => return Err(LogError::Shrank),
                     }
                 }
                 Ok(())
@@ -447,17 +443,16 @@ impl<'a> Live<'a> {
                 let mut line = Vec::new();
                 tokio::time::timeout(READ_IDLE, (&mut out).take(32).read_until(b'\n', &mut line))
                     .await
-                    .map_err(|_| format!("no answer from `{command}`"))?
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|_| LogError::NoAnswer(command.clone()))??;
                 let size: u64 = std::str::from_utf8(&line)
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
-                    .ok_or_else(|| format!("`{command}` did not say the log's size"))?;
+                    .ok_or_else(|| LogError::NoSize(command.clone()))?;
                 if size < self.forwarded {
-                    return Err(format!(
-                        "the log file shrank to {size} bytes after {} were shown",
-                        self.forwarded
-                    ));
+                    return Err(LogError::ShrankTo {
+                        size,
+                        shown: self.forwarded,
+                    });
                 }
                 self.copy_exact(&mut out, size).await
             }
@@ -468,9 +463,9 @@ impl<'a> Live<'a> {
                 drop(out);
                 match tokio::time::timeout(READ_IDLE, exit.wait()).await {
                     Ok(Ok(s)) if s.success() => Ok(()),
-                    Ok(Ok(s)) => Err(format!("`{command}` failed: {s}")),
-                    Ok(Err(e)) => Err(format!("`{command}`: {e}")),
-                    Err(_) => Err(format!("`{command}` did not end")),
+                    Ok(Ok(status)) => Err(LogError::Failed { command, status }),
+                    Ok(Err(source)) => Err(LogError::Wait { command, source }),
+                    Err(_) => Err(LogError::NotEnded(command)),
                 }
             }
         }
@@ -479,12 +474,15 @@ impl<'a> Live<'a> {
     async fn exec_output(
         &self,
         command: &str,
-    ) -> Result<(tokio::io::BufReader<ExecOutput>, ExitWaiter), String> {
-        let session = self.session.ok_or("no SSH session")?;
+    ) -> Result<(tokio::io::BufReader<ExecOutput>, ExitWaiter), LogError> {
+        let session = self.session.ok_or(LogError::NoSession)?;
         let ch = session
             .exec(command)
             .await
-            .map_err(|e| format!("running `{command}`: {e}"))?;
+            .map_err(|source| LogError::Exec {
+                command: command.to_string(),
+                source,
+            })?;
         Ok((tokio::io::BufReader::new(ch.stdout), ch.exit))
     }
 
@@ -494,24 +492,67 @@ impl<'a> Live<'a> {
         &mut self,
         r: &mut R,
         end: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), LogError> {
         let mut buf = vec![0u8; CHUNK];
         while self.forwarded < end {
             let want = usize::try_from(end - self.forwarded)
                 .unwrap_or(CHUNK)
                 .min(CHUNK);
             match tokio::time::timeout(READ_IDLE, r.read(&mut buf[..want])).await {
-                Err(_) => return Err(format!("no data for {} s", READ_IDLE.as_secs())),
-                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err(LogError::Idle),
+                Ok(Err(e)) => return Err(e.into()),
                 Ok(Ok(0)) if end == u64::MAX => return Ok(()),
                 Ok(Ok(0)) => {
-                    return Err(format!("it ended after {} of {end} bytes", self.forwarded));
+                    return Err(LogError::EndedEarly {
+                        got: self.forwarded,
+                        end,
+                    });
                 }
                 Ok(Ok(n)) => self.forward(&buf[..n]),
             }
         }
         Ok(())
     }
+}
+
+/// Why the raw build log could not be followed, or read to its end (the hook then says so and
+/// shows what it has).
+#[derive(Debug, thiserror::Error)]
+enum LogError {
+    #[error("no way to read it from this builder")]
+    NoSource,
+    #[error("no SSH session")]
+    NoSession,
+    #[error("opening it in the builder's volume: {0}")]
+    Open(#[source] std::io::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+    #[error("the log file was replaced during the build")]
+    Replaced,
+    #[error("the log file shrank to {size} bytes after {shown} were shown")]
+    ShrankTo { size: u64, shown: u64 },
+    #[error("the log file shrank")]
+    Shrank,
+    #[error("running `{command}`: {source}")]
+    Exec { command: String, source: SshError },
+    #[error("the remote follower ended")]
+    FollowerEnded,
+    #[error("no answer from `{0}`")]
+    NoAnswer(String),
+    #[error("`{0}` did not say the log's size")]
+    NoSize(String),
+    #[error("`{command}` failed: {status}")]
+    Failed { command: String, status: ExitStatus },
+    #[error("`{command}`: {source}")]
+    Wait { command: String, source: SshError },
+    #[error("`{0}` did not end")]
+    NotEnded(String),
+    #[error("no data for {} s", READ_IDLE.as_secs())]
+    Idle,
+    #[error("it ended after {got} of {end} bytes")]
+    EndedEarly { got: u64, end: u64 },
 }
 
 /// The lines the builder's daemon sent, when nothing better can be had.
