@@ -333,30 +333,7 @@ async fn fixed_outputs_carry_ca_in(image: &str, version: &str) {
          echo \"DAEMON $({nixc} --store daemon path-info --json $paths)\"; \
          {nixc} --store daemon store verify --sigs-needed 1 $paths; echo VERIFIED"
     );
-    let state = i.state.to_str().unwrap();
-    let config = i.config.to_str().unwrap();
-    let o = common::docker([
-        "run",
-        "--rm",
-        "--network",
-        "host",
-        "-v",
-        "/var/run/docker.sock:/var/run/docker.sock",
-        "-v",
-        &format!("{HOOK}:/usr/local/bin/nixdock-hook:ro"),
-        "-v",
-        &format!("{state}:{state}"),
-        "-v",
-        &format!("{config}:{config}:ro"),
-        "-e",
-        &format!("NIXDOCK_STATE_DIR={state}"),
-        "-e",
-        &format!("NIXDOCK_CONFIG={config}"),
-        &common::image(image),
-        "sh",
-        "-c",
-        &script,
-    ]);
+    let o = common::client_container(image, HOOK, &i.state, &i.config, &script);
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     let stdout = String::from_utf8_lossy(&o.stdout);

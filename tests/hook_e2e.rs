@@ -728,36 +728,15 @@ fn nix_2_26_client_in_a_trixie_container() {
     if !common::require_bed() {
         return;
     }
-    let i = install();
     let expr = drv_expr("from-226", "aarch64-linux", "echo from-2.26 > $out");
-    let state = i.state.to_str().unwrap();
-    let config = i.config.to_str().unwrap();
-    let o = common::docker([
-        "run",
-        "--rm",
-        "--network",
-        "host",
-        "-v",
-        "/var/run/docker.sock:/var/run/docker.sock",
-        "-v",
-        &format!("{HOOK}:/usr/local/bin/nixdock-hook:ro"),
-        "-v",
-        &format!("{state}:{state}"),
-        "-v",
-        &format!("{config}:{config}:ro"),
-        "-e",
-        &format!("NIXDOCK_STATE_DIR={state}"),
-        "-e",
-        &format!("NIXDOCK_CONFIG={config}"),
-        &common::image("trixie-amd64"),
-        "sh",
-        "-c",
+    let o = client_container(
+        "trixie-amd64",
         &format!(
             "nix-build --version && out=$(nix-build --no-out-link --option build-users-group '' \
              --option substituters '' --option build-hook /usr/local/bin/nixdock-hook -E '{expr}') \
              && cat $out && nix-store -q --deriver $out"
         ),
-    ]);
+    );
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     let stdout = String::from_utf8_lossy(&o.stdout);
@@ -766,25 +745,10 @@ fn nix_2_26_client_in_a_trixie_container() {
     assert!(stdout.contains("-from-226.drv"), "{t}");
 }
 
-/// `docker run` of a Nix client container on the host's network with the hook, the engine
-/// socket, the suite's state and config mounted (as the 2.26 test does), running `script`.
-/// The container is named, so a timeout still removes it.
+/// A Nix client container with this suite's installation (see `common::client_container`).
 fn client_container(img: &str, script: &str) -> Output {
     let i = install();
-    let state = i.state.to_str().unwrap();
-    let config = i.config.to_str().unwrap();
-    let name = common::unique_name("nixdock-e2e-client");
-    let _guard = common::ContainerGuard(name.clone());
-    let mut cmd = Command::new("docker");
-    cmd.args(["run", "--rm", "--name", &name, "--network", "host"])
-        .args(["-v", "/var/run/docker.sock:/var/run/docker.sock"])
-        .args(["-v", &format!("{HOOK}:/usr/local/bin/nixdock-hook:ro")])
-        .args(["-v", &format!("{state}:{state}")])
-        .args(["-v", &format!("{config}:{config}:ro")])
-        .args(["-e", &format!("NIXDOCK_STATE_DIR={state}")])
-        .args(["-e", &format!("NIXDOCK_CONFIG={config}")])
-        .args([&common::image(img), "sh", "-c", script]);
-    common::run_with_timeout(cmd, Duration::from_secs(600)).expect("docker run ran")
+    common::client_container(img, HOOK, &i.state, &i.config, script)
 }
 
 /// Nix 2.34 reads `build-hook` from /etc/nix/nix.conf again (2.25–2.33 ignore it there), so

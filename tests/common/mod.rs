@@ -232,3 +232,28 @@ pub fn out_path(o: &std::process::Output) -> String {
         .expect("an output path")
         .to_string()
 }
+
+/// `docker run` of a Nix client container (a test-bed image) on the host's network with the
+/// hook, the engine socket, a nixdock state directory and config mounted at their host paths,
+/// running `script` with `sh -c`. The container is named, so a timeout still removes it.
+pub fn client_container(
+    img: &str,
+    hook: &str,
+    state: &Path,
+    config: &Path,
+    script: &str,
+) -> Output {
+    let (state, config) = (state.display(), config.display());
+    let name = unique_name("nixdock-test-client");
+    let _guard = ContainerGuard(name.clone());
+    let mut cmd = Command::new("docker");
+    cmd.args(["run", "--rm", "--name", &name, "--network", "host"])
+        .args(["-v", "/var/run/docker.sock:/var/run/docker.sock"])
+        .args(["-v", &format!("{hook}:/usr/local/bin/nixdock-hook:ro")])
+        .args(["-v", &format!("{state}:{state}")])
+        .args(["-v", &format!("{config}:{config}:ro")])
+        .args(["-e", &format!("NIXDOCK_STATE_DIR={state}")])
+        .args(["-e", &format!("NIXDOCK_CONFIG={config}")])
+        .args([&image(img), "sh", "-c", script]);
+    run_with_timeout(cmd, Duration::from_secs(600)).unwrap_or_else(|e| panic!("{e}"))
+}
