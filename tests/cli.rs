@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{docker, docker_ok, require_bed, run_with_timeout};
+use common::{docker_ok, require_bed, run_with_timeout};
 use nixdock::builder::provision::LABEL_INSTANCE;
 use nixdock::builder::{BuilderSpec, Builders, Engine};
 use nixdock::config::BuilderConfig;
@@ -466,35 +466,12 @@ fn every_command_has_complete_help() {
 
 // --- with the test bed ------------------------------------------------------------------
 
-/// Removes every container and volume of an instance when dropped (also on panic).
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let by_label = format!("label={LABEL_INSTANCE}={}", self.0);
-        let ids = docker_ok(["ps", "-aq", "--filter", &by_label]);
-        let ids: Vec<&str> = ids.split_whitespace().collect();
-        if !ids.is_empty() {
-            let mut args = vec!["rm", "-f", "-v"];
-            args.extend(ids);
-            docker(&args);
-        }
-        let vols = docker_ok(["volume", "ls", "-q", "--filter", &by_label]);
-        let vols: Vec<&str> = vols.split_whitespace().collect();
-        if !vols.is_empty() {
-            let mut args = vec!["volume", "rm", "-f"];
-            args.extend(vols);
-            docker(&args);
-        }
-    }
-}
-
 /// A temporary installation whose config serves x86_64-linux and aarch64-linux from the
 /// test-bed images.
 struct TempInstall {
     dir: tempfile::TempDir,
     id: String,
-    _cleanup: Cleanup,
+    _cleanup: common::InstanceCleanup,
 }
 
 impl TempInstall {
@@ -510,7 +487,7 @@ impl TempInstall {
         let id = state.instance_id().unwrap();
         TempInstall {
             dir,
-            _cleanup: Cleanup(id.clone()),
+            _cleanup: common::InstanceCleanup(id.clone()),
             id,
         }
     }

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{docker, docker_ok, output_text as text};
-use nixdock::builder::provision::LABEL_INSTANCE;
+use common::{docker_ok, output_text as text};
 use nixdock::builder::{BuilderSpec, Builders, Engine};
 use nixdock::config::BuilderConfig;
 use nixdock::state::StateDir;
@@ -22,34 +21,11 @@ use nixdock::state::StateDir;
 const HOOK: &str = env!("CARGO_BIN_EXE_nixdock-hook");
 const CLI: &str = env!("CARGO_BIN_EXE_nixdock");
 
-/// Removes every container and volume of an instance when dropped (also on panic).
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let by_label = format!("label={LABEL_INSTANCE}={}", self.0);
-        let ids = docker_ok(["ps", "-aq", "--filter", &by_label]);
-        let ids: Vec<&str> = ids.split_whitespace().collect();
-        if !ids.is_empty() {
-            let mut args = vec!["rm", "-f", "-v"];
-            args.extend(ids);
-            docker(&args);
-        }
-        let vols = docker_ok(["volume", "ls", "-q", "--filter", &by_label]);
-        let vols: Vec<&str> = vols.split_whitespace().collect();
-        if !vols.is_empty() {
-            let mut args = vec!["volume", "rm", "-f"];
-            args.extend(vols);
-            docker(&args);
-        }
-    }
-}
-
 /// A throwaway installation serving x86_64-linux, with its builder running.
 struct Throwaway {
     dir: tempfile::TempDir,
     id: String,
-    _cleanup: Cleanup,
+    _cleanup: common::InstanceCleanup,
 }
 
 impl Throwaway {
@@ -67,7 +43,7 @@ impl Throwaway {
         let id = state.instance_id().unwrap();
         let t = Throwaway {
             dir,
-            _cleanup: Cleanup(id.clone()),
+            _cleanup: common::InstanceCleanup(id.clone()),
             id,
         };
         let rt = tokio::runtime::Runtime::new().unwrap();

@@ -257,3 +257,31 @@ pub fn client_container(
         .args([&image(img), "sh", "-c", script]);
     run_with_timeout(cmd, Duration::from_secs(600)).unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// Removes every container and volume labelled with a nixdock instance id when dropped (also
+/// on panic), so a failing test leaves no builder behind.
+pub struct InstanceCleanup(pub String);
+
+impl Drop for InstanceCleanup {
+    fn drop(&mut self) {
+        let by_label = format!(
+            "label={}={}",
+            nixdock::builder::provision::LABEL_INSTANCE,
+            self.0
+        );
+        for (list, remove) in [
+            (&["ps", "-aq"][..], &["rm", "-f", "-v"][..]),
+            (&["volume", "ls", "-q"][..], &["volume", "rm", "-f"][..]),
+        ] {
+            let mut args: Vec<&str> = list.to_vec();
+            args.extend(["--filter", &by_label]);
+            let ids = String::from_utf8_lossy(&docker(&args).stdout).into_owned();
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let mut args: Vec<&str> = remove.to_vec();
+                args.extend(ids);
+                docker(&args);
+            }
+        }
+    }
+}
