@@ -112,6 +112,15 @@ impl Op {
         self as u64
     }
 
+    /// The oldest protocol version that has the operation.
+    pub fn since(self) -> ProtocolVersion {
+        match self {
+            Op::AddMultipleToStore => ProtocolVersion::new(1, 32),
+            Op::BuildPathsWithResults => ProtocolVersion::new(1, 34),
+            _ => ProtocolVersion::MIN,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Op::IsValidPath => "IsValidPath",
