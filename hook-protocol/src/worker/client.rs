@@ -15,7 +15,7 @@ use crate::nar::{NarError, NarSummary, copy_nar};
 use crate::store_path::{StorePath, put_store_path, put_store_path_set, read_store_path_set};
 use crate::wire::{self, MAX_COLLECTION_LEN, WireError};
 
-use super::error::{OpContext, WorkerError, is_closed_kind};
+use super::error::{WorkerError, WorkerErrorKind, is_closed_kind};
 use super::stderr::{
     LogEvent, ReadSource, STDERR_ERROR, process_stderr, process_stderr_with_source, read_error,
 };
@@ -56,7 +56,7 @@ pub trait NarSource: Send {
 ///
 /// After an error that leaves the byte stream out of step (EOF, a malformed reply, a caller's
 /// sink failing in the middle of a NAR, …) the client is marked broken and every later
-/// operation fails with [`WorkerError::Broken`]; after [`WorkerError::Remote`] it remains
+/// operation fails with [`WorkerErrorKind::Broken`]; after [`WorkerErrorKind::Remote`] it remains
 /// usable, as with Nix's own client. Dropping an operation's future before it completes (e.g.
 /// on a timeout) also leaves the connection broken.
 pub struct WorkerClient<R, W> {
@@ -120,11 +120,12 @@ where
         client_version: ProtocolVersion,
         logs: &mut impl FnMut(LogEvent),
     ) -> Result<Self, WorkerError> {
-        let unsupported = |v: String| WorkerError::UnsupportedVersion {
-            ctx: OpContext::default(),
-            version: v,
-            min: ProtocolVersion::MIN,
-            max: ProtocolVersion::LATEST,
+        let unsupported = |v: String| {
+            WorkerError::from(WorkerErrorKind::UnsupportedVersion {
+                version: v,
+                min: ProtocolVersion::MIN,
+                max: ProtocolVersion::LATEST,
+            })
         };
         if client_version < ProtocolVersion::MIN || client_version > ProtocolVersion::LATEST {
             return Err(unsupported(format!("{client_version} (requested)")));
@@ -354,9 +355,7 @@ where
             self.broken = true;
         }
         if self.broken {
-            return Err(WorkerError::Broken {
-                ctx: OpContext::default(),
-            });
+            return Err(WorkerErrorKind::Broken.into());
         }
         self.busy = true;
         Ok(())
@@ -366,11 +365,11 @@ where
     fn need(&self, op: Op) -> Result<(), WorkerError> {
         let needed = op.since();
         if self.version < needed {
-            Err(WorkerError::TooOld {
-                ctx: OpContext::default(),
+            Err(WorkerErrorKind::TooOld {
                 needed,
                 negotiated: self.version,
-            })
+            }
+            .into())
         } else {
             Ok(())
         }
@@ -404,7 +403,7 @@ where
             Err(e) if e.is_connection_closed() => {
                 self.broken = true;
                 match process_stderr(&mut self.r, self.version, logs).await {
-                    Err(remote @ WorkerError::Remote { .. }) => Err(remote),
+                    Err(remote) if remote.is_remote() => Err(remote),
                     _ => Err(e),
                 }
             }
@@ -657,7 +656,7 @@ where
     }
 
     /// `BuildPaths`: builds or substitutes `paths`; failures come back as
-    /// [`WorkerError::Remote`].
+    /// [`WorkerErrorKind::Remote`].
     pub async fn build_paths(
         &mut self,
         paths: &[DerivedPath],
@@ -772,7 +771,9 @@ where
                 *broken = true;
                 if is_closed_kind(e.kind()) {
                     // The daemon went away; it may have said why first.
-                    if let Err(remote @ WorkerError::Remote { .. }) = stderr.await {
+                    if let Err(remote) = stderr.await
+                        && remote.is_remote()
+                    {
                         return Err(remote);
                     }
                 }
@@ -788,15 +789,15 @@ where
                     ));
                 }
                 match stderr.await {
-                    Ok(()) | Err(WorkerError::Remote { .. }) => {}
-                    Err(_) => *broken = true,
+                    Err(e) if !e.is_remote() => *broken = true,
+                    _ => {}
                 }
                 Err(WorkerError::local(
                     "the data to upload could not be read",
                     e,
                 ))
             }
-            First::Stderr(Err(e @ WorkerError::Remote { .. })) => {
+            First::Stderr(Err(e)) if e.is_remote() => {
                 if fw.finish().await.is_err() {
                     *broken = true;
                 }
@@ -875,10 +876,9 @@ fn nar_stream_error(e: NarError) -> WorkerError {
             source: WireError::Io(e),
             ..
         } => WorkerError::conn_io(e),
-        e if e.is_truncated() => WorkerError::ConnectionClosed {
-            ctx: OpContext::default(),
-            detail: format!("in the middle of the NAR ({e})"),
-        },
+        e if e.is_truncated() => {
+            WorkerError::connection_closed(format!("in the middle of the NAR ({e})"))
+        }
         e => WorkerError::protocol(format!("the daemon sent a bad NAR: {e}")),
     }
 }

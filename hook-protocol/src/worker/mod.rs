@@ -9,7 +9,7 @@
 //! stdout/stdin, an SSH channel) and gates every encoding on the negotiated version, which is
 //! the minimum of ours (1.38) and the daemon's. While an operation runs, the daemon's log
 //! messages and activity events are handed to the caller as [`LogEvent`]s; `STDERR_ERROR`
-//! becomes [`WorkerError::Remote`].
+//! becomes [`WorkerErrorKind::Remote`].
 
 mod client;
 mod error;
@@ -20,7 +20,7 @@ use std::fmt;
 
 pub use crate::log::{ActivityType, Code, Field, ResultType, Verbosity};
 pub use client::{NarSource, WorkerClient};
-pub use error::{OpContext, WorkerError};
+pub use error::{OpContext, WorkerError, WorkerErrorKind};
 pub use stderr::{
     LogEvent, STDERR_ERROR, STDERR_LAST, STDERR_NEXT, STDERR_READ, STDERR_RESULT,
     STDERR_START_ACTIVITY, STDERR_STOP_ACTIVITY, STDERR_WRITE, discard_logs,
