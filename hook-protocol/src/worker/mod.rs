@@ -12,6 +12,7 @@
 //! becomes [`WorkerErrorKind::Remote`].
 
 mod client;
+mod codec;
 mod error;
 mod stderr;
 mod types;
@@ -20,6 +21,7 @@ use std::fmt;
 
 pub use crate::log::{ActivityType, Code, Field, ResultType, Verbosity};
 pub use client::{NarSource, WorkerClient};
+pub use codec::{WireDecode, WireEncode};
 pub use error::{OpContext, WorkerError, WorkerErrorKind};
 pub use stderr::{
     LogEvent, STDERR_ERROR, STDERR_LAST, STDERR_NEXT, STDERR_READ, STDERR_RESULT,
