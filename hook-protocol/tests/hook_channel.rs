@@ -338,7 +338,7 @@ async fn bad_store_paths_from_the_parent_are_errors_naming_them() {
 
     let mut b = BytesMut::new();
     hook_protocol::wire::put_str(&mut b, "try");
-    hook_protocol::wire::put_u64(&mut b, 1); // am_willing = true
+    hook_protocol::wire::put_bool(&mut b, true); // am_willing
     hook_protocol::wire::put_str(&mut b, "x86_64-linux");
     hook_protocol::wire::put_str(&mut b, "/tmp/x.drv");
     hook_protocol::wire::put_strings(&mut b, set(&[]));

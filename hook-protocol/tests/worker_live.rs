@@ -19,7 +19,7 @@ use hook_protocol::store_path::{
 };
 use hook_protocol::worker::{
     BuildMode, BuildStatus, ClientSettings, DerivedPath, LogEvent, NarSource, OutputsSpec,
-    ProtocolVersion, ValidPathInfo, WorkerClient, WorkerError, discard_logs,
+    ProtocolVersion, ValidPathInfo, WorkerClient, WorkerErrorKind, discard_logs,
 };
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
@@ -558,7 +558,7 @@ async fn add_multiple_rejects_a_wrong_nar_size_and_stays_usable() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(err, WorkerError::Local { .. }), "{err}");
+    assert!(matches!(err.kind(), WorkerErrorKind::Local { .. }), "{err}");
     assert!(err.to_string().contains("AddMultipleToStore"), "{err}");
     assert!(!c.is_broken(), "{err}");
     assert!(
@@ -585,8 +585,9 @@ async fn remote_error_keeps_connection(bed: Bed) {
         )
         .await
         .unwrap_err();
-    match &err {
-        WorkerError::Remote { message, ctx, .. } => {
+    let ctx = err.ctx();
+    match err.kind() {
+        WorkerErrorKind::Remote { message, .. } => {
             assert!(message.contains(&p.to_string()), "{message}");
             assert_eq!(ctx.op, Some("BuildPaths"));
         }
@@ -623,8 +624,9 @@ async fn remote_error_keeps_connection(bed: Bed) {
         .nar_from_path(&p, &mut sink, &mut discard_logs)
         .await
         .unwrap_err();
-    match &err {
-        WorkerError::Remote { message, ctx, .. } => {
+    let ctx = err.ctx();
+    match err.kind() {
+        WorkerErrorKind::Remote { message, .. } => {
             assert!(message.contains(&p.to_string()), "{message}");
             assert_eq!(ctx.op, Some("NarFromPath"));
             assert_eq!(ctx.path.as_deref(), Some(p.to_string().as_str()));
@@ -662,7 +664,7 @@ async fn host_daemon_killed_mid_connection_is_connection_closed() {
     assert!(err.is_connection_closed(), "{err}");
     assert!(c.is_broken());
     let err = c.is_valid_path(&p, &mut discard_logs).await.unwrap_err();
-    assert!(matches!(err, WorkerError::Broken { .. }), "{err}");
+    assert!(matches!(err.kind(), WorkerErrorKind::Broken), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------

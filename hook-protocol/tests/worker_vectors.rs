@@ -21,7 +21,7 @@ use hook_protocol::worker::{
     KeyedBuildResult, LogEvent, Missing, NarSource, OutputsSpec, ProtocolVersion, Realisation,
     STDERR_ERROR, STDERR_LAST, STDERR_NEXT, STDERR_READ, STDERR_RESULT, STDERR_START_ACTIVITY,
     STDERR_STOP_ACTIVITY, STDERR_WRITE, ValidPathInfo, WORKER_MAGIC_1, WORKER_MAGIC_2,
-    WorkerClient, WorkerError, discard_logs, put_trusted_flag, read_trusted_flag,
+    WorkerClient, WorkerErrorKind, discard_logs, put_trusted_flag, read_trusted_flag,
 };
 use proptest::prelude::*;
 use serde_json::Value;
@@ -794,7 +794,7 @@ async fn handshake_to_client_vector_is_rejected_as_too_old() {
             .await
             .unwrap_err();
         assert!(
-            matches!(err, WorkerError::UnsupportedVersion { .. }),
+            matches!(err.kind(), WorkerErrorKind::UnsupportedVersion { .. }),
             "{err}"
         );
         assert!(err.to_string().contains("1.10"), "{err}");
@@ -1175,7 +1175,7 @@ async fn fake_startup_messages_and_bad_greetings() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, WorkerError::UnsupportedVersion { .. }),
+        matches!(err.kind(), WorkerErrorKind::UnsupportedVersion { .. }),
         "{err}"
     );
     // Too old (1.20).
@@ -1183,7 +1183,7 @@ async fn fake_startup_messages_and_bad_greetings() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, WorkerError::UnsupportedVersion { .. }),
+        matches!(err.kind(), WorkerErrorKind::UnsupportedVersion { .. }),
         "{err}"
     );
     // Closed during the handshake.
@@ -1201,7 +1201,7 @@ async fn fake_startup_messages_and_bad_greetings() {
             .await
             .unwrap_err();
         assert!(
-            matches!(err, WorkerError::UnsupportedVersion { .. }),
+            matches!(err.kind(), WorkerErrorKind::UnsupportedVersion { .. }),
             "{err}"
         );
     }
@@ -1229,7 +1229,7 @@ async fn fake_truncated_mid_op_is_connection_closed() {
     );
     assert!(c.is_broken());
     let again = c.is_valid_path(&p(), &mut discard_logs).await.unwrap_err();
-    assert!(matches!(again, WorkerError::Broken { .. }), "{again}");
+    assert!(matches!(again.kind(), WorkerErrorKind::Broken), "{again}");
 }
 
 #[tokio::test]
@@ -1248,7 +1248,7 @@ async fn fake_cancelled_operation_breaks_the_connection() {
     assert!(r.is_err(), "the fake daemon never answers");
     assert!(c.is_broken());
     let err = c.is_valid_path(&p(), &mut discard_logs).await.unwrap_err();
-    assert!(matches!(err, WorkerError::Broken { .. }), "{err}");
+    assert!(matches!(err.kind(), WorkerErrorKind::Broken), "{err}");
     drop(server.await.unwrap());
 }
 
@@ -1296,13 +1296,13 @@ async fn fake_stderr_error_new_form_keeps_connection() {
         .is_valid_path(&p(), &mut |e| logs.push(e))
         .await
         .unwrap_err();
-    match &err {
-        WorkerError::Remote {
+    let ctx = err.ctx();
+    match err.kind() {
+        WorkerErrorKind::Remote {
             message,
             exit_status,
             level,
             traces,
-            ctx,
         } => {
             assert_eq!(message, "\x1b[31;1merror:\x1b[0m path is bad");
             assert_eq!(*exit_status, None);
@@ -1353,13 +1353,12 @@ async fn fake_stderr_error_old_form() {
         d.send_u64(101).await;
     });
     let err = c.is_valid_path(&p(), &mut discard_logs).await.unwrap_err();
-    match &err {
-        WorkerError::Remote {
+    match err.kind() {
+        WorkerErrorKind::Remote {
             message,
             exit_status,
             traces,
             level,
-            ..
         } => {
             assert_eq!(message, "old-style failure");
             assert_eq!(*exit_status, Some(101));
@@ -1387,7 +1386,7 @@ async fn fake_unknown_tag_and_unexpected_read_write() {
             d
         });
         let err = c.is_valid_path(&p(), &mut discard_logs).await.unwrap_err();
-        assert!(matches!(err, WorkerError::Protocol { .. }), "{err}");
+        assert!(matches!(err.kind(), WorkerErrorKind::Protocol(_)), "{err}");
         assert!(err.to_string().contains(needle), "{err}");
         assert!(c.is_broken());
         drop(server.await.unwrap());
@@ -1420,13 +1419,7 @@ async fn fake_huge_lengths_are_errors_not_allocations() {
             .await
             .unwrap_err();
         assert!(
-            matches!(
-                err,
-                WorkerError::Wire {
-                    source: WireError::TooLong { .. },
-                    ..
-                }
-            ),
+            matches!(err.kind(), WorkerErrorKind::Wire(WireError::TooLong { .. })),
             "{what}: {err}"
         );
         assert!(c.is_broken());
@@ -1582,7 +1575,7 @@ async fn fake_bad_nar_source_is_a_local_error() {
         .add_to_store_nar(&info, &mut &garbage[..], false, false, &mut discard_logs)
         .await
         .unwrap_err();
-    assert!(matches!(err, WorkerError::Local { .. }), "{err}");
+    assert!(matches!(err.kind(), WorkerErrorKind::Local { .. }), "{err}");
     assert!(!c.is_broken());
     assert!(!c.is_valid_path(&p(), &mut discard_logs).await.unwrap());
     server.await.unwrap();
@@ -1642,7 +1635,10 @@ async fn fake_add_multiple_stream_layout() {
         .add_multiple_to_store(&[], &mut OneNar(vec![]), false, true, &mut discard_logs)
         .await
         .unwrap_err();
-    assert!(matches!(err, WorkerError::TooOld { .. }), "{err}");
+    assert!(
+        matches!(err.kind(), WorkerErrorKind::TooOld { .. }),
+        "{err}"
+    );
     assert!(!c.is_broken());
 }
 

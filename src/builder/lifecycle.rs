@@ -17,14 +17,14 @@ use hook_protocol::worker::WorkerClient;
 
 use crate::state::{FileLock, StateDir, StateError};
 use crate::transport::keys::{self, ClientKey};
-use crate::transport::ssh::{self, ExecOutput, ExecStdin, SshError, SshSession};
+use crate::transport::ssh::{self, SshError, SshSession};
 use crate::transport::unix_socket::unix_stream_channel;
 
 use super::engine::{Engine, EngineError};
 use super::provision::{self, BuilderSpec, REMOTE_NIX_DAEMON, SSH_PORT};
 use super::slots;
 
-pub type DaemonConnection = WorkerClient<ExecOutput, ExecStdin>;
+pub use crate::transport::DaemonConnection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuilderError {

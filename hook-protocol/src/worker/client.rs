@@ -15,7 +15,7 @@ use crate::nar::{NarError, NarSummary, copy_nar};
 use crate::store_path::{StorePath, put_store_path, put_store_path_set, read_store_path_set};
 use crate::wire::{self, MAX_COLLECTION_LEN, WireError};
 
-use super::error::{OpContext, WorkerError, is_closed_kind};
+use super::error::{WorkerError, WorkerErrorKind, is_closed_kind};
 use super::stderr::{
     LogEvent, ReadSource, STDERR_ERROR, process_stderr, process_stderr_with_source, read_error,
 };
@@ -56,7 +56,7 @@ pub trait NarSource: Send {
 ///
 /// After an error that leaves the byte stream out of step (EOF, a malformed reply, a caller's
 /// sink failing in the middle of a NAR, …) the client is marked broken and every later
-/// operation fails with [`WorkerError::Broken`]; after [`WorkerError::Remote`] it remains
+/// operation fails with [`WorkerErrorKind::Broken`]; after [`WorkerErrorKind::Remote`] it remains
 /// usable, as with Nix's own client. Dropping an operation's future before it completes (e.g.
 /// on a timeout) also leaves the connection broken.
 pub struct WorkerClient<R, W> {
@@ -120,11 +120,12 @@ where
         client_version: ProtocolVersion,
         logs: &mut impl FnMut(LogEvent),
     ) -> Result<Self, WorkerError> {
-        let unsupported = |v: String| WorkerError::UnsupportedVersion {
-            ctx: OpContext::default(),
-            version: v,
-            min: ProtocolVersion::MIN,
-            max: ProtocolVersion::LATEST,
+        let unsupported = |v: String| {
+            WorkerError::from(WorkerErrorKind::UnsupportedVersion {
+                version: v,
+                min: ProtocolVersion::MIN,
+                max: ProtocolVersion::LATEST,
+            })
         };
         if client_version < ProtocolVersion::MIN || client_version > ProtocolVersion::LATEST {
             return Err(unsupported(format!("{client_version} (requested)")));
@@ -354,21 +355,21 @@ where
             self.broken = true;
         }
         if self.broken {
-            return Err(WorkerError::Broken {
-                ctx: OpContext::default(),
-            });
+            return Err(WorkerErrorKind::Broken.into());
         }
         self.busy = true;
         Ok(())
     }
 
-    fn need(&self, needed: ProtocolVersion) -> Result<(), WorkerError> {
+    /// Fails if `op` does not exist at the negotiated version.
+    fn need(&self, op: Op) -> Result<(), WorkerError> {
+        let needed = op.since();
         if self.version < needed {
-            Err(WorkerError::TooOld {
-                ctx: OpContext::default(),
+            Err(WorkerErrorKind::TooOld {
                 needed,
                 negotiated: self.version,
-            })
+            }
+            .into())
         } else {
             Ok(())
         }
@@ -402,7 +403,7 @@ where
             Err(e) if e.is_connection_closed() => {
                 self.broken = true;
                 match process_stderr(&mut self.r, self.version, logs).await {
-                    Err(remote @ WorkerError::Remote { .. }) => Err(remote),
+                    Err(remote) if remote.is_remote() => Err(remote),
                     _ => Err(e),
                 }
             }
@@ -426,20 +427,42 @@ where
         buf
     }
 
+    /// The request/stderr-loop/reply pattern most operations follow: checks that the
+    /// connection is usable and `op` exists at the negotiated version, sends the opcode and
+    /// what `body` encodes, runs the stderr loop, decodes the reply with `reply`, and adds
+    /// `op` and `path` as context to any error (marking the connection broken if needed).
+    async fn call<T>(
+        &mut self,
+        op: Op,
+        path: Option<&StorePath>,
+        body: impl FnOnce(&mut BytesMut, ProtocolVersion) -> Result<(), WorkerError>,
+        logs: &mut impl FnMut(LogEvent),
+        reply: impl AsyncFnOnce(&mut BufReader<R>, ProtocolVersion) -> Result<T, WorkerError>,
+    ) -> Result<T, WorkerError> {
+        let res = async {
+            self.check()?;
+            self.need(op)?;
+            let mut buf = Self::op_buf(op);
+            body(&mut buf, self.version)?;
+            self.simple(&buf, logs).await?;
+            reply(&mut self.r, self.version).await
+        }
+        .await;
+        self.finish(res, op, path)
+    }
+
     /// `SetOptions`: sends client settings; the daemon applies what it allows.
     pub async fn set_options(
         &mut self,
         settings: &ClientSettings,
         logs: &mut impl FnMut(LogEvent),
     ) -> Result<(), WorkerError> {
-        let res = async {
-            self.check()?;
-            let mut buf = Self::op_buf(Op::SetOptions);
-            settings.write(&mut buf, self.version);
-            self.simple(&buf, logs).await
-        }
-        .await;
-        self.finish(res, Op::SetOptions, None)
+        let body = |buf: &mut BytesMut, v| {
+            settings.write(buf, v);
+            Ok(())
+        };
+        self.call(Op::SetOptions, None, body, logs, async |_, _| Ok(()))
+            .await
     }
 
     /// `IsValidPath`.
@@ -448,15 +471,14 @@ where
         path: &StorePath,
         logs: &mut impl FnMut(LogEvent),
     ) -> Result<bool, WorkerError> {
-        let res = async {
-            self.check()?;
-            let mut buf = Self::op_buf(Op::IsValidPath);
-            put_store_path(&mut buf, path);
-            self.simple(&buf, logs).await?;
-            Ok(wire::read_bool(&mut self.r).await?)
-        }
-        .await;
-        self.finish(res, Op::IsValidPath, Some(path))
+        let body = |buf: &mut BytesMut, _| {
+            put_store_path(buf, path);
+            Ok(())
+        };
+        self.call(Op::IsValidPath, Some(path), body, logs, async |r, _| {
+            Ok(wire::read_bool(r).await?)
+        })
+        .await
     }
 
     /// `QueryValidPaths`: the subset of `paths` that is valid. `substitute` (sent from 1.27
@@ -467,18 +489,17 @@ where
         substitute: bool,
         logs: &mut impl FnMut(LogEvent),
     ) -> Result<BTreeSet<StorePath>, WorkerError> {
-        let res = async {
-            self.check()?;
-            let mut buf = Self::op_buf(Op::QueryValidPaths);
-            put_store_path_set(&mut buf, paths);
-            if self.version.minor() >= 27 {
-                wire::put_bool(&mut buf, substitute);
+        let body = |buf: &mut BytesMut, v: ProtocolVersion| {
+            put_store_path_set(buf, paths);
+            if v.minor() >= 27 {
+                wire::put_bool(buf, substitute);
             }
-            self.simple(&buf, logs).await?;
-            Ok(read_store_path_set(&mut self.r).await?)
-        }
-        .await;
-        self.finish(res, Op::QueryValidPaths, None)
+            Ok(())
+        };
+        self.call(Op::QueryValidPaths, None, body, logs, async |r, _| {
+            Ok(read_store_path_set(r).await?)
+        })
+        .await
     }
 
     /// `QueryPathInfo`: `None` if the path is not valid.
@@ -487,21 +508,18 @@ where
         path: &StorePath,
         logs: &mut impl FnMut(LogEvent),
     ) -> Result<Option<ValidPathInfo>, WorkerError> {
-        let res = async {
-            self.check()?;
-            let mut buf = Self::op_buf(Op::QueryPathInfo);
-            put_store_path(&mut buf, path);
-            self.simple(&buf, logs).await?;
+        let body = |buf: &mut BytesMut, _| {
+            put_store_path(buf, path);
+            Ok(())
+        };
+        self.call(Op::QueryPathInfo, Some(path), body, logs, async |r, v| {
             // Every supported version (≥1.21) has the `valid` flag (≥1.17).
-            if !wire::read_bool(&mut self.r).await? {
+            if !wire::read_bool(r).await? {
                 return Ok(None);
             }
-            Ok(Some(
-                ValidPathInfo::read_unkeyed(&mut self.r, path.clone(), self.version).await?,
-            ))
-        }
-        .await;
-        self.finish(res, Op::QueryPathInfo, Some(path))
+            Ok(Some(ValidPathInfo::read_unkeyed(r, path.clone(), v).await?))
+        })
+        .await
     }
 
     /// `NarFromPath`: streams the NAR of `path` into `out` (never buffering it whole) and
@@ -599,7 +617,7 @@ where
     ) -> Result<(), WorkerError> {
         let res = async {
             self.check()?;
-            self.need(ProtocolVersion::new(1, 32))?;
+            self.need(Op::AddMultipleToStore)?;
             let mut buf = Self::op_buf(Op::AddMultipleToStore);
             wire::put_bool(&mut buf, repair);
             wire::put_bool(&mut buf, dont_check_sigs);
@@ -620,58 +638,43 @@ where
         mode: BuildMode,
         logs: &mut impl FnMut(LogEvent),
     ) -> Result<BuildResult, WorkerError> {
-        let res = async {
-            self.check()?;
-            let mut buf = Self::op_buf(Op::BuildDerivation);
-            put_store_path(&mut buf, drv_path);
-            drv.write(&mut buf);
-            mode.write(&mut buf);
-            self.simple(&buf, logs).await?;
-            let pnh = self.path_not_hash();
-            Ok(BuildResult::read_with(&mut self.r, self.version, pnh).await?)
-        }
-        .await;
-        self.finish(res, Op::BuildDerivation, Some(drv_path))
-    }
-
-    fn put_derived_paths(
-        &self,
-        buf: &mut BytesMut,
-        paths: &[DerivedPath],
-    ) -> Result<(), WorkerError> {
-        wire::put_u64(buf, paths.len() as u64);
-        for p in paths {
-            p.write(buf, self.version)
-                .map_err(|e| WorkerError::invalid_argument(e.to_string()))?;
-        }
-        Ok(())
+        let body = |buf: &mut BytesMut, _| {
+            put_store_path(buf, drv_path);
+            drv.write(buf);
+            mode.write(buf);
+            Ok(())
+        };
+        let pnh = self.path_not_hash();
+        self.call(
+            Op::BuildDerivation,
+            Some(drv_path),
+            body,
+            logs,
+            async |r, v| Ok(BuildResult::read_with(r, v, pnh).await?),
+        )
+        .await
     }
 
     /// `BuildPaths`: builds or substitutes `paths`; failures come back as
-    /// [`WorkerError::Remote`].
+    /// [`WorkerErrorKind::Remote`].
     pub async fn build_paths(
         &mut self,
         paths: &[DerivedPath],
         mode: BuildMode,
         logs: &mut impl FnMut(LogEvent),
     ) -> Result<(), WorkerError> {
-        let res = async {
-            self.check()?;
-            let mut buf = Self::op_buf(Op::BuildPaths);
-            self.put_derived_paths(&mut buf, paths)?;
-            if self.version.minor() >= 15 {
-                mode.write(&mut buf);
+        let body = |buf: &mut BytesMut, v: ProtocolVersion| {
+            put_derived_paths(buf, paths, v)?;
+            if v.minor() >= 15 {
+                mode.write(buf);
             } else if mode != BuildMode::Normal {
                 return Err(WorkerError::invalid_argument(
                     "build modes other than Normal need protocol 1.15",
                 ));
             }
-            self.simple(&buf, logs).await?;
-            wire::read_u64(&mut self.r).await?;
             Ok(())
-        }
-        .await;
-        self.finish(res, Op::BuildPaths, None)
+        };
+        self.call(Op::BuildPaths, None, body, logs, read_ack).await
     }
 
     /// `BuildPathsWithResults` (≥1.34): one result per requested path.
@@ -681,23 +684,21 @@ where
         mode: BuildMode,
         logs: &mut impl FnMut(LogEvent),
     ) -> Result<Vec<KeyedBuildResult>, WorkerError> {
-        let res = async {
-            self.check()?;
-            self.need(ProtocolVersion::new(1, 34))?;
-            let mut buf = Self::op_buf(Op::BuildPathsWithResults);
-            self.put_derived_paths(&mut buf, paths)?;
-            mode.write(&mut buf);
-            self.simple(&buf, logs).await?;
-            let n = wire::read_len(&mut self.r, "build results", MAX_COLLECTION_LEN).await?;
-            let pnh = self.path_not_hash();
+        let body = |buf: &mut BytesMut, v| {
+            put_derived_paths(buf, paths, v)?;
+            mode.write(buf);
+            Ok(())
+        };
+        let pnh = self.path_not_hash();
+        self.call(Op::BuildPathsWithResults, None, body, logs, async |r, v| {
+            let n = wire::read_len(r, "build results", MAX_COLLECTION_LEN).await?;
             let mut out = Vec::with_capacity(n.min(1024));
             for _ in 0..n {
-                out.push(KeyedBuildResult::read_with(&mut self.r, self.version, pnh).await?);
+                out.push(KeyedBuildResult::read_with(r, v, pnh).await?);
             }
             Ok(out)
-        }
-        .await;
-        self.finish(res, Op::BuildPathsWithResults, None)
+        })
+        .await
     }
 
     /// `AddTempRoot`: keeps `path` from being garbage-collected while the connection lives.
@@ -706,16 +707,12 @@ where
         path: &StorePath,
         logs: &mut impl FnMut(LogEvent),
     ) -> Result<(), WorkerError> {
-        let res = async {
-            self.check()?;
-            let mut buf = Self::op_buf(Op::AddTempRoot);
-            put_store_path(&mut buf, path);
-            self.simple(&buf, logs).await?;
-            wire::read_u64(&mut self.r).await?;
+        let body = |buf: &mut BytesMut, _| {
+            put_store_path(buf, path);
             Ok(())
-        }
-        .await;
-        self.finish(res, Op::AddTempRoot, Some(path))
+        };
+        self.call(Op::AddTempRoot, Some(path), body, logs, read_ack)
+            .await
     }
 
     /// `QueryMissing`: what building `paths` would build, substitute, or cannot know.
@@ -724,15 +721,11 @@ where
         paths: &[DerivedPath],
         logs: &mut impl FnMut(LogEvent),
     ) -> Result<Missing, WorkerError> {
-        let res = async {
-            self.check()?;
-            let mut buf = Self::op_buf(Op::QueryMissing);
-            self.put_derived_paths(&mut buf, paths)?;
-            self.simple(&buf, logs).await?;
-            Ok(Missing::read(&mut self.r).await?)
-        }
-        .await;
-        self.finish(res, Op::QueryMissing, None)
+        let body = |buf: &mut BytesMut, v| put_derived_paths(buf, paths, v);
+        self.call(Op::QueryMissing, None, body, logs, async |r, _| {
+            Ok(Missing::read(r).await?)
+        })
+        .await
     }
 
     /// Sends a framed stream produced by `up` while running the stderr loop, so that neither
@@ -778,7 +771,9 @@ where
                 *broken = true;
                 if is_closed_kind(e.kind()) {
                     // The daemon went away; it may have said why first.
-                    if let Err(remote @ WorkerError::Remote { .. }) = stderr.await {
+                    if let Err(remote) = stderr.await
+                        && remote.is_remote()
+                    {
                         return Err(remote);
                     }
                 }
@@ -794,15 +789,15 @@ where
                     ));
                 }
                 match stderr.await {
-                    Ok(()) | Err(WorkerError::Remote { .. }) => {}
-                    Err(_) => *broken = true,
+                    Err(e) if !e.is_remote() => *broken = true,
+                    _ => {}
                 }
                 Err(WorkerError::local(
                     "the data to upload could not be read",
                     e,
                 ))
             }
-            First::Stderr(Err(e @ WorkerError::Remote { .. })) => {
+            First::Stderr(Err(e)) if e.is_remote() => {
                 if fw.finish().await.is_err() {
                     *broken = true;
                 }
@@ -881,10 +876,32 @@ fn nar_stream_error(e: NarError) -> WorkerError {
             source: WireError::Io(e),
             ..
         } => WorkerError::conn_io(e),
-        e if e.is_truncated() => WorkerError::ConnectionClosed {
-            ctx: OpContext::default(),
-            detail: format!("in the middle of the NAR ({e})"),
-        },
+        e if e.is_truncated() => {
+            WorkerError::connection_closed(format!("in the middle of the NAR ({e})"))
+        }
         e => WorkerError::protocol(format!("the daemon sent a bad NAR: {e}")),
     }
+}
+
+/// The reply of operations that answer with a u64 Nix ignores (always 1).
+async fn read_ack<R: AsyncRead + Unpin + Send>(
+    r: &mut BufReader<R>,
+    _: ProtocolVersion,
+) -> Result<(), WorkerError> {
+    wire::read_u64(r).await?;
+    Ok(())
+}
+
+/// Writes a list of derived paths; fails for one the version cannot express.
+fn put_derived_paths(
+    buf: &mut BytesMut,
+    paths: &[DerivedPath],
+    version: ProtocolVersion,
+) -> Result<(), WorkerError> {
+    wire::put_u64(buf, paths.len() as u64);
+    for p in paths {
+        p.write(buf, version)
+            .map_err(|e| WorkerError::invalid_argument(e.to_string()))?;
+    }
+    Ok(())
 }

@@ -35,20 +35,27 @@ impl fmt::Display for OpContext {
     }
 }
 
-/// An error talking to a Nix daemon over the worker protocol.
+/// An error talking to a Nix daemon over the worker protocol: what went wrong
+/// ([`kind`](Self::kind)) and in which operation, on which path ([`ctx`](Self::ctx)).
 ///
-/// Every variant carries an [`OpContext`] naming the operation and path. After
-/// [`Remote`](Self::Remote) the connection stays usable; after
-/// [`Local`](Self::Local) it does whenever the daemon could be resynchronised (see
-/// [`WorkerClient::is_broken`](super::WorkerClient::is_broken)); after anything else it is
-/// marked broken and every later call fails with [`Broken`](Self::Broken).
+/// Displayed as the context followed by the kind, e.g. `QueryPathInfo /nix/store/…-foo:
+/// connection closed by the Nix daemon (…)`. After [`WorkerErrorKind::Remote`] the
+/// connection stays usable; after [`WorkerErrorKind::Local`] it does whenever the daemon
+/// could be resynchronised (see [`WorkerClient::is_broken`](super::WorkerClient::is_broken));
+/// after anything else it is marked broken and every later call fails with
+/// [`WorkerErrorKind::Broken`].
+#[derive(Debug)]
+pub struct WorkerError {
+    ctx: OpContext,
+    kind: WorkerErrorKind,
+}
+
+/// What went wrong in a [`WorkerError`].
 #[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
+pub enum WorkerErrorKind {
     /// The daemon answered with `STDERR_ERROR`.
-    #[error("{ctx}the Nix daemon reported: {message}{}", fmt_traces(.traces))]
+    #[error("the Nix daemon reported: {message}{}", fmt_traces(.traces))]
     Remote {
-        /// The operation and path it happened in.
-        ctx: OpContext,
         /// The error text, possibly with ANSI escapes and several lines.
         message: String,
         /// Only in the pre-1.26 form.
@@ -60,46 +67,25 @@ pub enum WorkerError {
     },
     /// The daemon closed the connection (EOF, broken pipe or reset) — typically it crashed,
     /// was killed, or rejected the connection and exited.
-    #[error("{ctx}connection closed by the Nix daemon ({detail})")]
+    #[error("connection closed by the Nix daemon ({detail})")]
     ConnectionClosed {
-        /// The operation and path it happened in.
-        ctx: OpContext,
         /// The I/O error's text.
         detail: String,
     },
     /// A value from the daemon could not be decoded.
-    #[error("{ctx}bad data from the Nix daemon: {source}")]
-    Wire {
-        /// The operation and path it happened in.
-        ctx: OpContext,
-        /// The decoding error.
-        #[source]
-        source: WireError,
-    },
+    #[error("bad data from the Nix daemon: {0}")]
+    Wire(#[source] WireError),
     /// An I/O error on the connection other than it being closed.
-    #[error("{ctx}I/O error on the daemon connection: {source}")]
-    Io {
-        /// The operation and path it happened in.
-        ctx: OpContext,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
+    #[error("I/O error on the daemon connection: {0}")]
+    Io(#[source] io::Error),
     /// The daemon did something the protocol does not allow here (unknown stderr tag,
     /// unexpected `STDERR_READ`, …).
-    #[error("{ctx}protocol error: {message}")]
-    Protocol {
-        /// The operation and path it happened in.
-        ctx: OpContext,
-        /// What the daemon did.
-        message: String,
-    },
+    #[error("protocol error: {0}")]
+    Protocol(String),
     /// The daemon (or the requested client version) speaks a protocol version outside
     /// 1.21..=1.38.
-    #[error("{ctx}unsupported worker protocol version {version} (supported: {min}..={max})")]
+    #[error("unsupported worker protocol version {version} (supported: {min}..={max})")]
     UnsupportedVersion {
-        /// The operation and path it happened in.
-        ctx: OpContext,
         /// The version offered, as text.
         version: String,
         /// The oldest supported version.
@@ -108,10 +94,8 @@ pub enum WorkerError {
         max: ProtocolVersion,
     },
     /// The operation needs a newer negotiated protocol version.
-    #[error("{ctx}needs worker protocol {needed}, but {negotiated} was negotiated")]
+    #[error("needs worker protocol {needed}, but {negotiated} was negotiated")]
     TooOld {
-        /// The operation and path it happened in.
-        ctx: OpContext,
         /// The version the operation needs.
         needed: ProtocolVersion,
         /// The version in use.
@@ -119,10 +103,8 @@ pub enum WorkerError {
     },
     /// A caller-supplied source or sink (the NAR to upload, the writer a NAR is streamed
     /// into) failed, or supplied inconsistent data.
-    #[error("{ctx}{message}: {source}")]
+    #[error("{message}: {source}")]
     Local {
-        /// The operation and path it happened in.
-        ctx: OpContext,
         /// What was being done.
         message: String,
         /// The error.
@@ -130,19 +112,11 @@ pub enum WorkerError {
         source: io::Error,
     },
     /// An argument cannot be expressed on the wire at the negotiated version.
-    #[error("{ctx}{message}")]
-    InvalidArgument {
-        /// The operation and path it happened in.
-        ctx: OpContext,
-        /// Which argument, and why.
-        message: String,
-    },
+    #[error("{0}")]
+    InvalidArgument(String),
     /// An earlier error left the connection in an unknown state.
-    #[error("{ctx}the daemon connection is unusable after an earlier error")]
-    Broken {
-        /// The operation and path it happened in.
-        ctx: OpContext,
-    },
+    #[error("the daemon connection is unusable after an earlier error")]
+    Broken,
 }
 
 fn fmt_traces(traces: &[String]) -> String {
@@ -154,102 +128,101 @@ fn fmt_traces(traces: &[String]) -> String {
     s
 }
 
+impl fmt::Display for WorkerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.ctx, self.kind)
+    }
+}
+
+impl std::error::Error for WorkerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.kind)
+    }
+}
+
+impl From<WorkerErrorKind> for WorkerError {
+    fn from(kind: WorkerErrorKind) -> Self {
+        WorkerError {
+            ctx: OpContext::default(),
+            kind,
+        }
+    }
+}
+
 impl WorkerError {
     /// The operation and path the error happened in.
     pub fn ctx(&self) -> &OpContext {
-        match self {
-            WorkerError::Remote { ctx, .. }
-            | WorkerError::ConnectionClosed { ctx, .. }
-            | WorkerError::Wire { ctx, .. }
-            | WorkerError::Io { ctx, .. }
-            | WorkerError::Protocol { ctx, .. }
-            | WorkerError::UnsupportedVersion { ctx, .. }
-            | WorkerError::TooOld { ctx, .. }
-            | WorkerError::Local { ctx, .. }
-            | WorkerError::InvalidArgument { ctx, .. }
-            | WorkerError::Broken { ctx } => ctx,
-        }
+        &self.ctx
     }
 
-    fn ctx_mut(&mut self) -> &mut OpContext {
-        match self {
-            WorkerError::Remote { ctx, .. }
-            | WorkerError::ConnectionClosed { ctx, .. }
-            | WorkerError::Wire { ctx, .. }
-            | WorkerError::Io { ctx, .. }
-            | WorkerError::Protocol { ctx, .. }
-            | WorkerError::UnsupportedVersion { ctx, .. }
-            | WorkerError::TooOld { ctx, .. }
-            | WorkerError::Local { ctx, .. }
-            | WorkerError::InvalidArgument { ctx, .. }
-            | WorkerError::Broken { ctx } => ctx,
-        }
+    /// What went wrong.
+    pub fn kind(&self) -> &WorkerErrorKind {
+        &self.kind
+    }
+
+    /// Splits the error into its context and kind.
+    pub fn into_parts(self) -> (OpContext, WorkerErrorKind) {
+        (self.ctx, self.kind)
     }
 
     /// Fills in the operation and path where not already set.
     pub(crate) fn with_context(mut self, op: &'static str, path: Option<&str>) -> Self {
-        let ctx = self.ctx_mut();
-        if ctx.op.is_none() {
-            ctx.op = Some(op);
+        if self.ctx.op.is_none() {
+            self.ctx.op = Some(op);
         }
-        if ctx.path.is_none() {
-            ctx.path = path.map(str::to_string);
+        if self.ctx.path.is_none() {
+            self.ctx.path = path.map(str::to_string);
         }
         self
     }
 
     /// True for `STDERR_ERROR` from the daemon.
     pub fn is_remote(&self) -> bool {
-        matches!(self, WorkerError::Remote { .. })
+        matches!(self.kind, WorkerErrorKind::Remote { .. })
     }
 
     /// True if the daemon closed the connection.
     pub fn is_connection_closed(&self) -> bool {
-        matches!(self, WorkerError::ConnectionClosed { .. })
+        matches!(self.kind, WorkerErrorKind::ConnectionClosed { .. })
     }
 
-    /// The daemon's message for [`Remote`](Self::Remote) errors.
+    /// The daemon's message for [`Remote`](WorkerErrorKind::Remote) errors.
     pub fn remote_message(&self) -> Option<&str> {
-        match self {
-            WorkerError::Remote { message, .. } => Some(message),
+        match &self.kind {
+            WorkerErrorKind::Remote { message, .. } => Some(message),
             _ => None,
         }
     }
 
     pub(crate) fn protocol(message: impl Into<String>) -> Self {
-        WorkerError::Protocol {
-            ctx: OpContext::default(),
-            message: message.into(),
-        }
+        WorkerErrorKind::Protocol(message.into()).into()
     }
 
     pub(crate) fn local(message: impl Into<String>, source: io::Error) -> Self {
-        WorkerError::Local {
-            ctx: OpContext::default(),
+        WorkerErrorKind::Local {
             message: message.into(),
             source,
         }
+        .into()
     }
 
     pub(crate) fn invalid_argument(message: impl Into<String>) -> Self {
-        WorkerError::InvalidArgument {
-            ctx: OpContext::default(),
-            message: message.into(),
+        WorkerErrorKind::InvalidArgument(message.into()).into()
+    }
+
+    pub(crate) fn connection_closed(detail: impl Into<String>) -> Self {
+        WorkerErrorKind::ConnectionClosed {
+            detail: detail.into(),
         }
+        .into()
     }
 
     /// Classifies an I/O error on the daemon connection.
     pub(crate) fn conn_io(e: io::Error) -> Self {
         if is_closed_kind(e.kind()) {
-            WorkerError::ConnectionClosed {
-                ctx: OpContext::default(),
-                detail: e.to_string(),
-            }
+            Self::connection_closed(e.to_string())
         } else {
-            WorkerError::Io {
-                ctx: OpContext::default(),
-                source: e,
-            }
+            WorkerErrorKind::Io(e).into()
         }
     }
 
@@ -257,12 +230,12 @@ impl WorkerError {
     /// are judged case by case where they happen.
     pub(crate) fn breaks_connection(&self) -> bool {
         !matches!(
-            self,
-            WorkerError::Remote { .. }
-                | WorkerError::TooOld { .. }
-                | WorkerError::InvalidArgument { .. }
-                | WorkerError::Local { .. }
-                | WorkerError::Broken { .. }
+            self.kind,
+            WorkerErrorKind::Remote { .. }
+                | WorkerErrorKind::TooOld { .. }
+                | WorkerErrorKind::InvalidArgument(_)
+                | WorkerErrorKind::Local { .. }
+                | WorkerErrorKind::Broken
         )
     }
 }
@@ -281,15 +254,11 @@ pub(crate) fn is_closed_kind(kind: io::ErrorKind) -> bool {
 impl From<WireError> for WorkerError {
     fn from(e: WireError) -> Self {
         match e {
-            WireError::Truncated(what) => WorkerError::ConnectionClosed {
-                ctx: OpContext::default(),
-                detail: format!("the stream ended in the middle of {what}"),
-            },
+            WireError::Truncated(what) => {
+                WorkerError::connection_closed(format!("the stream ended in the middle of {what}"))
+            }
             WireError::Io(e) => WorkerError::conn_io(e),
-            other => WorkerError::Wire {
-                ctx: OpContext::default(),
-                source: other,
-            },
+            other => WorkerErrorKind::Wire(other).into(),
         }
     }
 }

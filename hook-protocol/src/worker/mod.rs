@@ -9,9 +9,10 @@
 //! stdout/stdin, an SSH channel) and gates every encoding on the negotiated version, which is
 //! the minimum of ours (1.38) and the daemon's. While an operation runs, the daemon's log
 //! messages and activity events are handed to the caller as [`LogEvent`]s; `STDERR_ERROR`
-//! becomes [`WorkerError::Remote`].
+//! becomes [`WorkerErrorKind::Remote`].
 
 mod client;
+mod codec;
 mod error;
 mod stderr;
 mod types;
@@ -20,7 +21,8 @@ use std::fmt;
 
 pub use crate::log::{ActivityType, Code, Field, ResultType, Verbosity};
 pub use client::{NarSource, WorkerClient};
-pub use error::{OpContext, WorkerError};
+pub use codec::{WireDecode, WireEncode};
+pub use error::{OpContext, WorkerError, WorkerErrorKind};
 pub use stderr::{
     LogEvent, STDERR_ERROR, STDERR_LAST, STDERR_NEXT, STDERR_READ, STDERR_RESULT,
     STDERR_START_ACTIVITY, STDERR_STOP_ACTIVITY, STDERR_WRITE, discard_logs,
@@ -110,6 +112,15 @@ pub(crate) enum Op {
 impl Op {
     pub fn code(self) -> u64 {
         self as u64
+    }
+
+    /// The oldest protocol version that has the operation.
+    pub fn since(self) -> ProtocolVersion {
+        match self {
+            Op::AddMultipleToStore => ProtocolVersion::new(1, 32),
+            Op::BuildPathsWithResults => ProtocolVersion::new(1, 34),
+            _ => ProtocolVersion::MIN,
+        }
     }
 
     pub fn name(self) -> &'static str {

@@ -12,7 +12,7 @@ use crate::log::{ActivityType, Code, Field, ResultType, Verbosity};
 use crate::wire::{self, MAX_COLLECTION_LEN};
 
 use super::ProtocolVersion;
-use super::error::{OpContext, WorkerError};
+use super::error::{WorkerError, WorkerErrorKind};
 
 /// `STDERR_NEXT`: a log message follows.
 pub const STDERR_NEXT: u64 = 0x6f6c_6d67;
@@ -122,7 +122,7 @@ async fn read_fields<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Vec<Fie
     Ok(out)
 }
 
-/// Reads the body of `STDERR_ERROR` and turns it into [`WorkerError::Remote`].
+/// Reads the body of `STDERR_ERROR` and turns it into [`WorkerErrorKind::Remote`].
 pub(crate) async fn read_error<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     version: ProtocolVersion,
@@ -154,23 +154,23 @@ pub(crate) async fn read_error<R: AsyncRead + Unpin + ?Sized>(
             }
             traces.push(read_lossy(r).await?);
         }
-        Ok(WorkerError::Remote {
-            ctx: OpContext::default(),
+        Ok(WorkerErrorKind::Remote {
             message,
             exit_status: None,
             level: Some(level),
             traces,
-        })
+        }
+        .into())
     } else {
         let message = read_lossy(r).await?;
         let status = wire::read_u64(r).await?;
-        Ok(WorkerError::Remote {
-            ctx: OpContext::default(),
+        Ok(WorkerErrorKind::Remote {
             message,
             exit_status: Some(status),
             level: None,
             traces: Vec::new(),
-        })
+        }
+        .into())
     }
 }
 

@@ -12,28 +12,16 @@ use std::fmt;
 use bytes::BytesMut;
 use tokio::io::AsyncRead;
 
-use crate::hash::{Hash, HashAlgo};
-use crate::store_path::{
-    StorePath, put_optional_store_path, put_store_path, put_store_path_set,
-    read_optional_store_path, read_store_path, read_store_path_set,
-};
+use crate::hash::Hash;
+use crate::store_path::{StorePath, put_store_path, read_store_path};
 use crate::wire::{self, MAX_COLLECTION_LEN, WireError};
 
 use super::ProtocolVersion;
-
-/// Reads a u64 that Nix reads as a signed 64-bit value (`time_t`, microseconds), which must
-/// not exceed `i64::MAX` (`readNum<int64_t>` rejects larger values).
-async fn read_i64<R: AsyncRead + Unpin + ?Sized>(
-    r: &mut R,
-    what: &'static str,
-) -> Result<i64, WireError> {
-    let v = wire::read_u64(r).await?;
-    i64::try_from(v).map_err(|_| WireError::bad(what, v))
-}
-
-fn put_i64(buf: &mut BytesMut, v: i64) {
-    wire::put_u64(buf, v as u64);
-}
+use super::codec::{
+    Bool, Codec, Ctx, LaxBool, LossyStr, NarHash, OptMicros, OptPath, OptStr, Path, PathSet,
+    RegistrationTime, SomeStr, StartTime, StopTime, StringMap, StringSet, TrustedFlag, U64,
+    VerboseBuild, WireDecode, wire_struct,
+};
 
 /// How to build (`BuildMode` in `src/libstore/store-api.hh`); a u64 on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -113,30 +101,23 @@ pub struct ClientHandshakeInfo {
     pub trusted: Option<bool>,
 }
 
+wire_struct!(ClientHandshakeInfo {
+    daemon_nix_version: SomeStr, [33..];
+    trusted: TrustedFlag, [35..];
+});
+
 impl ClientHandshakeInfo {
     /// Reads what the daemon sends at `version`.
-    pub async fn read<R: AsyncRead + Unpin + ?Sized>(
+    pub async fn read<R: AsyncRead + Unpin + Send + ?Sized>(
         r: &mut R,
         version: ProtocolVersion,
     ) -> Result<Self, WireError> {
-        let mut info = ClientHandshakeInfo::default();
-        if version.minor() >= 33 {
-            info.daemon_nix_version = Some(wire::read_string(r).await?);
-        }
-        if version.minor() >= 35 {
-            info.trusted = read_trusted_flag(r).await?;
-        }
-        Ok(info)
+        Self::decode_in(r, Ctx::new(version)).await
     }
 
     /// Writes it as a daemon would at `version`.
     pub fn write(&self, buf: &mut BytesMut, version: ProtocolVersion) {
-        if version.minor() >= 33 {
-            wire::put_str(buf, self.daemon_nix_version.as_deref().unwrap_or(""));
-        }
-        if version.minor() >= 35 {
-            put_trusted_flag(buf, self.trusted);
-        }
+        self.encode_in(buf, Ctx::new(version))
     }
 }
 
@@ -182,67 +163,43 @@ impl ValidPathInfo {
     }
 
     /// Reads a keyed `ValidPathInfo`: the path, then the unkeyed info.
-    pub async fn read<R: AsyncRead + Unpin + ?Sized>(
+    pub async fn read<R: AsyncRead + Unpin + Send + ?Sized>(
         r: &mut R,
         version: ProtocolVersion,
     ) -> Result<Self, WireError> {
-        let path = read_store_path(r).await?;
-        Self::read_unkeyed(r, path, version).await
+        Self::decode_in(r, Ctx::new(version)).await
     }
 
     /// Reads an `UnkeyedValidPathInfo` (as in the `QueryPathInfo` reply) for `path`.
-    pub async fn read_unkeyed<R: AsyncRead + Unpin + ?Sized>(
+    pub async fn read_unkeyed<R: AsyncRead + Unpin + Send + ?Sized>(
         r: &mut R,
         path: StorePath,
         version: ProtocolVersion,
     ) -> Result<Self, WireError> {
-        let deriver = read_optional_store_path(r).await?;
-        let hash_s = wire::read_string(r).await?;
-        let nar_hash = Hash::parse_any(&hash_s, Some(HashAlgo::Sha256))
-            .map_err(|e| WireError::bad("NAR hash", e))?;
-        let references = read_store_path_set(r).await?;
-        let registration_time = read_i64(r, "registration time").await?;
-        let nar_size = wire::read_u64(r).await?;
-        let mut info = ValidPathInfo {
-            path,
-            deriver,
-            nar_hash,
-            references,
-            registration_time,
-            nar_size,
-            ultimate: false,
-            sigs: BTreeSet::new(),
-            ca: None,
-        };
-        if version.minor() >= 16 {
-            info.ultimate = wire::read_bool(r).await?;
-            info.sigs = wire::read_string_set(r).await?;
-            let ca = wire::read_string(r).await?;
-            info.ca = (!ca.is_empty()).then_some(ca);
-        }
-        Ok(info)
+        Self::decode_unkeyed_in(r, path, Ctx::new(version)).await
     }
 
     /// Writes the keyed form (path, then unkeyed info).
     pub fn write(&self, buf: &mut BytesMut, version: ProtocolVersion) {
-        put_store_path(buf, &self.path);
-        self.write_unkeyed(buf, version);
+        self.encode_in(buf, Ctx::new(version))
     }
 
     /// Writes the unkeyed form (everything but the path).
     pub fn write_unkeyed(&self, buf: &mut BytesMut, version: ProtocolVersion) {
-        put_optional_store_path(buf, self.deriver.as_ref());
-        wire::put_str(buf, &self.nar_hash.to_base16());
-        put_store_path_set(buf, &self.references);
-        put_i64(buf, self.registration_time);
-        wire::put_u64(buf, self.nar_size);
-        if version.minor() >= 16 {
-            wire::put_bool(buf, self.ultimate);
-            wire::put_strings(buf, &self.sigs);
-            wire::put_str(buf, self.ca.as_deref().unwrap_or(""));
-        }
+        self.encode_unkeyed_in(buf, Ctx::new(version))
     }
 }
+
+wire_struct!(ValidPathInfo keyed by path: Path {
+    deriver: OptPath;
+    nar_hash: NarHash;
+    references: PathSet;
+    registration_time: RegistrationTime;
+    nar_size: U64;
+    ultimate: Bool, [16..];
+    sigs: StringSet, [16..];
+    ca: OptStr, [16..];
+});
 
 /// `BuildResult::Status`; the wire codes are the same in 2.8, 2.26 and 2.35.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -506,7 +463,7 @@ impl BuildResult {
 
     /// Decodes the form used without the `realisation-with-path-not-hash` feature (all
     /// daemons nixdock negotiates with).
-    pub async fn read<R: AsyncRead + Unpin + ?Sized>(
+    pub async fn read<R: AsyncRead + Unpin + Send + ?Sized>(
         r: &mut R,
         version: ProtocolVersion,
     ) -> Result<Self, WireError> {
@@ -515,53 +472,19 @@ impl BuildResult {
 
     /// Decodes; `path_not_hash` says the 2.35 feature `realisation-with-path-not-hash` was
     /// negotiated, which changes `builtOutputs` to `map<output name, (path, signatures)>`.
-    pub async fn read_with<R: AsyncRead + Unpin + ?Sized>(
+    pub async fn read_with<R: AsyncRead + Unpin + Send + ?Sized>(
         r: &mut R,
         version: ProtocolVersion,
         path_not_hash: bool,
     ) -> Result<Self, WireError> {
-        let code = wire::read_u64(r).await?;
-        let status =
-            BuildStatus::from_code(code).ok_or_else(|| WireError::bad("build status", code))?;
-        let mut res = BuildResult::new(status);
-        res.error_msg = String::from_utf8_lossy(&wire::read_bytes(r).await?).into_owned();
-        if version.minor() >= 29 {
-            res.times_built = wire::read_u64(r).await?;
-            res.is_non_deterministic = wire::read_bool(r).await?;
-            res.start_time = read_i64(r, "start time").await?;
-            res.stop_time = read_i64(r, "stop time").await?;
-        }
-        if version.minor() >= 37 {
-            res.cpu_user = read_opt_micros(r).await?;
-            res.cpu_system = read_opt_micros(r).await?;
-        }
-        if path_not_hash {
-            let n = wire::read_len(r, "built outputs", MAX_COLLECTION_LEN).await?;
-            for _ in 0..n {
-                let name = wire::read_string(r).await?;
-                let out_path = read_store_path(r).await?;
-                let signatures = wire::read_string_set(r).await?;
-                res.built_outputs.insert(
-                    name,
-                    Realisation {
-                        id: None,
-                        out_path,
-                        signatures,
-                        json: None,
-                    },
-                );
-            }
-        } else if version.minor() >= 28 {
-            let n = wire::read_len(r, "built outputs", MAX_COLLECTION_LEN).await?;
-            for _ in 0..n {
-                let id = wire::read_string(r).await?;
-                let json = wire::read_string(r).await?;
-                let name = output_of_id(&id)?.to_string();
-                let real = Realisation::from_json(Some(id), &json)?;
-                res.built_outputs.insert(name, real);
-            }
-        }
-        Ok(res)
+        Self::decode_in(
+            r,
+            Ctx {
+                version,
+                path_not_hash,
+            },
+        )
+        .await
     }
 
     /// Encodes the form without the `realisation-with-path-not-hash` feature.
@@ -572,29 +495,66 @@ impl BuildResult {
     /// Encodes; see [`read_with`](Self::read_with). In the JSON form an output without an `id`
     /// gets 2.35's dummy `sha256:000…0!<name>`.
     pub fn write_with(&self, buf: &mut BytesMut, version: ProtocolVersion, path_not_hash: bool) {
-        wire::put_u64(buf, self.status.code());
-        wire::put_str(buf, &self.error_msg);
-        if version.minor() >= 29 {
-            wire::put_u64(buf, self.times_built);
-            wire::put_bool(buf, self.is_non_deterministic);
-            put_i64(buf, self.start_time);
-            put_i64(buf, self.stop_time);
-        }
-        if version.minor() >= 37 {
-            put_opt_micros(buf, self.cpu_user);
-            put_opt_micros(buf, self.cpu_system);
-        }
-        if path_not_hash {
-            wire::put_u64(buf, self.built_outputs.len() as u64);
-            for (name, real) in &self.built_outputs {
+        self.encode_in(
+            buf,
+            Ctx {
+                version,
+                path_not_hash,
+            },
+        )
+    }
+}
+
+wire_struct!(BuildResult {
+    status: Status;
+    error_msg: LossyStr;
+    times_built: U64, [29..];
+    is_non_deterministic: Bool, [29..];
+    start_time: StartTime, [29..];
+    stop_time: StopTime, [29..];
+    cpu_user: OptMicros, [37..];
+    cpu_system: OptMicros, [37..];
+    built_outputs: BuiltOutputs;
+});
+
+/// [`BuildStatus`] as its u64 code.
+struct Status;
+
+impl Codec for Status {
+    type Value = BuildStatus;
+
+    fn put(v: &BuildStatus, buf: &mut BytesMut, _: Ctx) {
+        wire::put_u64(buf, v.code());
+    }
+
+    async fn get<R: AsyncRead + Unpin + Send + ?Sized>(
+        r: &mut R,
+        _: Ctx,
+    ) -> Result<BuildStatus, WireError> {
+        let code = wire::read_u64(r).await?;
+        BuildStatus::from_code(code).ok_or_else(|| WireError::bad("build status", code))
+    }
+}
+
+/// `BuildResult::builtOutputs`: with the `realisation-with-path-not-hash` feature
+/// `map<output name, (path, signatures)>` (the feature needs 1.38); otherwise from 1.28 on
+/// `map<DrvOutputId, Realisation JSON>`, and nothing before.
+struct BuiltOutputs;
+
+impl Codec for BuiltOutputs {
+    type Value = BTreeMap<String, Realisation>;
+
+    fn put(v: &Self::Value, buf: &mut BytesMut, ctx: Ctx) {
+        if ctx.path_not_hash {
+            wire::put_u64(buf, v.len() as u64);
+            for (name, real) in v {
                 wire::put_str(buf, name);
                 put_store_path(buf, &real.out_path);
                 wire::put_strings(buf, &real.signatures);
             }
-        } else if version.minor() >= 28 {
+        } else if ctx.version.minor() >= 28 {
             // Nix keys this map by DrvOutput, i.e. sorted by id.
-            let mut entries: Vec<(String, String)> = self
-                .built_outputs
+            let mut entries: Vec<(String, String)> = v
                 .iter()
                 .map(|(name, real)| {
                     let id = real
@@ -613,25 +573,39 @@ impl BuildResult {
             }
         }
     }
-}
 
-async fn read_opt_micros<R: AsyncRead + Unpin + ?Sized>(
-    r: &mut R,
-) -> Result<Option<i64>, WireError> {
-    match wire::read_u64(r).await? {
-        0 => Ok(None),
-        1 => Ok(Some(read_i64(r, "CPU time").await?)),
-        t => Err(WireError::bad("optional tag", t)),
-    }
-}
-
-fn put_opt_micros(buf: &mut BytesMut, v: Option<i64>) {
-    match v {
-        None => wire::put_u64(buf, 0),
-        Some(us) => {
-            wire::put_u64(buf, 1);
-            put_i64(buf, us);
+    async fn get<R: AsyncRead + Unpin + Send + ?Sized>(
+        r: &mut R,
+        ctx: Ctx,
+    ) -> Result<Self::Value, WireError> {
+        let mut out = BTreeMap::new();
+        if ctx.path_not_hash {
+            let n = wire::read_len(r, "built outputs", MAX_COLLECTION_LEN).await?;
+            for _ in 0..n {
+                let name = wire::read_string(r).await?;
+                let out_path = read_store_path(r).await?;
+                let signatures = wire::read_string_set(r).await?;
+                out.insert(
+                    name,
+                    Realisation {
+                        id: None,
+                        out_path,
+                        signatures,
+                        json: None,
+                    },
+                );
+            }
+        } else if ctx.version.minor() >= 28 {
+            let n = wire::read_len(r, "built outputs", MAX_COLLECTION_LEN).await?;
+            for _ in 0..n {
+                let id = wire::read_string(r).await?;
+                let json = wire::read_string(r).await?;
+                let name = output_of_id(&id)?.to_string();
+                let real = Realisation::from_json(Some(id), &json)?;
+                out.insert(name, real);
+            }
         }
+        Ok(out)
     }
 }
 
@@ -768,7 +742,7 @@ pub struct KeyedBuildResult {
 
 impl KeyedBuildResult {
     /// Reads the path and its result, without the `realisation-with-path-not-hash` feature.
-    pub async fn read<R: AsyncRead + Unpin + ?Sized>(
+    pub async fn read<R: AsyncRead + Unpin + Send + ?Sized>(
         r: &mut R,
         version: ProtocolVersion,
     ) -> Result<Self, WireError> {
@@ -776,7 +750,7 @@ impl KeyedBuildResult {
     }
 
     /// Reads the path and its result; see [`BuildResult::read_with`].
-    pub async fn read_with<R: AsyncRead + Unpin + ?Sized>(
+    pub async fn read_with<R: AsyncRead + Unpin + Send + ?Sized>(
         r: &mut R,
         version: ProtocolVersion,
         path_not_hash: bool,
@@ -852,60 +826,34 @@ impl Default for ClientSettings {
     }
 }
 
+wire_struct!(ClientSettings {
+    keep_failed: LaxBool;
+    keep_going: LaxBool;
+    try_fallback: LaxBool;
+    verbosity: U64;
+    max_build_jobs: U64;
+    max_silent_time: U64;
+    _: U64 = 1; // obsolete useBuildHook
+    verbose_build: VerboseBuild;
+    _: U64 = 0; // obsolete logType
+    _: U64 = 0; // obsolete printBuildTrace
+    build_cores: U64;
+    use_substitutes: LaxBool;
+    overrides: StringMap, [12..];
+});
+
 impl ClientSettings {
     /// Writes the request body (after the opcode).
     pub fn write(&self, buf: &mut BytesMut, version: ProtocolVersion) {
-        wire::put_bool(buf, self.keep_failed);
-        wire::put_bool(buf, self.keep_going);
-        wire::put_bool(buf, self.try_fallback);
-        wire::put_u64(buf, self.verbosity);
-        wire::put_u64(buf, self.max_build_jobs);
-        wire::put_u64(buf, self.max_silent_time);
-        wire::put_u64(buf, 1); // obsolete useBuildHook
-        wire::put_u64(buf, if self.verbose_build { 0 } else { 7 });
-        wire::put_u64(buf, 0); // obsolete logType
-        wire::put_u64(buf, 0); // obsolete printBuildTrace
-        wire::put_u64(buf, self.build_cores);
-        wire::put_bool(buf, self.use_substitutes);
-        if version.minor() >= 12 {
-            wire::put_string_map(buf, &self.overrides);
-        }
+        self.encode_in(buf, Ctx::new(version))
     }
 
     /// Reads the request body, as the daemon does.
-    pub async fn read<R: AsyncRead + Unpin + ?Sized>(
+    pub async fn read<R: AsyncRead + Unpin + Send + ?Sized>(
         r: &mut R,
         version: ProtocolVersion,
     ) -> Result<Self, WireError> {
-        let keep_failed = wire::read_u64(r).await? != 0;
-        let keep_going = wire::read_u64(r).await? != 0;
-        let try_fallback = wire::read_u64(r).await? != 0;
-        let verbosity = wire::read_u64(r).await?;
-        let max_build_jobs = wire::read_u64(r).await?;
-        let max_silent_time = wire::read_u64(r).await?;
-        let _use_build_hook = wire::read_u64(r).await?;
-        let verbose_build = wire::read_u64(r).await? == 0;
-        let _log_type = wire::read_u64(r).await?;
-        let _print_build_trace = wire::read_u64(r).await?;
-        let build_cores = wire::read_u64(r).await?;
-        let use_substitutes = wire::read_u64(r).await? != 0;
-        let overrides = if version.minor() >= 12 {
-            wire::read_string_map(r).await?
-        } else {
-            BTreeMap::new()
-        };
-        Ok(ClientSettings {
-            keep_failed,
-            keep_going,
-            try_fallback,
-            verbosity,
-            max_build_jobs,
-            max_silent_time,
-            verbose_build,
-            build_cores,
-            use_substitutes,
-            overrides,
-        })
+        Self::decode_in(r, Ctx::new(version)).await
     }
 }
 
@@ -924,24 +872,40 @@ pub struct Missing {
     pub nar_size: u64,
 }
 
+wire_struct!(Missing {
+    will_build: PathSet;
+    will_substitute: PathSet;
+    unknown: PathSet;
+    download_size: U64;
+    nar_size: U64;
+});
+
 impl Missing {
-    /// Reads the reply.
-    pub async fn read<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Self, WireError> {
-        Ok(Missing {
-            will_build: read_store_path_set(r).await?,
-            will_substitute: read_store_path_set(r).await?,
-            unknown: read_store_path_set(r).await?,
-            download_size: wire::read_u64(r).await?,
-            nar_size: wire::read_u64(r).await?,
-        })
+    /// Reads the reply (the same in every version).
+    pub async fn read<R: AsyncRead + Unpin + Send + ?Sized>(r: &mut R) -> Result<Self, WireError> {
+        Self::decode_in(r, Ctx::new(ProtocolVersion::LATEST)).await
     }
 
     /// Writes the reply as a daemon would.
     pub fn write(&self, buf: &mut BytesMut) {
-        put_store_path_set(buf, &self.will_build);
-        put_store_path_set(buf, &self.will_substitute);
-        put_store_path_set(buf, &self.unknown);
-        wire::put_u64(buf, self.download_size);
-        wire::put_u64(buf, self.nar_size);
+        self.encode_in(buf, Ctx::new(ProtocolVersion::LATEST))
+    }
+}
+
+impl WireDecode for DerivedPath {
+    async fn decode<R: AsyncRead + Unpin + Send + ?Sized>(
+        r: &mut R,
+        version: ProtocolVersion,
+    ) -> Result<Self, WireError> {
+        Self::read(r, version).await
+    }
+}
+
+impl WireDecode for KeyedBuildResult {
+    async fn decode<R: AsyncRead + Unpin + Send + ?Sized>(
+        r: &mut R,
+        version: ProtocolVersion,
+    ) -> Result<Self, WireError> {
+        Self::read(r, version).await
     }
 }
