@@ -50,21 +50,16 @@ struct Install {
 fn install() -> &'static Install {
     static I: OnceLock<Install> = OnceLock::new();
     I.get_or_init(|| {
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e");
-        std::fs::create_dir_all(&root).unwrap();
-        let base = format!(
-            "[builders.\"x86_64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\nmax-jobs = 16\n\
-             [builders.\"aarch64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\n",
-            common::image("bookworm-amd64"),
-            common::image("bookworm-arm64")
-        );
-        let config = root.join("nixdock.toml");
-        std::fs::write(&config, &base).unwrap();
-        let ssh_config = root.join("nixdock-ssh.toml");
-        std::fs::write(&ssh_config, format!("transport = \"ssh\"\n{base}")).unwrap();
+        let base = common::SuiteInstall::new("e2e", &common::e2e_config());
+        let ssh_config = base.root.join("nixdock-ssh.toml");
+        std::fs::write(
+            &ssh_config,
+            format!("transport = \"ssh\"\n{}", common::e2e_config()),
+        )
+        .unwrap();
         Install {
-            state: root.join("state"),
-            config,
+            state: base.state,
+            config: base.config,
             ssh_config,
         }
     })

@@ -15,7 +15,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -26,30 +25,17 @@ use hook_protocol::nar::{DumpOptions, dump_path};
 
 const HOOK: &str = env!("CARGO_BIN_EXE_nixdock-hook");
 
-struct Install {
-    state: PathBuf,
-    config: PathBuf,
-}
-
 /// This suite's nixdock installation: an emulated arm64 builder from the test bed.
-fn install() -> &'static Install {
-    static I: OnceLock<Install> = OnceLock::new();
+fn install() -> &'static common::SuiteInstall {
+    static I: OnceLock<common::SuiteInstall> = OnceLock::new();
     I.get_or_init(|| {
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixed-outputs");
-        std::fs::create_dir_all(&root).unwrap();
-        let config = root.join("nixdock.toml");
-        std::fs::write(
-            &config,
-            format!(
+        common::SuiteInstall::new(
+            "fixed-outputs",
+            &format!(
                 "[builders.\"aarch64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\nmax-jobs = 8\n",
                 common::image("bookworm-arm64")
             ),
         )
-        .unwrap();
-        Install {
-            state: root.join("state"),
-            config,
-        }
     })
 }
 

@@ -7,40 +7,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const HOOK: &str = env!("CARGO_BIN_EXE_nixdock-hook");
 
-struct Install {
-    state: PathBuf,
-    config: PathBuf,
-}
-
 /// The suite's nixdock installation: amd64 and emulated arm64 builders from the test bed.
-fn install() -> &'static Install {
-    static I: OnceLock<Install> = OnceLock::new();
-    I.get_or_init(|| {
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e");
-        std::fs::create_dir_all(&root).unwrap();
-        let config = root.join("nixdock.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[builders.\"x86_64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\nmax-jobs = 16\n\
-                 [builders.\"aarch64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\n",
-                common::image("bookworm-amd64"),
-                common::image("bookworm-arm64")
-            ),
-        )
-        .unwrap();
-        Install {
-            state: root.join("state"),
-            config,
-        }
-    })
+fn install() -> &'static common::SuiteInstall {
+    static I: OnceLock<common::SuiteInstall> = OnceLock::new();
+    I.get_or_init(|| common::SuiteInstall::new("e2e", &common::e2e_config()))
 }
 
 fn nonce() -> String {

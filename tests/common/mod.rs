@@ -285,3 +285,37 @@ impl Drop for InstanceCleanup {
         }
     }
 }
+
+/// The nixdock installation one test suite shares: a config written once and a state
+/// directory, under the target's temporary directory, so its builders stay warm across tests
+/// and runs.
+pub struct SuiteInstall {
+    pub root: PathBuf,
+    pub state: PathBuf,
+    pub config: PathBuf,
+}
+
+impl SuiteInstall {
+    pub fn new(dir: &str, config: &str) -> SuiteInstall {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(dir);
+        std::fs::create_dir_all(&root).unwrap();
+        let config_path = root.join("nixdock.toml");
+        std::fs::write(&config_path, config).unwrap();
+        SuiteInstall {
+            state: root.join("state"),
+            config: config_path,
+            root,
+        }
+    }
+}
+
+/// The config of the `e2e` installation, which hook_e2e and build_log share (and so its
+/// builders): amd64 and emulated arm64 builders from the test bed.
+pub fn e2e_config() -> String {
+    format!(
+        "[builders.\"x86_64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\nmax-jobs = 16\n\
+         [builders.\"aarch64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\n",
+        image("bookworm-amd64"),
+        image("bookworm-arm64")
+    )
+}
