@@ -24,7 +24,8 @@ fn main() {
     // The log goes only into a state directory that passed its checks (owner, 0700, no
     // foreign files). A bad or missing one is reported to Nix when a build would need it
     // (hook::run warns and declines), not here on every local build.
-    if let Ok(state) = StateDir::locate().and_then(StateDir::open) {
+    let state = StateDir::locate().and_then(StateDir::open);
+    if let Ok(state) = &state {
         nixdock::logfile::init(&state.log_path(), "info");
     }
     let parent = Parent::new();
@@ -38,7 +39,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let code = rt.block_on(hook::run(&parent));
+    let code = rt.block_on(hook::run(&parent, state));
     // Do not wait for lingering tasks (a child daemon, an SSH reader): Nix takes EOF on our
     // stderr as the end of the build, so exit now with the status we mean.
     rt.shutdown_background();

@@ -21,7 +21,7 @@ use crate::builder::systems::{self, EmulationSupport};
 use crate::builder::{BuilderSpec, Builders, Engine, slots};
 use crate::config::{Config, Transport};
 use crate::policy::{self, Decision, Pool, Target};
-use crate::state::StateDir;
+use crate::state::{StateDir, StateError};
 use crate::static_machines;
 use crate::transport::{RemoteStore, Reopen};
 
@@ -37,10 +37,13 @@ struct Context {
 }
 
 impl Context {
-    fn load() -> Result<Context, ContextError> {
+    fn load(state: &Result<StateDir, StateError>) -> Result<Context, ContextError> {
         let path = Config::path_from_env();
         let config = Config::load(&path)?;
-        let state = StateDir::locate().and_then(StateDir::open)?;
+        let state = match state {
+            Ok(s) => s.clone(),
+            Err(e) => return Err(ContextError::StateUnusable(e.to_string())),
+        };
         let instance = state.instance_id()?;
         let served = BuilderSpec::served(&config, &instance);
         Ok(Context {
@@ -70,14 +73,18 @@ enum ContextError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    /// The state directory the hook checked when it started was refused (the message says why).
+    #[error("{0}")]
+    StateUnusable(String),
     #[error(transparent)]
     Engine(#[from] crate::builder::engine::EngineError),
     #[error(transparent)]
     Builders(#[from] crate::builder::BuilderError),
 }
 
-/// Runs the hook; returns the process exit status.
-pub async fn run(parent: &Parent) -> i32 {
+/// Runs the hook with the state directory it opened (and checked) once at its start; returns
+/// the process exit status.
+pub async fn run(parent: &Parent, state: Result<StateDir, StateError>) -> i32 {
     let mut stdin = BufReader::with_capacity(64 * 1024, tokio::io::stdin());
     let settings = match read_settings(&mut stdin).await {
         Ok(s) => s,
@@ -117,7 +124,7 @@ pub async fn run(parent: &Parent) -> i32 {
             continue;
         }
         if ctx.is_none() {
-            match Context::load() {
+            match Context::load(&state) {
                 Ok(c) => ctx = Some(c),
                 Err(e) => {
                     parent.warn(&format!("nixdock-hook: {e}"));
