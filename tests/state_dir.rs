@@ -285,7 +285,9 @@ fn non_root_hook_without_home_declines() {
     fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let config = write_config(d.path());
     let script = format!(
-        "set -e; mount -t tmpfs -o mode=1777 nixdock-test /tmp; cp {hook} /tmp/hook; \
+        // The hook is opened before the tmpfs hides /tmp: the checkout may itself be under /tmp.
+        "set -e; exec 9<{hook}; mount -t tmpfs -o mode=1777 nixdock-test /tmp; \
+         cp /proc/self/fd/9 /tmp/hook; exec 9<&-; \
          chmod 755 /tmp/hook; \
          setpriv --reuid {OTHER_UID} --regid {OTHER_UID} --clear-groups -- \
            env -i PATH=/usr/bin:/bin NIXDOCK_CONFIG={config} /tmp/hook 3 || echo HOOK-FAILED; \
