@@ -34,9 +34,29 @@ let
       speed-factor = nullable (types.either types.ints.positive types.float) "Relative speed against the machines in Nix's `builders` (default 1): builds go where busy slots / speed factor is least.";
     };
   };
+
+  accessOptions = {
+    tls-ca = nullable types.str "For a `tcp://` engine: the CA certificate (PEM) its server certificate must chain to; the only CA trusted (as `docker --tlsverify --tlscacert`).";
+    tls-cert = nullable types.str "For a `tcp://` engine: the client certificate (PEM) nixdock presents.";
+    tls-key = nullable types.str "For a `tcp://` engine: the client certificate's private key (PEM).";
+    ssh-key = nullable types.str "For an `ssh://` engine: the private key file nixdock logs in with (never root's ~/.ssh).";
+    ssh-host-key = nullable types.str "For an `ssh://` engine: the base64 of its host's OpenSSH public key line, as in a machines line (`base64 -w0 /etc/ssh/ssh_host_ed25519_key.pub`); never trusted on first use.";
+  };
+
+  engineOptions = {
+    options = accessOptions // {
+      docker-host = mkOption {
+        type = types.str;
+        description = "The engine's address: `unix:///path`, `tcp://host:port` (with the tls-* options) or `ssh://user@host` (with ssh-key and ssh-host-key).";
+      };
+      systems = nullable (types.listOf types.str) "The systems this engine may serve (default: the `builders` tables' systems, else its own).";
+      speed-factor = nullable (types.either types.ints.positive types.float) "Multiplies the speed factor of this engine's builders (default 1).";
+      max-jobs = nullable types.ints.positive "Caps the builds at once in each builder on this engine.";
+    };
+  };
 in
 {
-  options = {
+  options = accessOptions // {
     docker-host = nullable types.str ''
       Docker engine address (`unix:///path`, a socket path, or `tcp://host:port`). nixdock-hook
       runs as root under nix-daemon and then uses only this engine, else DOCKER_HOST from the
@@ -48,10 +68,17 @@ in
       is an error: no other is tried.
     '';
     offload-local = nullable types.bool "Also send builds for this machine's own system to a builder.";
-    transport = nullable (types.enum [ "auto" "ssh" ]) ''
+    transport = nullable (types.enum [ "auto" "ssh" "engine-exec" ]) ''
       How the hook reaches a builder's nix-daemon: "auto" goes straight to the daemon's socket
-      in the builder's /nix volume when the engine is local and the hook runs as root, and
-      over SSH otherwise; "ssh" always uses SSH.
+      in the builder's /nix volume when the engine is local and the hook runs as root, over
+      SSH to a loopback port on other local engines, and through the engine's exec on tcp://
+      and ssh:// engines (no sshd exposed); "ssh" always uses SSH (a remote engine's builders
+      then publish sshd on its address); "engine-exec" always uses the engine's exec.
+    '';
+    engines = nullable (types.attrsOf (types.submodule engineOptions)) ''
+      More engines for the pool, by name (lowercase letters, digits, '-'), beside the
+      top-level docker-host: e.g. `engines.arm-server.docker-host = "tcp://arm:2376"`.
+      Builds go native first, then to the least busy builder per speed factor.
     '';
     builders = nullable (types.attrsOf (types.submodule builderOptions)) ''
       One table per Nix system, e.g. `builders."aarch64-linux"`. Without it nixdock serves the

@@ -30,14 +30,43 @@ pub enum ConfigError {
         system: String,
         message: String,
     },
+    /// A problem with the top-level engine (`engine` = "default") or an `[engines.<name>]`.
+    #[error("{path}: {}: {message}", engine_where(.engine))]
+    Engine {
+        path: PathBuf,
+        engine: String,
+        message: String,
+    },
 }
+
+fn engine_where(engine: &str) -> String {
+    if engine == DEFAULT_ENGINE_NAME {
+        "the top-level docker-host".to_string()
+    } else {
+        format!("engines.{engine}")
+    }
+}
+
+/// The name the top-level engine (`docker-host`) goes by among `[engines.<name>]`.
+pub const DEFAULT_ENGINE_NAME: &str = "default";
 
 /// The file as written by the user.
 #[derive(Debug, Default, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Config {
-    /// Docker engine address (`unix:///path` or a plain socket path); tried first.
+    /// Docker engine address (`unix:///path`, a plain socket path, `tcp://host:port` or
+    /// `ssh://user@host`); the first engine of the pool.
     pub docker_host: Option<String>,
+    /// How to reach `docker-host`: TLS files for `tcp://`, identity and host key for `ssh://`
+    /// (see [`EngineAccess`]).
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub ssh_key: Option<PathBuf>,
+    pub ssh_host_key: Option<String>,
+    /// More engines, by name: `[engines.<name>]`.
+    #[serde(default)]
+    pub engines: BTreeMap<String, EngineConfig>,
     /// Also offload derivations the host could build itself.
     #[serde(default)]
     pub offload_local: bool,
@@ -54,11 +83,80 @@ pub struct Config {
 #[serde(rename_all = "kebab-case")]
 pub enum Transport {
     /// Through the daemon's socket in the builder's `/nix` volume when the engine is local
-    /// and the hook runs as root (no SSH at all), otherwise over SSH.
+    /// and the hook runs as root (no SSH at all); over SSH to a loopback port on any other
+    /// local-socket engine; through the engine's exec on a `tcp://` or `ssh://` engine.
     #[default]
     Auto,
-    /// Always over SSH.
+    /// Always over SSH: a remote engine's builders publish sshd on the engine's address.
     Ssh,
+    /// Always through the engine's exec (`nix-daemon --stdio` in the container).
+    EngineExec,
+}
+
+/// TLS files for a `tcp://` engine; identity and pinned host key for an `ssh://` one.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct EngineAccess {
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub ssh_key: Option<PathBuf>,
+    /// The base64 of the engine host's OpenSSH public key line, as in a machines line.
+    pub ssh_host_key: Option<String>,
+}
+
+/// One `[engines.<name>]` table: another engine of the pool.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EngineConfig {
+    pub docker_host: String,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub ssh_key: Option<PathBuf>,
+    pub ssh_host_key: Option<String>,
+    /// The systems it may serve (default: its own, and those it emulates when local).
+    pub systems: Option<Vec<String>>,
+    /// Relative speed of its builders (default 1).
+    pub speed_factor: Option<f32>,
+    /// Builds at once in each of its builders (caps `builders.<system>.max-jobs`).
+    pub max_jobs: Option<u32>,
+}
+
+impl EngineConfig {
+    pub fn access(&self) -> EngineAccess {
+        EngineAccess {
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            ssh_key: self.ssh_key.clone(),
+            ssh_host_key: self.ssh_host_key.clone(),
+        }
+    }
+}
+
+/// What is wrong with an engine's address and access, if anything.
+fn check_engine(host: &str, a: &EngineAccess) -> Option<String> {
+    let tls = [&a.tls_ca, &a.tls_cert, &a.tls_key];
+    let n_tls = tls.iter().filter(|t| t.is_some()).count();
+    if n_tls != 0 && n_tls != 3 {
+        return Some("tls-ca, tls-cert and tls-key go together: set all three or none".into());
+    }
+    let is_ssh = host.starts_with("ssh://");
+    if is_ssh && (a.ssh_key.is_none() || a.ssh_host_key.is_none()) {
+        return Some(
+            "an ssh:// engine needs ssh-key (the identity to log in with) and ssh-host-key \
+             (the base64 of its host's public key line, e.g. `base64 -w0 \
+             /etc/ssh/ssh_host_ed25519_key.pub`): nixdock never trusts a host key on first use"
+                .into(),
+        );
+    }
+    if !is_ssh && (a.ssh_key.is_some() || a.ssh_host_key.is_some()) {
+        return Some("ssh-key and ssh-host-key are for ssh:// engines".into());
+    }
+    if n_tls == 3 && !(host.starts_with("tcp://") || host.starts_with("https://")) {
+        return Some("tls-ca, tls-cert and tls-key are for tcp:// engines".into());
+    }
+    None
 }
 
 #[derive(Debug, Default, Clone, Deserialize, PartialEq)]
@@ -86,6 +184,17 @@ pub struct BuilderConfig {
 }
 
 impl Config {
+    /// How to reach the top-level `docker-host`.
+    pub fn access(&self) -> EngineAccess {
+        EngineAccess {
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            ssh_key: self.ssh_key.clone(),
+            ssh_host_key: self.ssh_host_key.clone(),
+        }
+    }
+
     /// The config path from the environment, or the default.
     pub fn path_from_env() -> PathBuf {
         std::env::var_os("NIXDOCK_CONFIG")
@@ -111,6 +220,48 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_string(),
         })?;
+        let engine_err = |engine: &str, message: String| ConfigError::Engine {
+            path: path.to_owned(),
+            engine: engine.to_string(),
+            message,
+        };
+        if let Some(why) = check_engine(cfg.docker_host.as_deref().unwrap_or(""), &cfg.access()) {
+            return Err(engine_err(DEFAULT_ENGINE_NAME, why));
+        }
+        for (name, e) in &cfg.engines {
+            if name == DEFAULT_ENGINE_NAME
+                || name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err(engine_err(
+                    name,
+                    format!(
+                        "an engine's name is lowercase letters, digits and '-', and not \
+                         \"{DEFAULT_ENGINE_NAME}\" (the top-level docker-host's)"
+                    ),
+                ));
+            }
+            if let Some(why) = check_engine(&e.docker_host, &e.access()) {
+                return Err(engine_err(name, why));
+            }
+            if e.max_jobs == Some(0) {
+                return Err(engine_err(name, "max-jobs must be at least 1".into()));
+            }
+            if e.speed_factor.is_some_and(|f| !f.is_finite() || f <= 0.0) {
+                return Err(engine_err(
+                    name,
+                    "speed-factor must be a positive number".into(),
+                ));
+            }
+            if let Some(s) = e.systems.iter().flatten().find(|s| !s.contains('-')) {
+                return Err(engine_err(
+                    name,
+                    format!("systems: {s:?} is not a system like \"aarch64-linux\""),
+                ));
+            }
+        }
         for (system, b) in &cfg.builders {
             let invalid = |message: &str| ConfigError::Invalid {
                 path: path.to_owned(),

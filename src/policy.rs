@@ -80,7 +80,16 @@ impl Pool<'_> {
             .collect()
     }
 
-    /// The candidates with a free slot, least loaded first: lowest busy/speed, then higher
+    /// Whether the target runs the system under emulation (a user's machine never does).
+    fn emulated(&self, t: Target) -> bool {
+        match t {
+            Target::Docker(i) => self.docker[i].emulated,
+            Target::Static(_) => false,
+        }
+    }
+
+    /// The candidates with a free slot, native ones first (an emulated builder only when no
+    /// native one has a free slot), then least loaded first: lowest busy/speed, then higher
     /// speed, then fewer busy slots (Nix's order); Docker builders first on a full tie.
     fn rank(&self, all: Vec<Target>) -> Vec<Target> {
         let mut free: Vec<(Target, u32)> = all
@@ -90,8 +99,9 @@ impl Pool<'_> {
             .collect();
         free.sort_by(|(a, la), (b, lb)| {
             let (sa, sb) = (self.speed(*a), self.speed(*b));
-            (*la as f32 / sa)
-                .total_cmp(&(*lb as f32 / sb))
+            self.emulated(*a)
+                .cmp(&self.emulated(*b))
+                .then((*la as f32 / sa).total_cmp(&(*lb as f32 / sb)))
                 .then(sb.total_cmp(&sa))
                 .then(la.cmp(lb))
         });
@@ -448,6 +458,58 @@ mod tests {
             Decision::Offload {
                 candidates: vec![Target::Docker(0), Target::Static(0)]
             }
+        );
+    }
+
+    #[test]
+    fn native_builders_come_first_and_emulation_only_when_every_native_one_is_full() {
+        use crate::builder::provision::{EnginePlace, Publish};
+        let cfg = crate::config::Config::default();
+        let place = |name: &str, arch: &str, speed: Option<f32>| EnginePlace {
+            name: name.into(),
+            arch: arch.into(),
+            local: false,
+            publish: Publish::Nothing,
+            max_jobs: Some(2),
+            speed_factor: speed,
+            systems: Some(vec!["aarch64-linux".into()]),
+        };
+        // An x86_64 engine emulating aarch64 (listed first, and much faster) and an arm64 one.
+        let mut s = BuilderSpec::on_engine(&cfg, "id", &place("amd", "x86_64", Some(8.0)));
+        s.extend(BuilderSpec::on_engine(
+            &cfg,
+            "id",
+            &place("arm", "aarch64", None),
+        ));
+        assert!(s[0].emulated && !s[1].emulated);
+        assert_ne!(s[0].container_name(), s[1].container_name());
+        assert_eq!(s[1].container_name(), "nixdock-id-arm-aarch64-linux");
+        assert_eq!(s[0].max_jobs, 2, "the engine's max-jobs caps its builders");
+        let r = req("aarch64-linux", &[]);
+        assert_eq!(
+            with(&r, "1", &s, &[], &[(Target::Docker(1), 1)], &[]),
+            Decision::Offload {
+                candidates: vec![Target::Docker(1), Target::Docker(0)]
+            },
+            "native first, however busy it is, while it has a free slot"
+        );
+        assert_eq!(
+            with(&r, "1", &s, &[], &[(Target::Docker(1), 2)], &[]),
+            Decision::Offload {
+                candidates: vec![Target::Docker(0)]
+            },
+            "emulated once the native builder is full"
+        );
+        assert_eq!(
+            with(
+                &r,
+                "1",
+                &s,
+                &[],
+                &[(Target::Docker(0), 2), (Target::Docker(1), 2)],
+                &[]
+            ),
+            Decision::Busy
         );
     }
 

@@ -22,7 +22,7 @@ use hook_protocol::worker::WorkerClient;
 use crate::transport::keys::{self, ClientKey, KeyError};
 use crate::transport::known_hosts::{self, KnownHosts};
 use crate::transport::ssh::{self, HostKeys, SshError};
-use crate::transport::{DaemonConnection, PublicKey, RemoteStore, Reopen, SshSession};
+use crate::transport::{DaemonConnection, Link, PublicKey, RemoteStore, Reopen};
 
 /// Limit on TCP connect + SSH key exchange + authentication.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -382,7 +382,8 @@ pub async fn connect(m: &Machine, home: Option<&Path>) -> Result<RemoteStore, St
             },
         })?;
     let (program, command) = remote_command(m);
-    let daemon = open_daemon(&session, &command, &machine)
+    let link = Link::Ssh(session);
+    let daemon = open_daemon(&link, &command, &machine)
         .await
         .map_err(|e| match e {
             StaticError::Daemon { reason, .. } => StaticError::Daemon {
@@ -395,7 +396,7 @@ pub async fn connect(m: &Machine, home: Option<&Path>) -> Result<RemoteStore, St
         })?;
     Ok(RemoteStore {
         name: machine,
-        session: Some(session),
+        link: Some(link),
         daemon,
         reopen: Reopen::Exec(command),
     })
@@ -404,7 +405,7 @@ pub async fn connect(m: &Machine, home: Option<&Path>) -> Result<RemoteStore, St
 /// Runs `command` (`nix-daemon --stdio`) over `session` and does the worker handshake. What
 /// the remote side printed on stderr (e.g. "command not found") is put in the error.
 pub async fn open_daemon(
-    session: &SshSession,
+    link: &Link,
     command: &str,
     machine: &str,
 ) -> Result<DaemonConnection, StaticError> {
@@ -414,7 +415,7 @@ pub async fn open_daemon(
         program: command.split_whitespace().next().unwrap_or("").to_string(),
         reason,
     };
-    let ch = session
+    let ch = link
         .exec(command)
         .await
         .map_err(|e| daemon_err(e.to_string()))?;

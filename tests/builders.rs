@@ -118,7 +118,9 @@ impl Instance {
         let state = StateDir::open(dir.path().join("state")).expect("state dir");
         let id = state.instance_id().expect("instance id");
         let cleanup = Cleanup(id.clone());
-        let engine = Engine::discover(None).await.expect("a docker engine");
+        let engine = Engine::discover(&nixdock::builder::engine::EngineSettings::top_level(None))
+            .await
+            .expect("a docker engine");
         let builders = Builders::new(engine, state).expect("builders");
         Instance {
             id,
@@ -241,6 +243,16 @@ fn nix_volume(c: &ContainerInspectResponse) -> String {
         .expect("a volume mounted at /nix")
 }
 
+/// The builder's SSH session (a local engine's builders are reached over SSH).
+fn ssh(ready: &ReadyBuilder) -> &SshSession {
+    match &ready.link {
+        nixdock::transport::Link::Ssh(s) => s,
+        nixdock::transport::Link::Engine(_) => {
+            panic!("{} is not reached over SSH", ready.container)
+        }
+    }
+}
+
 /// Runs `cmd` over the builder's SSH session; returns stdout, panics on failure.
 async fn sh(session: &SshSession, cmd: &str) -> String {
     let ExecChannel {
@@ -277,11 +289,9 @@ fn unix_ms() -> u64 {
 
 /// Closes a builder's connection (daemon channel and SSH), so no nix-daemon runs for it.
 async fn close(ready: ReadyBuilder) {
-    let ReadyBuilder {
-        session, daemon, ..
-    } = ready;
+    let ReadyBuilder { link, daemon, .. } = ready;
     drop(daemon);
-    let _ = session.close().await;
+    let _ = link.close().await;
 }
 
 /// Writes, with the host's `nix-instantiate`, a derivation for `system` whose builder is
@@ -361,7 +371,7 @@ async fn build_trivial(ready: &mut ReadyBuilder, nonce: &str) -> BuildOutput {
         res.error_msg,
         log.join("\n")
     );
-    let text = sh(&ready.session, &format!("cat {out_path}")).await;
+    let text = sh(ssh(ready), &format!("cat {out_path}")).await;
     let l = lines(&text);
     assert_eq!(l.len(), 3, "output of {out_path}: {text:?}");
     assert_eq!(l[0], "hi", "output of {out_path}: {text:?}");
@@ -377,7 +387,7 @@ async fn build_trivial(ready: &mut ReadyBuilder, nonce: &str) -> BuildOutput {
 /// `nix-daemon --stdio` runs, and the daemon has forked a worker for it.
 async fn assert_uses_persistent_daemon(ready: &ReadyBuilder) {
     let procs = sh(
-        &ready.session,
+        ssh(ready),
         "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done",
     )
     .await;
@@ -390,7 +400,7 @@ async fn assert_uses_persistent_daemon(ready: &ReadyBuilder) {
 }
 
 async fn nix_conf(ready: &ReadyBuilder) -> Vec<String> {
-    lines(&sh(&ready.session, "cat /etc/nix/nix.conf").await)
+    lines(&sh(ssh(ready), "cat /etc/nix/nix.conf").await)
 }
 
 fn assert_line(conf: &[String], line: &str) {
@@ -450,8 +460,7 @@ async fn cold_start_then_reuse() {
     assert_eq!(ready.container, name);
     assert_uses_persistent_daemon(&ready).await;
     // The subsystem that makes sshd set TCP_NODELAY is there.
-    ready
-        .session
+    ssh(&ready)
         .touch_subsystem(nixdock::builder::provision::NODELAY_SUBSYSTEM)
         .await
         .expect("the nodelay subsystem starts");
@@ -495,7 +504,7 @@ async fn cold_start_then_reuse() {
         .and_then(|p| p.parse().ok())
         .expect("host port");
     assert!(port >= 1024, "ephemeral port, got {port}");
-    assert_eq!(ready.addr, SocketAddr::from(([127, 0, 0, 1], port)));
+    assert_eq!(ssh(&ready).addr(), SocketAddr::from(([127, 0, 0, 1], port)));
     let docker_port = docker_ok(["port", &name]);
     assert_eq!(
         lines(&docker_port),
@@ -582,7 +591,7 @@ async fn ready_needs_the_pinned_host_key_and_an_answering_daemon() {
     let spec = inst.spec(X86, AMD64);
     let name = spec.container_name();
     let ready = inst.ready(&spec).await;
-    let addr = ready.addr;
+    let addr = ssh(&ready).addr();
     close(ready).await;
 
     // nix-daemon that exits at once: ssh works, the handshake does not. The persistent daemon
@@ -654,11 +663,7 @@ async fn config_change_recreates_but_not_under_a_running_build() {
     let name = spec.container_name();
     let ready = inst.ready(&spec).await;
     let marker = format!("survives-{}", inst.id);
-    sh(
-        &ready.session,
-        &format!("echo {marker} > /nix/nixdock-marker"),
-    )
-    .await;
+    sh(ssh(&ready), &format!("echo {marker} > /nix/nixdock-marker")).await;
     close(ready).await;
     let id1 = inst.container_id(&spec).await;
     let vol1 = nix_volume(&inst.inspect(&spec).await);
@@ -694,7 +699,7 @@ async fn config_change_recreates_but_not_under_a_running_build() {
     );
     assert_line(&nix_conf(&ready).await, "keep-outputs = true");
     assert_eq!(
-        sh(&ready.session, "cat /nix/nixdock-marker").await.trim(),
+        sh(ssh(&ready), "cat /nix/nixdock-marker").await.trim(),
         marker,
         "/nix did not survive the recreation"
     );
@@ -820,11 +825,7 @@ async fn nix_volume_survives_a_stop() {
     let name = spec.container_name();
     let ready = inst.ready(&spec).await;
     let marker = format!("kept-{}", inst.id);
-    sh(
-        &ready.session,
-        &format!("echo {marker} > /nix/nixdock-marker"),
-    )
-    .await;
+    sh(ssh(&ready), &format!("echo {marker} > /nix/nixdock-marker")).await;
     close(ready).await;
     let id1 = inst.container_id(&spec).await;
 
@@ -836,15 +837,11 @@ async fn nix_volume_survives_a_stop() {
     assert!(ready.started, "starting a stopped builder is a cold start");
     assert_eq!(inst.container_id(&spec).await, id1, "stopped ≠ outdated");
     assert_eq!(
-        sh(&ready.session, "cat /nix/nixdock-marker").await.trim(),
+        sh(ssh(&ready), "cat /nix/nixdock-marker").await.trim(),
         marker
     );
     // The store itself is intact.
-    sh(
-        &ready.session,
-        "test -d /nix/store && test -d /nix/var/nix/db",
-    )
-    .await;
+    sh(ssh(&ready), "test -d /nix/store && test -d /nix/var/nix/db").await;
 }
 
 /// A new image means a new container on a new volume: the old image's /nix never runs under
@@ -857,7 +854,7 @@ async fn image_change_gets_a_fresh_volume() {
     let inst = Instance::new().await;
     let spec = inst.spec(X86, AMD64);
     let ready = inst.ready(&spec).await;
-    sh(&ready.session, "echo old > /nix/nixdock-marker").await;
+    sh(ssh(&ready), "echo old > /nix/nixdock-marker").await;
     close(ready).await;
     let c1 = inst.inspect(&spec).await;
     let vol1 = nix_volume(&c1);
@@ -871,7 +868,7 @@ async fn image_change_gets_a_fresh_volume() {
     let vol2 = nix_volume(&c2);
     assert_ne!(vol2, vol1);
     assert!(vol2.starts_with(&format!("nixdock-{}-", inst.id)), "{vol2}");
-    sh(&ready.session, "test ! -e /nix/nixdock-marker").await;
+    sh(ssh(&ready), "test ! -e /nix/nixdock-marker").await;
     assert!(
         ready
             .daemon
@@ -912,7 +909,7 @@ async fn concurrent_callers_make_one_container() {
         1,
         "exactly one caller starts the builder"
     );
-    assert_eq!(a.addr, b.addr);
+    assert_eq!(ssh(&a).addr(), ssh(&b).addr());
     assert_eq!(inst.containers(), vec![spec.container_name()]);
     assert_eq!(inst.volumes().len(), 1);
 }
@@ -984,7 +981,9 @@ async fn helper_process_race_for_a_builder() {
         .unwrap();
     let state = StateDir::open(PathBuf::from(state_path)).unwrap();
     let id = state.instance_id().unwrap();
-    let engine = Engine::discover(None).await.unwrap();
+    let engine = Engine::discover(&nixdock::builder::engine::EngineSettings::top_level(None))
+        .await
+        .unwrap();
     let wait = at.saturating_sub(unix_ms());
     tokio::time::sleep(Duration::from_millis(wait)).await;
     let builders = Builders::new(engine, state).unwrap();
@@ -1022,7 +1021,7 @@ async fn two_instances_on_one_engine() {
         ra.started && rb.started,
         "each instance starts its own builder"
     );
-    assert_ne!(ra.addr, rb.addr);
+    assert_ne!(ssh(&ra).addr(), ssh(&rb).addr());
 
     assert_eq!(a.containers(), vec![sa.container_name()]);
     assert_eq!(b.containers(), vec![sb.container_name()]);
@@ -1037,8 +1036,8 @@ async fn two_instances_on_one_engine() {
     assert_eq!(nix_volume(&b.inspect(&sb).await), vb[0]);
 
     // Separate stores.
-    sh(&ra.session, "echo a > /nix/nixdock-marker").await;
-    sh(&rb.session, "test ! -e /nix/nixdock-marker").await;
+    sh(ssh(&ra), "echo a > /nix/nixdock-marker").await;
+    sh(ssh(&rb), "test ! -e /nix/nixdock-marker").await;
     close(ra).await;
     close(rb).await;
 
@@ -1119,7 +1118,7 @@ async fn emulated_arm64_builder_builds_with_build_users() {
     let t_ready = Instant::now();
     eprintln!("emulated cold start: {:?}", t.elapsed());
     assert!(ready.started);
-    assert_eq!(sh(&ready.session, "uname -m").await.trim(), "aarch64");
+    assert_eq!(sh(ssh(&ready), "uname -m").await.trim(), "aarch64");
     let conf = nix_conf(&ready).await;
     assert_line(&conf, "filter-syscalls = false");
     assert_line(&conf, "build-users-group = nixbld");
@@ -1155,7 +1154,7 @@ async fn nixos_layout_image_builds() {
     let spec = inst.spec(X86, "nixos-layout");
     let mut ready = inst.ready(&spec).await;
     assert_uses_persistent_daemon(&ready).await;
-    let link = sh(&ready.session, "readlink /etc/nixdock/bin/nix-daemon").await;
+    let link = sh(ssh(&ready), "readlink /etc/nixdock/bin/nix-daemon").await;
     assert!(link.contains("/root/.nix-profile/"), "{link}");
     assert_line(&nix_conf(&ready).await, "build-users-group = nixbld");
     let out = build_trivial(&mut ready, &format!("nixos-{}", inst.id)).await;
@@ -1178,7 +1177,7 @@ fn assert_nixdock_build_user(uid: u32) {
 /// The builder's store as multi-user Nix wants it: root's, group nixbld, 1775 (build users
 /// create outputs in it; only their own can they remove).
 async fn assert_multi_user_store(ready: &ReadyBuilder) {
-    let st = sh(&ready.session, "stat -c '%u %G %a' /nix/store").await;
+    let st = sh(ssh(ready), "stat -c '%u %G %a' /nix/store").await;
     assert_eq!(
         st.trim(),
         "0 nixbld 1775",
@@ -1198,7 +1197,7 @@ async fn image_without_build_users_builds_as_a_build_user() {
     let spec = inst.spec(X86, "bookworm-amd64-nobld");
     let mut ready = inst.ready(&spec).await;
     assert_line(&nix_conf(&ready).await, "build-users-group = nixbld");
-    let group = sh(&ready.session, "grep '^nixbld:' /etc/group").await;
+    let group = sh(ssh(&ready), "grep '^nixbld:' /etc/group").await;
     let gid: u32 = group.split(':').nth(2).unwrap_or("").parse().expect(&group);
     assert!(
         gid >= 700_000_000,
@@ -1243,7 +1242,7 @@ async fn image_with_an_empty_nixbld_group_builds_as_a_build_user() {
     let spec = BuilderSpec::from_config(&inst.id, X86, &c, &inst.builders.engine.arch);
     let mut ready = inst.ready(&spec).await;
     assert_line(&nix_conf(&ready).await, "build-users-group = nixbld");
-    let group = sh(&ready.session, "grep '^nixbld:' /etc/group").await;
+    let group = sh(ssh(&ready), "grep '^nixbld:' /etc/group").await;
     assert!(group.starts_with("nixbld:x:30000:nixdockbld1,"), "{group}");
     let out = build_trivial(&mut ready, &format!("emptybld-{}", inst.id)).await;
     assert_nixdock_build_user(out.uid);
@@ -1302,7 +1301,11 @@ async fn unreachable_engine() {
     // reason to try another engine (the system socket answers here).
     let refused = refused_socket(dir.path(), "refused.sock");
     let named = format!("unix://{}", refused.display());
-    match Engine::discover(Some(&named)).await {
+    match Engine::discover(&nixdock::builder::engine::EngineSettings::top_level(Some(
+        named.clone(),
+    )))
+    .await
+    {
         Err(EngineError::Explicit { addr, how, .. }) => {
             assert_eq!(addr, named);
             assert_eq!(how, HowFound::ConfigDockerHost);
@@ -1312,9 +1315,11 @@ async fn unreachable_engine() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let named = format!("tcp://{}", silent.local_addr().unwrap());
     let t = Instant::now();
-    let err = Engine::discover(Some(&named))
-        .await
-        .expect_err("a silent docker-host is an error");
+    let err = Engine::discover(&nixdock::builder::engine::EngineSettings::top_level(Some(
+        named.clone(),
+    )))
+    .await
+    .expect_err("a silent docker-host is an error");
     let text = err.to_string();
     assert!(
         text.contains(&named) && text.contains("timed out"),
@@ -1330,20 +1335,25 @@ async fn unreachable_engine() {
     let _listener = std::os::unix::net::UnixListener::bind(&silent_unix).unwrap();
     let named = format!("unix://{}", silent_unix.display());
     let t = Instant::now();
-    let err = Engine::discover(Some(&named))
-        .await
-        .expect_err("a silent docker-host is an error");
+    let err = Engine::discover(&nixdock::builder::engine::EngineSettings::top_level(Some(
+        named.clone(),
+    )))
+    .await
+    .expect_err("a silent docker-host is an error");
     let text = err.to_string();
     assert!(
         text.contains(&named) && text.contains("timed out"),
         "{text}"
     );
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
-    let e = Engine::discover(None).await.expect("the system socket");
+    let e = Engine::discover(&nixdock::builder::engine::EngineSettings::top_level(None))
+        .await
+        .expect("the system socket");
 
     // The engine goes away after discovery: ensure_ready names it.
     let gone = refused_socket(dir.path(), "gone.sock");
     let engine = Engine {
+        name: "default".into(),
         docker: bollard::Docker::connect_with_unix(
             gone.to_str().unwrap(),
             10,
@@ -1431,7 +1441,7 @@ async fn helper_process_discover_without_engines() {
         "not in the test's mount namespace"
     );
     let t = Instant::now();
-    let r = Engine::discover(None).await;
+    let r = Engine::discover(&nixdock::builder::engine::EngineSettings::top_level(None)).await;
     let took = t.elapsed();
     let err = match r {
         Ok(e) => panic!("found an engine in an empty namespace: {e:?}"),

@@ -504,7 +504,10 @@ impl TempInstall {
     fn start_x86_64(&self) {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            let engine = Engine::discover(None).await.expect("a docker engine");
+            let engine =
+                Engine::discover(&nixdock::builder::engine::EngineSettings::top_level(None))
+                    .await
+                    .expect("a docker engine");
             let arch = engine.arch.clone();
             let state = StateDir::open(self.dir.path().join("state")).unwrap();
             let builders = Builders::new(engine, state).unwrap();
@@ -524,7 +527,7 @@ impl TempInstall {
                     .await
                     .expect("ensure_ready in time")
                     .expect("builder ready");
-            let _ = ready.session.close().await;
+            let _ = ready.link.close().await;
         });
     }
 

@@ -54,7 +54,7 @@ impl Throwaway {
                     .await
                     .expect("builder ready in time")
                     .expect("builder ready");
-            let _ = ready.session.close().await;
+            let _ = ready.link.close().await;
         });
         t
     }
@@ -62,7 +62,9 @@ impl Throwaway {
     /// The installation's builders and its x86_64-linux spec, through the library as the hook
     /// has them.
     async fn builders(&self, state: StateDir) -> (Builders, BuilderSpec) {
-        let engine = Engine::discover(None).await.expect("a docker engine");
+        let engine = Engine::discover(&nixdock::builder::engine::EngineSettings::top_level(None))
+            .await
+            .expect("a docker engine");
         let arch = engine.arch.clone();
         let builders = Builders::new(engine, state).unwrap();
         let spec = BuilderSpec::from_config(

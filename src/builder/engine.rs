@@ -20,9 +20,23 @@
 //! it as `docker-host`.
 
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::Docker;
+
+use crate::config::{Config, EngineAccess, Transport};
+use crate::transport::engine_api::{self, EngineApiError, TlsFiles};
+
+use super::provision::{EnginePlace, Publish};
+use super::systems;
+use crate::transport::ssh::{self, HostKeys, SshError};
+use crate::transport::{keys, parse_public_key};
+
+/// What an `ssh://` engine's host runs to carry the Engine API, as the docker CLI does.
+const DIAL_STDIO: &str = "docker system dial-stdio";
+/// Connecting to an `ssh://` engine: TCP, key exchange and authentication.
+const SSH_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Engine calls that should be instant (inspect, ping) give up after this long.
 const PING_TIMEOUT: Duration = Duration::from_secs(3);
@@ -149,11 +163,152 @@ impl std::fmt::Display for HowFound {
 /// A connected engine and where it was found.
 #[derive(Clone)]
 pub struct Engine {
+    /// `default` for the top-level `docker-host`, else its `[engines.<name>]` table's name.
+    pub name: String,
     pub docker: Docker,
     pub addr: String,
     pub how_found: HowFound,
     pub arch: String,
     pub os: String,
+}
+
+/// The name of the engine the top-level `docker-host` (or discovery) gives.
+pub const DEFAULT_ENGINE: &str = "default";
+
+/// What reaching an engine takes besides its address: TLS files for `tcp://`, the identity and
+/// the pinned host key for `ssh://`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    pub tls: Option<TlsFiles>,
+    pub ssh: Option<SshAccess>,
+}
+
+/// An `ssh://` engine's client identity (a private key file) and its host's public key, as in
+/// a machines line: the base64 of an OpenSSH public key line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshAccess {
+    pub key: PathBuf,
+    pub host_key_base64: String,
+}
+
+/// An engine as the config names it (or leaves to discovery: `host` unset).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineSettings {
+    pub name: String,
+    pub host: Option<String>,
+    pub access: Access,
+}
+
+impl EngineSettings {
+    /// The top-level engine at `host`, or found by discovery when `None`.
+    pub fn top_level(host: Option<String>) -> EngineSettings {
+        EngineSettings {
+            name: DEFAULT_ENGINE.to_string(),
+            host,
+            access: Access::default(),
+        }
+    }
+
+    /// The engines the config names: the top-level one (`docker-host`, or discovery) first,
+    /// then each `[engines.<name>]` by name.
+    pub fn pool(cfg: &Config) -> Vec<EngineSettings> {
+        let mut out = vec![EngineSettings {
+            name: DEFAULT_ENGINE.to_string(),
+            host: cfg.docker_host.clone(),
+            access: access_of(&cfg.access()),
+        }];
+        out.extend(cfg.engines.iter().map(|(name, e)| EngineSettings {
+            name: name.clone(),
+            host: Some(e.docker_host.clone()),
+            access: access_of(&e.access()),
+        }));
+        out
+    }
+
+    /// Whether its builders can be known without asking it: the top-level engine on a local
+    /// socket (or discovered), whose architecture is this host's.
+    pub fn is_local_default(&self) -> bool {
+        self.name == DEFAULT_ENGINE
+            && self
+                .host
+                .as_deref()
+                .is_none_or(|h| remote_host(h).is_none())
+    }
+}
+
+fn access_of(a: &EngineAccess) -> Access {
+    Access {
+        tls: match (&a.tls_ca, &a.tls_cert, &a.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        },
+        ssh: match (&a.ssh_key, &a.ssh_host_key) {
+            (Some(key), Some(host_key)) => Some(SshAccess {
+                key: key.clone(),
+                host_key_base64: host_key.clone(),
+            }),
+            _ => None,
+        },
+    }
+}
+
+impl Engine {
+    /// What the builders on this engine take from it and from the config.
+    pub fn place(&self, cfg: &Config) -> EnginePlace {
+        let publish = match self.remote_host() {
+            None => Publish::Loopback,
+            Some(host) => match cfg.transport {
+                // On the engine's own address when it is one; a name may resolve to any of
+                // its host's addresses, so then on all of them (sshd takes only our key).
+                Transport::Ssh => Publish::Address(if host.parse::<std::net::IpAddr>().is_ok() {
+                    host
+                } else {
+                    "0.0.0.0".into()
+                }),
+                Transport::Auto | Transport::EngineExec => Publish::Nothing,
+            },
+        };
+        let table = cfg.engines.get(&self.name);
+        EnginePlace {
+            name: self.name.clone(),
+            arch: self.arch.clone(),
+            local: self.is_local_socket() && systems::ENGINE_IS_LOCAL,
+            publish,
+            max_jobs: table.and_then(|t| t.max_jobs),
+            speed_factor: table.and_then(|t| t.speed_factor),
+            systems: table.and_then(|t| t.systems.clone()),
+        }
+    }
+
+    /// The host a container's published port is reached on: the engine's own host for a
+    /// `tcp://` or `ssh://` engine, `None` for a local socket (loopback).
+    pub fn remote_host(&self) -> Option<String> {
+        remote_host(&self.addr)
+    }
+
+    /// Whether the engine's containers and volumes are on this host's file system (a local
+    /// socket; Docker Desktop's VM too, whose volumes the fast path then does not find).
+    pub fn is_local_socket(&self) -> bool {
+        unix_path(&self.addr).is_some()
+    }
+}
+
+/// The host part of a `tcp://`, `http://`, `https://` or `ssh://` address.
+pub fn remote_host(addr: &str) -> Option<String> {
+    let rest = ["tcp://", "http://", "https://", "ssh://"]
+        .iter()
+        .find_map(|p| addr.strip_prefix(p))?;
+    let hostport = rest.split('/').next()?;
+    let hostport = hostport.rsplit_once('@').map_or(hostport, |(_, h)| h);
+    let host = match hostport.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => hostport.split(':').next()?,
+    };
+    (!host.is_empty()).then(|| host.to_string())
 }
 
 impl std::fmt::Debug for Engine {
@@ -171,6 +326,8 @@ impl std::fmt::Debug for Engine {
 pub struct Candidate {
     pub addr: String,
     pub how: HowFound,
+    /// TLS or SSH material the config gives for this address.
+    pub access: Access,
     /// For a socket nobody named: the uids that may own it and every directory above it
     /// ([`check_socket`]). `None`: used as given (named by the operator, or shown to them).
     pub owners: Option<Vec<u32>>,
@@ -201,6 +358,7 @@ pub fn candidates_for(
         return vec![Candidate {
             addr: h.to_string(),
             how: HowFound::ConfigDockerHost,
+            access: Access::default(),
             owners: None,
         }];
     }
@@ -208,6 +366,7 @@ pub fn candidates_for(
         return vec![Candidate {
             addr: h.to_string(),
             how: HowFound::DockerHostEnv,
+            access: Access::default(),
             owners: None,
         }];
     }
@@ -215,6 +374,7 @@ pub fn candidates_for(
     let system = |(path, how): (&str, HowFound)| Candidate {
         addr: format!("unix://{path}"),
         how,
+        access: Access::default(),
         owners: Some(vec![0]),
     };
     out.push(system(SYSTEM_SOCKETS[0]));
@@ -228,6 +388,7 @@ pub fn candidates_for(
                     out.push(Candidate {
                         addr: format!("unix://{}", p.display()),
                         how,
+                        access: Access::default(),
                         owners: mine.clone(),
                     });
                 }
@@ -244,6 +405,7 @@ pub fn candidates_for(
                 out.push(Candidate {
                     addr: format!("unix://{}", p.display()),
                     how,
+                    access: Access::default(),
                     owners: mine.clone(),
                 });
             }
@@ -267,6 +429,7 @@ pub fn install_time_candidates() -> Vec<Candidate> {
             out.push(Candidate {
                 addr,
                 how,
+                access: Access::default(),
                 owners: None,
             });
         }
@@ -552,8 +715,24 @@ pub enum CandidateError {
     Untrusted(#[from] SocketError),
     #[error("no such socket")]
     NoSuchSocket,
-    #[error("unsupported address (use unix:// or tcp://)")]
+    #[error("unsupported address (use unix://, tcp:// or ssh://)")]
     Unsupported,
+    #[error("https:// needs tls-ca, tls-cert and tls-key")]
+    TlsFilesMissing,
+    #[error(
+        "an ssh:// engine needs ssh-key (the identity to log in with) and ssh-host-key (the \
+         base64 of its host's public key line, e.g. of /etc/ssh/ssh_host_ed25519_key.pub): \
+         nixdock never trusts a host key on first use"
+    )]
+    SshAccessMissing,
+    #[error("ssh-host-key does not decode to an OpenSSH public key line")]
+    BadHostKey,
+    #[error("ssh-key {}: {reason}", .path.display())]
+    Identity { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Ssh(Box<SshError>),
+    #[error(transparent)]
+    Tls(#[from] EngineApiError),
     #[error("timed out")]
     TimedOut,
     /// The OS's reason ("Connection refused"), which says more than the HTTP client's.
@@ -577,25 +756,108 @@ fn owner_names(owners: &[u32]) -> String {
         .join(" or ")
 }
 
-fn connect(addr: &str, version: &bollard::ClientVersion) -> Result<Docker, CandidateError> {
-    if let Some(path) = unix_path(addr) {
-        if !Path::new(path).exists() {
-            return Err(CandidateError::NoSuchSocket);
+/// How the Engine API is reached at one address, made once per engine (an `ssh://` engine's
+/// SSH session is opened here); [`Route::docker`] then gives clients for any API version.
+enum Route {
+    Unix(String),
+    Http(String),
+    Tls { addr: String, files: TlsFiles },
+    Ssh(Arc<ssh::SshSession>),
+}
+
+impl Route {
+    async fn open(addr: &str, access: &Access) -> Result<Route, CandidateError> {
+        if let Some(path) = unix_path(addr) {
+            if !Path::new(path).exists() {
+                return Err(CandidateError::NoSuchSocket);
+            }
+            return Ok(Route::Unix(path.to_string()));
         }
-        Ok(Docker::connect_with_unix(
-            path,
-            REQUEST_TIMEOUT_SECS,
-            version,
-        )?)
-    } else if addr.starts_with("tcp://") || addr.starts_with("http://") {
-        Ok(Docker::connect_with_http(
-            addr,
-            REQUEST_TIMEOUT_SECS,
-            version,
-        )?)
-    } else {
+        if addr.starts_with("tcp://") || addr.starts_with("http://") || addr.starts_with("https://")
+        {
+            return Ok(match &access.tls {
+                Some(files) => Route::Tls {
+                    addr: addr.replacen("http://", "tcp://", 1),
+                    files: files.clone(),
+                },
+                None if addr.starts_with("https://") => {
+                    return Err(CandidateError::TlsFilesMissing);
+                }
+                None => Route::Http(addr.to_string()),
+            });
+        }
+        if let Some(rest) = addr.strip_prefix("ssh://") {
+            let access = access
+                .ssh
+                .as_ref()
+                .ok_or(CandidateError::SshAccessMissing)?;
+            return Ok(Route::Ssh(Arc::new(ssh_session(rest, access).await?)));
+        }
         Err(CandidateError::Unsupported)
     }
+
+    fn docker(&self, version: &bollard::ClientVersion) -> Result<Docker, CandidateError> {
+        Ok(match self {
+            Route::Unix(path) => Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, version)?,
+            Route::Http(addr) => Docker::connect_with_http(addr, REQUEST_TIMEOUT_SECS, version)?,
+            Route::Tls { addr, files } => {
+                engine_api::tls_docker(addr, files, REQUEST_TIMEOUT_SECS, version)?
+            }
+            Route::Ssh(session) => {
+                engine_api::ssh_docker(session.clone(), DIAL_STDIO, REQUEST_TIMEOUT_SECS, version)?
+            }
+        })
+    }
+}
+
+/// The SSH session to an `ssh://[user@]host[:port]` engine's host: its identity from `ssh-key`,
+/// its host key pinned from `ssh-host-key` (nothing from `~/.ssh`, no trust on first use).
+async fn ssh_session(rest: &str, access: &SshAccess) -> Result<ssh::SshSession, CandidateError> {
+    let hostport = rest.split('/').next().unwrap_or("");
+    let (user, hostport) = match hostport.rsplit_once('@') {
+        Some((u, h)) => (u.to_string(), h),
+        None => ("root".to_string(), hostport),
+    };
+    let target = if hostport.starts_with('[') {
+        if hostport.contains("]:") {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:22")
+        }
+    } else if hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:22")
+    };
+    let line = hook_protocol::hash::base64_decode(access.host_key_base64.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or(CandidateError::BadHostKey)?;
+    let pinned = parse_public_key(line.trim()).map_err(|_| CandidateError::BadHostKey)?;
+    let key = keys::load_identity(&access.key).map_err(|e| CandidateError::Identity {
+        path: access.key.clone(),
+        reason: e.to_string(),
+    })?;
+    let addr = tokio::time::timeout(PING_TIMEOUT, tokio::net::lookup_host(&target))
+        .await
+        .map_err(|_| CandidateError::TimedOut)?
+        .map_err(CandidateError::Connect)?
+        .next()
+        .ok_or_else(|| {
+            CandidateError::Connect(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{target}: no address"),
+            ))
+        })?;
+    ssh::connect_with(
+        addr,
+        &user,
+        &key,
+        &HostKeys::pinned(pinned),
+        SSH_CONNECT_TIMEOUT,
+    )
+    .await
+    .map_err(|e| CandidateError::Ssh(Box::new(e)))
 }
 
 /// An engine's API version, "1.41".
@@ -611,12 +873,19 @@ impl Engine {
     /// Tries each candidate in turn ([`candidates`]); the first engine that answers wins. An
     /// explicit one (config `docker-host`, `DOCKER_HOST`) is the only candidate, and its
     /// failure is [`EngineError::Explicit`].
-    pub async fn discover(config_host: Option<&str>) -> Result<Engine, EngineError> {
+    pub async fn discover(settings: &EngineSettings) -> Result<Engine, EngineError> {
         let mut tried = Vec::new();
-        for c in candidates(config_host) {
+        let mut cands = candidates(settings.host.as_deref());
+        if settings.host.is_some()
+            && let Some(c) = cands.first_mut()
+        {
+            c.access = settings.access.clone();
+        }
+        for c in cands {
             match Self::try_one(&c).await {
-                Ok(e) => {
-                    tracing::info!(addr = %e.addr, how = %e.how_found, arch = %e.arch, "docker engine found");
+                Ok(mut e) => {
+                    e.name = settings.name.clone();
+                    tracing::info!(engine = %e.name, addr = %e.addr, how = %e.how_found, arch = %e.arch, "docker engine found");
                     return Ok(e);
                 }
                 Err(why) if c.how.is_explicit() => {
@@ -675,7 +944,8 @@ impl Engine {
                     _ => CandidateError::Connect(e),
                 })?;
         }
-        let docker = connect(&addr, bollard::API_DEFAULT_VERSION)?;
+        let route = Route::open(&addr, &c.access).await?;
+        let docker = route.docker(bollard::API_DEFAULT_VERSION)?;
         // One `/version` answers everything: that the engine is up, its API version (what
         // bollard's `negotiate_version` would ask again), its architecture and OS. Every hook
         // asks it before its `# accept`, while Nix's worker waits.
@@ -683,10 +953,11 @@ impl Engine {
             .await
             .map_err(|_| CandidateError::TimedOut)??;
         let docker = match info.api_version.as_deref().and_then(parse_api_version) {
-            Some(v) if v < *bollard::API_DEFAULT_VERSION => connect(&addr, &v)?,
+            Some(v) if v < *bollard::API_DEFAULT_VERSION => route.docker(&v)?,
             _ => docker,
         };
         Ok(Engine {
+            name: DEFAULT_ENGINE.to_string(),
             docker,
             addr: c.addr.clone(),
             how_found: c.how,
@@ -782,6 +1053,7 @@ mod tests {
         let e = Engine::try_one(&Candidate {
             addr: "unix:///nonexistent/docker.sock".into(),
             how: HowFound::Given,
+            access: Access::default(),
             owners: None,
         })
         .await

@@ -17,11 +17,12 @@ use hook_protocol::worker::WorkerClient;
 
 use crate::state::{FileLock, StateDir, StateError};
 use crate::transport::keys::{self, ClientKey};
-use crate::transport::ssh::{self, SshError, SshSession};
+use crate::transport::ssh::{self, SshError};
 use crate::transport::unix_socket::unix_stream_channel;
+use crate::transport::{EngineExec, EngineExecError, Link};
 
 use super::engine::{Engine, EngineError};
-use super::provision::{self, BuilderSpec, REMOTE_NIX_DAEMON, SSH_PORT};
+use super::provision::{self, BuilderSpec, Publish, REMOTE_NIX_DAEMON, SSH_PORT};
 use super::slots;
 
 pub use crate::transport::DaemonConnection;
@@ -60,6 +61,12 @@ pub enum BuilderError {
         #[source]
         source: Box<SshError>,
     },
+    #[error("builder {container}: through the engine: {source}")]
+    Exec {
+        container: String,
+        #[source]
+        source: Box<EngineExecError>,
+    },
     #[error("builder {container}: nix-daemon did not answer: {source}")]
     Daemon {
         container: String,
@@ -80,8 +87,8 @@ impl BuilderError {
 pub struct ReadyBuilder {
     pub spec: BuilderSpec,
     pub container: String,
-    pub addr: SocketAddr,
-    pub session: SshSession,
+    /// SSH to its sshd, or the engine's exec.
+    pub link: Link,
     pub daemon: DaemonConnection,
     /// Whether this call created or started the container (a cold start).
     pub started: bool,
@@ -520,16 +527,21 @@ impl Builders {
                         what: format!("bad pinned host key: {e}"),
                     })
                 })?;
-            if let Some(port) = published_port(&c) {
-                let addr = SocketAddr::from(([127, 0, 0, 1], port));
-                match self.connect(name, addr, &pinned).await {
-                    Ok((session, daemon)) => {
-                        tracing::info!(container = %name, %addr, ms = t0.elapsed().as_millis() as u64, started, "builder ready");
+            let attempt = match &spec.publish {
+                Publish::Nothing => Some(self.connect_exec(name).await),
+                publish => match published_port(&c) {
+                    Some(port) => Some(self.connect_published(name, publish, port, &pinned).await),
+                    None => None,
+                },
+            };
+            if let Some(attempt) = attempt {
+                match attempt {
+                    Ok((link, daemon)) => {
+                        tracing::info!(container = %name, engine = %self.engine.name, ms = t0.elapsed().as_millis() as u64, started, "builder ready");
                         return Ok(ReadyBuilder {
                             spec: spec.clone(),
                             container: name.to_string(),
-                            addr,
-                            session,
+                            link,
                             daemon,
                             started,
                         });
@@ -587,13 +599,64 @@ impl Builders {
         }
     }
 
+    /// SSH to the builder's published port: on loopback for a local engine, on the engine's
+    /// host for a remote one.
+    async fn connect_published(
+        &self,
+        name: &str,
+        publish: &Publish,
+        port: u16,
+        pinned: &russh::keys::PublicKey,
+    ) -> Result<(Link, DaemonConnection), BuilderError> {
+        let addr = match (publish, self.engine.remote_host()) {
+            (Publish::Address(_), Some(host)) => {
+                let target = if host.contains(':') {
+                    format!("[{host}]:{port}")
+                } else {
+                    format!("{host}:{port}")
+                };
+                tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(&target))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| BuilderError::Broken {
+                        container: name.to_string(),
+                        what: format!("cannot resolve {target}"),
+                    })?
+            }
+            _ => SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        self.connect(name, addr, pinned).await
+    }
+
+    /// Through the engine's exec: a `nix-daemon --stdio` in the container that forwards to
+    /// its persistent daemon, started only once that daemon's socket is there (before, the
+    /// command exits and the handshake fails, so the caller polls again).
+    async fn connect_exec(&self, name: &str) -> Result<(Link, DaemonConnection), BuilderError> {
+        let exec = EngineExec::new(self.engine.docker.clone(), name.to_string());
+        let command = format!(
+            "[ -S {sock} ] || exit 75; exec {REMOTE_NIX_DAEMON}",
+            sock = provision::REMOTE_DAEMON_SOCKET
+        );
+        let ch = exec
+            .exec(&command)
+            .await
+            .map_err(|source| BuilderError::Exec {
+                container: name.to_string(),
+                source: Box::new(source),
+            })?;
+        let daemon = handshake(ch, name).await?;
+        Ok((Link::Engine(exec), daemon))
+    }
+
     /// One SSH connection plus a `nix-daemon --stdio` handshake on it.
     pub async fn connect(
         &self,
         name: &str,
         addr: SocketAddr,
         pinned: &russh::keys::PublicKey,
-    ) -> Result<(SshSession, DaemonConnection), BuilderError> {
+    ) -> Result<(Link, DaemonConnection), BuilderError> {
         let ssh_err = |source| BuilderError::Ssh {
             container: name.to_string(),
             source: Box::new(source),
@@ -610,8 +673,9 @@ impl Builders {
         if let Err(e) = session.touch_subsystem(provision::NODELAY_SUBSYSTEM).await {
             tracing::debug!(container = %name, "no nodelay subsystem: {e}");
         }
-        let daemon = open_daemon(&session, name).await?;
-        Ok((session, daemon))
+        let link = Link::Ssh(session);
+        let daemon = open_daemon(&link, name).await?;
+        Ok((link, daemon))
     }
 }
 
@@ -619,39 +683,51 @@ impl Builders {
 /// `nix-daemon` through its socket (a fork in the builder, no process start), or, where that
 /// socket is not there (an older provisioning, the daemon not up yet), a fresh
 /// `nix-daemon --stdio`.
-pub async fn open_daemon(
-    session: &SshSession,
-    name: &str,
-) -> Result<DaemonConnection, BuilderError> {
-    let ch = match session
-        .open_unix_socket(provision::REMOTE_DAEMON_SOCKET)
-        .await
-    {
-        Ok(ch) => ch,
-        Err(e @ SshError::ConnectionLost { .. }) => {
-            return Err(BuilderError::Ssh {
-                container: name.to_string(),
-                source: Box::new(e),
-            });
-        }
-        Err(e) => {
-            tracing::debug!(container = %name, "no daemon socket ({e}); starting nix-daemon --stdio");
-            session
-                .exec(REMOTE_NIX_DAEMON)
+pub async fn open_daemon(link: &Link, name: &str) -> Result<DaemonConnection, BuilderError> {
+    let ch = match link {
+        Link::Ssh(session) => match session
+            .open_unix_socket(provision::REMOTE_DAEMON_SOCKET)
+            .await
+        {
+            Ok(ch) => ch,
+            Err(e @ SshError::ConnectionLost { .. }) => {
+                return Err(BuilderError::Ssh {
+                    container: name.to_string(),
+                    source: Box::new(e),
+                });
+            }
+            Err(e) => {
+                tracing::debug!(container = %name, "no daemon socket ({e}); starting nix-daemon --stdio");
+                session
+                    .exec(REMOTE_NIX_DAEMON)
+                    .await
+                    .map_err(|source| BuilderError::Ssh {
+                        container: name.to_string(),
+                        source: Box::new(source),
+                    })?
+            }
+        },
+        Link::Engine(exec) => {
+            exec.exec(REMOTE_NIX_DAEMON)
                 .await
-                .map_err(|source| BuilderError::Ssh {
+                .map_err(|source| BuilderError::Exec {
                     container: name.to_string(),
                     source: Box::new(source),
                 })?
         }
     };
+    handshake(ch, name).await
+}
+
+/// The worker handshake on a command's channel; the remote daemon's own stderr (startup
+/// warnings) goes to our log, never to the build.
+async fn handshake(ch: ssh::ExecChannel, name: &str) -> Result<DaemonConnection, BuilderError> {
     let ssh::ExecChannel {
         stdin,
         stdout,
         mut stderr,
         ..
     } = ch;
-    // The remote daemon's own stderr (startup warnings) goes to our log, never to the build.
     let n = name.to_string();
     tokio::spawn(async move {
         while let Some(Ok(chunk)) = stderr.next_chunk().await {

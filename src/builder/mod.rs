@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod lifecycle;
+pub mod pool;
 pub mod provision;
 pub mod slots;
 pub mod systems;

@@ -47,9 +47,62 @@ pub fn default_features(kvm: bool) -> Vec<String> {
     f
 }
 
+/// Where a builder's sshd is published on its engine's host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Publish {
+    /// On loopback, on a port the engine picks (a local engine; Docker Desktop, OrbStack and
+    /// colima forward it to this host).
+    Loopback,
+    /// On this address of a remote engine's host (`transport = "ssh"`).
+    Address(String),
+    /// Nowhere: the builder is reached through the engine's exec.
+    Nothing,
+}
+
+/// What a builder's spec takes from the engine it runs on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnginePlace {
+    /// `default` (the top-level engine) or its `[engines.<name>]` name.
+    pub name: String,
+    /// The engine's architecture as Nix names it (`x86_64`, `aarch64`).
+    pub arch: String,
+    /// Whether the engine runs on this host (its emulation can be checked here).
+    pub local: bool,
+    pub publish: Publish,
+    /// Caps each builder's `max-jobs` on this engine.
+    pub max_jobs: Option<u32>,
+    /// Multiplies each builder's speed factor on this engine.
+    pub speed_factor: Option<f32>,
+    /// The systems it may serve; `None`: what `[builders]` lists, else its defaults.
+    pub systems: Option<Vec<String>>,
+}
+
+impl EnginePlace {
+    /// The top-level engine when it is a local socket (or discovered): decided without asking
+    /// it, from this host's architecture.
+    pub fn local_default() -> EnginePlace {
+        EnginePlace {
+            name: crate::config::DEFAULT_ENGINE_NAME.to_string(),
+            arch: systems::host_arch().to_string(),
+            local: systems::ENGINE_IS_LOCAL,
+            publish: Publish::Loopback,
+            max_jobs: None,
+            speed_factor: None,
+            systems: None,
+        }
+    }
+
+    pub fn is_default(&self) -> bool {
+        self.name == crate::config::DEFAULT_ENGINE_NAME
+    }
+}
+
 /// A builder as configured for one system on one engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BuilderSpec {
+    /// The engine it runs on (`default`, or an `[engines.<name>]` name).
+    pub engine: String,
+    pub publish: Publish,
     pub instance: String,
     pub system: String,
     pub image: String,
@@ -74,6 +127,8 @@ impl BuilderSpec {
         engine_arch: &str,
     ) -> BuilderSpec {
         BuilderSpec {
+            engine: crate::config::DEFAULT_ENGINE_NAME.to_string(),
+            publish: Publish::Loopback,
             instance: instance.to_string(),
             system: system.to_string(),
             image: c.image.clone().unwrap_or_else(|| default_image(system)),
@@ -93,14 +148,38 @@ impl BuilderSpec {
         }
     }
 
-    /// The builders the hook serves with this config, decided without asking the engine.
+    /// The builders the hook serves on the local default engine, decided without asking it.
     pub fn served(cfg: &Config, instance: &str) -> Vec<BuilderSpec> {
-        Self::all(
-            cfg,
-            instance,
-            systems::host_arch(),
-            systems::ENGINE_IS_LOCAL,
-        )
+        Self::on_engine(cfg, instance, &EnginePlace::local_default())
+    }
+
+    /// The builders `place` serves: the `[builders]` tables' systems (or, without any, the
+    /// engine's defaults), limited to its `systems`, with its caps applied.
+    pub fn on_engine(cfg: &Config, instance: &str, place: &EnginePlace) -> Vec<BuilderSpec> {
+        let mut specs = match &place.systems {
+            Some(systems) if !cfg.builders.is_empty() => cfg
+                .builders
+                .iter()
+                .filter(|(s, _)| systems.contains(s))
+                .map(|(s, c)| Self::from_config(instance, s, c, &place.arch))
+                .collect(),
+            Some(systems) => systems
+                .iter()
+                .map(|s| Self::from_config(instance, s, &BuilderConfig::default(), &place.arch))
+                .collect(),
+            None => Self::all(cfg, instance, &place.arch, place.local),
+        };
+        for s in &mut specs {
+            s.engine = place.name.clone();
+            s.publish = place.publish.clone();
+            if let Some(cap) = place.max_jobs {
+                s.max_jobs = s.max_jobs.min(cap);
+            }
+            if let Some(f) = place.speed_factor {
+                s.speed_factor *= f;
+            }
+        }
+        specs
     }
 
     /// Every builder this installation serves: the config's tables, or the engine's sensible
@@ -124,9 +203,20 @@ impl BuilderSpec {
         }
     }
 
-    /// Container name: the instance id keeps two installations on one engine apart.
+    /// Container name: the instance id keeps two installations on one engine apart, and a
+    /// pool engine's name keeps its builders (and their slot and lock names, which are the
+    /// container's) apart from another engine's for the same system.
     pub fn container_name(&self) -> String {
-        format!("nixdock-{}-{}", self.instance, sanitize(&self.system))
+        if self.engine == crate::config::DEFAULT_ENGINE_NAME {
+            format!("nixdock-{}-{}", self.instance, sanitize(&self.system))
+        } else {
+            format!(
+                "nixdock-{}-{}-{}",
+                self.instance,
+                sanitize(&self.engine),
+                sanitize(&self.system)
+            )
+        }
     }
 
     /// `/nix` lives on a volume per system and image, so the store survives restarts while a
@@ -137,12 +227,7 @@ impl BuilderSpec {
             .chars()
             .take(12)
             .collect();
-        format!(
-            "nixdock-{}-{}-{}",
-            self.instance,
-            sanitize(&self.system),
-            short
-        )
+        format!("{}-{short}", self.container_name())
     }
 
     /// The static part of the builder's nix.conf (the entry script adds the emulation settings
@@ -217,6 +302,7 @@ impl BuilderSpec {
                 self.nano_cpus, self.memory, self.idle_timeout_secs, self.kvm
             ),
             &self.emulated.to_string(),
+            &format!("{:?}", self.publish),
             client_public_key,
         ] {
             h.update(part.as_bytes());
@@ -277,18 +363,25 @@ impl BuilderSpec {
                 format!("NIXDOCK_EMULATED={}", u8::from(self.emulated)),
                 format!("NIXDOCK_IDLE_TIMEOUT={}", self.idle_timeout_secs),
             ]),
-            exposed_ports: Some(vec![SSH_PORT.into()]),
+            exposed_ports: (self.publish != Publish::Nothing).then(|| vec![SSH_PORT.into()]),
             labels: Some(labels),
             hostname: Some(format!("nixdock-{}", sanitize(&self.system))),
             host_config: Some(HostConfig {
-                // sshd only on loopback, on a port the engine picks.
-                port_bindings: Some(HashMap::from([(
-                    SSH_PORT.to_string(),
-                    Some(vec![PortBinding {
-                        host_ip: Some("127.0.0.1".into()),
-                        host_port: Some(String::new()),
-                    }]),
-                )])),
+                // sshd on a port the engine picks: on loopback for a local engine, on the
+                // engine's address when the hook reaches a remote one over SSH, else nowhere.
+                port_bindings: match &self.publish {
+                    Publish::Nothing => None,
+                    p => Some(HashMap::from([(
+                        SSH_PORT.to_string(),
+                        Some(vec![PortBinding {
+                            host_ip: Some(match p {
+                                Publish::Address(a) => a.clone(),
+                                _ => "127.0.0.1".into(),
+                            }),
+                            host_port: Some(String::new()),
+                        }]),
+                    )])),
+                },
                 mounts: Some(vec![Mount {
                     target: Some("/nix".into()),
                     source: Some(volume.to_string()),

@@ -16,7 +16,8 @@ pub fn served(cfg: &Config, instance: &str) -> Vec<BuilderSpec> {
 }
 
 pub async fn engine(cfg: &Config) -> anyhow::Result<Engine> {
-    Ok(Engine::discover(cfg.docker_host.as_deref()).await?)
+    let first = crate::builder::engine::EngineSettings::pool(cfg).remove(0);
+    Ok(Engine::discover(&first).await?)
 }
 
 /// One builder: configured (a spec), existing (a container), or both.

@@ -17,8 +17,9 @@ use hook_protocol::log::LogLine;
 use hook_protocol::machines::Machine;
 use tokio::io::BufReader;
 
+use crate::builder::pool::Pool as EnginePool;
 use crate::builder::systems::{self, EmulationSupport};
-use crate::builder::{BuilderSpec, Builders, Engine, slots};
+use crate::builder::{BuilderSpec, slots};
 use crate::config::{Config, Transport};
 use crate::policy::{self, Decision, Pool, Target};
 use crate::state::{StateDir, StateError};
@@ -32,8 +33,8 @@ use remote_build::{Job, Outcome};
 struct Context {
     config: Config,
     state: StateDir,
-    served: Vec<BuilderSpec>,
-    builders: Option<Builders>,
+    /// The engines, connected when first needed, and the builders they serve.
+    engines: EnginePool,
 }
 
 impl Context {
@@ -45,24 +46,16 @@ impl Context {
             Err(e) => return Err(ContextError::StateUnusable(e.to_string())),
         };
         let instance = state.instance_id()?;
-        let served = BuilderSpec::served(&config, &instance);
+        let engines = EnginePool::new(config.clone(), state.clone(), instance);
         Ok(Context {
             config,
             state,
-            served,
-            builders: None,
+            engines,
         })
     }
 
-    async fn builders(&mut self) -> Result<&Builders, ContextError> {
-        let builders = match self.builders.take() {
-            Some(b) => b,
-            None => {
-                let engine = Engine::discover(self.config.docker_host.as_deref()).await?;
-                Builders::new(engine, self.state.clone())?
-            }
-        };
-        Ok(self.builders.insert(builders))
+    fn served(&self) -> &[BuilderSpec] {
+        &self.engines.served
     }
 }
 
@@ -76,10 +69,6 @@ enum ContextError {
     /// The state directory the hook checked when it started was refused (the message says why).
     #[error("{0}")]
     StateUnusable(String),
-    #[error(transparent)]
-    Engine(#[from] crate::builder::engine::EngineError),
-    #[error(transparent)]
-    Builders(#[from] crate::builder::BuilderError),
 }
 
 /// Runs the hook with the state directory it opened (and checked) once at its start; returns
@@ -223,10 +212,18 @@ async fn handle_try(
         Ok(()) => TryEnd::Answered,
         Err(_) => TryEnd::Exit(1),
     };
+    if ctx.engines.has_pending() {
+        // Remote engines are asked once per hook process, all at once, each within a deadline;
+        // one that does not answer is named and skipped (and skipped by every hook for a while).
+        for why in ctx.engines.connect_pending().await {
+            parent.warn(&format!("nixdock: {why}"));
+        }
+    }
     let load_dir = ctx.state.load_dir();
+    let served = ctx.served();
     let busy = |t: Target| -> u32 {
         let (name, max) = match t {
-            Target::Docker(i) => (ctx.served[i].container_name(), ctx.served[i].max_jobs),
+            Target::Docker(i) => (served[i].container_name(), served[i].max_jobs),
             Target::Static(i) => (
                 static_machines::slot_name(&statics.machines[i]),
                 statics.machines[i].max_jobs,
@@ -237,7 +234,7 @@ async fn handle_try(
     let disabled = statics.disabled.clone();
     let skip = |i: usize| disabled.contains(&i);
     let pool = Pool {
-        docker: &ctx.served,
+        docker: served,
         statics: &statics.machines,
         busy: &busy,
         skip: &skip,
@@ -338,7 +335,7 @@ fn busy_reply(ctx: &Context, t: Try<'_>) -> Reply {
 /// Where an accepted build will run, once `# accept` has gone out.
 enum Remote {
     /// A Docker builder: started (if need be) after the accept, because that can be slow.
-    Docker { spec: BuilderSpec },
+    Docker { spec: Box<BuilderSpec> },
     /// One of the user's machines, already connected (before the accept, so an unreachable
     /// one can be skipped as Nix's hook does).
     Static(Box<RemoteStore>),
@@ -356,9 +353,11 @@ enum Prepared {
 }
 
 async fn prepare_docker(ctx: &mut Context, i: usize, req: &TryRequest) -> Prepared {
-    let spec = ctx.served[i].clone();
-    if let EmulationSupport::Missing(why) =
-        systems::emulation_support(&spec.system, systems::host_arch(), systems::ENGINE_IS_LOCAL)
+    let spec = ctx.served()[i].clone();
+    // Emulation is checked where it can be: on this host, for the local default engine.
+    if ctx.engines.is_local(&spec.engine)
+        && let EmulationSupport::Missing(why) =
+            systems::emulation_support(&spec.system, systems::host_arch(), systems::ENGINE_IS_LOCAL)
     {
         return Prepared::Unusable(format!("nixdock cannot build for {}: {why}", spec.system));
     }
@@ -371,7 +370,7 @@ async fn prepare_docker(ctx: &mut Context, i: usize, req: &TryRequest) -> Prepar
     // The engine must answer before we accept (a few ms); everything slow — starting the
     // container, SSH — happens after `# accept`, because Nix's worker waits for our answer
     // and would serialise every build behind it.
-    if let Err(e) = ctx.builders().await {
+    if let Err(e) = ctx.engines.builders(&spec.engine).await {
         return Prepared::Unusable(format!(
             "nixdock cannot build '{}' for {}: {e}",
             req.drv_path, spec.system
@@ -379,7 +378,9 @@ async fn prepare_docker(ctx: &mut Context, i: usize, req: &TryRequest) -> Prepar
     }
     Prepared::Ready {
         slot,
-        remote: Box::new(Remote::Docker { spec }),
+        remote: Box::new(Remote::Docker {
+            spec: Box::new(spec),
+        }),
     }
 }
 
@@ -440,7 +441,10 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
         nix_store,
     } = a;
     let machine = match &remote {
-        Remote::Docker { spec } => format!("nixdock-{}", spec.system),
+        Remote::Docker { spec } if spec.engine == crate::config::DEFAULT_ENGINE_NAME => {
+            format!("nixdock-{}", spec.system)
+        }
+        Remote::Docker { spec } => format!("nixdock-{}-{}", spec.engine, spec.system),
         Remote::Static(r) => r.name.clone(),
     };
     if parent
@@ -464,7 +468,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
         Remote::Static(r) => *r,
         Remote::Docker { spec } => {
             let direct = ctx.config.transport == Transport::Auto;
-            let builders = match ctx.builders().await {
+            let builders = match ctx.engines.builders(&spec.engine).await {
                 Ok(b) => b,
                 Err(e) => {
                     parent.error(&format!(
@@ -479,7 +483,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
                     return Ok((
                         RemoteStore {
                             name: spec.container_name(),
-                            session: None,
+                            link: None,
                             daemon: local.daemon,
                             reopen: Reopen::LocalSocket {
                                 socket: local.socket,
@@ -502,7 +506,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
                 Ok::<_, crate::builder::BuilderError>((
                     RemoteStore {
                         name: ready.container,
-                        session: Some(ready.session),
+                        link: Some(ready.link),
                         daemon: ready.daemon,
                         reopen: Reopen::Builder,
                     },

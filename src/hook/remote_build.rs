@@ -208,11 +208,11 @@ async fn open_second_daemon(
     builder: &RemoteStore,
     machine: &str,
 ) -> Result<DaemonConnection, SecondDaemonError> {
-    let session = || builder.session.as_ref().ok_or(SecondDaemonError::NoSession);
+    let link = || builder.link.as_ref().ok_or(SecondDaemonError::NoSession);
     Ok(match &builder.reopen {
-        Reopen::Builder => lifecycle::open_daemon(session()?, machine).await?,
+        Reopen::Builder => lifecycle::open_daemon(link()?, machine).await?,
         Reopen::Exec(command) => {
-            crate::static_machines::open_daemon(session()?, command, machine).await?
+            crate::static_machines::open_daemon(link()?, command, machine).await?
         }
         Reopen::LocalSocket { socket, .. } => lifecycle::open_local_daemon(socket, machine).await?,
     })
@@ -221,7 +221,7 @@ async fn open_second_daemon(
 /// Why no second connection for parallel copies was opened (the copy then uses one).
 #[derive(Debug, thiserror::Error)]
 enum SecondDaemonError {
-    #[error("no SSH session")]
+    #[error("no link to the builder")]
     NoSession,
     #[error(transparent)]
     Builder(#[from] lifecycle::BuilderError),
@@ -504,7 +504,7 @@ impl Job<'_> {
         };
         let mut live = build_log::Live::new(
             self.parent,
-            builder.session.as_ref(),
+            builder.link.as_ref(),
             &builder.reopen,
             &builder.name,
             &self.drv_path,

@@ -1,11 +1,14 @@
 //! Transport from the hook to builder containers: SSH (russh) with pinned,
 //! per-container host keys and one client key kept in the state directory.
 
+pub mod engine_api;
+pub mod engine_exec;
 pub mod keys;
 pub mod known_hosts;
 pub mod ssh;
 pub mod unix_socket;
 
+pub use engine_exec::{EngineExec, EngineExecError};
 pub use keys::{
     ClientKey, HostKey, KeyError, generate_host_key, load_or_create_client_key, parse_public_key,
 };
@@ -23,11 +26,45 @@ pub type DaemonConnection = hook_protocol::worker::WorkerClient<ExecOutput, Exec
 /// user's own remote builders provide one.
 pub struct RemoteStore {
     pub name: String,
-    /// `None` for a local builder reached through its daemon socket on the host.
-    pub session: Option<SshSession>,
+    /// What else carries commands there (the build log's follower, a second daemon
+    /// connection); `None` for a local builder reached through its daemon socket on the host.
+    pub link: Option<Link>,
     pub daemon: DaemonConnection,
     /// How to open another daemon connection on the same session.
     pub reopen: Reopen,
+}
+
+/// How commands reach a remote store: an SSH session (a user's machine, a builder whose sshd
+/// this host reaches), or the engine's exec (a builder on another machine's engine).
+pub enum Link {
+    Ssh(SshSession),
+    Engine(EngineExec),
+}
+
+impl Link {
+    /// Ends an SSH session politely; an engine link holds nothing to close.
+    pub async fn close(self) -> Result<(), LinkError> {
+        match self {
+            Link::Ssh(s) => Ok(s.close().await?),
+            Link::Engine(_) => Ok(()),
+        }
+    }
+
+    /// Runs `command` there, its parts separately owned.
+    pub async fn exec(&self, command: &str) -> Result<ExecChannel, LinkError> {
+        Ok(match self {
+            Link::Ssh(s) => s.exec(command).await?,
+            Link::Engine(e) => e.exec(command).await?,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    #[error(transparent)]
+    Engine(#[from] EngineExecError),
 }
 
 /// How a [`RemoteStore`] opens further daemon connections.

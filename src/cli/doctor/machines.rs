@@ -108,7 +108,7 @@ pub(super) async fn check_builders(c: &mut Checks, builders: &str, system: Optio
                         t.elapsed().as_millis()
                     ),
                 );
-                if let Some(s) = r.session {
+                if let Some(s) = r.link {
                     let _ = s.close().await;
                 }
             }

@@ -27,9 +27,16 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 # Also send builds for this machine's own system to a builder (normally they run here).
 # offload-local = false
 
+# A tcp:// docker-host takes tls-ca, tls-cert and tls-key (only that CA is trusted); an
+# ssh://user@host one takes ssh-key and ssh-host-key (the base64 of its host's public key
+# line: `base64 -w0 /etc/ssh/ssh_host_ed25519_key.pub`; never trusted on first use), as do
+# the engines tables below.
+
 # How the hook reaches a builder's nix-daemon: "auto" goes straight to the daemon's socket in
-# the builder's /nix volume when the engine is local (Linux) and the hook runs as root, and
-# over SSH otherwise; "ssh" always uses SSH.
+# the builder's /nix volume when the engine is local (Linux) and the hook runs as root, over
+# SSH to a loopback port on other local engines, and through the engine's exec on tcp:// and
+# ssh:// engines (no sshd on the network); "ssh" always uses SSH (a remote engine's builders
+# then publish sshd on its address); "engine-exec" always uses the engine's exec.
 # transport = "auto"
 
 # With no [builders] table, nixdock serves this machine's own Linux system and, when it can
@@ -47,6 +54,25 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 # extra-nix-conf = ["keep-outputs = true"]  # lines added to the builder's nix.conf
 # kvm = false                               # pass /dev/kvm (adds kvm, nixos-test)
 # speed-factor = 1.0                        # against the machines in Nix's `builders`
+
+# More engines, beside docker-host: a pool. A build goes to a builder of its system's own
+# architecture first (emulation only when every native one is full), then to the least busy
+# per speed factor, across engines and the machines in Nix's `builders`. An engine that does
+# not answer within 5 s is skipped, with a warning naming it, for a minute.
+#
+# [engines.arm-server]
+# docker-host = "tcp://arm.example:2376"
+# tls-ca = "/etc/nixdock/arm/ca.pem"         # the engine's CA, the only one trusted
+# tls-cert = "/etc/nixdock/arm/cert.pem"     # nixdock's client certificate
+# tls-key = "/etc/nixdock/arm/key.pem"
+# systems = ["aarch64-linux"]                # what it may serve (default: its own system)
+# speed-factor = 2.0                         # multiplies its builders' speed factor
+# max-jobs = 16                              # caps each of its builders' max-jobs
+#
+# [engines.lab]
+# docker-host = "ssh://builder@lab.example"  # `docker system dial-stdio` over SSH
+# ssh-key = "/etc/nixdock/lab/id_ed25519"
+# ssh-host-key = "c3NoLWVkMjU1MTkgQUFBQUMzTnphQzFsWkRJMU5URTVBQUFBSUxhYg=="
 "#;
 
 /// Plans the config file: the commented default when there is none, with the engine to

@@ -62,10 +62,8 @@ use hook_protocol::worker::{ActivityType, Code, Field, LogEvent, ResultType};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
 use crate::hook::parent::Parent;
-use crate::transport::Reopen;
-use crate::transport::ssh::{
-    ExecChannel, ExecOutput, ExitStatus, ExitWaiter, SshError, SshSession,
-};
+use crate::transport::ssh::{ExecChannel, ExecOutput, ExitStatus, ExitWaiter, SshError};
+use crate::transport::{Link, LinkError, Reopen};
 
 /// Lines kept from the daemon's events for when the raw log cannot be read.
 const FALLBACK_BYTES: usize = 4 << 20;
@@ -253,7 +251,7 @@ fn read_chunk(_f: &std::fs::File, _offset: u64) -> std::io::Result<Chunk> {
 /// following, the end read continues at that offset.
 pub(super) struct Live<'a> {
     parent: &'a Parent,
-    session: Option<&'a SshSession>,
+    session: Option<&'a Link>,
     builder: &'a str,
     drv: &'a StorePath,
     source: Option<Source>,
@@ -266,7 +264,7 @@ pub(super) struct Live<'a> {
 impl<'a> Live<'a> {
     pub(super) fn new(
         parent: &'a Parent,
-        session: Option<&'a SshSession>,
+        session: Option<&'a Link>,
         reopen: &Reopen,
         builder: &'a str,
         drv: &'a StorePath,
@@ -521,7 +519,7 @@ impl<'a> Live<'a> {
 enum LogError {
     #[error("no way to read it from this builder")]
     NoSource,
-    #[error("no SSH session")]
+    #[error("no link to the builder")]
     NoSession,
     #[error("opening it in the builder's volume: {0}")]
     Open(#[source] std::io::Error),
@@ -536,7 +534,7 @@ enum LogError {
     #[error("the log file shrank")]
     Shrank,
     #[error("running `{command}`: {source}")]
-    Exec { command: String, source: SshError },
+    Exec { command: String, source: LinkError },
     #[error("the remote follower ended")]
     FollowerEnded,
     #[error("no answer from `{0}`")]
