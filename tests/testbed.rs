@@ -1,18 +1,31 @@
 //! Proves the test bed made by `scripts/testbed` is real: every `nixdock-test/*` image starts,
 //! its `nix-daemon --stdio` speaks the worker protocol, it has the expected Nix version,
 //! architecture, sshd and `nixbld` group; and the host's Nix builds, both through its daemon
-//! and directly as root.
+//! and directly as root. For issue 15's tests: engine 2 (a dockerd in its own network namespace)
+//! answers on unix, TLS and plain tcp, refuses a wrong CA, publishes on its own address, serves
+//! `docker system dial-stdio` over SSH with a pinned host key, and Podman's Docker API runs a
+//! container.
 //!
 //! Without the bed these tests skip (loudly), or fail when `CI` is set: see `common::require_bed`.
 
 mod common;
 
-use common::{ContainerGuard, docker, docker_ok, drain, image, require_bed, unique_name};
+use common::{
+    ContainerGuard, ContainerGuardOn, ENGINE2_ADDR, ENGINE2_IMAGES, ENGINE2_PLAIN,
+    ENGINE2_SSH_HOST_KEY_PUB, ENGINE2_SSH_KEY, ENGINE2_SSH_KNOWN_HOSTS, ENGINE2_SSH_USER,
+    ENGINE2_TLS, ENGINE2_TLS_CA, ENGINE2_TLS_WRONG_CA, ENGINE2_UNIX, PODMAN_IMAGES, PODMAN_UNIX,
+    docker, docker_ok, docker_on, docker_on_ok, drain, engine2_tls_flags, image, output_text,
+    require_bed, require_podman, require_second_engine, unique_name,
+};
 use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// The host engine, named explicitly beside engine 2 (`docker_on` ignores DOCKER_HOST).
+const HOST_ENGINE: &str = "unix:///var/run/docker.sock";
 
 const WORKER_MAGIC_1: u64 = 0x6e69_7863; // "cxin", client -> daemon
 const WORKER_MAGIC_2: u64 = 0x6478_696f; // "oixd", daemon -> client
@@ -414,4 +427,317 @@ fn host_nix_builds_directly_as_root() {
         return;
     }
     assert_eq!(host_build("local"), "hi\n");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Engines beyond this host (issue 15): engine 2 in its network namespace, and Podman.
+
+/// An engine's ID (`docker info`), which tells engines apart.
+fn engine_id(host: &str, flags: &[String]) -> String {
+    let mut args = flags.to_vec();
+    args.extend(["info", "-f", "{{.ID}}"].map(String::from));
+    docker_on_ok(host, &args).trim().to_string()
+}
+
+#[test]
+fn engine2_answers_on_unix_tls_and_plain_tcp_and_is_not_the_host_engine() {
+    if !require_second_engine() {
+        return;
+    }
+    let host = docker_ok(["info", "-f", "{{.ID}}"]).trim().to_string();
+    let unix = engine_id(ENGINE2_UNIX, &[]);
+    assert!(!unix.is_empty());
+    assert_ne!(unix, host, "engine 2's unix socket reaches the host engine");
+    let tls = engine_id(ENGINE2_TLS, &engine2_tls_flags(ENGINE2_TLS_CA));
+    assert_eq!(
+        tls, unix,
+        "{ENGINE2_TLS} is another engine than {ENGINE2_UNIX}"
+    );
+    let plain = engine_id(ENGINE2_PLAIN, &[]);
+    assert_eq!(
+        plain, unix,
+        "{ENGINE2_PLAIN} is another engine than {ENGINE2_UNIX}"
+    );
+}
+
+#[test]
+fn engine2_tls_refuses_a_wrong_ca_and_a_client_without_certificate() {
+    if !require_second_engine() {
+        return;
+    }
+    let mut args = engine2_tls_flags(ENGINE2_TLS_WRONG_CA);
+    args.push("version".into());
+    let out = docker_on(ENGINE2_TLS, &args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("certificate"),
+        "a client trusting only wrong-ca.pem reached engine 2: {}",
+        output_text(&out)
+    );
+    // dockerd --tlsverify: no client certificate, no API.
+    let out = docker_on(
+        ENGINE2_TLS,
+        ["--tlsverify", "--tlscacert", ENGINE2_TLS_CA, "version"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(
+        !out.status.success() && err.contains("tls"),
+        "engine 2 served a client without a certificate: {}",
+        output_text(&out)
+    );
+}
+
+/// Runs an sshd container with `-p ADDR::22` on the engine at `host`; the host must read the
+/// SSH banner at the published address.
+fn check_publish(host: &str, addr: &str) {
+    let name = unique_name("nixdock-testbed-publish");
+    let _guard = ContainerGuardOn {
+        host: host.to_string(),
+        name: name.clone(),
+    };
+    docker_on_ok(
+        host,
+        [
+            "run",
+            "-d",
+            "--rm",
+            "--name",
+            &name,
+            "-p",
+            &format!("{addr}::22"),
+            &image("bookworm-amd64"),
+            "sh",
+            "-c",
+            "mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e",
+        ],
+    );
+    let port = docker_on_ok(host, ["port", &name, "22/tcp"]);
+    let published: SocketAddr = port
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("docker port {name}: {port:?}"));
+    assert_eq!(published.ip().to_string(), addr, "published on {published}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let banner = loop {
+        let attempt =
+            TcpStream::connect_timeout(&published, Duration::from_secs(2)).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut buf = [0u8; 7];
+                s.read_exact(&mut buf)?;
+                Ok(buf)
+            });
+        match attempt {
+            Ok(buf) => break buf,
+            Err(e) if Instant::now() > deadline => {
+                panic!("{host}: nothing answers on {published}: {e}")
+            }
+            Err(_) => thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    assert_eq!(&banner, b"SSH-2.0", "{host}: banner at {published}");
+}
+
+#[test]
+fn engine2_publishes_on_its_own_address() {
+    if !require_second_engine() {
+        return;
+    }
+    check_publish(ENGINE2_UNIX, ENGINE2_ADDR);
+}
+
+/// Engine 2's iptables live in its namespace: the host engine still publishes on loopback.
+#[test]
+fn host_engine_still_publishes_on_loopback() {
+    if !require_bed() {
+        return;
+    }
+    check_publish(HOST_ENGINE, "127.0.0.1");
+}
+
+/// Engine 2 stands in for a remote engine: a bind mount of this checkout finds it empty there,
+/// while the host engine sees the checkout's files.
+#[test]
+fn engine2_does_not_see_the_host_files() {
+    if !require_second_engine() {
+        return;
+    }
+    let root = common::repo_root().display().to_string();
+    let list = |host: &str| {
+        let name = unique_name("nixdock-testbed-files");
+        let _guard = ContainerGuardOn {
+            host: host.to_string(),
+            name: name.clone(),
+        };
+        docker_on_ok(
+            host,
+            [
+                "run",
+                "--rm",
+                "--name",
+                &name,
+                "-v",
+                &format!("{root}:/checkout:ro"),
+                &image("bookworm-amd64"),
+                "ls",
+                "-A",
+                "/checkout",
+            ],
+        )
+    };
+    let on_host = list(HOST_ENGINE);
+    assert!(
+        on_host.lines().any(|l| l == "Cargo.toml"),
+        "the host engine does not see {root}: {on_host:?}"
+    );
+    let on_engine2 = list(ENGINE2_UNIX);
+    assert_eq!(on_engine2, "", "engine 2 sees the host's {root}");
+}
+
+#[test]
+fn engine2_holds_the_builder_images() {
+    if !require_second_engine() {
+        return;
+    }
+    for name in ENGINE2_IMAGES {
+        let want = docker_ok(["image", "inspect", "-f", "{{.Id}}", &image(name)]);
+        let have = docker_on_ok(
+            ENGINE2_UNIX,
+            ["image", "inspect", "-f", "{{.Id}}", &image(name)],
+        );
+        assert_eq!(have.trim(), want.trim(), "{name} on engine 2");
+    }
+}
+
+/// `ssh -i KEY … nixdock-engine@10.231.0.2` with `known_hosts` pinning the host key, `stdin`
+/// as its input (it reaches the forced `docker system dial-stdio`), `extra` appended.
+fn ssh_engine2(known_hosts: &str, stdin: &[u8], extra: &[&str]) -> std::process::Output {
+    let mut child = Command::new("ssh")
+        .args(["-T", "-F", "/dev/null", "-i", ENGINE2_SSH_KEY])
+        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
+        .args(["-o", &format!("UserKnownHostsFile={known_hosts}")])
+        .args(["-o", "GlobalKnownHostsFile=/dev/null"])
+        .args(["-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"])
+        .arg(format!("{ENGINE2_SSH_USER}@{ENGINE2_ADDR}"))
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ssh");
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let mut input = child.stdin.take().unwrap();
+    let _ = input.write_all(stdin);
+    drop(input);
+    let status = common::wait_timeout(&mut child, Duration::from_secs(60)).expect("ssh timed out");
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+const PING: &[u8] = b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n";
+
+#[test]
+fn engine2_ssh_dial_stdio_answers_ping_with_the_pinned_host_key() {
+    if !require_second_engine() {
+        return;
+    }
+    let host_key = std::fs::read_to_string(ENGINE2_SSH_HOST_KEY_PUB).unwrap();
+    assert!(
+        host_key.starts_with("ssh-ed25519 AAAA") && host_key.trim().split(' ').count() == 2,
+        "host_key.pub: {host_key:?}"
+    );
+    let out = ssh_engine2(ENGINE2_SSH_KNOWN_HOSTS, PING, &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.starts_with("HTTP/1.0 200 OK") && text.ends_with("\r\n\r\nOK"),
+        "GET /_ping through ssh dial-stdio: {}",
+        output_text(&out)
+    );
+    // The key is forced to dial-stdio: a command of the client's choosing does not run.
+    let out = ssh_engine2(ENGINE2_SSH_KNOWN_HOSTS, b"", &["id"]);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("uid="),
+        "the engine's key ran `id`: {}",
+        output_text(&out)
+    );
+}
+
+#[test]
+fn engine2_ssh_refuses_a_wrong_host_key() {
+    if !require_second_engine() {
+        return;
+    }
+    // Some other ed25519 key (the client's own) pinned as the host's.
+    let other = std::fs::read_to_string(format!("{ENGINE2_SSH_KEY}.pub")).unwrap();
+    let other: Vec<&str> = other.split_whitespace().take(2).collect();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let known_hosts = dir.join(unique_name("engine2-wrong-known-hosts"));
+    std::fs::write(
+        &known_hosts,
+        format!("{ENGINE2_ADDR} {}\n", other.join(" ")),
+    )
+    .unwrap();
+    let out = ssh_engine2(known_hosts.to_str().unwrap(), PING, &[]);
+    let _ = std::fs::remove_file(&known_hosts);
+    assert!(
+        !out.status.success()
+            && !String::from_utf8_lossy(&out.stdout).contains("OK")
+            && String::from_utf8_lossy(&out.stderr).contains("Host key verification failed"),
+        "ssh with a wrong pinned host key: {}",
+        output_text(&out)
+    );
+}
+
+#[test]
+fn podman_runs_a_container_through_the_docker_api() {
+    if !require_podman() {
+        return;
+    }
+    let components = docker_on_ok(
+        PODMAN_UNIX,
+        [
+            "version",
+            "-f",
+            "{{range .Server.Components}}{{.Name}};{{end}}",
+        ],
+    );
+    assert!(
+        components.contains("Podman Engine"),
+        "{PODMAN_UNIX} is not Podman: {components:?}"
+    );
+    for name in PODMAN_IMAGES {
+        let want = docker_ok(["image", "inspect", "-f", "{{.Id}}", &image(name)]);
+        let have = docker_on_ok(
+            PODMAN_UNIX,
+            ["image", "inspect", "-f", "{{.Id}}", &image(name)],
+        );
+        assert_eq!(
+            have.trim().trim_start_matches("sha256:"),
+            want.trim().trim_start_matches("sha256:"),
+            "{name} in Podman"
+        );
+    }
+    let name = unique_name("nixdock-testbed-podman");
+    let _guard = ContainerGuardOn {
+        host: PODMAN_UNIX.to_string(),
+        name: name.clone(),
+    };
+    let out = docker_on_ok(
+        PODMAN_UNIX,
+        [
+            "run",
+            "--rm",
+            "--name",
+            &name,
+            &image("bookworm-amd64"),
+            "sh",
+            "-c",
+            "echo ran-on-podman; uname -m",
+        ],
+    );
+    assert_eq!(out, "ran-on-podman\nx86_64\n");
 }

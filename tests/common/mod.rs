@@ -55,7 +55,8 @@ fn in_ci() -> bool {
 fn check_bed() -> Result<(), String> {
     let script = repo_root().join("scripts/testbed");
     let mut cmd = Command::new("bash");
-    cmd.arg(&script).arg("--check");
+    // Only the core: engine 2 and Podman have their own require_* helpers.
+    cmd.arg(&script).args(["--check", "core"]);
     match run_with_timeout(cmd, Duration::from_secs(120)) {
         Ok(out) if out.status.success() => Ok(()),
         Ok(out) if out.status.code() == Some(2) => {
@@ -318,4 +319,199 @@ pub fn e2e_config() -> String {
         image("bookworm-amd64"),
         image("bookworm-arm64")
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Engines beyond this host (issue 15): engine 2 and Podman, provisioned by `scripts/testbed`
+// (see the comment at its top). The paths are fixed there too.
+
+/// Engine 2's network namespace; the veth pair's host end and namespace end.
+pub const ENGINE2_NETNS: &str = "nixdock-e2";
+pub const ENGINE2_HOST_IF: &str = "nxd-e2h";
+pub const ENGINE2_IF: &str = "nxd-e2n";
+/// The host's address on the veth pair, and engine 2's (where it listens and publishes).
+pub const ENGINE2_HOST_ADDR: &str = "10.231.0.1";
+pub const ENGINE2_ADDR: &str = "10.231.0.2";
+/// Engine 2's unix socket (group `nixdock-engine`).
+pub const ENGINE2_SOCKET: &str = "/run/nixdock-testbed/engine2/docker.sock";
+pub const ENGINE2_UNIX: &str = "unix:///run/nixdock-testbed/engine2/docker.sock";
+/// TCP with TLS; dockerd runs with `--tlsverify`, so a client certificate is required.
+pub const ENGINE2_TLS: &str = "tcp://10.231.0.2:2376";
+/// Plain TCP (socat in the namespace, onto the unix socket).
+pub const ENGINE2_PLAIN: &str = "tcp://10.231.0.2:2375";
+/// The ssh:// engine: this user's one key is forced to `docker system dial-stdio`.
+pub const ENGINE2_SSH_USER: &str = "nixdock-engine";
+pub const ENGINE2_SSH: &str = "ssh://nixdock-engine@10.231.0.2";
+/// Engine 2's material (root-only where it is a key).
+pub const ENGINE2_DIR: &str = "/var/cache/nixdock-testbed/engine2";
+pub const ENGINE2_TLS_CA: &str = "/var/cache/nixdock-testbed/engine2/tls/ca.pem";
+pub const ENGINE2_TLS_CERT: &str = "/var/cache/nixdock-testbed/engine2/tls/cert.pem";
+pub const ENGINE2_TLS_KEY: &str = "/var/cache/nixdock-testbed/engine2/tls/key.pem";
+/// A CA unrelated to engine 2's: a client trusting only it must refuse the engine.
+pub const ENGINE2_TLS_WRONG_CA: &str = "/var/cache/nixdock-testbed/engine2/tls/wrong-ca.pem";
+/// The ssh:// engine's client key (ed25519), its host key (`ssh-ed25519 AAAA…`, one line) and
+/// a known_hosts file holding that key for [`ENGINE2_ADDR`].
+pub const ENGINE2_SSH_KEY: &str = "/var/cache/nixdock-testbed/engine2/ssh/id_ed25519";
+pub const ENGINE2_SSH_HOST_KEY_PUB: &str = "/var/cache/nixdock-testbed/engine2/ssh/host_key.pub";
+pub const ENGINE2_SSH_KNOWN_HOSTS: &str = "/var/cache/nixdock-testbed/engine2/ssh/known_hosts";
+/// The builder images engine 2 holds (same image IDs as on the host engine).
+pub const ENGINE2_IMAGES: [&str; 3] = ["bookworm-amd64", "bookworm-arm64", "trixie-amd64"];
+/// Rootful `podman system service` (Docker API), and the images it holds.
+pub const PODMAN_SOCKET: &str = "/run/podman/podman.sock";
+pub const PODMAN_UNIX: &str = "unix:///run/podman/podman.sock";
+pub const PODMAN_IMAGES: [&str; 1] = ["bookworm-amd64"];
+
+/// The docker CLI's global flags for engine 2 over TLS ([`ENGINE2_TLS`]) with the client
+/// certificate, trusting `ca` (e.g. [`ENGINE2_TLS_CA`] or [`ENGINE2_TLS_WRONG_CA`]).
+pub fn engine2_tls_flags(ca: &str) -> Vec<String> {
+    [
+        "--tlsverify",
+        "--tlscacert",
+        ca,
+        "--tlscert",
+        ENGINE2_TLS_CERT,
+        "--tlskey",
+        ENGINE2_TLS_KEY,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// True when engine 2 is up on all its endpoints (`scripts/testbed --check engine2`: network,
+/// unix, TLS, plain tcp, ssh dial-stdio, images). When not: with `CI` set, panics; otherwise
+/// prints a loud notice and returns false, and the caller should return (skip).
+pub fn require_second_engine() -> bool {
+    static E2: OnceLock<Result<(), String>> = OnceLock::new();
+    match E2.get_or_init(|| check_part("engine2")) {
+        Ok(()) => true,
+        Err(report) => missing(format!(
+            "second Docker engine (netns {ENGINE2_NETNS}, {ENGINE2_ADDR}) missing: \
+             run scripts/testbed (as root)\n{report}"
+        )),
+    }
+}
+
+/// True when the Podman engine is up (`scripts/testbed --check podman`: packages,
+/// containers.conf, the service's socket, its image). Otherwise as [`require_second_engine`].
+pub fn require_podman() -> bool {
+    static PODMAN: OnceLock<Result<(), String>> = OnceLock::new();
+    match PODMAN.get_or_init(|| check_part("podman")) {
+        Ok(()) => true,
+        Err(report) => missing(format!(
+            "Podman engine ({PODMAN_UNIX}) missing: run scripts/testbed (as root)\n{report}"
+        )),
+    }
+}
+
+/// `scripts/testbed --check PART`: 0 = present, 2 = present but an image is older than the host
+/// engine's (usable: warn), anything else = missing.
+fn check_part(part: &str) -> Result<(), String> {
+    let script = testbed_script();
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script).args(["--check", part]);
+    match run_with_timeout(cmd, Duration::from_secs(120)) {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) if out.status.code() == Some(2) => {
+            eprintln!(
+                "WARNING: test bed part {part} is stale; testing against it anyway. Run \
+                 scripts/testbed to refresh.\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            Ok(())
+        }
+        Ok(out) => Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )),
+        Err(e) => Err(format!("{} --check {part}: {e}", script.display())),
+    }
+}
+
+/// `docker -H HOST ARGS...` with [`DOCKER_TIMEOUT`] (the environment's DOCKER_HOST, TLS and
+/// context settings removed, so only HOST and ARGS count); panics only when it cannot run or
+/// times out. ARGS may start with global flags, e.g. `--tlsverify`.
+pub fn docker_on<I, S>(host: &str, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new("docker");
+    for var in [
+        "DOCKER_HOST",
+        "DOCKER_TLS_VERIFY",
+        "DOCKER_CERT_PATH",
+        "DOCKER_CONTEXT",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.arg("-H").arg(host).args(args);
+    run_with_timeout(cmd, DOCKER_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`docker_on`] that must succeed; returns its stdout (lossy UTF-8), panics with both outputs.
+pub fn docker_on_ok<I, S>(host: &str, args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let out = docker_on(host, &args);
+    assert!(
+        out.status.success(),
+        "docker -H {host} {args:?}: {}",
+        output_text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Removes the named container from the engine at `host` (`docker -H HOST rm -f`) when
+/// dropped, so a failing test leaves none there.
+pub struct ContainerGuardOn {
+    pub host: String,
+    pub name: String,
+}
+
+impl Drop for ContainerGuardOn {
+    fn drop(&mut self) {
+        let mut cmd = Command::new("docker");
+        cmd.args(["-H", &self.host, "rm", "-f", "-v", &self.name]);
+        let _ = run_with_timeout(cmd, Duration::from_secs(60));
+    }
+}
+
+/// Takes engine 2's link down (`ip link set nxd-e2h down`, as a host dropping off the network)
+/// until dropped, also on panic; `scripts/testbed` brings a link left down back up too.
+pub struct Engine2LinkDown(());
+
+impl Engine2LinkDown {
+    pub fn new() -> Engine2LinkDown {
+        if let Err(e) = set_engine2_link("down") {
+            panic!("{e}");
+        }
+        Engine2LinkDown(())
+    }
+}
+
+impl Drop for Engine2LinkDown {
+    fn drop(&mut self) {
+        // No panic here: this also runs while a failed test unwinds.
+        if let Err(e) = set_engine2_link("up") {
+            eprintln!("WARNING: {e}; run scripts/testbed to bring engine 2 back");
+        }
+    }
+}
+
+fn set_engine2_link(state: &str) -> Result<(), String> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["link", "set", ENGINE2_HOST_IF, state]);
+    let out = run_with_timeout(cmd, Duration::from_secs(30))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip link set {ENGINE2_HOST_IF} {state}: {}",
+            output_text(&out)
+        ))
+    }
 }
