@@ -1364,6 +1364,7 @@ async fn unreachable_engine() {
         how_found: HowFound::Given,
         arch: e.arch.clone(),
         os: e.os.clone(),
+        podman: false,
     };
     let state = StateDir::open(dir.path().join("state")).unwrap();
     let id = state.instance_id().unwrap();

@@ -170,6 +170,8 @@ pub struct Engine {
     pub how_found: HowFound,
     pub arch: String,
     pub os: String,
+    /// Podman's Docker API (it applies default ulimits the engine may not be allowed to grant).
+    pub podman: bool,
 }
 
 /// The name of the engine the top-level `docker-host` (or discovery) gives.
@@ -956,7 +958,13 @@ impl Engine {
             Some(v) if v < *bollard::API_DEFAULT_VERSION => route.docker(&v)?,
             _ => docker,
         };
+        let podman = info
+            .components
+            .iter()
+            .flatten()
+            .any(|c| c.name.contains("Podman"));
         Ok(Engine {
+            podman,
             name: DEFAULT_ENGINE.to_string(),
             docker,
             addr: c.addr.clone(),

@@ -418,7 +418,12 @@ impl Builders {
             .map_err(self.engine.api_err())?;
         let host_key = keys::generate_host_key().map_err(|e| BuilderError::Key(e.to_string()))?;
         let labels = spec.labels(hash, &host_key.public_openssh(), image_id);
-        let body = spec.container_body(image_id, &volume, labels);
+        let mut body = spec.container_body(image_id, &volume, labels);
+        if self.engine.podman
+            && let Some(hc) = body.host_config.as_mut()
+        {
+            hc.ulimits = Some(grantable_ulimits());
+        }
         let opts = CreateContainerOptions {
             name: Some(name.clone()),
             ..Default::default()
@@ -717,6 +722,36 @@ pub async fn open_daemon(link: &Link, name: &str) -> Result<DaemonConnection, Bu
         }
     };
     handshake(ch, name).await
+}
+
+/// Podman's Docker API gives a container without ulimits its own defaults (nofile 1048576,
+/// nproc 32768), which an engine whose root lacks CAP_SYS_RESOURCE cannot grant ("error setting
+/// rlimit type 7"). Ask for no more than those defaults and no more than this process's own hard
+/// limits, which a root engine on this host (or one set up alike) can grant: never worse than
+/// Podman's own choice.
+fn grantable_ulimits() -> Vec<bollard::models::ResourcesUlimits> {
+    let hard = |resource, name: &str, cap: i64| {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit to the pointer it is given.
+        let ok = unsafe { libc::getrlimit(resource, &mut r) } == 0;
+        let limit = if ok {
+            i64::try_from(r.rlim_max).unwrap_or(cap).min(cap)
+        } else {
+            1024
+        };
+        bollard::models::ResourcesUlimits {
+            name: Some(name.to_string()),
+            soft: Some(limit),
+            hard: Some(limit),
+        }
+    };
+    vec![
+        hard(libc::RLIMIT_NOFILE, "nofile", 1 << 20),
+        hard(libc::RLIMIT_NPROC, "nproc", 32768),
+    ]
 }
 
 /// The worker handshake on a command's channel; the remote daemon's own stderr (startup
