@@ -7,11 +7,12 @@ use std::path::PathBuf;
 use std::process::Stdio;
 
 use hook_protocol::worker::WorkerClient;
-use tokio::io::{AsyncRead, AsyncWrite};
 
-pub type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
-pub type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
-pub type LocalDaemon = WorkerClient<BoxRead, BoxWrite>;
+use crate::transport::DaemonConnection;
+use crate::transport::stream_channel::{stream_channel, unix_stream_channel};
+
+/// The same client type as a builder's: one worker-protocol client in the program.
+pub type LocalDaemon = DaemonConnection;
 
 pub const DEFAULT_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
 
@@ -45,8 +46,8 @@ pub async fn connect(store: &str) -> Result<LocalDaemon, LocalDaemonError> {
     if let Some(path) = &socket
         && let Ok(stream) = tokio::net::UnixStream::connect(path).await
     {
-        let (r, w) = stream.into_split();
-        return WorkerClient::handshake(Box::new(r) as BoxRead, Box::new(w) as BoxWrite)
+        let ch = unix_stream_channel(stream);
+        return WorkerClient::handshake(ch.stdout, ch.stdin)
             .await
             .map_err(|source| LocalDaemonError::Protocol {
                 how: format!("daemon socket {path}"),
@@ -80,7 +81,8 @@ pub async fn connect(store: &str) -> Result<LocalDaemon, LocalDaemonError> {
     tokio::spawn(async move {
         let _ = child.wait().await;
     });
-    WorkerClient::handshake(Box::new(stdout) as BoxRead, Box::new(stdin) as BoxWrite)
+    let ch = stream_channel(stdout, stdin);
+    WorkerClient::handshake(ch.stdout, ch.stdin)
         .await
         .map_err(|source| LocalDaemonError::Protocol {
             how: format!("{} --stdio", program.display()),

@@ -18,7 +18,7 @@ use hook_protocol::worker::WorkerClient;
 use crate::state::{FileLock, StateDir, StateError};
 use crate::transport::keys::{self, ClientKey};
 use crate::transport::ssh::{self, SshError};
-use crate::transport::unix_socket::unix_stream_channel;
+use crate::transport::stream_channel::unix_stream_channel;
 use crate::transport::{EngineExec, EngineExecError, Link};
 
 use super::engine::{Engine, EngineError};

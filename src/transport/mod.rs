@@ -6,7 +6,7 @@ pub mod engine_exec;
 pub mod keys;
 pub mod known_hosts;
 pub mod ssh;
-pub mod unix_socket;
+pub mod stream_channel;
 
 pub use engine_exec::{EngineExec, EngineExecError};
 pub use keys::{

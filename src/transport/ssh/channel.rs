@@ -1,6 +1,6 @@
 //! The separately owned parts of a running command's channel: stdin, stdout, stderr and the
 //! exit status. An SSH channel feeds them through the demultiplexer; a local Unix socket
-//! (`transport::unix_socket`) feeds the same parts directly.
+//! (`transport::stream_channel`) feeds the same parts directly.
 
 use std::fmt;
 use std::io;

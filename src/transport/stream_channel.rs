@@ -1,5 +1,6 @@
-//! A local Unix stream socket (a local builder's daemon socket) as the same separately owned
-//! parts as an SSH command's channel, so the daemon client runs over either unchanged.
+//! A local byte stream — a Unix socket (a local builder's daemon socket, the host's own daemon
+//! socket) or a child's pipes (`nix-daemon --stdio`) — as the same separately owned parts as an
+//! SSH command's channel, so one daemon client type runs over any of them unchanged.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,12 +11,20 @@ use super::ssh::{
     ClosedSignal, ExecChannel, ExecOutput, ExecStdin, ExitStatus, ExitWaiter, STDOUT_QUEUE,
 };
 
-/// The same parts as an [`ExecChannel`], over a Unix stream socket instead of an SSH channel
-/// (a local builder's daemon socket): stdout is what the socket sends, stderr is empty, and the
-/// exit status is [`ExitStatus::Unreported`] once the peer closes.
+/// The same parts as an [`ExecChannel`], over a Unix stream socket instead of an SSH channel.
 pub fn unix_stream_channel(stream: tokio::net::UnixStream) -> ExecChannel {
+    let (rd, wr) = stream.into_split();
+    stream_channel(rd, wr)
+}
+
+/// The same parts as an [`ExecChannel`] over a reader and a writer: stdout is what `rd` yields,
+/// stderr is empty, and the exit status is [`ExitStatus::Unreported`] once `rd` ends.
+pub fn stream_channel<R, W>(mut rd: R, wr: W) -> ExecChannel
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     use tokio::io::AsyncReadExt;
-    let (mut rd, wr) = stream.into_split();
     let closed = Arc::new(ClosedSignal::default());
     let (stdout_tx, stdout_rx) = mpsc::channel(STDOUT_QUEUE);
     let (stderr_tx, stderr_rx) = mpsc::channel(1);
