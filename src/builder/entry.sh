@@ -5,8 +5,13 @@
 set -eu
 ND=/etc/nixdock
 # First uid of the builder's build users (see below); far above any host's users and below
-# Nix's auto-allocate-uids range (872415232 and up).
-NIXDOCK_BUILD_UID_BASE=700000000
+# Nix's auto-allocate-uids range (872415232 and up). A user-namespaced engine (rootless Docker
+# or Podman, userns-remap) maps only a small range (usually 65536 uids), so nixdock passes a base
+# inside it there; mapped uids are not the host's, so its killUser cannot reach them anyway.
+NIXDOCK_BUILD_UID_BASE=${NIXDOCK_BUILD_UID_BASE:-700000000}
+case "$NIXDOCK_BUILD_UID_BASE" in
+    ''|*[!0-9]*) echo "nixdock-entry: FATAL: NIXDOCK_BUILD_UID_BASE '$NIXDOCK_BUILD_UID_BASE' is not a number" >&2; exit 67 ;;
+esac
 log() { echo "nixdock-entry: $*" >&2; }
 
 find_bin() {

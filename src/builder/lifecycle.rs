@@ -419,6 +419,9 @@ impl Builders {
         let host_key = keys::generate_host_key().map_err(|e| BuilderError::Key(e.to_string()))?;
         let labels = spec.labels(hash, &host_key.public_openssh(), image_id);
         let mut body = spec.container_body(image_id, &volume, labels);
+        if self.user_namespaced().await {
+            set_env(&mut body, "NIXDOCK_BUILD_UID_BASE", USERNS_UID_BASE);
+        }
         if self.engine.podman
             && let Some(hc) = body.host_config.as_mut()
         {
@@ -468,6 +471,22 @@ impl Builders {
                 container: name,
                 what: "vanished right after creation".into(),
             })
+    }
+
+    /// Whether the engine runs containers in a user namespace (rootless Docker or Podman,
+    /// userns-remap): asked when creating a builder only, so never on a warm build.
+    async fn user_namespaced(&self) -> bool {
+        match self.engine.docker.info().await {
+            Ok(info) => info
+                .security_options
+                .iter()
+                .flatten()
+                .any(|o| o.contains("name=userns") || o.contains("name=rootless")),
+            Err(e) => {
+                tracing::debug!(engine = %self.engine.name, "engine info: {e}");
+                false
+            }
+        }
     }
 
     async fn logs_tail(&self, name: &str, lines: usize) -> String {
@@ -722,6 +741,17 @@ pub async fn open_daemon(link: &Link, name: &str) -> Result<DaemonConnection, Bu
         }
     };
     handshake(ch, name).await
+}
+
+/// Build users' first uid on a user-namespaced engine: inside the 65536 uids such engines map by
+/// default (the default base, 700000000, is outside any such mapping).
+pub const USERNS_UID_BASE: &str = "10000";
+
+/// Sets (or replaces) `key` in the container's environment.
+fn set_env(body: &mut bollard::models::ContainerCreateBody, key: &str, value: &str) {
+    let env = body.env.get_or_insert_with(Vec::new);
+    env.retain(|e| !e.starts_with(&format!("{key}=")));
+    env.push(format!("{key}={value}"));
 }
 
 /// Podman's Docker API gives a container without ulimits its own defaults (nofile 1048576,
