@@ -87,6 +87,9 @@ impl EngineRow {
             addr: pe.addr(),
             how_found: match ok {
                 Some(e) if e.name == DEFAULT_ENGINE => e.how_found.to_string(),
+                _ if pe.name() == DEFAULT_ENGINE && pe.settings.host.is_none() => {
+                    "discovery".into()
+                }
                 _ if pe.name() == DEFAULT_ENGINE => "config docker-host".into(),
                 _ => format!("[engines.{}]", pe.name()),
             },
@@ -97,14 +100,20 @@ impl EngineRow {
         }
     }
 
-    /// `engine e2: tcp://10.231.0.2:2376 ([engines.e2], x86_64, TLS …)`, or why it is out.
+    /// `engine e2: tcp://10.231.0.2:2376 ([engines.e2], x86_64, TLS)`, or why it is out.
     pub fn line(&self) -> String {
         match &self.error {
             Some(err) => format!("engine {}: {err}", self.name),
             None => {
                 let mut what = vec![self.how_found.clone()];
                 what.extend(self.arch.clone());
-                what.extend(self.access.clone());
+                // Just the kind here (the table has 80 columns); doctor says the rest.
+                what.extend(
+                    self.access
+                        .as_deref()
+                        .and_then(|a| a.split_whitespace().next())
+                        .map(str::to_string),
+                );
                 format!("engine {}: {} ({})", self.name, self.addr, what.join(", "))
             }
         }

@@ -285,7 +285,11 @@ fn print_pool(r: &Report) {
         }
         let mine: Vec<&BuilderInfo> = r.builders.iter().filter(|b| b.engine == e.name).collect();
         if mine.is_empty() {
-            println!("  no builders");
+            if e.error.is_some() {
+                println!("  its builders are unknown while it does not answer");
+            } else {
+                println!("  no builders");
+            }
             continue;
         }
         print_rows(&mine);

@@ -28,11 +28,11 @@ pub(super) async fn check_systems(
         })
         .collect();
     // An unreachable engine's systems are unknown (its check failed already).
-    let all_unknown = pool
+    let some_unknown = pool
         .iter()
         .filter(|pe| pe.name() != DEFAULT_ENGINE)
         .any(|pe| pe.engine.is_err());
-    if specs.is_empty() && others.iter().all(|(_, _, s)| s.is_empty()) && !all_unknown {
+    if specs.is_empty() && others.iter().all(|(_, _, s)| s.is_empty()) && !some_unknown {
         c.fail(
             "systems",
             "no system is served: the config names none and this machine can emulate none",
