@@ -16,10 +16,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{docker_ok, require_bed, run_with_timeout};
+use common::{
+    ENGINE2_TLS, ENGINE2_TLS_CA, ENGINE2_TLS_CERT, ENGINE2_TLS_KEY, ENGINE2_UNIX, docker_ok,
+    docker_on, docker_on_ok, require_bed, require_second_engine, run_with_timeout,
+};
+use nixdock::builder::engine::EngineSettings;
 use nixdock::builder::provision::LABEL_INSTANCE;
 use nixdock::builder::{BuilderSpec, Builders, Engine};
-use nixdock::config::BuilderConfig;
+use nixdock::config::{BuilderConfig, Config};
 use nixdock::state::StateDir;
 
 const CLI_TIMEOUT: Duration = Duration::from_secs(180);
@@ -405,13 +409,22 @@ fn every_command_has_complete_help() {
             &["status", "--help"],
             &["--json", "--no-size", "STORE", "BUILDS"],
         ),
-        (&["stop", "--help"], &["--all", "--force", "[SYSTEM]"]),
-        (&["gc", "--help"], &["--volumes", "nix-collect-garbage"]),
+        (
+            &["stop", "--help"],
+            &["--all", "--force", "[SYSTEM]", "--engine"],
+        ),
+        (
+            &["gc", "--help"],
+            &["--volumes", "nix-collect-garbage", "--engine"],
+        ),
         (
             &["logs", "--help"],
-            &["--hook", "--lines", "--follow", "hook.log"],
+            &["--hook", "--lines", "--follow", "hook.log", "--engine"],
         ),
-        (&["doctor", "--help"], &["--json", "build-hook", "SSH"]),
+        (
+            &["doctor", "--help"],
+            &["--json", "build-hook", "SSH", "[engines.NAME]"],
+        ),
         (
             &["install", "--help"],
             &[
@@ -476,11 +489,18 @@ struct TempInstall {
 
 impl TempInstall {
     fn new() -> TempInstall {
+        TempInstall::with_engines("")
+    }
+
+    /// The same two builders, with `engines` (`[engines.<name>]` tables) added to the config.
+    fn with_engines(engines: &str) -> TempInstall {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("nixdock.toml"),
-            "[builders.\"x86_64-linux\"]\nimage = \"nixdock-test/bookworm-amd64\"\nidle-timeout = 600\n\n\
-             [builders.\"aarch64-linux\"]\nimage = \"nixdock-test/bookworm-arm64\"\n",
+            format!(
+                "[builders.\"x86_64-linux\"]\nimage = \"nixdock-test/bookworm-amd64\"\nidle-timeout = 600\n\n\
+                 [builders.\"aarch64-linux\"]\nimage = \"nixdock-test/bookworm-arm64\"\n\n{engines}"
+            ),
         )
         .unwrap();
         let state = StateDir::open(dir.path().join("state")).unwrap();
@@ -529,6 +549,36 @@ impl TempInstall {
                     .expect("builder ready");
             let _ = ready.link.close().await;
         });
+    }
+
+    /// Starts the x86_64-linux builder on the pool's engine `e2` through the library, as the
+    /// hook does: its spec from the engine's place, its container named with the engine.
+    fn start_x86_64_on_e2(&self) -> String {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let cfg = Config::load(&self.dir.path().join("nixdock.toml")).unwrap();
+            let settings = EngineSettings::pool(&cfg)
+                .into_iter()
+                .find(|s| s.name == "e2")
+                .expect("engine e2 in the config");
+            let engine = Engine::discover(&settings).await.expect("engine 2 answers");
+            let place = engine.place(&cfg);
+            let spec = BuilderSpec::on_engine(&cfg, &self.id, &place)
+                .into_iter()
+                .find(|s| s.system == "x86_64-linux")
+                .expect("x86_64-linux on e2");
+            let name = spec.container_name();
+            assert_eq!(name, format!("nixdock-{}-e2-x86_64-linux", self.id));
+            let state = StateDir::open(self.dir.path().join("state")).unwrap();
+            let builders = Builders::new(engine, state).unwrap();
+            let ready =
+                tokio::time::timeout(Duration::from_secs(120), builders.ensure_ready(&spec, None))
+                    .await
+                    .expect("ensure_ready on e2 in time")
+                    .expect("builder on e2 ready");
+            let _ = ready.link.close().await;
+            name
+        })
     }
 
     fn state_of(&self, system: &str) -> String {
@@ -597,7 +647,8 @@ fn doctor_json_reports_the_engine() {
     assert!(!addr.is_empty(), "{v}");
     let checks = v["checks"].as_array().unwrap();
     let find = |name: &'static str| checks.iter().filter(move |c| c["name"] == name);
-    assert!(find("engine").any(|c| c["status"] == "ok"), "{v}");
+    // The top-level engine's check names it, as every engine of a pool is named.
+    assert!(find("engine default").any(|c| c["status"] == "ok"), "{v}");
     assert!(find("state dir").any(|c| c["status"] == "ok"), "{v}");
     for system in ["x86_64-linux", "aarch64-linux"] {
         let mine: Vec<_> = find(system).collect();
@@ -748,4 +799,317 @@ fn demo_builds_through_the_real_nix_on_both_systems() {
     );
     assert!(out.contains("(warm)"), "{out}");
     assert!(out.contains("native, built with --max-jobs 0"), "{out}");
+}
+
+// --- a pool of engines (engine 2 of the test bed) ---------------------------------------
+
+/// `[engines.e2]`: engine 2 over TCP with TLS.
+fn e2_table() -> String {
+    format!(
+        "[engines.e2]\ndocker-host = \"{ENGINE2_TLS}\"\ntls-ca = \"{ENGINE2_TLS_CA}\"\n\
+         tls-cert = \"{ENGINE2_TLS_CERT}\"\ntls-key = \"{ENGINE2_TLS_KEY}\"\n"
+    )
+}
+
+/// Removes an instance's containers and volumes on engine 2 when dropped (also on panic).
+struct Engine2Cleanup(String);
+
+impl Drop for Engine2Cleanup {
+    fn drop(&mut self) {
+        let by_label = format!("label={LABEL_INSTANCE}={}", self.0);
+        for (list, remove) in [
+            (&["ps", "-aq"][..], &["rm", "-f", "-v"][..]),
+            (&["volume", "ls", "-q"][..], &["volume", "rm", "-f"][..]),
+        ] {
+            let mut args: Vec<&str> = list.to_vec();
+            args.extend(["--filter", &by_label]);
+            let ids = text(&docker_on(ENGINE2_UNIX, &args).stdout);
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let mut args: Vec<&str> = remove.to_vec();
+                args.extend(ids);
+                docker_on(ENGINE2_UNIX, &args);
+            }
+        }
+    }
+}
+
+fn state_on_e2(container: &str) -> String {
+    docker_on_ok(
+        ENGINE2_UNIX,
+        ["inspect", "-f", "{{.State.Status}}", container],
+    )
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn status_logs_doctor_stop_and_gc_cover_both_engines_of_a_pool() {
+    if !require_bed() || !require_second_engine() {
+        return;
+    }
+    let inst = TempInstall::with_engines(&e2_table());
+    let _e2_cleanup = Engine2Cleanup(inst.id.clone());
+    inst.start_x86_64();
+    let on_e2 = inst.start_x86_64_on_e2();
+    let on_default = inst.container("x86_64-linux");
+    assert_eq!(state_on_e2(&on_e2), "running");
+
+    // status: each engine's builders, named by engine; the old fields stay.
+    let v = json(&ok(inst.cli(&["status", "--json"])));
+    assert!(v["engine"]["addr"].as_str().is_some(), "{v}");
+    assert!(v["engine_error"].is_null(), "{v}");
+    let engines: Vec<(&str, &str)> = v["engines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e["addr"].as_str().unwrap()))
+        .collect();
+    assert_eq!(engines.len(), 2, "{v}");
+    assert_eq!(engines[0].0, "default");
+    assert_eq!(engines[1], ("e2", ENGINE2_TLS));
+    let builders = v["builders"].as_array().unwrap();
+    let row = |engine: &str, system: &str| {
+        builders
+            .iter()
+            .find(|b| b["engine"] == engine && b["system"] == system)
+            .unwrap_or_else(|| panic!("no {system} on {engine}: {v}"))
+            .clone()
+    };
+    for (engine, container) in [("default", &on_default), ("e2", &on_e2)] {
+        let b = row(engine, "x86_64-linux");
+        assert_eq!(b["state"], "running", "{b}");
+        assert_eq!(b["container"], container.as_str(), "{b}");
+        assert_eq!(row(engine, "aarch64-linux")["state"], "absent");
+    }
+    // Engine 2's volume is not on this host: its store is measured inside the builder.
+    assert_eq!(row("e2", "x86_64-linux")["store_measured_by"], "du");
+    let table = text(&ok(inst.cli(&["status"])).stdout);
+    assert!(
+        table.contains("engine default: ") && table.contains(&format!("engine e2: {ENGINE2_TLS}")),
+        "{table}"
+    );
+    for l in table.lines() {
+        assert!(l.chars().count() <= 80, "over 80 columns: {l:?}");
+    }
+
+    // logs: one section per engine, each under a header naming it; --engine picks one.
+    let o = ok(inst.cli(&["logs", "x86_64-linux"]));
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("==> x86_64-linux on engine default ("),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "==> x86_64-linux on engine e2 ({ENGINE2_TLS}): {on_e2} <=="
+        )),
+        "{out}"
+    );
+    let o = ok(inst.cli(&["logs", "--engine", "e2", "x86_64-linux"]));
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("on engine e2") && !out.contains("on engine default"),
+        "{out}"
+    );
+
+    // doctor: each engine named; the builder on engine 2 answers through the engine's exec.
+    let d = json(&inst.cli(&["doctor", "--json"]));
+    let checks = d["checks"].as_array().unwrap();
+    let check = |name: &str| -> Vec<serde_json::Value> {
+        checks
+            .iter()
+            .filter(|c| c["name"] == name)
+            .cloned()
+            .collect()
+    };
+    assert!(
+        check("engine default").iter().any(|c| c["status"] == "ok"),
+        "{d}"
+    );
+    let e2 = check("engine e2");
+    assert!(
+        e2.len() == 1
+            && e2[0]["status"] == "ok"
+            && e2[0]["detail"].as_str().unwrap().contains(ENGINE2_TLS)
+            && e2[0]["detail"].as_str().unwrap().contains("TLS"),
+        "{e2:?}"
+    );
+    let ssh = check("ssh x86_64-linux");
+    assert!(ssh.len() == 1 && ssh[0]["status"] == "ok", "{ssh:?}");
+    let on = check("builder x86_64-linux on e2");
+    assert!(on.len() == 1 && on[0]["status"] == "ok", "{on:?}\n{d}");
+
+    // stop --all: both engines' builders, under the hook's slot locks (a held slot refuses).
+    let state = StateDir::open(inst.dir.path().join("state")).unwrap();
+    let (slot, _) = nixdock::builder::slots::try_acquire(&state.load_dir(), &on_e2, 8).unwrap();
+    let slot = slot.expect("a free slot");
+    let o = inst.cli(&["stop", "--all"]);
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(
+        text(&o.stderr).contains(&format!("1 build(s) running on {on_e2}")),
+        "{}",
+        show(&o)
+    );
+    assert!(
+        text(&o.stdout).contains(&format!("x86_64-linux on default: stopped {on_default}")),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(state_on_e2(&on_e2), "running");
+    drop(slot);
+    let o = ok(inst.cli(&["stop", "--all"]));
+    assert!(
+        text(&o.stdout).contains(&format!("x86_64-linux on e2: stopped {on_e2}")),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(inst.state_of("x86_64-linux"), "exited");
+    assert_eq!(state_on_e2(&on_e2), "exited");
+
+    // gc --volumes: the containers and volumes on both engines.
+    let filter = format!("label={LABEL_INSTANCE}={}", inst.id);
+    assert!(
+        !docker_on_ok(ENGINE2_UNIX, ["volume", "ls", "-q", "--filter", &filter])
+            .trim()
+            .is_empty()
+    );
+    let o = ok(inst.cli(&["gc", "--volumes"]));
+    assert!(
+        text(&o.stdout).contains(&format!("x86_64-linux on e2: removed container {on_e2}")),
+        "{}",
+        show(&o)
+    );
+    for host in [None, Some(ENGINE2_UNIX)] {
+        for list in [&["ps", "-aq"][..], &["volume", "ls", "-q"][..]] {
+            let mut args = list.to_vec();
+            args.extend(["--filter", &filter]);
+            let left = match host {
+                None => docker_ok(&args),
+                Some(h) => docker_on_ok(h, &args),
+            };
+            assert!(left.trim().is_empty(), "{host:?} {args:?}: {left}");
+        }
+    }
+}
+
+#[test]
+fn doctor_and_status_on_a_pool_name_an_unreachable_engine_within_seconds() {
+    if !require_bed() || !require_second_engine() {
+        return;
+    }
+    // Nothing answers at 10.231.0.99 (engine 2's network, no such host).
+    let gone = format!(
+        "[engines.gone]\ndocker-host = \"tcp://10.231.0.99:2376\"\ntls-ca = \"{ENGINE2_TLS_CA}\"\n\
+         tls-cert = \"{ENGINE2_TLS_CERT}\"\ntls-key = \"{ENGINE2_TLS_KEY}\"\n"
+    );
+    let inst = TempInstall::with_engines(&format!("{}\n{gone}", e2_table()));
+    let _e2_cleanup = Engine2Cleanup(inst.id.clone());
+
+    let t = std::time::Instant::now();
+    let o = inst.cli(&["doctor", "--json"]);
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(20), "doctor took {took:?}");
+    assert!(!o.status.success(), "{}", show(&o));
+    let d = json(&o);
+    assert_eq!(d["ok"], false);
+    let checks = d["checks"].as_array().unwrap();
+    let check = |name: &str| -> Vec<serde_json::Value> {
+        checks
+            .iter()
+            .filter(|c| c["name"] == name)
+            .cloned()
+            .collect()
+    };
+    assert!(
+        check("engine default").iter().any(|c| c["status"] == "ok"),
+        "{d}"
+    );
+    // Engine 2 answers, and its architecture is not a warning (placement handles it).
+    let e2 = check("engine e2");
+    assert!(
+        e2.iter().all(|c| c["status"] == "ok") && !e2.is_empty(),
+        "{e2:?}"
+    );
+    // Its systems are checked on it.
+    assert!(
+        check("x86_64-linux on e2")
+            .iter()
+            .any(|c| c["status"] == "ok"
+                && c["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("image nixdock-test/")),
+        "{d}"
+    );
+    let g = check("engine gone");
+    assert_eq!(g.len(), 1, "{d}");
+    assert_eq!(g[0]["status"], "fail", "{g:?}");
+    assert!(
+        g[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("10.231.0.99:2376"),
+        "{g:?}"
+    );
+    let fix = g[0]["fix"].as_str().unwrap();
+    assert!(
+        fix.contains("engine gone") && fix.contains("[engines.gone]"),
+        "{fix}"
+    );
+    let names: Vec<&str> = d["engines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["default", "e2", "gone"]);
+    let text_out = text(&inst.cli(&["doctor"]).stdout);
+    assert!(text_out.contains("[FAIL] engine gone: "), "{text_out}");
+
+    // status still lists the engines that answered, and says which did not.
+    let t = std::time::Instant::now();
+    let o = inst.cli(&["status", "--json"]);
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "status took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        !o.status.success(),
+        "an unreachable engine fails status: {}",
+        show(&o)
+    );
+    let v = json(&o);
+    assert!(
+        v["engine_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("engine gone")),
+        "{v}"
+    );
+    let on_e2: Vec<_> = v["builders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["engine"] == "e2")
+        .collect();
+    assert_eq!(on_e2.len(), 2, "{v}");
+    let gone_row = v["engines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "gone")
+        .cloned()
+        .unwrap();
+    assert!(gone_row["error"].as_str().is_some(), "{gone_row}");
+
+    // stop names the unreachable engine and fails, after acting on the others.
+    let o = inst.cli(&["stop", "--all"]);
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(text(&o.stderr).contains("engine gone: "), "{}", show(&o));
+    assert!(
+        text(&o.stdout).contains("x86_64-linux on e2: no container"),
+        "{}",
+        show(&o)
+    );
 }

@@ -1,5 +1,6 @@
-//! The builders a command works on: those this installation serves merged with its existing
-//! containers, selected by system, and the locks that keep the hook off them meanwhile.
+//! The builders a command works on: those this installation serves on each engine of the pool
+//! merged with its existing containers there, selected by system (and engine), and the locks
+//! that keep the hook off them meanwhile.
 
 use anyhow::Context as _;
 use std::collections::BTreeMap;
@@ -9,20 +10,24 @@ use crate::config::Config;
 use crate::state::{FileLock, StateDir};
 
 use super::containers::{Existing, list_existing};
+use super::engines::{PoolEngine, connect_all, report_unreachable};
 
 /// The builders the hook serves with this config: exactly what the hook computes.
 pub fn served(cfg: &Config, instance: &str) -> Vec<BuilderSpec> {
     BuilderSpec::served(cfg, instance)
 }
 
+/// The top-level engine alone (`nixdock image`, `nixdock demo`: they work on this host's).
 pub async fn engine(cfg: &Config) -> anyhow::Result<Engine> {
     let first = crate::builder::engine::EngineSettings::pool(cfg).remove(0);
     Ok(Engine::discover(&first).await?)
 }
 
-/// One builder: configured (a spec), existing (a container), or both.
+/// One builder on one engine: configured (a spec), existing (a container), or both.
 #[derive(Debug, Clone)]
 pub struct Row {
+    /// The engine's name in the pool (`default`, or its `[engines.<name>]`).
+    pub engine: String,
     pub system: String,
     pub spec: Option<BuilderSpec>,
     pub existing: Option<Existing>,
@@ -46,18 +51,29 @@ impl Row {
             .unwrap_or(crate::config::DEFAULT_MAX_JOBS)
     }
 
+    /// How output names it: the system, and in a pool also its engine.
+    pub fn label(&self, pool: bool) -> String {
+        if pool {
+            format!("{} on {}", self.system, self.engine)
+        } else {
+            self.system.clone()
+        }
+    }
+
     pub fn running(&self) -> bool {
         self.existing.as_ref().is_some_and(Existing::running)
     }
 }
 
-/// Configured builders and existing containers, merged by system, sorted by system.
-pub fn merge(specs: Vec<BuilderSpec>, existing: Vec<Existing>) -> Vec<Row> {
+/// One engine's configured builders and existing containers, merged by system, sorted by
+/// system.
+pub fn merge(engine: &str, specs: Vec<BuilderSpec>, existing: Vec<Existing>) -> Vec<Row> {
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
     for s in specs {
         rows.insert(
             s.system.clone(),
             Row {
+                engine: engine.to_string(),
                 system: s.system.clone(),
                 spec: Some(s),
                 existing: None,
@@ -71,6 +87,7 @@ pub fn merge(specs: Vec<BuilderSpec>, existing: Vec<Existing>) -> Vec<Row> {
             e.system.clone()
         };
         let row = rows.entry(key.clone()).or_insert_with(|| Row {
+            engine: engine.to_string(),
             system: key,
             spec: None,
             existing: None,
@@ -95,7 +112,13 @@ pub fn select(rows: Vec<Row>, systems: &[String]) -> anyhow::Result<Vec<Row>> {
     if systems.is_empty() {
         return Ok(rows);
     }
-    let known: Vec<String> = rows.iter().map(|r| r.system.clone()).collect();
+    // A system may have a builder on several engines: name it once.
+    let known: Vec<String> = rows
+        .iter()
+        .map(|r| r.system.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     for s in systems {
         if !known.contains(s) {
             anyhow::bail!(
@@ -114,27 +137,68 @@ pub fn select(rows: Vec<Row>, systems: &[String]) -> anyhow::Result<Vec<Row>> {
         .collect())
 }
 
-/// Loads config, state and engine, and merges served builders with existing containers.
+/// Config, state, the pool's engines, and on each answering engine its served builders merged
+/// with its existing containers (engine by engine, in the pool's order).
 pub struct Loaded {
     pub config: Config,
     pub state: StateDir,
     pub instance: String,
-    pub engine: Engine,
+    pub engines: Vec<PoolEngine>,
     pub rows: Vec<Row>,
+    /// Engines that did not answer, or whose containers could not be listed (each reported
+    /// on stderr already).
+    pub failed_engines: usize,
 }
 
-pub async fn load(env: &super::Env) -> anyhow::Result<Loaded> {
+impl Loaded {
+    /// The connected engine named `name`, or why there is none.
+    pub fn engine(&self, name: &str) -> anyhow::Result<&Engine> {
+        match self.engines.iter().find(|e| e.name() == name) {
+            Some(PoolEngine { engine: Ok(e), .. }) => Ok(e),
+            Some(PoolEngine { engine: Err(e), .. }) => Err(anyhow::anyhow!("{e:#}")),
+            None => Err(anyhow::anyhow!("no engine {name} in the config")),
+        }
+    }
+
+    /// The connected engine a row lives on.
+    pub fn engine_of(&self, row: &Row) -> anyhow::Result<&Engine> {
+        self.engine(&row.engine)
+    }
+
+    /// Whether the config names more than one engine (output then names each).
+    pub fn is_pool(&self) -> bool {
+        !self.config.engines.is_empty()
+    }
+}
+
+/// Loads everything for a command on the pool's engines (`only`: just that one). Engines that
+/// do not answer are reported and left out; the others are loaded.
+pub async fn load(env: &super::Env, only: Option<&str>) -> anyhow::Result<Loaded> {
     let config = env.config()?;
     let (state, instance) = env.instance()?;
-    let engine = engine(&config).await?;
-    let existing = list_existing(&engine, &instance).await?;
-    let rows = merge(served(&config, &instance), existing);
+    let engines = connect_all(&config, only).await?;
+    let mut failed_engines = report_unreachable(&engines);
+    let mut rows = Vec::new();
+    for pe in &engines {
+        let Ok(engine) = &pe.engine else { continue };
+        match list_existing(engine, &instance).await {
+            Ok(existing) => rows.extend(merge(pe.name(), pe.served(&config, &instance), existing)),
+            Err(e) => {
+                eprintln!(
+                    "nixdock: engine {}: {e:#}; its builders are left out",
+                    pe.name()
+                );
+                failed_engines += 1;
+            }
+        }
+    }
     Ok(Loaded {
         config,
         state,
         instance,
-        engine,
+        engines,
         rows,
+        failed_engines,
     })
 }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::builder::engine::DEFAULT_ENGINE;
 use crate::builder::provision::default_image;
 use crate::builder::systems::{self, EmulationSupport};
 use crate::builder::{BuilderSpec, Engine};
@@ -71,7 +72,9 @@ pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
         .and_then(|n| nix_version::nix_version_of(&n))
         .map(|v| v.1)
         .unwrap_or_else(|| "Nix version unknown".into());
-    let loaded = builders::load(env).await?;
+    // The demo builds on this host's engine, the pool's top-level one.
+    let loaded = builders::load(env, Some(DEFAULT_ENGINE)).await?;
+    let engine = loaded.engine(DEFAULT_ENGINE)?.clone();
     let native = format!("{}-linux", host::host_arch());
     let mut specs: Vec<BuilderSpec> = builders::served(&loaded.config, &loaded.instance);
     if !args.systems.is_empty() {
@@ -97,8 +100,8 @@ pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
          nix-build {} ({nix_version})\n  build-hook {}\n  engine {} ({})",
         nix_build.display(),
         hook.display(),
-        loaded.engine.addr,
-        loaded.engine.how_found
+        engine.addr,
+        engine.how_found
     );
     if !host::is_root() {
         println!(
@@ -149,7 +152,11 @@ async fn demo_one(
             ok: true,
         };
     }
-    if let Err(e) = ensure_image(env, &loaded.engine, spec, args.build_images).await {
+    let engine = match loaded.engine(DEFAULT_ENGINE) {
+        Ok(e) => e,
+        Err(e) => return fail(format!("{e:#}")),
+    };
+    if let Err(e) = ensure_image(env, engine, spec, args.build_images).await {
         return Outcome {
             lines: vec![format!("  skipped: {e:#}")],
             ok: true,
@@ -282,7 +289,12 @@ async fn stop_builder(
         t: Some(10),
         ..Default::default()
     };
-    match loaded.engine.docker.stop_container(name, Some(opts)).await {
+    match loaded
+        .engine(DEFAULT_ENGINE)?
+        .docker
+        .stop_container(name, Some(opts))
+        .await
+    {
         Ok(()) => Ok(()),
         Err(e) if containers::is_not_found(&e) => Ok(()),
         Err(bollard::errors::Error::DockerResponseServerError {

@@ -26,7 +26,10 @@ runs), and removes this installation's /nix volumes that no container uses
 (left behind when a builder's image changed).
 
 With --volumes: removes the selected builder containers and all their /nix
-volumes; the next build for the system starts from its image again.")]
+volumes; the next build for the system starts from its image again.
+
+Every engine of the pool is covered (only one with --engine); an engine that
+does not answer is named, and the exit status is 1.")]
 pub struct Args {
     /// Systems to collect garbage for [default: all]
     #[arg(value_name = "SYSTEM")]
@@ -37,50 +40,58 @@ pub struct Args {
     /// With --volumes: remove even while builds run
     #[arg(long, requires = "volumes")]
     pub force: bool,
+    /// Only this engine's builders (`default`, [engines.NAME])
+    #[arg(long, value_name = "NAME")]
+    pub engine: Option<String>,
 }
 
 pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
-    let loaded = builders::load(env).await?;
-    let rows = builders::select(loaded.rows, &args.systems)?;
-    let mut failed = 0;
+    let loaded = builders::load(env, args.engine.as_deref()).await?;
+    let rows = builders::select(loaded.rows.clone(), &args.systems)?;
+    let pool = loaded.is_pool();
+    let mut failed = loaded.failed_engines;
     for row in &rows {
-        let result = if args.volumes {
-            remove_builder(
-                &loaded.engine,
-                &loaded.state,
-                &loaded.instance,
-                row,
-                args.force,
-            )
-            .await
-        } else {
-            collect(&loaded.engine, row).await
+        let label = row.label(pool);
+        let result = match loaded.engine_of(row) {
+            Ok(engine) if args.volumes => {
+                remove_builder(engine, &loaded.state, &loaded.instance, row, args.force).await
+            }
+            Ok(engine) => collect(engine, row, &label).await,
+            Err(e) => Err(e),
         };
         match result {
-            Ok(msg) => println!("{}: {msg}", row.system),
+            Ok(msg) => println!("{label}: {msg}"),
             Err(e) => {
-                eprintln!("{}: {e:#}", row.system);
+                eprintln!("{label}: {e:#}");
                 failed += 1;
             }
         }
     }
     // Volumes of this instance that no container mounts (their builder was recreated on a
-    // new image, or removed above).
-    match remove_unused_volumes(&loaded.engine, &loaded.state, &loaded.instance, &rows).await {
-        Ok(removed) => {
-            for (system, vol) in removed {
-                println!("{system}: removed unused volume {vol}");
+    // new image, or removed above), engine by engine: each engine has its own volumes.
+    for pe in &loaded.engines {
+        let Ok(engine) = &pe.engine else { continue };
+        let mine: Vec<Row> = rows
+            .iter()
+            .filter(|r| r.engine == pe.name())
+            .cloned()
+            .collect();
+        match remove_unused_volumes(engine, &loaded.state, &loaded.instance, &mine).await {
+            Ok(removed) => {
+                for (row, vol) in removed {
+                    println!("{}: removed unused volume {vol}", row.label(pool));
+                }
             }
-        }
-        Err(e) => {
-            eprintln!("nixdock: {e:#}");
-            failed += 1;
+            Err(e) => {
+                eprintln!("nixdock: engine {}: {e:#}", pe.name());
+                failed += 1;
+            }
         }
     }
     Ok(if failed > 0 { 1 } else { 0 })
 }
 
-async fn collect(engine: &Engine, row: &Row) -> anyhow::Result<String> {
+async fn collect(engine: &Engine, row: &Row, label: &str) -> anyhow::Result<String> {
     let Some(ex) = &row.existing else {
         return Ok("no container; nothing to collect".into());
     };
@@ -91,7 +102,7 @@ async fn collect(engine: &Engine, row: &Row) -> anyhow::Result<String> {
             row.system
         ));
     }
-    println!("{}: collecting garbage in {} …", row.system, ex.name);
+    println!("{label}: collecting garbage in {} …", ex.name);
     // The entry script links the image's nix-collect-garbage here; fall back to PATH.
     let script = "if [ -x /etc/nixdock/bin/nix-collect-garbage ]; then \
                   exec /etc/nixdock/bin/nix-collect-garbage; else exec nix-collect-garbage; fi";
@@ -228,7 +239,7 @@ async fn remove_unused_volumes(
     state: &StateDir,
     instance: &str,
     rows: &[Row],
-) -> anyhow::Result<Vec<(String, String)>> {
+) -> anyhow::Result<Vec<(Row, String)>> {
     let mut removed = Vec::new();
     let volumes = labelled_volumes(engine, instance).await?;
     for row in rows {
@@ -255,7 +266,7 @@ async fn remove_unused_volumes(
                 .remove_volume(v, None::<RemoveVolumeOptions>)
                 .await
             {
-                Ok(()) => removed.push((row.system.clone(), v.clone())),
+                Ok(()) => removed.push((row.clone(), v.clone())),
                 // In use after all (by a container outside our labels), or gone: leave it.
                 Err(e) => tracing::debug!(volume = %v, "not removed: {e}"),
             }

@@ -9,8 +9,11 @@ use bollard::container::LogOutput;
 use bollard::query_parameters::LogsOptions;
 use futures_util::StreamExt;
 
+use crate::builder::Engine;
+
 use super::Env;
-use super::builders;
+use super::builders::{self, Row};
+use super::containers::Existing;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
@@ -18,7 +21,11 @@ A builder's container log holds its entry script's and sshd's messages
 (start-up, the emulation check, idle stop). The hook's log (hook.log in the
 state directory, rotated to hook.log.1 past 4 MiB) tells what the hook
 decided for each build and why; NIXDOCK_LOG=debug in nix-daemon's
-environment makes it say more.")]
+environment makes it say more.
+
+In a pool of engines a system may have a builder on several of them: each
+one's log is printed under a header naming its engine; --engine picks one
+(--follow needs that when there are several).")]
 pub struct Args {
     /// The system whose builder's log to print
     #[arg(
@@ -36,6 +43,9 @@ pub struct Args {
     /// Keep printing new lines as they come
     #[arg(short, long)]
     pub follow: bool,
+    /// Only this engine's builder (`default`, [engines.NAME])
+    #[arg(long, value_name = "NAME", conflicts_with = "hook")]
+    pub engine: Option<String>,
 }
 
 pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
@@ -43,40 +53,80 @@ pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
         return hook_log(&env.state_path, args.lines, args.follow).await;
     }
     let system = args.system.unwrap_or_default();
-    let loaded = builders::load(env).await?;
-    let rows = builders::select(loaded.rows, std::slice::from_ref(&system))?;
-    let Some(ex) = rows.into_iter().next().and_then(|r| r.existing) else {
+    let loaded = builders::load(env, args.engine.as_deref()).await?;
+    let rows = builders::select(loaded.rows.clone(), std::slice::from_ref(&system))?;
+    let found: Vec<(&Row, &Existing)> = rows
+        .iter()
+        .filter_map(|r| r.existing.as_ref().map(|e| (r, e)))
+        .collect();
+    if found.is_empty() {
         anyhow::bail!(
             "the {system} builder has no container yet (the first build for {system} creates it)"
         );
-    };
+    }
+    if args.follow && found.len() > 1 {
+        let on: Vec<&str> = found.iter().map(|(r, _)| r.engine.as_str()).collect();
+        anyhow::bail!(
+            "{system} has a builder on engines {}: pick one with --engine NAME to follow it",
+            on.join(", ")
+        );
+    }
+    // In a pool, a header names the engine of each builder (like `tail` with several files).
+    let headers = loaded.is_pool();
+    let mut out = std::io::stdout().lock();
+    for (i, (row, ex)) in found.iter().enumerate() {
+        let engine = loaded.engine_of(row)?;
+        if headers {
+            let sep = if i > 0 { "\n" } else { "" };
+            if writeln!(
+                out,
+                "{sep}==> {system} on engine {} ({}): {} <==",
+                engine.name, engine.addr, ex.name
+            )
+            .is_err()
+            {
+                return Ok(0);
+            }
+        }
+        if !print_container_log(&mut out, engine, &ex.name, args.lines, args.follow).await? {
+            return Ok(0); // stdout closed (e.g. `| head`)
+        }
+    }
+    // A builder of this system may be on an engine that did not answer (named above).
+    Ok(if loaded.failed_engines > 0 { 1 } else { 0 })
+}
+
+/// Copies one container's log to `out`; false when `out` was closed.
+async fn print_container_log(
+    out: &mut impl Write,
+    engine: &Engine,
+    container: &str,
+    lines: Option<usize>,
+    follow: bool,
+) -> anyhow::Result<bool> {
     let opts = LogsOptions {
-        follow: args.follow,
+        follow,
         stdout: true,
         stderr: true,
-        tail: args
-            .lines
-            .map(|n| n.to_string())
-            .unwrap_or_else(|| "all".into()),
+        tail: lines.map(|n| n.to_string()).unwrap_or_else(|| "all".into()),
         ..Default::default()
     };
-    let mut stream = loaded.engine.docker.logs(&ex.name, Some(opts));
-    let mut out = std::io::stdout().lock();
+    let mut stream = engine.docker.logs(container, Some(opts));
     while let Some(item) = stream.next().await {
         match item {
             Ok(LogOutput::StdErr { message }) | Ok(LogOutput::StdOut { message }) => {
                 if out.write_all(&message).is_err() {
-                    return Ok(0); // stdout closed (e.g. `| head`)
+                    return Ok(false);
                 }
             }
             Ok(other) => {
                 let _ = out.write_all(&other.into_bytes());
             }
-            Err(e) => anyhow::bail!("{}: {e}", ex.name),
+            Err(e) => anyhow::bail!("{container} on engine {}: {e}", engine.name),
         }
         let _ = out.flush();
     }
-    Ok(0)
+    Ok(true)
 }
 
 /// The last `n` lines of `text` (all of it when `n` is `None`), and how many lines were

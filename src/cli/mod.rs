@@ -10,6 +10,7 @@ pub mod builders;
 pub mod containers;
 pub mod demo;
 pub mod doctor;
+pub mod engines;
 pub mod format;
 pub mod gc;
 pub mod host;

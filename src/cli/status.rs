@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::builder::{Engine, slots};
 
 use super::Env;
+use super::engines::{self, EngineRow};
 use super::{
     builders::{self, Row},
     containers::{self, Existing},
@@ -43,8 +44,12 @@ struct Report {
     instance: String,
     state_dir: String,
     config: String,
+    /// The top-level (default) engine, when it answered.
     engine: Option<EngineInfo>,
+    /// Set when any engine of the pool did not answer or could not list its containers.
     engine_error: Option<String>,
+    /// Every engine of the pool, the top-level one first.
+    engines: Vec<EngineRow>,
     builders: Vec<BuilderInfo>,
 }
 
@@ -69,6 +74,8 @@ impl EngineInfo {
 
 #[derive(Debug, Serialize)]
 struct BuilderInfo {
+    /// The engine it is on: `default`, or its `[engines.<name>]`.
+    engine: String,
     system: String,
     configured: bool,
     container: String,
@@ -90,45 +97,54 @@ struct BuilderInfo {
 pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
     let config = env.config()?;
     let (state, instance) = env.instance()?;
-    let specs = builders::served(&config, &instance);
-    let (engine, engine_error) = match builders::engine(&config).await {
-        Ok(e) => (Some(e), None),
-        Err(e) => (None, Some(format!("{e:#}"))),
-    };
-    let mut engine_error = engine_error;
-    let existing = match &engine {
-        Some(e) => match containers::list_existing(e, &instance).await {
-            Ok(x) => x,
-            Err(err) => {
-                engine_error = Some(format!("{err:#}"));
-                Vec::new()
-            }
-        },
-        None => Vec::new(),
-    };
-    let rows = builders::merge(specs, existing);
+    let pool = engines::connect_all(&config, None).await?;
     let now = timestamps::now();
-    let mut builders = Vec::new();
-    for row in &rows {
-        builders.push(describe(row, engine.as_ref(), &state, now, !args.no_size).await);
-    }
-    if engine.is_none() {
-        for b in &mut builders {
-            b.state = "unknown".into();
+    let mut rows_out = Vec::new();
+    let mut engine_rows = Vec::new();
+    for pe in &pool {
+        let mut row = EngineRow::of(pe);
+        let engine = pe.engine.as_ref().ok();
+        let existing = match engine {
+            Some(e) => match containers::list_existing(e, &instance).await {
+                Ok(x) => x,
+                Err(err) => {
+                    row.error = Some(format!("{err:#}"));
+                    Vec::new()
+                }
+            },
+            None => Vec::new(),
+        };
+        for r in builders::merge(pe.name(), pe.served(&config, &instance), existing) {
+            let mut b = describe(&r, engine, &state, now, !args.no_size).await;
+            if engine.is_none() {
+                b.state = "unknown".into();
+            }
+            rows_out.push(b);
         }
+        engine_rows.push(row);
     }
+    let errors: Vec<String> = engine_rows
+        .iter()
+        .filter_map(|r| r.error.as_ref().map(|e| format!("engine {}: {e}", r.name)))
+        .collect();
     let report = Report {
         instance,
         state_dir: state.path().display().to_string(),
         config: env.config_path.display().to_string(),
-        engine: engine.as_ref().map(EngineInfo::of),
-        engine_error,
-        builders,
+        engine: pool
+            .first()
+            .and_then(|pe| pe.engine.as_ref().ok())
+            .map(EngineInfo::of),
+        engine_error: (!errors.is_empty()).then(|| errors.join("; ")),
+        engines: engine_rows,
+        builders: rows_out,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    } else if config.engines.is_empty() {
         print_table(&report);
+    } else {
+        print_pool(&report);
     }
     Ok(if report.engine_error.is_some() { 1 } else { 0 })
 }
@@ -152,6 +168,7 @@ async fn describe(
         _ => (None, None),
     };
     BuilderInfo {
+        engine: row.engine.clone(),
         system: row.system.clone(),
         configured: row.spec.is_some(),
         container: row.container_name(),
@@ -172,7 +189,9 @@ async fn describe(
 /// Disk usage of the builder's `/nix/store`: walked on the volume's directory when it is
 /// readable here, else `du` inside the running container.
 pub async fn store_size(engine: &Engine, ex: &Existing) -> Option<(u64, &'static str)> {
-    if let Some(vol) = ex.volume()
+    // A remote engine's volume path names a directory on its host, not on this one.
+    if engine.is_local_socket()
+        && let Some(vol) = ex.volume()
         && let Ok(v) = engine.docker.inspect_volume(vol).await
     {
         let mountpoint = std::path::PathBuf::from(&v.mountpoint);
@@ -250,12 +269,43 @@ fn print_table(r: &Report) {
         );
         return;
     }
+    print_rows(&r.builders);
+    print_store_note(&r.builders);
+}
+
+/// A pool: each engine's line, then its builders.
+fn print_pool(r: &Report) {
+    println!("instance {}   state {}", r.instance, r.state_dir);
+    println!("config {}", r.config);
+    for e in &r.engines {
+        println!();
+        println!("{}", format::fit(&e.line(), 80));
+        if let Some(err) = &e.error {
+            eprintln!("nixdock: engine {}: {err}", e.name);
+        }
+        let mine: Vec<&BuilderInfo> = r.builders.iter().filter(|b| b.engine == e.name).collect();
+        if mine.is_empty() {
+            if e.error.is_some() {
+                println!("  its builders are unknown while it does not answer");
+            } else {
+                println!("  no builders");
+            }
+            continue;
+        }
+        print_rows(&mine);
+    }
+    let all: Vec<&BuilderInfo> = r.builders.iter().collect();
+    print_store_note(&all);
+}
+
+fn print_rows<B: std::borrow::Borrow<BuilderInfo>>(builders: &[B]) {
     // 14+1 + 7+1 + 6+1 + 5+1 + 7+1 + 6+2 = 52 columns before the image, which gets the rest of 80.
     println!(
         "{:<14} {:<7} {:>6} {:>5} {:>7} {:>6}  IMAGE",
         "SYSTEM", "STATE", "UPTIME", "PORT", "STORE", "BUILDS"
     );
-    for b in &r.builders {
+    for b in builders {
+        let b = b.borrow();
         let system = if b.configured {
             b.system.clone()
         } else {
@@ -285,11 +335,13 @@ fn print_table(r: &Report) {
             format::fit(&image, 80 - 52),
         );
     }
-    if r.builders.iter().any(|b| b.store_bytes.is_some()) {
-        let how: Vec<&str> = r
-            .builders
+}
+
+fn print_store_note<B: std::borrow::Borrow<BuilderInfo>>(builders: &[B]) {
+    if builders.iter().any(|b| b.borrow().store_bytes.is_some()) {
+        let how: Vec<&str> = builders
             .iter()
-            .filter_map(|b| b.store_measured_by)
+            .filter_map(|b| b.borrow().store_measured_by)
             .collect();
         let note = if how.iter().all(|h| *h == "volume") {
             "STORE: disk usage of /nix/store, counted on each builder's volume"

@@ -13,7 +13,9 @@ use super::{
 #[command(after_help = "\
 A builder with builds running is left alone unless --force is given. Builders
 also stop by themselves after their idle-timeout (30 min by default).
-`nixdock status` lists the systems.")]
+`nixdock status` lists the systems. A system may have a builder on several
+engines of the pool: each is stopped (only one engine's with --engine). An
+engine that does not answer is named, and the exit status is 1.")]
 pub struct Args {
     /// Systems whose builders to stop, e.g. aarch64-linux
     #[arg(
@@ -28,17 +30,25 @@ pub struct Args {
     /// Stop even while builds run on them (they fail)
     #[arg(long)]
     pub force: bool,
+    /// Only this engine's builders (`default`, [engines.NAME])
+    #[arg(long, value_name = "NAME")]
+    pub engine: Option<String>,
 }
 
 pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
-    let loaded = builders::load(env).await?;
-    let rows = builders::select(loaded.rows, &args.systems)?;
-    let mut failed = 0;
+    let loaded = builders::load(env, args.engine.as_deref()).await?;
+    let rows = builders::select(loaded.rows.clone(), &args.systems)?;
+    let mut failed = loaded.failed_engines;
     for row in &rows {
-        match stop_one(&loaded.engine, &loaded.state, row, args.force).await {
-            Ok(msg) => println!("{}: {msg}", row.system),
+        let label = row.label(loaded.is_pool());
+        let result = match loaded.engine_of(row) {
+            Ok(engine) => stop_one(engine, &loaded.state, row, args.force).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(msg) => println!("{label}: {msg}"),
             Err(e) => {
-                eprintln!("{}: {e:#}", row.system);
+                eprintln!("{label}: {e:#}");
                 failed += 1;
             }
         }

@@ -1,34 +1,45 @@
-//! The Docker engine: reachable, how it was found, and whether nix-daemon's hook finds it too.
+//! The engines of the pool: each reachable, how it was found, and whether nix-daemon's hook
+//! finds it too.
 
-use crate::builder::Engine;
-use crate::builder::engine::HowFound;
+use crate::builder::engine::{DEFAULT_ENGINE, HowFound};
+use crate::builder::pool::{BACKOFF, CONNECT_DEADLINE};
 use crate::config::Config;
 
-use super::super::{Env, builders, host};
+use super::super::engines::PoolEngine;
+use super::super::{Env, host};
 use super::Checks;
 
-/// The engine answers; warns where the hook (root, under nix-daemon) would not find it or
-/// where it runs another architecture.
-pub(super) async fn check_engine(c: &mut Checks, env: &Env, config: &Config) -> Option<Engine> {
-    match builders::engine(config).await {
+/// One engine of the pool answers (check `engine <name>`); for the top-level one, warns where
+/// the hook (root, under nix-daemon) would not find it or where it runs another architecture
+/// than this host, from which the hook decides its builders.
+pub(super) async fn check_engine(c: &mut Checks, env: &Env, config: &Config, pe: &PoolEngine) {
+    let check = format!("engine {}", pe.name());
+    let check = check.as_str();
+    if pe.name() != DEFAULT_ENGINE {
+        return check_pool_engine(c, env, pe, check).await;
+    }
+    match &pe.engine {
         Ok(e) => {
-            let version = e
-                .docker
-                .version()
+            let version = tokio::time::timeout(CONNECT_DEADLINE, e.docker.version())
                 .await
                 .ok()
+                .and_then(Result::ok)
                 .and_then(|v| v.version)
                 .unwrap_or_else(|| "?".into());
+            let access = pe
+                .access_note()
+                .map(|a| format!(", {a}"))
+                .unwrap_or_default();
             c.ok(
-                "engine",
+                check,
                 format!(
-                    "{} (found via {}), Docker {version}, {} {}",
+                    "{} (found via {}), Docker {version}, {} {}{access}",
                     e.addr, e.how_found, e.os, e.arch
                 ),
             );
             if e.how_found == HowFound::DockerHostEnv {
                 c.warn(
-                    "engine",
+                    check,
                     "found through DOCKER_HOST, which nix-daemon's environment usually lacks",
                     format!(
                         "set docker-host = \"{}\" in {}",
@@ -46,7 +57,7 @@ pub(super) async fn check_engine(c: &mut Checks, env: &Env, config: &Config) -> 
             {
                 // As root the hook looks at no one's home: it will not find this engine.
                 c.warn(
-                    "engine",
+                    check,
                     format!(
                         "found in your own home or /run/user ({}), where nix-daemon's hook, \
                          running as root, does not look",
@@ -60,9 +71,11 @@ pub(super) async fn check_engine(c: &mut Checks, env: &Env, config: &Config) -> 
                     ),
                 );
             }
-            if e.arch != host::host_arch() {
+            // A remote top-level engine's builders are placed by its own architecture; a local
+            // one's by this host's.
+            if pe.settings.is_local_default() && e.arch != host::host_arch() {
                 c.warn(
-                    "engine",
+                    check,
                     format!(
                         "the engine runs {} but this machine is {}; the hook decides what is \
                          emulated from this machine's architecture",
@@ -72,7 +85,6 @@ pub(super) async fn check_engine(c: &mut Checks, env: &Env, config: &Config) -> 
                     "use an engine on this machine, or name each system's image in [builders]",
                 );
             }
-            Some(e)
         }
         Err(e) => {
             let fix = match (&config.docker_host, host::is_root()) {
@@ -97,8 +109,49 @@ pub(super) async fn check_engine(c: &mut Checks, env: &Env, config: &Config) -> 
                     env.config_path.display()
                 ),
             };
-            c.fail("engine", format!("{e:#}"), fix);
-            None
+            c.fail(check, format!("{e:#}"), fix);
         }
+    }
+}
+
+/// An `[engines.<name>]` engine: it answers (with its TLS or SSH access named), or fails with
+/// a fix naming it. Its architecture may differ from this host's: the hook places builds by
+/// the engine's own.
+async fn check_pool_engine(c: &mut Checks, env: &Env, pe: &PoolEngine, check: &str) {
+    let access = pe
+        .access_note()
+        .map(|a| format!(", {a}"))
+        .unwrap_or_default();
+    match &pe.engine {
+        Ok(e) => {
+            let version = tokio::time::timeout(CONNECT_DEADLINE, e.docker.version())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .and_then(|v| v.version)
+                .unwrap_or_else(|| "?".into());
+            c.ok(
+                check,
+                format!("{}{access}, Docker {version}, {} {}", e.addr, e.os, e.arch),
+            );
+        }
+        Err(err) => c.fail(
+            check,
+            match pe.access_note() {
+                Some(a) => format!("{err:#} (reached with {a})"),
+                None => format!("{err:#}"),
+            },
+            format!(
+                "start engine {name} at {addr} or make it reachable from here, or fix \
+                 [engines.{name}] in {config} (docker-host, tls-ca/tls-cert/tls-key or \
+                 ssh-key/ssh-host-key), or remove that table; meanwhile each hook skips \
+                 engine {name} for {backoff} s after it fails to answer and builds on the \
+                 other engines",
+                name = pe.name(),
+                addr = pe.addr(),
+                config = env.config_path.display(),
+                backoff = BACKOFF.as_secs(),
+            ),
+        ),
     }
 }

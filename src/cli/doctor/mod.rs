@@ -15,6 +15,7 @@ mod systems;
 use serde::Serialize;
 
 use super::Env;
+use super::engines::{self, EngineRow};
 use super::host;
 use super::status::EngineInfo;
 use daemon::check_daemon;
@@ -31,8 +32,10 @@ use systems::check_systems;
 Checks, in order:
   - the config file, and nixdock-hook next to this program
   - the state directory: mode 0700, owned by you
-  - the Docker engine, and how it was found
-  - per served system: can this machine run it, is its image present
+  - each Docker engine of the pool (the top-level one, then each
+    [engines.NAME], connected at once within 5 s each): it answers, how it
+    was found, its TLS or SSH access
+  - per served system on each engine: can it run there, is its image present
   - Nix's version, and the build-hook direct builds use
     (`nix show-config` / `nix config show`)
   - the build-hook the running nix-daemon uses: its command line, environment
@@ -40,7 +43,8 @@ Checks, in order:
     /etc/nix/nix.conf; this is flagged)
   - machines in Nix's `builders`: listed, and each checked (reachable, host
     key trusted, nix-daemon answering)
-  - an SSH and nix-daemon handshake with every running builder
+  - an SSH (or Engine API exec) and nix-daemon handshake with every running
+    builder on each engine
 Every failed check prints its fix. Run it as root to see what nix-daemon's hook
 sees. Exits 1 when any check fails; warnings do not fail.")]
 pub struct Args {
@@ -71,7 +75,10 @@ struct Report {
     ok: bool,
     config: String,
     state_dir: String,
+    /// The top-level (default) engine, when it answered.
     engine: Option<EngineInfo>,
+    /// Every engine of the pool, the top-level one first.
+    engines: Vec<EngineRow>,
     nix_version: Option<String>,
     daemon: Option<DaemonInfo>,
     checks: Vec<Check>,
@@ -119,8 +126,12 @@ pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
     check_hook_program(&mut c, &hook);
     // The state directory, looked at without creating it.
     let instance = check_state_dir(&mut c, env);
-    let engine = check_engine(&mut c, env, &config).await;
-    check_systems(&mut c, &config, instance.as_deref(), engine.as_ref()).await;
+    // Every engine of the pool, connected at once, each within the hook's deadline.
+    let pool = engines::connect_all(&config, None).await?;
+    for pe in &pool {
+        check_engine(&mut c, env, &config, pe).await;
+    }
+    check_systems(&mut c, &config, instance.as_deref(), &pool).await;
     let nix = check_nix(&mut c);
     check_direct_builds(&mut c, &nix);
     let daemon = check_daemon(&mut c, &hook);
@@ -133,16 +144,22 @@ pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
         )
         .await;
     }
-    // SSH to running builders.
-    if let (Some(e), Some(id)) = (&engine, &instance) {
-        check_ssh(&mut c, e, env, id).await;
+    // SSH (or the engine's exec) to running builders, engine by engine.
+    if let Some(id) = &instance {
+        for e in pool.iter().filter_map(|pe| pe.engine.as_ref().ok()) {
+            check_ssh(&mut c, e, env, id).await;
+        }
     }
     let ok = !c.0.iter().any(|x| x.status == Status::Fail);
     let report = Report {
         ok,
         config: env.config_path.display().to_string(),
         state_dir: env.state_path.display().to_string(),
-        engine: engine.as_ref().map(EngineInfo::of),
+        engine: pool
+            .first()
+            .and_then(|pe| pe.engine.as_ref().ok())
+            .map(EngineInfo::of),
+        engines: pool.iter().map(EngineRow::of).collect(),
         nix_version: nix.version.map(|v| v.1),
         daemon,
         checks: c.0,

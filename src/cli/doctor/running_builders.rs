@@ -1,27 +1,44 @@
-//! The running builder containers: an SSH and nix-daemon handshake with each.
+//! The running builder containers of each engine: an SSH (or, on a remote engine without a
+//! published port, an Engine API exec) and nix-daemon handshake with each.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::builder::engine::DEFAULT_ENGINE;
+use crate::builder::lifecycle::open_daemon;
 use crate::builder::{Builders, Engine};
 use crate::state::StateDir;
-use crate::transport::keys;
+use crate::transport::{EngineExec, Link, keys};
 
 use super::super::{Env, containers};
 use super::Checks;
 
-/// An SSH handshake plus `nix-daemon --stdio` handshake with every running builder.
+/// A handshake with every running builder on `engine`, as the hook reaches it: SSH to its
+/// published port (on loopback, or on a remote engine's host) plus the daemon's handshake, or
+/// `nix-daemon --stdio` through the engine's exec when a remote builder publishes nothing. The
+/// top-level engine's checks are `ssh <system>`, another engine's `builder <system> on <name>`.
 pub(super) async fn check_ssh(c: &mut Checks, engine: &Engine, env: &Env, instance: &str) {
+    let is_default = engine.name == DEFAULT_ENGINE;
+    let running_check = if is_default {
+        "builders running".to_string()
+    } else {
+        format!("builders running on {}", engine.name)
+    };
+    let logs_flag = if is_default {
+        String::new()
+    } else {
+        format!(" --engine {}", engine.name)
+    };
     let existing = match containers::list_existing(engine, instance).await {
         Ok(x) => x,
         Err(e) => {
-            c.fail("builders running", format!("{e:#}"), "see the engine's log");
+            c.fail(&running_check, format!("{e:#}"), "see the engine's log");
             return;
         }
     };
     if existing.is_empty() {
         c.info(
-            "builders running",
+            &running_check,
             "none (a builder starts at the first build for its system)",
         );
         return;
@@ -41,7 +58,11 @@ pub(super) async fn check_ssh(c: &mut Checks, engine: &Engine, env: &Env, instan
         }
     };
     for ex in existing {
-        let name = format!("ssh {}", ex.system);
+        let name = if is_default {
+            format!("ssh {}", ex.system)
+        } else {
+            format!("builder {} on {}", ex.system, engine.name)
+        };
         if !ex.running() {
             c.info(
                 &name,
@@ -53,12 +74,44 @@ pub(super) async fn check_ssh(c: &mut Checks, engine: &Engine, env: &Env, instan
             );
             continue;
         }
+        if ex.port().is_none() && engine.remote_host().is_some() {
+            // Published nothing: the hook reaches it through the engine (transport `auto`).
+            let t = Instant::now();
+            let link = Link::Engine(EngineExec::new(engine.docker.clone(), ex.name.clone()));
+            match tokio::time::timeout(Duration::from_secs(30), open_daemon(&link, &ex.name)).await
+            {
+                Ok(Ok(_daemon)) => c.ok(
+                    &name,
+                    format!(
+                        "{} through engine {}'s exec: nix-daemon answered in {} ms",
+                        ex.name,
+                        engine.name,
+                        t.elapsed().as_millis()
+                    ),
+                ),
+                Ok(Err(e)) => c.fail(
+                    &name,
+                    e.to_string(),
+                    format!(
+                        "see `nixdock logs {}{logs_flag}`; `nixdock stop {}{logs_flag}` lets the \
+                         next build start it afresh",
+                        ex.system, ex.system
+                    ),
+                ),
+                Err(_) => c.fail(
+                    &name,
+                    format!("{} did not answer within 30 s", ex.name),
+                    format!("see `nixdock logs {}{logs_flag}`", ex.system),
+                ),
+            }
+            continue;
+        }
         let (Some(port), Some(key)) = (ex.port(), ex.host_key()) else {
             c.fail(
                 &name,
                 format!("{} has no published SSH port or pinned host key", ex.name),
                 format!(
-                    "nixdock gc --volumes {} (the next build recreates it)",
+                    "nixdock gc --volumes {}{logs_flag} (the next build recreates it)",
                     ex.system
                 ),
             );
@@ -70,12 +123,22 @@ pub(super) async fn check_ssh(c: &mut Checks, engine: &Engine, env: &Env, instan
                 c.fail(
                     &name,
                     format!("{}: bad pinned host key: {e}", ex.name),
-                    format!("nixdock gc --volumes {}", ex.system),
+                    format!("nixdock gc --volumes {}{logs_flag}", ex.system),
                 );
                 continue;
             }
         };
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let addr = match published_at(engine, port).await {
+            Ok(a) => a,
+            Err(why) => {
+                c.fail(
+                    &name,
+                    why,
+                    format!("check that this host resolves {}", engine.addr),
+                );
+                continue;
+            }
+        };
         let t = Instant::now();
         match tokio::time::timeout(
             Duration::from_secs(30),
@@ -98,15 +161,35 @@ pub(super) async fn check_ssh(c: &mut Checks, engine: &Engine, env: &Env, instan
                 &name,
                 e.to_string(),
                 format!(
-                    "see `nixdock logs {}`; `nixdock stop {}` lets the next build start it afresh",
+                    "see `nixdock logs {}{logs_flag}`; `nixdock stop {}{logs_flag}` lets the next \
+                     build start it afresh",
                     ex.system, ex.system
                 ),
             ),
             Err(_) => c.fail(
                 &name,
                 format!("{} at {addr} did not answer within 30 s", ex.name),
-                format!("see `nixdock logs {}`", ex.system),
+                format!("see `nixdock logs {}{logs_flag}`", ex.system),
             ),
         }
     }
+}
+
+/// Where a builder's published sshd port is reached: loopback for a local engine, the
+/// engine's own host for a remote one.
+async fn published_at(engine: &Engine, port: u16) -> Result<SocketAddr, String> {
+    let Some(host) = engine.remote_host() else {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    };
+    let target = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(&target))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("cannot resolve {target}"))
 }

@@ -1,21 +1,38 @@
 //! The served systems: can this machine run each, and is its image present.
 
-use crate::builder::Engine;
+use crate::builder::engine::DEFAULT_ENGINE;
 use crate::builder::systems::{self, EmulationSupport};
+use crate::builder::{BuilderSpec, Engine};
 use crate::config::Config;
 
+use super::super::engines::PoolEngine;
 use super::super::{builders, containers, host};
 use super::Checks;
 
-/// Every served system runs here (natively or emulated) and has its image.
+/// Every served system runs on its engine (natively or emulated) and has its image there: the
+/// top-level engine's systems under their own names, another engine's as `<system> on <engine>`.
 pub(super) async fn check_systems(
     c: &mut Checks,
     config: &Config,
     instance: Option<&str>,
-    engine: Option<&Engine>,
+    pool: &[PoolEngine],
 ) {
-    let specs = builders::served(config, instance.unwrap_or("none"));
-    if specs.is_empty() {
+    let instance = instance.unwrap_or("none");
+    let specs = builders::served(config, instance);
+    let others: Vec<(&PoolEngine, &Engine, Vec<BuilderSpec>)> = pool
+        .iter()
+        .filter(|pe| pe.name() != DEFAULT_ENGINE)
+        .filter_map(|pe| {
+            let e = pe.engine.as_ref().ok()?;
+            Some((pe, e, pe.served(config, instance)))
+        })
+        .collect();
+    // An unreachable engine's systems are unknown (its check failed already).
+    let some_unknown = pool
+        .iter()
+        .filter(|pe| pe.name() != DEFAULT_ENGINE)
+        .any(|pe| pe.engine.is_err());
+    if specs.is_empty() && others.iter().all(|(_, _, s)| s.is_empty()) && !some_unknown {
         c.fail(
             "systems",
             "no system is served: the config names none and this machine can emulate none",
@@ -23,6 +40,10 @@ pub(super) async fn check_systems(
              tonistiigi/binfmt --install all`), or add a [builders.\"<system>\"] table",
         );
     }
+    let default = pool
+        .iter()
+        .find(|pe| pe.name() == DEFAULT_ENGINE)
+        .and_then(|pe| pe.engine.as_ref().ok());
     for spec in &specs {
         let name = spec.system.as_str();
         match systems::emulation_support(name, host::host_arch(), host::ENGINE_IS_LOCAL) {
@@ -39,9 +60,52 @@ pub(super) async fn check_systems(
                 c.fail(name, format!("cannot run {name} containers here"), why)
             }
         }
-        let Some(e) = engine else { continue };
-        let default = spec.image == crate::builder::provision::default_image(name);
-        match e.docker.inspect_image(&spec.image).await {
+        let Some(e) = default else { continue };
+        check_image(c, name, spec, e, None).await;
+    }
+    for (pe, e, specs) in others {
+        for spec in &specs {
+            let name = format!("{} on {}", spec.system, pe.name());
+            match systems::emulation_support(&spec.system, &e.arch, false) {
+                EmulationSupport::Native => c.ok(
+                    &name,
+                    format!("runs natively on engine {} ({})", pe.name(), e.arch),
+                ),
+                EmulationSupport::Missing(why) => c.fail(
+                    &name,
+                    format!(
+                        "cannot run {} containers on engine {}",
+                        spec.system,
+                        pe.name()
+                    ),
+                    why,
+                ),
+                _ => c.ok(
+                    &name,
+                    format!(
+                        "runs emulated on engine {} ({}); the builder's `uname -m` check at \
+                         its first start tells whether the engine's host can",
+                        pe.name(),
+                        e.arch
+                    ),
+                ),
+            }
+            check_image(c, &name, spec, e, Some(pe.name())).await;
+        }
+    }
+}
+
+/// The spec's image is on engine `e` (`remote`: a pool engine's name, for the fix).
+async fn check_image(
+    c: &mut Checks,
+    name: &str,
+    spec: &BuilderSpec,
+    e: &Engine,
+    remote: Option<&str>,
+) {
+    let default = spec.image == crate::builder::provision::default_image(&spec.system);
+    let system = spec.system.as_str();
+    match e.docker.inspect_image(&spec.image).await {
             Ok(i) => c.ok(
                 name,
                 format!(
@@ -55,20 +119,38 @@ pub(super) async fn check_systems(
                         .collect::<String>()
                 ),
             ),
+            Err(err) if containers::is_not_found(&err) && default && remote.is_some() => c.fail(
+                name,
+                format!("image {} is not on engine {}", spec.image, e.name),
+                format!(
+                    "load it there: `docker save {img} | docker -H {addr} load` (with that \
+                     engine's TLS or SSH access), or set image for {system} to one its host \
+                     can pull",
+                    img = spec.image,
+                    addr = e.addr,
+                ),
+            ),
             Err(err) if containers::is_not_found(&err) && default => c.fail(
                 name,
                 format!("image {} does not exist", spec.image),
                 format!(
-                    "nixdock image build --system {name}   (without a registry: nixdock image \
-                     build --from-debian --system {name}), or set image for {name} in the config"
+                    "nixdock image build --system {system}   (without a registry: nixdock image \
+                     build --from-debian --system {system}), or set image for {system} in the config"
                 ),
             ),
             Err(err) if containers::is_not_found(&err) => c.warn(
                 name,
-                format!(
-                    "image {} is not present locally; the hook pulls it at the first build",
-                    spec.image
-                ),
+                match remote {
+                    None => format!(
+                        "image {} is not present locally; the hook pulls it at the first build",
+                        spec.image
+                    ),
+                    Some(engine) => format!(
+                        "image {} is not on engine {engine}; the hook pulls it there at the \
+                         first build",
+                        spec.image
+                    ),
+                },
                 format!(
                     "docker pull {} (to check now that it can be pulled)",
                     spec.image
@@ -79,6 +161,5 @@ pub(super) async fn check_systems(
                 format!("cannot inspect image {}: {err}", spec.image),
                 "see the engine's log",
             ),
-        }
     }
 }
