@@ -390,9 +390,14 @@ pub enum LogParseError {
     /// Not an `@nix` line.
     #[error("the line does not start with '@nix '")]
     NoPrefix,
-    /// What follows the prefix is not JSON.
-    #[error("bad JSON: {0}")]
-    Json(String),
+    /// What follows the prefix is not JSON (serde_json's category, and where it noticed).
+    #[error("bad JSON: {kind} at column {column}")]
+    Json {
+        /// `syntax error`, `unexpected end`, `invalid data` or `I/O error`.
+        kind: &'static str,
+        /// 1-based column in the JSON after the prefix.
+        column: usize,
+    },
     /// The JSON is not an object.
     #[error("the JSON is not an object")]
     NotAnObject,
@@ -693,8 +698,15 @@ impl LogLine {
     pub fn parse(line: &str) -> Result<LogLine, LogParseError> {
         let line = line.strip_suffix('\n').unwrap_or(line);
         let json = line.strip_prefix(PREFIX).ok_or(LogParseError::NoPrefix)?;
-        let v: Value =
-            serde_json::from_str(json).map_err(|e| LogParseError::Json(e.to_string()))?;
+        let v: Value = serde_json::from_str(json).map_err(|e| LogParseError::Json {
+            kind: match e.classify() {
+                serde_json::error::Category::Syntax => "syntax error",
+                serde_json::error::Category::Eof => "unexpected end",
+                serde_json::error::Category::Data => "invalid data",
+                serde_json::error::Category::Io => "I/O error",
+            },
+            column: e.column(),
+        })?;
         let Value::Object(o) = v else {
             return Err(LogParseError::NotAnObject);
         };

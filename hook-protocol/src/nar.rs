@@ -258,9 +258,12 @@ pub enum NarError {
     /// Writing the NAR to its destination failed.
     #[error("writing the NAR: {0}")]
     Write(#[source] std::io::Error),
-    /// A worker thread failed or stopped early (a bug, not bad input).
+    /// A worker thread stopped early, or the parser's state broke (a bug, not bad input).
     #[error("internal error: {0}")]
-    Internal(String),
+    Internal(&'static str),
+    /// A worker thread panicked or was cancelled (a bug, not bad input).
+    #[error("internal error: the {0} thread failed")]
+    Thread(&'static str, #[source] tokio::task::JoinError),
 }
 
 impl From<WireError> for NarError {

@@ -597,7 +597,15 @@ fn parse_accepts_nix_lines_and_rejects_bad_shapes() {
         ("{\"action\":\"stop\",\"id\":1}", |e| {
             *e == LogParseError::NoPrefix
         }),
-        ("@nix {", |e| matches!(e, LogParseError::Json(_))),
+        ("@nix {", |e| {
+            matches!(
+                e,
+                LogParseError::Json {
+                    kind: "unexpected end",
+                    ..
+                }
+            )
+        }),
         ("@nix [1]", |e| *e == LogParseError::NotAnObject),
         ("@nix {\"id\":1}", |e| {
             matches!(e, LogParseError::BadKey { key: "action", .. })

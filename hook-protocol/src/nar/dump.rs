@@ -78,9 +78,7 @@ async fn dump<W: AsyncWrite + Unpin + ?Sized>(
     }
     // If writing failed, this makes the walker stop at its next chunk.
     drop(rx);
-    let dumped = handle
-        .await
-        .map_err(|e| NarError::Internal(format!("the dumping thread failed: {e}")))?;
+    let dumped = handle.await.map_err(|e| NarError::Thread("dumping", e))?;
     if let Some(e) = write_err {
         return Err(NarError::Write(e));
     }

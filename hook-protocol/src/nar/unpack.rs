@@ -100,9 +100,7 @@ pub async fn unpack_nar<R: AsyncRead + Unpin + ?Sized>(
     drop(sink);
     let worked = match handle.await {
         Ok(r) => r,
-        Err(e) => Err(NarError::Internal(format!(
-            "the unpacking thread failed: {e}"
-        ))),
+        Err(e) => Err(NarError::Thread("unpacking", e)),
     };
     match (parsed, worked) {
         (Ok(summary), Ok(())) => Ok(summary),
@@ -139,7 +137,7 @@ impl UnpackSink {
         self.tx
             .send(batch)
             .await
-            .map_err(|_| NarError::Internal("the unpacking thread stopped".into()))
+            .map_err(|_| NarError::Internal("the unpacking thread stopped"))
     }
 }
 
@@ -211,7 +209,7 @@ impl Worker {
         self.umask = process_umask();
         let result = 'outer: loop {
             let Some(batch) = rx.blocking_recv() else {
-                break Err(NarError::Internal("unpacking was abandoned".into()));
+                break Err(NarError::Internal("unpacking was abandoned"));
             };
             for op in batch {
                 match op {
@@ -248,7 +246,7 @@ impl Worker {
         let frame = self
             .stack
             .last_mut()
-            .ok_or_else(|| NarError::Internal("entry outside a directory".into()))?;
+            .ok_or_else(|| NarError::Internal("entry outside a directory"))?;
         if self.case_hack {
             let key = name.to_ascii_lowercase();
             if let Some(n) = frame.names.get_mut(&key) {
@@ -293,7 +291,7 @@ impl Worker {
                 let frame = self
                     .stack
                     .pop()
-                    .ok_or_else(|| NarError::Internal("unbalanced directory end".into()))?;
+                    .ok_or_else(|| NarError::Internal("unbalanced directory end"))?;
                 let path = frame.path;
                 fs::set_permissions(&path, Permissions::from_mode(0o555))
                     .map_err(io_err("setting permissions of", &path))?;
@@ -317,14 +315,14 @@ impl Worker {
                 let (f, path, _) = self
                     .file
                     .as_mut()
-                    .ok_or_else(|| NarError::Internal("data outside a file".into()))?;
+                    .ok_or_else(|| NarError::Internal("data outside a file"))?;
                 f.write_all(&data).map_err(io_err("writing", path))?;
             }
             Op::FileEnd => {
                 let (f, path, executable) = self
                     .file
                     .take()
-                    .ok_or_else(|| NarError::Internal("unbalanced file end".into()))?;
+                    .ok_or_else(|| NarError::Internal("unbalanced file end"))?;
                 f.set_times(FileTimes::new().set_modified(canonical_mtime()))
                     .map_err(io_err("setting the mtime of", &path))?;
                 let mode = file_mode(executable);

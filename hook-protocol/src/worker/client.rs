@@ -15,7 +15,7 @@ use crate::nar::{NarError, NarSummary, copy_nar};
 use crate::store_path::{StorePath, put_store_path, put_store_path_set, read_store_path_set};
 use crate::wire::{self, MAX_COLLECTION_LEN, WireError};
 
-use super::error::{WorkerError, WorkerErrorKind, is_closed_kind};
+use super::error::{Violation, WorkerError, WorkerErrorKind, is_closed_kind};
 use super::stderr::{
     LogEvent, ReadSource, STDERR_ERROR, process_stderr, process_stderr_with_source, read_error,
 };
@@ -139,9 +139,10 @@ where
 
         let magic = wire::read_u64(&mut r).await?;
         if magic != WORKER_MAGIC_2 {
-            return Err(WorkerError::protocol(format!(
-                "protocol mismatch: expected daemon magic {WORKER_MAGIC_2:#x}, got {magic:#x}"
-            )));
+            return Err(WorkerError::protocol(Violation::Magic {
+                expected: WORKER_MAGIC_2,
+                got: magic,
+            }));
         }
         let raw = wire::read_u64(&mut r).await?;
         let daemon_version = ProtocolVersion::from_wire(raw)
@@ -546,10 +547,9 @@ where
                 .await
                 .map_err(WorkerError::conn_io)?;
             if head[..24] != NAR_PREFIX[..] {
-                return Err(WorkerError::protocol(format!(
-                    "expected a NAR from the daemon, got {:02x?}",
-                    &head[..24]
-                )));
+                let mut got = [0u8; 24];
+                got.copy_from_slice(&head[..24]);
+                return Err(WorkerError::protocol(Violation::NotANar(got)));
             }
             let next = u64::from_le_bytes(head[24..].try_into().unwrap_or([0; 8]));
             if next == STDERR_ERROR {
@@ -808,9 +808,7 @@ where
                     Ok(())
                 } else {
                     *broken = true;
-                    Err(WorkerError::protocol(
-                        "the daemon finished the operation before the upload was complete",
-                    ))
+                    Err(WorkerError::protocol(Violation::EarlyFinish))
                 }
             }
             First::Stderr(Err(e)) => {
@@ -879,7 +877,7 @@ fn nar_stream_error(e: NarError) -> WorkerError {
         e if e.is_truncated() => {
             WorkerError::connection_closed(format!("in the middle of the NAR ({e})"))
         }
-        e => WorkerError::protocol(format!("the daemon sent a bad NAR: {e}")),
+        e => WorkerError::protocol(Violation::BadNar(Box::new(e))),
     }
 }
 

@@ -50,6 +50,51 @@ pub struct WorkerError {
     kind: WorkerErrorKind,
 }
 
+/// What the daemon did that the protocol does not allow.
+#[derive(Debug, thiserror::Error)]
+pub enum Violation {
+    /// A log field of a type Nix does not define.
+    #[error("got unsupported field type {0:#x} from the Nix daemon")]
+    FieldType(u64),
+    /// `STDERR_ERROR` whose type string is not `Error`.
+    #[error("STDERR_ERROR of type {0:?}, expected \"Error\"")]
+    ErrorType(String),
+    /// `STDERR_ERROR` (or one of its traces) with a position, which Nix never sends.
+    #[error("{what} with position tag {tag}, expected 0")]
+    Position {
+        /// `STDERR_ERROR` or `error trace`.
+        what: &'static str,
+        /// The tag sent.
+        tag: u64,
+    },
+    /// `STDERR_READ` for an operation that sends no data.
+    #[error("the Nix daemon sent STDERR_READ, but this operation has no data to send")]
+    UnexpectedRead,
+    /// `STDERR_WRITE`, which no supported operation expects.
+    #[error("the Nix daemon sent STDERR_WRITE, which no supported operation expects")]
+    UnexpectedWrite,
+    /// A stderr message type Nix does not define.
+    #[error("got unknown message type {0:#x} from the Nix daemon")]
+    MessageType(u64),
+    /// The handshake's magic number is not the daemon's.
+    #[error("protocol mismatch: expected daemon magic {expected:#x}, got {got:#x}")]
+    Magic {
+        /// What a daemon sends.
+        expected: u64,
+        /// What was received.
+        got: u64,
+    },
+    /// A NAR was expected and something else began.
+    #[error("expected a NAR from the daemon, got {0:02x?}")]
+    NotANar([u8; 24]),
+    /// The operation ended while its upload was still going.
+    #[error("the daemon finished the operation before the upload was complete")]
+    EarlyFinish,
+    /// The NAR the daemon sent is malformed.
+    #[error("the daemon sent a bad NAR: {0}")]
+    BadNar(#[source] Box<crate::nar::NarError>),
+}
+
 /// What went wrong in a [`WorkerError`].
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerErrorKind {
@@ -81,7 +126,7 @@ pub enum WorkerErrorKind {
     /// The daemon did something the protocol does not allow here (unknown stderr tag,
     /// unexpected `STDERR_READ`, …).
     #[error("protocol error: {0}")]
-    Protocol(String),
+    Protocol(Violation),
     /// The daemon (or the requested client version) speaks a protocol version outside
     /// 1.21..=1.38.
     #[error("unsupported worker protocol version {version} (supported: {min}..={max})")]
@@ -194,8 +239,8 @@ impl WorkerError {
         }
     }
 
-    pub(crate) fn protocol(message: impl Into<String>) -> Self {
-        WorkerErrorKind::Protocol(message.into()).into()
+    pub(crate) fn protocol(violation: Violation) -> Self {
+        WorkerErrorKind::Protocol(violation).into()
     }
 
     pub(crate) fn local(message: impl Into<String>, source: io::Error) -> Self {

@@ -22,7 +22,7 @@ use std::fmt;
 pub use crate::log::{ActivityType, Code, Field, ResultType, Verbosity};
 pub use client::{NarSource, WorkerClient};
 pub use codec::{WireDecode, WireEncode};
-pub use error::{OpContext, WorkerError, WorkerErrorKind};
+pub use error::{OpContext, Violation, WorkerError, WorkerErrorKind};
 pub use stderr::{
     LogEvent, STDERR_ERROR, STDERR_LAST, STDERR_NEXT, STDERR_READ, STDERR_RESULT,
     STDERR_START_ACTIVITY, STDERR_STOP_ACTIVITY, STDERR_WRITE, discard_logs,

@@ -12,7 +12,7 @@ use crate::log::{ActivityType, Code, Field, ResultType, Verbosity};
 use crate::wire::{self, MAX_COLLECTION_LEN};
 
 use super::ProtocolVersion;
-use super::error::{WorkerError, WorkerErrorKind};
+use super::error::{Violation, WorkerError, WorkerErrorKind};
 
 /// `STDERR_NEXT`: a log message follows.
 pub const STDERR_NEXT: u64 = 0x6f6c_6d67;
@@ -113,9 +113,7 @@ async fn read_fields<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Vec<Fie
             0 => out.push(Field::Int(wire::read_u64(r).await?)),
             1 => out.push(Field::Str(read_lossy(r).await?)),
             t => {
-                return Err(WorkerError::protocol(format!(
-                    "got unsupported field type {t:#x} from the Nix daemon"
-                )));
+                return Err(WorkerError::protocol(Violation::FieldType(t)));
             }
         }
     }
@@ -130,27 +128,27 @@ pub(crate) async fn read_error<R: AsyncRead + Unpin + ?Sized>(
     if version.minor() >= 26 {
         let typ = read_lossy(r).await?;
         if typ != "Error" {
-            return Err(WorkerError::protocol(format!(
-                "STDERR_ERROR of type {typ:?}, expected \"Error\""
-            )));
+            return Err(WorkerError::protocol(Violation::ErrorType(typ)));
         }
         let level = wire::read_u64(r).await?;
         let _name = read_lossy(r).await?; // obsolete, always "Error"
         let message = read_lossy(r).await?;
         let have_pos = wire::read_u64(r).await?;
         if have_pos != 0 {
-            return Err(WorkerError::protocol(format!(
-                "STDERR_ERROR with position tag {have_pos}, expected 0"
-            )));
+            return Err(WorkerError::protocol(Violation::Position {
+                what: "STDERR_ERROR",
+                tag: have_pos,
+            }));
         }
         let n = wire::read_len(r, "error trace list", MAX_COLLECTION_LEN).await?;
         let mut traces = Vec::with_capacity(n.min(16));
         for _ in 0..n {
             let have_pos = wire::read_u64(r).await?;
             if have_pos != 0 {
-                return Err(WorkerError::protocol(format!(
-                    "error trace with position tag {have_pos}, expected 0"
-                )));
+                return Err(WorkerError::protocol(Violation::Position {
+                    what: "error trace",
+                    tag: have_pos,
+                }));
             }
             traces.push(read_lossy(r).await?);
         }
@@ -249,9 +247,7 @@ where
             STDERR_READ => {
                 let len = wire::read_u64(r).await?;
                 let Some(rs) = source.as_deref_mut() else {
-                    return Err(WorkerError::protocol(
-                        "the Nix daemon sent STDERR_READ, but this operation has no data to send",
-                    ));
+                    return Err(WorkerError::protocol(Violation::UnexpectedRead));
                 };
                 let want = usize::try_from(len)
                     .unwrap_or(usize::MAX)
@@ -274,14 +270,10 @@ where
                 rs.w.flush().await.map_err(WorkerError::conn_io)?;
             }
             STDERR_WRITE => {
-                return Err(WorkerError::protocol(
-                    "the Nix daemon sent STDERR_WRITE, which no supported operation expects",
-                ));
+                return Err(WorkerError::protocol(Violation::UnexpectedWrite));
             }
             other => {
-                return Err(WorkerError::protocol(format!(
-                    "got unknown message type {other:#x} from the Nix daemon"
-                )));
+                return Err(WorkerError::protocol(Violation::MessageType(other)));
             }
         }
     }
