@@ -292,12 +292,36 @@ impl Engine {
         remote_host(&self.addr)
     }
 
+    /// Where a container's published port is reached: loopback for a local engine, the
+    /// engine's own host for a remote one (resolved within 5 s).
+    pub async fn published_addr(&self, port: u16) -> Result<std::net::SocketAddr, UnresolvedHost> {
+        let Some(host) = self.remote_host() else {
+            return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+        };
+        let target = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(&target))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|mut a| a.next())
+            .ok_or(UnresolvedHost(target))
+    }
+
     /// Whether the engine's containers and volumes are on this host's file system (a local
     /// socket; Docker Desktop's VM too, whose volumes the fast path then does not find).
     pub fn is_local_socket(&self) -> bool {
         unix_path(&self.addr).is_some()
     }
 }
+
+/// A remote engine's host name that did not resolve.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot resolve {0}")]
+pub struct UnresolvedHost(pub String);
 
 /// The host part of a `tcp://`, `http://`, `https://` or `ssh://` address.
 pub fn remote_host(addr: &str) -> Option<String> {

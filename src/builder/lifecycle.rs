@@ -553,8 +553,8 @@ impl Builders {
                 })?;
             let attempt = match &spec.publish {
                 Publish::Nothing => Some(self.connect_exec(name).await),
-                publish => match published_port(&c) {
-                    Some(port) => Some(self.connect_published(name, publish, port, &pinned).await),
+                _ => match published_port(&c) {
+                    Some(port) => Some(self.connect_published(name, port, &pinned).await),
                     None => None,
                 },
             };
@@ -628,29 +628,17 @@ impl Builders {
     async fn connect_published(
         &self,
         name: &str,
-        publish: &Publish,
         port: u16,
         pinned: &russh::keys::PublicKey,
     ) -> Result<(Link, DaemonConnection), BuilderError> {
-        let addr = match (publish, self.engine.remote_host()) {
-            (Publish::Address(_), Some(host)) => {
-                let target = if host.contains(':') {
-                    format!("[{host}]:{port}")
-                } else {
-                    format!("{host}:{port}")
-                };
-                tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(&target))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .and_then(|mut a| a.next())
-                    .ok_or_else(|| BuilderError::Broken {
-                        container: name.to_string(),
-                        what: format!("cannot resolve {target}"),
-                    })?
-            }
-            _ => SocketAddr::from(([127, 0, 0, 1], port)),
-        };
+        let addr = self
+            .engine
+            .published_addr(port)
+            .await
+            .map_err(|e| BuilderError::Broken {
+                container: name.to_string(),
+                what: e.to_string(),
+            })?;
         self.connect(name, addr, pinned).await
     }
 

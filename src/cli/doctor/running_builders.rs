@@ -1,7 +1,6 @@
 //! The running builder containers of each engine: an SSH (or, on a remote engine without a
 //! published port, an Engine API exec) and nix-daemon handshake with each.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::builder::engine::DEFAULT_ENGINE;
@@ -128,12 +127,12 @@ pub(super) async fn check_ssh(c: &mut Checks, engine: &Engine, env: &Env, instan
                 continue;
             }
         };
-        let addr = match published_at(engine, port).await {
+        let addr = match engine.published_addr(port).await {
             Ok(a) => a,
             Err(why) => {
                 c.fail(
                     &name,
-                    why,
+                    why.to_string(),
                     format!("check that this host resolves {}", engine.addr),
                 );
                 continue;
@@ -173,23 +172,4 @@ pub(super) async fn check_ssh(c: &mut Checks, engine: &Engine, env: &Env, instan
             ),
         }
     }
-}
-
-/// Where a builder's published sshd port is reached: loopback for a local engine, the
-/// engine's own host for a remote one.
-async fn published_at(engine: &Engine, port: u16) -> Result<SocketAddr, String> {
-    let Some(host) = engine.remote_host() else {
-        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
-    };
-    let target = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
-    tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(&target))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| format!("cannot resolve {target}"))
 }
