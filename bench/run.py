@@ -273,7 +273,7 @@ class NixdockSystem(System):
         return e
 
     def machine_marker(self) -> str:
-        return f"nixdock-{SYSTEM}"
+        return f"nixdock {SYSTEM} builder"
 
     def discover(self) -> None:
         self.instance = (self.state / "instance-id").read_text().strip()

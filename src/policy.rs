@@ -164,7 +164,6 @@ impl Host {
 
 pub fn decide(req: &TryRequest, host: Host, offload_local: bool, pool: &Pool<'_>) -> Decision {
     let served = pool.docker;
-    let local = host.can_build;
     let statics = pool.static_candidates(req);
     if host.builds_it() && !offload_local {
         // Like Nix's hook: a free remote machine first, else the host.
@@ -182,7 +181,7 @@ pub fn decide(req: &TryRequest, host: Host, offload_local: bool, pool: &Pool<'_>
                 "nixdock cannot build '{}': it has floating content-addressed outputs (ca-derivations), which nixdock cannot register yet; build it locally or with Nix's own remote builders",
                 req.drv_path
             ),
-            tell_user: !local,
+            tell_user: !host.builds_it(),
         };
     }
     if req.needed_system == "builtin" {
@@ -237,19 +236,7 @@ pub fn decide(req: &TryRequest, host: Host, offload_local: bool, pool: &Pool<'_>
             req.needed_system
         )
     } else {
-        let have = &served[same_system[0]].features;
-        let missing: Vec<&str> = wanted
-            .iter()
-            .filter(|f| !have.contains(f))
-            .map(String::as_str)
-            .collect();
-        format!(
-            "nixdock's {} builder lacks the system features {{{}}} required by '{}' (it offers {{{}}}); set `features` for it in the nixdock config",
-            req.needed_system,
-            missing.join(", "),
-            req.drv_path,
-            have.join(", ")
-        )
+        missing_features(req, served, &same_system)
     };
     if !pool.statics.is_empty() {
         reason.push_str(&format!(
@@ -259,10 +246,65 @@ pub fn decide(req: &TryRequest, host: Host, offload_local: bool, pool: &Pool<'_>
             wanted.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
         ));
     }
+    if host.can_build && host.max_jobs_zero {
+        // Nix itself then says only "unable to start any build".
+        reason.push_str("; this host could build it but builds nothing itself (max-jobs = 0)");
+    }
     Decision::Decline {
         reason,
-        tell_user: !local,
+        // Told whenever nobody builds it: the host's own `try`s that it then builds stay quiet.
+        tell_user: !host.builds_it(),
     }
+}
+
+/// `{a, b}`, as Nix writes a feature set.
+fn feature_set<'s>(features: impl IntoIterator<Item = &'s str>) -> String {
+    format!(
+        "{{{}}}",
+        features.into_iter().collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// Which required features the system's builders (`same_system`, indices into `served`) lack,
+/// and what each offers: one builder in words, several (a pool) each under its engine.
+fn missing_features(req: &TryRequest, served: &[BuilderSpec], same_system: &[usize]) -> String {
+    let lacks = |s: &BuilderSpec| -> Vec<&str> {
+        req.required_features
+            .iter()
+            .filter(|f| !s.features.contains(f))
+            .map(String::as_str)
+            .collect()
+    };
+    let offers = |s: &BuilderSpec| feature_set(s.features.iter().map(String::as_str));
+    if let [i] = same_system {
+        let s = &served[*i];
+        return format!(
+            "nixdock's {} builder lacks the system features {} required by '{}' (it offers {}); set `features` for it in the nixdock config",
+            req.needed_system,
+            feature_set(lacks(s)),
+            req.drv_path,
+            offers(s)
+        );
+    }
+    let each: Vec<String> = same_system
+        .iter()
+        .map(|&i| {
+            let s = &served[i];
+            format!(
+                "on engine {} it lacks {} and offers {}",
+                s.engine,
+                feature_set(lacks(s)),
+                offers(s)
+            )
+        })
+        .collect();
+    format!(
+        "nixdock's {} builders lack system features required by '{}' ({}): {}; set `features` for one of them in the nixdock config",
+        req.needed_system,
+        req.drv_path,
+        feature_set(req.required_features.iter().map(String::as_str)),
+        each.join("; ")
+    )
 }
 
 #[cfg(test)]
@@ -597,6 +639,56 @@ mod tests {
         };
         assert!(
             reason.contains("riscv64-linux") && reason.contains("aarch64-linux"),
+            "{reason}"
+        );
+    }
+
+    /// The host has the feature but builds nothing (max-jobs 0), no builder has it: Nix says
+    /// only "unable to start any build", so the user is told why; when the host builds it
+    /// (offload-local, max-jobs 1) nothing is said.
+    #[test]
+    fn a_feature_only_the_idle_host_has_is_told() {
+        let r = req("x86_64-linux", &["benchmark", "nixos-tset"]);
+        let mut s = settings("0");
+        s.0.insert("system-features".into(), "benchmark nixos-tset".into());
+        let Decision::Decline { reason, tell_user } = dk(&r, &s, false, &served()) else {
+            panic!()
+        };
+        assert!(tell_user, "{reason}");
+        assert!(
+            reason.contains("x86_64-linux builder lacks the system features {nixos-tset}"),
+            "{reason}"
+        );
+        assert!(reason.contains("(it offers {"), "{reason}");
+        assert!(reason.contains("max-jobs = 0"), "{reason}");
+        s.0.insert("max-jobs".into(), "1".into());
+        let Decision::Decline { tell_user, .. } = dk(&r, &s, true, &served()) else {
+            panic!()
+        };
+        assert!(!tell_user);
+    }
+
+    /// In a pool, each builder of the system is named with what it lacks and offers.
+    #[test]
+    fn a_missing_feature_names_every_builder_of_the_system() {
+        let mut s = served();
+        let mut e2 = s[0].clone();
+        e2.engine = "e2".into();
+        e2.features = vec!["big-parallel".into()];
+        s.push(e2);
+        let Decision::Decline { reason, tell_user } =
+            dk(&req("x86_64-linux", &["kvm"]), &settings("0"), false, &s)
+        else {
+            panic!()
+        };
+        assert!(tell_user);
+        assert!(reason.contains("builders lack system features"), "{reason}");
+        assert!(
+            reason.contains("on engine default it lacks {kvm}"),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("on engine e2 it lacks {kvm} and offers {big-parallel}"),
             "{reason}"
         );
     }

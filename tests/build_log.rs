@@ -198,7 +198,7 @@ fn remote_log_is_what_a_local_build_logs() {
         );
         common::out_path(&o);
         assert!(
-            String::from_utf8_lossy(&o.stderr).contains("nixdock-aarch64-linux"),
+            String::from_utf8_lossy(&o.stderr).contains("on 'nixdock aarch64-linux builder'"),
             "{via}: not built by nixdock: {}",
             text(&o)
         );
@@ -320,7 +320,7 @@ fn remote_log_arrives_while_the_build_runs() {
         );
         common::out_path(&o);
         assert!(
-            String::from_utf8_lossy(&o.stderr).contains("nixdock-aarch64-linux"),
+            String::from_utf8_lossy(&o.stderr).contains("on 'nixdock aarch64-linux builder'"),
             "{via}: not built by nixdock: {}",
             text(&o)
         );

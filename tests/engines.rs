@@ -16,6 +16,7 @@ use common::{
 };
 
 const HOOK: &str = env!("CARGO_BIN_EXE_nixdock-hook");
+const NIXDOCK: &str = env!("CARGO_BIN_EXE_nixdock");
 
 /// The link-down test takes the second engine off the network: it runs alone, the others
 /// beside each other.
@@ -347,6 +348,39 @@ fn eight_builds_spread_over_two_engines() {
     assert!(
         on_local >= 1 && on_remote >= 1,
         "local {on_local}, e2 {on_remote}"
+    );
+    // In a pool, Nix's "building … on '…'" names each builder's engine.
+    let err = String::from_utf8_lossy(&o.stderr);
+    for engine in ["default", "e2"] {
+        let on = format!("on 'nixdock x86_64-linux builder on engine {engine}'");
+        assert!(err.contains(&on), "{on}: {}", text(&o));
+    }
+    // `nixdock shell` reaches the remote engine's builder (through its exec over TLS): an
+    // output built there is in its store, one built on this host's engine is not.
+    let shell = |args: &[&str]| {
+        let mut cmd = Command::new(NIXDOCK);
+        cmd.args(["--config", i.inner.config.to_str().unwrap()])
+            .args(["--state-dir", i.inner.state.to_str().unwrap()])
+            .arg("shell")
+            .args(args);
+        common::run_with_timeout(cmd, Duration::from_secs(300)).expect("nixdock shell ran")
+    };
+    for out in &outs {
+        let built_there = in_builder_store(&engine2(), &remote, out);
+        let o = shell(&["x86_64-linux", "--engine", "e2", "--", "test", "-e", out]);
+        assert_eq!(
+            o.status.code(),
+            Some(if built_there { 0 } else { 1 }),
+            "{}",
+            text(&o)
+        );
+    }
+    let o = shell(&["x86_64-linux", "--", "true"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("pick one with --engine NAME"),
+        "{}",
+        text(&o)
     );
 }
 

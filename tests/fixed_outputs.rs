@@ -244,7 +244,7 @@ async fn fixed_outputs_carry_ca_on_nix_2_8() {
         .collect();
     assert_eq!(paths.len(), 6, "{}", text(&o));
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("nixdock-aarch64-linux"),
+        String::from_utf8_lossy(&o.stderr).contains("on 'nixdock aarch64-linux builder'"),
         "not built through the hook: {}",
         text(&o)
     );

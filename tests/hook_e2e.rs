@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const HOOK: &str = env!("CARGO_BIN_EXE_nixdock-hook");
+const NIXDOCK: &str = env!("CARGO_BIN_EXE_nixdock");
 
 /// The suite's nixdock installation: amd64 and emulated arm64 builders from the test bed.
 fn install() -> &'static common::SuiteInstall {
@@ -100,7 +101,11 @@ fn direct_x86_64_build_with_max_jobs_zero() {
     let out = out_path(&o);
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "hello\n");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("on 'nixdock-x86_64-linux'"), "{}", text(&o));
+    assert!(
+        err.contains("on 'nixdock x86_64-linux builder'"),
+        "{}",
+        text(&o)
+    );
     assert!(err.contains("remote-log-line"), "{}", text(&o));
     // Registered with its deriver and the NAR hash Nix computes itself.
     assert_eq!(nix_store(&["-q", "--deriver", &out]), drv);
@@ -183,7 +188,7 @@ fn aarch64_build_with_no_flags_runs_emulated_with_build_users() {
     // seccomp failure would have struck.
     assert!(content.contains("nixdockbld"), "{content}");
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("nixdock-aarch64-linux"),
+        String::from_utf8_lossy(&o.stderr).contains("on 'nixdock aarch64-linux builder'"),
         "{}",
         text(&o)
     );
@@ -247,7 +252,11 @@ fn failing_build_shows_the_log_and_registers_nothing() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("about-to-fail-7f3"), "{}", text(&o));
-    assert!(err.contains("nixdock-x86_64-linux"), "{}", text(&o));
+    assert!(
+        err.contains("on 'nixdock x86_64-linux builder'"),
+        "{}",
+        text(&o)
+    );
     assert!(err.contains("exit code 3"), "{}", text(&o));
     for p in outputs_of(&drv) {
         assert!(!is_valid(&p), "{p} registered after a failed build");
@@ -277,7 +286,7 @@ fn derivation_with_non_utf8_env_value_builds() {
     let out = out_path(&o);
     assert_eq!(std::fs::read(&out).unwrap(), b"\xc3");
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("nixdock-aarch64-linux"),
+        String::from_utf8_lossy(&o.stderr).contains("on 'nixdock aarch64-linux builder'"),
         "{}",
         text(&o)
     );
@@ -374,6 +383,142 @@ fn feature_no_builder_has_is_declined_with_a_reason() {
         err.contains("lacks the system features {kvm}"),
         "{}",
         text(&o)
+    );
+}
+
+/// An x86_64-linux derivation needing `kvm` with `--max-jobs 0`: this host has the feature but
+/// builds nothing, and no builder offers it, so Nix says only "unable to start any build". The
+/// hook's warning names the missing feature and what the builder offers, once.
+#[test]
+fn feature_only_the_idle_host_has_is_explained() {
+    if !common::require_bed() {
+        return;
+    }
+    let expr = format!(
+        "derivation {{ name = \"host-kvm\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; \
+         args = [\"-c\" \"echo > $out\"]; requiredSystemFeatures = [\"kvm\"]; nonce = \"{}\"; }}",
+        nonce()
+    );
+    let o = nix_build(
+        &expr,
+        &with_hook(&[
+            "--max-jobs",
+            "0",
+            "--option",
+            "system-features",
+            "kvm big-parallel",
+        ]),
+        &[],
+    );
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let warning = "nixdock's x86_64-linux builder lacks the system features {kvm}";
+    assert_eq!(err.matches(warning).count(), 1, "{}", text(&o));
+    assert!(err.contains("(it offers {"), "{}", text(&o));
+    assert!(err.contains("max-jobs = 0"), "{}", text(&o));
+}
+
+/// `nixdock shell` runs a command in the system's builder (the emulated aarch64 one here, so
+/// not on this host), with stdin, stdout and the command's exit status passed through.
+#[test]
+fn shell_runs_a_command_in_the_builder_and_returns_its_exit_code() {
+    if !common::require_bed() {
+        return;
+    }
+    let i = install();
+    let shell = |args: &[&str], stdin: &[u8]| {
+        let mut cmd = Command::new(NIXDOCK);
+        cmd.args(["--config", i.config.to_str().unwrap()])
+            .args(["--state-dir", i.state.to_str().unwrap()])
+            .arg("shell")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        use std::io::Write as _;
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = common::drain(child.stdout.take());
+        let err = common::drain(child.stderr.take());
+        let status =
+            common::wait_timeout(&mut child, Duration::from_secs(300)).expect("shell ended");
+        let (out, err) = (out.join().unwrap(), err.join().unwrap());
+        (
+            status,
+            String::from_utf8_lossy(&out).into_owned(),
+            String::from_utf8_lossy(&err).into_owned(),
+        )
+    };
+    let (status, out, err) = shell(
+        &[
+            "aarch64-linux",
+            "--",
+            "sh",
+            "-c",
+            "uname -m; nix-store --version >/dev/null && echo has-nix; cat; exit 42",
+        ],
+        b"from-stdin\n",
+    );
+    assert_eq!(status.code(), Some(42), "{out}{err}");
+    assert_eq!(out, "aarch64\nhas-nix\nfrom-stdin\n", "{err}");
+    let (status, _, err) = shell(&["aarch64-linux", "--", "no-such-command-here"], b"");
+    assert_eq!(status.code(), Some(127), "{err}");
+    let (status, _, err) = shell(&["riscv64-linux", "--", "true"], b"");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("no builder for riscv64-linux"), "{err}");
+}
+
+/// `-K`: the failed build's directory stays in the builder; the hook says which builder and
+/// the `nixdock shell` command that reaches it, and that command (run as printed, without the
+/// test's environment) shows the directory's files. Nothing is copied to this host.
+#[test]
+fn keep_failed_names_the_builder_and_a_command_that_reaches_the_directory() {
+    if !common::require_bed() {
+        return;
+    }
+    let name = format!("kept-{}", nonce());
+    let expr = drv_expr(&name, "x86_64-linux", "echo kept > marker-5d1; exit 4");
+    let o = nix_build(&expr, &with_hook(&["--max-jobs", "0", "-K"]), &[]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let id = std::fs::read_to_string(install().state.join("instance-id")).unwrap();
+    let container = format!(
+        "container nixdock-{}-x86_64-linux on engine default",
+        id.trim()
+    );
+    assert!(err.contains(&container), "{}", text(&o));
+    let dir = format!("/tmp/nix-build-{name}.drv-");
+    assert!(
+        err.contains(&format!("not on this machine: {dir}")),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        !Path::new(&format!("{dir}0")).exists(),
+        "the build directory is on the host"
+    );
+    let command = err
+        .lines()
+        .find_map(|l| l.split_once("look at it with (as root): ").map(|(_, c)| c))
+        .unwrap_or_else(|| panic!("no command in:\n{}", text(&o)));
+    assert!(command.starts_with("nixdock "), "{command}");
+    let bin_dir = Path::new(NIXDOCK).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", command])
+        .env("PATH", path)
+        .env_remove("NIXDOCK_CONFIG")
+        .env_remove("NIXDOCK_STATE_DIR");
+    let ran = common::run_with_timeout(cmd, Duration::from_secs(300)).unwrap();
+    assert!(ran.status.success(), "{command}: {}", text(&ran));
+    assert!(
+        String::from_utf8_lossy(&ran.stdout).contains("marker-5d1"),
+        "{command}: {}",
+        text(&ran)
     );
 }
 
@@ -556,6 +701,10 @@ fn copies_show_as_nix_activities() {
     let (cin, cout) = (copy_of(&input), copy_of(&out));
     assert_eq!(cin["fields"][1], "local", "{cin}");
     assert_eq!(cout["fields"][2], "local", "{cout}");
+    // The builder is named as the user knows it, not as a store URI that does not exist.
+    assert_eq!(cin["fields"][2], "nixdock x86_64-linux builder", "{cin}");
+    assert_eq!(cout["fields"][1], "nixdock x86_64-linux builder", "{cout}");
+    assert!(!text(&o).contains("ssh-ng://nixdock"), "{}", text(&o));
     // Each path's byte progress reaches its NAR size.
     let last_progress = |id: &serde_json::Value| {
         events
@@ -719,6 +868,8 @@ fn nix_2_26_client_in_a_trixie_container() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("2.26"), "{t}");
     assert!(stdout.contains("from-2.26"), "{t}");
+    // Nix 2.26 shows the machine name the hook accepted with.
+    assert!(t.contains("on 'nixdock aarch64-linux builder'"), "{t}");
     assert!(stdout.contains("-from-226.drv"), "{t}");
 }
 
@@ -756,6 +907,7 @@ fn nix_2_34_client_in_a_sid_container() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(lines[0].contains("(Nix) 2.34."), "{t}");
     assert_eq!(lines[1..3], ["from-2.34", "aarch64"], "{t}");
+    assert!(t.contains("on 'nixdock aarch64-linux builder'"), "{t}");
     assert!(
         lines[3].starts_with("/nix/store/") && lines[3].ends_with("-from-234.drv"),
         "{t}"

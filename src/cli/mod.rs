@@ -1,6 +1,6 @@
 //! `nixdock`, the operator's command: look at this installation's builders (`status`,
-//! `logs`), stop them or reclaim their space (`stop`, `gc`), check the whole chain from Nix to
-//! the engine (`doctor`), wire the hook into Nix (`install`, `uninstall`), make builder images
+//! `logs`), work inside one (`shell`), stop them or reclaim their space (`stop`, `gc`), check
+//! the whole chain from Nix to the engine (`doctor`), wire the hook into Nix (`install`, `uninstall`), make builder images
 //! (`image build`) and show it all working (`demo`).
 //!
 //! Every command acts on this installation's builders only: the containers labelled with the
@@ -19,6 +19,7 @@ pub mod install;
 pub mod logs;
 mod nix_daemon_process;
 pub mod nix_version;
+pub mod shell;
 pub mod status;
 pub mod stop;
 pub mod timestamps;
@@ -86,6 +87,8 @@ pub enum Command {
     Gc(gc::Args),
     /// Print a builder's container log, or the hook's log (--hook)
     Logs(logs::Args),
+    /// A shell, or a command, inside a system's builder (started if need be)
+    Shell(shell::Args),
     /// Check everything from Nix to the builders; print fixes
     Doctor(doctor::Args),
     /// Wire nixdock-hook into this machine's Nix (as root)
@@ -181,6 +184,7 @@ async fn run(command: Command, env: Env) -> anyhow::Result<i32> {
         Command::Stop(a) => stop::run(&env, a).await,
         Command::Gc(a) => gc::run(&env, a).await,
         Command::Logs(a) => logs::run(&env, a).await,
+        Command::Shell(a) => shell::run(&env, a).await,
         Command::Doctor(a) => doctor::run(&env, a).await,
         Command::Install(a) => install::install(&env, a).await,
         Command::Uninstall(a) => install::uninstall(&env, a),

@@ -3,6 +3,7 @@
 //! hook's own diagnostics go to its log file in the state dir.
 
 pub mod copy_progress;
+pub mod kept_dir;
 pub mod parent;
 pub mod remote_build;
 
@@ -15,6 +16,7 @@ use hook_protocol::hook::{
 };
 use hook_protocol::log::LogLine;
 use hook_protocol::machines::Machine;
+use hook_protocol::store_path::StorePath;
 use tokio::io::BufReader;
 
 use crate::builder::pool::Pool as EnginePool;
@@ -35,6 +37,9 @@ struct Context {
     state: StateDir,
     /// The engines, connected when first needed, and the builders they serve.
     engines: EnginePool,
+    /// Derivations whose decline was explained to the user already: Nix asks again for the
+    /// same one (each time a slot frees up), and one warning is enough.
+    told: BTreeSet<StorePath>,
 }
 
 impl Context {
@@ -51,6 +56,7 @@ impl Context {
             config,
             state,
             engines,
+            told: BTreeSet::new(),
         })
     }
 
@@ -242,7 +248,7 @@ async fn handle_try(
     let candidates = match policy::decide(req, t.host, ctx.config.offload_local, &pool) {
         Decision::DeclineLocal => return reply(Reply::Decline),
         Decision::Decline { reason, tell_user } => {
-            if tell_user {
+            if tell_user && ctx.told.insert(req.drv_path.clone()) {
                 parent.warn(&reason);
             } else {
                 tracing::info!("{reason}");
@@ -413,6 +419,18 @@ async fn prepare_static(statics: &mut Statics, i: usize, load_dir: &std::path::P
     }
 }
 
+/// How the hook's messages name a Docker builder, and the machine name it gives Nix with
+/// `# accept` (Nix shows it as "building '…' on '<name>'" and in its progress bar, and uses it
+/// for nothing else, 2.8 to 2.34): the system, and in a pool the engine — what `nixdock shell`
+/// and `nixdock logs` take — rather than a store URI that does not exist.
+pub fn builder_name(spec: &BuilderSpec, pool: bool) -> String {
+    if pool {
+        format!("nixdock {} builder on engine {}", spec.system, spec.engine)
+    } else {
+        format!("nixdock {} builder", spec.system)
+    }
+}
+
 /// A `try` about to be accepted: the request, the slot taken, where it will run and the
 /// derivation already read.
 struct Accepted<'a, R> {
@@ -440,11 +458,9 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
         drv,
         nix_store,
     } = a;
+    let pool = !ctx.config.engines.is_empty();
     let machine = match &remote {
-        Remote::Docker { spec } if spec.engine == crate::config::DEFAULT_ENGINE_NAME => {
-            format!("nixdock-{}", spec.system)
-        }
-        Remote::Docker { spec } => format!("nixdock-{}-{}", spec.engine, spec.system),
+        Remote::Docker { spec } => builder_name(spec, pool),
         Remote::Static(r) => r.name.clone(),
     };
     if parent
@@ -464,6 +480,10 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
     };
     let store = settings.store().unwrap_or("auto").to_string();
     let t = Instant::now();
+    let docker_place = match &remote {
+        Remote::Docker { spec } => Some((spec.system.clone(), spec.engine.clone())),
+        Remote::Static(_) => None,
+    };
     let mut remote = match remote {
         Remote::Static(r) => *r,
         Remote::Docker { spec } => {
@@ -535,6 +555,16 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
             remote
         }
     };
+    // SAFETY: geteuid has no preconditions.
+    let as_root = unsafe { libc::geteuid() } == 0;
+    let place = docker_place.map(|(system, engine)| kept_dir::BuilderPlace {
+        system,
+        engine,
+        container: remote.name.clone(),
+        pool,
+        cli_options: kept_dir::cli_options(&Config::path_from_env(), ctx.state.path(), as_root),
+        as_root,
+    });
     let mut local = crate::local_daemon::LazyLocalDaemon::new(&store);
     let job = Job {
         parent,
@@ -543,6 +573,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
         drv,
         work,
         machine,
+        place,
     };
     let outcome = job.run(&mut remote, &mut local, nix_store).await;
     drop(slot);

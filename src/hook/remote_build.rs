@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use hook_protocol::derivation::Derivation;
 use hook_protocol::hash::HashAlgo;
 use hook_protocol::hook::{AcceptedWork, Settings};
+use hook_protocol::log::LogLine;
 use hook_protocol::nar::{DumpOptions, dump_path_unhashed};
 use hook_protocol::store_path::StorePath;
 use hook_protocol::worker::{
@@ -27,6 +28,7 @@ use crate::transport::{RemoteStore, Reopen};
 mod build_log;
 
 use super::copy_progress::{CopyProgress, CountingWriter};
+use super::kept_dir::BuilderPlace;
 use super::parent::Parent;
 
 /// How a build ended, as the hook's exit status tells Nix (≤ 2.28 maps 100 and 101).
@@ -46,6 +48,8 @@ pub struct Job<'a> {
     pub drv: Derivation,
     pub work: AcceptedWork,
     pub machine: String,
+    /// The Docker builder it runs on (none for a user's machine), for `--keep-failed`.
+    pub place: Option<BuilderPlace>,
 }
 
 fn fail(message: String) -> Outcome {
@@ -246,7 +250,7 @@ impl Job<'_> {
             Err(o) => return o,
         }
         let t_copy = t0.elapsed();
-        let result = match self.build(builder).await {
+        let (result, kept_dir) = match self.build(builder).await {
             Ok(r) => r,
             Err(o) => return o,
         };
@@ -259,6 +263,9 @@ impl Job<'_> {
                 | BuildStatus::NotDeterministic => EXIT_PERMANENT,
                 _ => 1,
             };
+            if self.settings.keep_failed() {
+                self.tell_kept_dir(kept_dir.as_deref());
+            }
             return Outcome::Failed {
                 exit,
                 message: format!(
@@ -325,7 +332,7 @@ impl Job<'_> {
                 self.machine
             ),
             "local",
-            &self.store_uri(),
+            &self.machine,
             ordered.len() as u64,
             bytes,
         );
@@ -393,7 +400,7 @@ impl Job<'_> {
     ) -> Result<(), Outcome> {
         let mut second: Option<DaemonConnection> = None;
         if bytes >= PARALLEL_COPY_MIN_BYTES && ordered.len() > 1 {
-            match open_second_daemon(builder, &self.machine).await {
+            match open_second_daemon(builder, &builder.name).await {
                 Ok(d) => second = Some(d),
                 Err(e) => tracing::debug!("one copy stream only: {e}"),
             }
@@ -431,7 +438,27 @@ impl Job<'_> {
         Ok(())
     }
 
-    async fn build(&self, builder: &mut RemoteStore) -> Result<BuildResult, Outcome> {
+    /// Where the builder kept the failed build's directory, and how to get there.
+    fn tell_kept_dir(&self, dir: Option<&str>) {
+        let drv = self.drv_path.to_absolute();
+        let msg = match (&self.place, dir) {
+            (Some(place), dir) => place.kept_message(&drv, dir),
+            (None, Some(dir)) => format!(
+                "note: the build directory of '{drv}' is kept on '{}', not on this machine: {dir}",
+                self.machine
+            ),
+            (None, None) => return,
+        };
+        tracing::info!("{msg}");
+        // Error level, as Nix prints its own note, so it shows at every verbosity.
+        self.parent
+            .send(&LogLine::msg(hook_protocol::log::Verbosity::Error, msg));
+    }
+
+    async fn build(
+        &self,
+        builder: &mut RemoteStore,
+    ) -> Result<(BuildResult, Option<String>), Outcome> {
         // Settings of this caller travel with the connection, never into the builder's nix.conf.
         let mut opts = ClientSettings {
             verbosity: 3,
@@ -514,7 +541,7 @@ impl Job<'_> {
             never = follow => match never {},
             r = build => r.map_err(|e| {
                 if e.is_connection_closed() {
-                    fail(format!("lost the connection to builder '{}' during the build of '{}' (was the container stopped?): {e}", self.machine, self.drv_path))
+                    fail(format!("lost the connection to '{}' during the build of '{}' (was the container stopped?): {e}", self.machine, self.drv_path))
                 } else {
                     remote_err(&format!("building '{}' on '{}'", self.drv_path, self.machine), e)
                 }
@@ -525,12 +552,13 @@ impl Job<'_> {
             }),
         };
         let capture = capture.into_inner().unwrap_or_else(|p| p.into_inner());
+        let kept_dir = capture.kept_dir.clone();
         match &result {
             // A builder killed by the watchdog may still be writing its log.
             Err(_) => live.abandon(capture),
             Ok(_) => live.finish(capture).await,
         }
-        result
+        result.map(|r| (r, kept_dir))
     }
 
     /// What each output must be: its path and, for a fixed output, the content address its
@@ -612,7 +640,7 @@ impl Job<'_> {
                 .await
                 .map_err(|_| {
                     fail(format!(
-                        "builder '{}' did not describe output {p} within {QUERY_TIMEOUT:?}",
+                        "'{}' did not describe output {p} within {QUERY_TIMEOUT:?}",
                         self.machine
                     ))
                 })?
@@ -634,7 +662,7 @@ impl Job<'_> {
         let progress = CopyProgress::start(
             self.parent,
             format!("copying {} outputs from '{}'", missing.len(), self.machine),
-            &self.store_uri(),
+            &self.machine,
             "local",
             infos.len() as u64,
             infos.iter().map(|(_, i, _)| i.nar_size).sum(),
@@ -691,16 +719,6 @@ impl Job<'_> {
             })?;
         drop(progress);
         Ok(())
-    }
-
-    /// How Nix would name the builder's store in its messages.
-    fn store_uri(&self) -> String {
-        if self.machine.contains("://") {
-            // A user's machine is already named by its store URI.
-            self.machine.clone()
-        } else {
-            format!("ssh-ng://{}", self.machine)
-        }
     }
 }
 

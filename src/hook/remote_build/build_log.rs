@@ -91,6 +91,9 @@ pub(super) struct Capture {
     lines: VecDeque<String>,
     bytes: usize,
     dropped: bool,
+    /// The build directory the builder's Nix kept (`--keep-failed`), as it said in a note to
+    /// the daemon connection; display only (see `hook::kept_dir`).
+    pub(super) kept_dir: Option<String>,
 }
 
 impl Capture {
@@ -122,7 +125,14 @@ impl Capture {
             }
             // The builder's `@nix msg` lines and the daemon's own notes: the former are in the
             // raw log (Nix shows them from there), the latter are not the build's output.
-            LogEvent::Next(msg) => tracing::debug!(message = %msg, "builder daemon says"),
+            LogEvent::Next(msg) => {
+                tracing::debug!(message = %msg, "builder daemon says");
+                // The last one: the daemon's own note comes after the builder has exited, so
+                // a build printing a fake one earlier does not hide it.
+                if let Some(dir) = crate::hook::kept_dir::parse_note(msg) {
+                    self.kept_dir = Some(dir);
+                }
+            }
             _ => {}
         }
     }
