@@ -439,6 +439,7 @@ fn every_command_has_complete_help() {
             ],
         ),
         (&["uninstall", "--help"], &["--root", "--restart-daemon"]),
+        (&["shell", "--help"], &["--engine", "SYSTEM"]),
         (
             &["demo", "--help"],
             &["--system", "--cold", "--build-images", "--max-jobs 0"],

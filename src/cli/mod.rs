@@ -87,7 +87,7 @@ pub enum Command {
     Gc(gc::Args),
     /// Print a builder's container log, or the hook's log (--hook)
     Logs(logs::Args),
-    /// A shell, or a command, inside a system's builder (started if need be)
+    /// A shell or a command inside a system's builder (starting it)
     Shell(shell::Args),
     /// Check everything from Nix to the builders; print fixes
     Doctor(doctor::Args),

@@ -49,7 +49,7 @@ pub struct Args {
     /// The system whose builder to enter (e.g. aarch64-linux)
     #[arg(value_name = "SYSTEM")]
     pub system: String,
-    /// The engine of the builder (`default`, [engines.NAME]); needed when several serve SYSTEM
+    /// The builder's engine; needed when several serve SYSTEM
     #[arg(long, value_name = "NAME")]
     pub engine: Option<String>,
     /// The command to run instead of a shell
