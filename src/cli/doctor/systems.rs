@@ -60,6 +60,7 @@ pub(super) async fn check_systems(
                 c.fail(name, format!("cannot run {name} containers here"), why)
             }
         }
+        check_sandbox_setting(c, name, spec);
         let Some(e) = default else { continue };
         check_image(c, name, spec, e, None).await;
     }
@@ -90,8 +91,23 @@ pub(super) async fn check_systems(
                     ),
                 ),
             }
+            check_sandbox_setting(c, &name, spec);
             check_image(c, &name, spec, e, Some(pe.name())).await;
         }
+    }
+}
+
+/// `sandbox = true` on an emulated builder fails every build for it: say so before a build.
+fn check_sandbox_setting(c: &mut Checks, name: &str, spec: &BuilderSpec) {
+    if let Some(why) = crate::builder::sandbox::refusal(spec.sandbox, spec.emulated, &spec.system) {
+        c.fail(
+            &format!("sandbox {name}"),
+            why,
+            format!(
+                "set sandbox = false (or \"auto\") in [builders.\"{}\"]",
+                spec.system
+            ),
+        );
     }
 }
 
