@@ -445,7 +445,7 @@ impl Builders {
         if decision.on
             && let Some(hc) = body.host_config.as_mut()
         {
-            sandbox::apply(hc);
+            sandbox::apply(hc, self.engine.podman);
         }
         if self.engine.podman
             && let Some(hc) = body.host_config.as_mut()

@@ -329,6 +329,8 @@ impl BuilderSpec {
             // The setting, not the decision: "auto" is decided at creation from the engine,
             // which a builder's container never outlives.
             self.sandbox.as_str(),
+            // A new profile (a new nixdock) must reach running sandboxed builders.
+            &super::sandbox::seccomp_profile(),
             &format!("{:?}", self.publish),
             client_public_key,
         ] {

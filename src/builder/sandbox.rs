@@ -203,10 +203,22 @@ pub fn seccomp_profile() -> String {
 /// What a sandboxed builder's container gets: nixdock's seccomp profile, and no masked or
 /// read-only paths (Docker's `systempaths=unconfined`, which its CLI turns into these two empty
 /// lists; the daemon keeps its defaults only when the lists are absent).
-pub fn apply(hc: &mut bollard::models::HostConfig) {
-    hc.security_opt
-        .get_or_insert_with(Vec::new)
-        .push(format!("seccomp={}", seccomp_profile()));
+///
+/// Podman's Docker API reads `seccomp=` as a file on the engine's host ("opening seccomp profile
+/// failed: open {…}: file name too long"), which nixdock cannot place on a remote engine: there
+/// the builder runs `seccomp=unconfined`, and builds keep Nix's own `filter-syscalls` filter.
+pub fn apply(hc: &mut bollard::models::HostConfig, podman: bool) {
+    let seccomp = if podman {
+        "seccomp=unconfined".to_string()
+    } else {
+        format!("seccomp={}", seccomp_profile())
+    };
+    let opts = hc.security_opt.get_or_insert_with(Vec::new);
+    opts.push(seccomp);
+    if podman {
+        // Podman ignores empty lists below; this is its own way to say the same.
+        opts.push("unmask=ALL".into());
+    }
     hc.masked_paths = Some(Vec::new());
     hc.readonly_paths = Some(Vec::new());
 }
