@@ -426,7 +426,7 @@ impl Builders {
             .map_err(self.engine.api_err())?;
         let host_key = keys::generate_host_key().map_err(|e| BuilderError::Key(e.to_string()))?;
         let mut labels = spec.labels(hash, &host_key.public_openssh(), image_id);
-        let facts = self.engine_facts().await;
+        let facts = sandbox::EngineFacts::ask(&self.engine).await;
         let decision = sandbox::decide(spec.sandbox, spec.emulated, &facts);
         labels.insert(
             sandbox::LABEL_SANDBOX.into(),
@@ -496,25 +496,6 @@ impl Builders {
                 container: name,
                 what: "vanished right after creation".into(),
             })
-    }
-
-    /// Whether the engine runs containers in a user namespace (rootless Docker or Podman,
-    /// userns-remap) or inside a VM: asked when creating a builder only, so never on a warm
-    /// build.
-    async fn engine_facts(&self) -> sandbox::EngineFacts {
-        match self.engine.docker.info().await {
-            Ok(info) => sandbox::EngineFacts::from_info(
-                &info,
-                self.engine.is_local_socket() && !cfg!(target_os = "linux"),
-            ),
-            Err(e) => {
-                tracing::warn!(engine = %self.engine.name, "engine info: {e}");
-                sandbox::EngineFacts {
-                    unknown: true,
-                    ..Default::default()
-                }
-            }
-        }
     }
 
     async fn logs_tail(&self, name: &str, lines: usize) -> String {

@@ -28,6 +28,24 @@ pub struct EngineFacts {
 }
 
 impl EngineFacts {
+    /// Asks the engine's `/info` (slower than `/version`: only when creating a builder, and in
+    /// `doctor`; never on a warm build).
+    pub async fn ask(engine: &super::Engine) -> EngineFacts {
+        match engine.docker.info().await {
+            Ok(info) => Self::from_info(
+                &info,
+                engine.is_local_socket() && !cfg!(target_os = "linux"),
+            ),
+            Err(e) => {
+                tracing::warn!(engine = %engine.name, "engine info: {e}");
+                EngineFacts {
+                    unknown: true,
+                    ..Default::default()
+                }
+            }
+        }
+    }
+
     /// From `/info`: `SecurityOptions` names `name=userns` / `name=rootless`; the VM products
     /// name themselves in `OperatingSystem` ("Docker Desktop", "OrbStack") or in the VM's host
     /// name, `Name` ("docker-desktop", "orbstack", "colima" or "colima-<profile>",

@@ -66,9 +66,9 @@ pub(super) async fn check_ssh(c: &mut Checks, engine: &Engine, env: &Env, instan
         // Decided when the container was created, recorded in its labels.
         let (on, why) = ex.sandbox();
         let sandbox_check = if is_default {
-            format!("sandbox {}", ex.system)
+            format!("sandbox {} (container)", ex.system)
         } else {
-            format!("sandbox {} on {}", ex.system, engine.name)
+            format!("sandbox {} on {} (container)", ex.system, engine.name)
         };
         c.info(
             &sandbox_check,
