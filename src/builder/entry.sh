@@ -125,7 +125,7 @@ if [ "${NIXDOCK_SANDBOX:-0}" = 1 ]; then
     fi
     if [ -n "$static_sh" ] && [ ! -x "$static_sh" ]; then static_sh=; fi
     if [ -z "$static_sh" ]; then
-        for c in /usr/bin/bash-static /bin/bash-static /usr/bin/busybox-static /bin/busybox-static; do
+        for c in /usr/bin/bash-static /bin/bash-static; do
             if [ -x "$c" ]; then static_sh=$c; break; fi
         done
     fi
