@@ -95,6 +95,8 @@ rec {
       # Mirrors refused_nix_conf_line in src/config.rs (see the reasons there): settings a
       # builder's nix.conf must not get from extra-nix-conf, read as Nix reads a line.
       refusedNixConf = {
+        sandbox = "the builder's `sandbox` setting decides it, together with the container options the sandbox needs; set `sandbox = true | false | \"auto\"` for the builder instead";
+        sandbox-fallback = "a sandbox that cannot start must fail the build, never build unsandboxed in silence";
         build-users-group = "builds in a builder must run as its unprivileged build users (nixbld, which nixdock sets up); as root a build would own the shared builder and every later build in it";
         auto-allocate-uids = "builds must run as nixdock's build users, whose uids no host allocates; auto-allocated uids are the ones the host's own Nix kills around its builds";
         require-drop-supplementary-groups = "a build must never keep the daemon's (root's) supplementary groups";

@@ -32,6 +32,7 @@ let
       extra-nix-conf = nullable (types.listOf types.str) "Lines added to the builder's nix.conf, one setting each.";
       kvm = nullable types.bool "Pass /dev/kvm through (adds the kvm and nixos-test features).";
       speed-factor = nullable (types.either types.ints.positive types.float) "Relative speed against the machines in Nix's `builders` (default 1): builds go where busy slots / speed factor is least.";
+      sandbox = nullable (types.either types.bool (types.enum [ "auto" ])) "Nix's sandbox for builds in this builder: true, false or \"auto\" (default: the top-level `sandbox`).";
     };
   };
 
@@ -74,6 +75,15 @@ in
       SSH to a loopback port on other local engines, and through the engine's exec on tcp://
       and ssh:// engines (no sshd exposed); "ssh" always uses SSH (a remote engine's builders
       then publish sshd on its address); "engine-exec" always uses the engine's exec.
+    '';
+    sandbox = nullable (types.either types.bool (types.enum [ "auto" ])) ''
+      Nix's sandbox inside the builders (each builder's own `sandbox` overrides it): true,
+      false or "auto" (nixdock's default). "auto" turns it on where it costs the host nothing:
+      an engine inside a VM (Docker Desktop, OrbStack, colima, Lima) or a user-namespaced one
+      (rootless, userns-remap), and leaves it off for emulated builders (qemu-user cannot start
+      it) and on a rootful engine on its host (the sandbox needs an unmasked /proc, whose
+      /proc/sys the container's root, the host's root, could then write). true on an emulated
+      builder fails its builds, naming the sandbox.
     '';
     engines = nullable (types.attrsOf (types.submodule engineOptions)) ''
       More engines for the pool, by name (lowercase letters, digits, '-'), beside the

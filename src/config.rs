@@ -73,6 +73,8 @@ pub struct Config {
     /// How the hook reaches a builder's nix-daemon.
     #[serde(default)]
     pub transport: Transport,
+    /// Nix's sandbox in every builder that does not set its own (default "auto").
+    pub sandbox: Option<Sandbox>,
     /// Serve the engine's native and emulated systems when no `[builders]` table is given.
     #[serde(default)]
     pub builders: BTreeMap<String, BuilderConfig>,
@@ -91,6 +93,51 @@ pub enum Transport {
     Ssh,
     /// Always through the engine's exec (`nix-daemon --stdio` in the container).
     EngineExec,
+}
+
+/// Whether builds inside a builder run in Nix's sandbox: `true`, `false` or `"auto"`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Sandbox {
+    /// On where it costs the host nothing: an engine inside a VM or a user-namespaced engine,
+    /// and never for an emulated builder (see `builder::sandbox`).
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl Sandbox {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sandbox::Auto => "auto",
+            Sandbox::On => "true",
+            Sandbox::Off => "false",
+        }
+    }
+}
+
+/// A TOML boolean or the string "auto" (serde's `untagged` would say only "did not match any
+/// variant", without naming what is accepted).
+impl<'de> Deserialize<'de> for Sandbox {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Sandbox, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Sandbox;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false or \"auto\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Sandbox, E> {
+                Ok(if b { Sandbox::On } else { Sandbox::Off })
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Sandbox, E> {
+                match s {
+                    "auto" => Ok(Sandbox::Auto),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(s), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// TLS files for a `tcp://` engine; identity and pinned host key for an `ssh://` one.
@@ -181,6 +228,8 @@ pub struct BuilderConfig {
     /// Relative speed against the machines in Nix's `builders` (default 1), as their speed
     /// factor: builds go to the least `busy slots / speed factor`.
     pub speed_factor: Option<f32>,
+    /// Nix's sandbox for builds in this builder (default: the top-level `sandbox`, else "auto").
+    pub sandbox: Option<Sandbox>,
 }
 
 impl Config {
@@ -306,12 +355,21 @@ impl Config {
 /// form), with why: each undoes a rule that keeps one user's build from reaching another's.
 /// nix/common.nix mirrors this list for the NixOS and nix-darwin modules.
 ///
-/// Deliberately not here: `sandbox` (builders have no privileges for Nix's sandbox, so it is
-/// off either way and builds are confined by their build user instead), `build-hook` and
+/// Deliberately not here: `sandbox-paths` (what a sandboxed build sees; the administrator's to
+/// widen), `build-hook` and
 /// `pre-build-hook` (commands the administrator picks, run by the builder's root daemon; they
 /// change no user's rights), `trusted-public-keys` and `substituters` (which caches the
 /// administrator trusts).
 const REFUSED_NIX_CONF: &[(&str, &str)] = &[
+    (
+        "sandbox",
+        "the builder's `sandbox` setting decides it, together with the container options the \
+         sandbox needs; set `sandbox = true | false | \"auto\"` for the builder instead",
+    ),
+    (
+        "sandbox-fallback",
+        "a sandbox that cannot start must fail the build, never build unsandboxed in silence",
+    ),
     (
         "build-users-group",
         "builds in a builder must run as its unprivileged build users (nixbld, which nixdock \
@@ -423,6 +481,28 @@ mod tests {
     }
 
     #[test]
+    fn sandbox_is_a_bool_or_auto() {
+        assert_eq!(parse("").unwrap().sandbox, None);
+        let c = parse(
+            "sandbox = false\n[builders.\"x86_64-linux\"]\nsandbox = true\n\
+             [builders.\"aarch64-linux\"]\nsandbox = \"auto\"\n[builders.\"i686-linux\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.sandbox, Some(Sandbox::Off));
+        assert_eq!(c.builders["x86_64-linux"].sandbox, Some(Sandbox::On));
+        assert_eq!(c.builders["aarch64-linux"].sandbox, Some(Sandbox::Auto));
+        assert_eq!(c.builders["i686-linux"].sandbox, None);
+        for bad in [
+            "sandbox = \"yes\"\n",
+            "sandbox = 1\n",
+            "sandbox = \"relaxed\"\n",
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("true, false or \"auto\""), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e = parse("[builders.\"x86_64-linux\"]\nimgae = \"x\"\n").unwrap_err();
         assert!(e.to_string().contains("imgae"), "{e}");
@@ -457,6 +537,8 @@ mod tests {
             "require-sigs = false",
             "auto-allocate-uids = true",
             "require-drop-supplementary-groups = false",
+            "sandbox = false",
+            "sandbox-fallback = true",
             "include /etc/nix/other.conf",
             "!include /etc/nix/other.conf",
             "trusted-users = alice # a comment",
@@ -472,7 +554,7 @@ mod tests {
         for line in [
             "# trusted-users = alice",
             "",
-            "sandbox = false",
+            "extra-sandbox-paths = /etc/ssl",
             "build-hook = /bin/false",
             "trusted-public-keys = k:AAAA",
             "keep-outputs = true",

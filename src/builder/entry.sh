@@ -103,8 +103,44 @@ fi
 build_users_group=nixbld
 
 mkdir -p /etc/nix
+# The image's own nix.conf, kept before the first start replaces it: where its Nix puts a static
+# shell for /bin/sh in the sandbox (Debian's: sandbox-paths = /bin/sh=/usr/bin/bash-static).
+if [ ! -e "$ND/image-nix.conf" ]; then
+    if [ -f /etc/nix/nix.conf ]; then cp /etc/nix/nix.conf "$ND/image-nix.conf"; else : > "$ND/image-nix.conf"; fi
+fi
+# NIXDOCK_SANDBOX=1: nixdock decided on Nix's sandbox for this builder (and gave the container
+# what it needs). sandbox-fallback = false: a sandbox that cannot start fails the build instead
+# of building unsandboxed without a word (Nix's default falls back).
+sandbox_conf="sandbox = false"
+if [ "${NIXDOCK_SANDBOX:-0}" = 1 ]; then
+    # The sandbox has no /bin/sh but what sandbox-paths gives it, and a dynamic shell would
+    # find no libraries there: a static one, from the image's nix.conf, Nix's built-in default
+    # (NixOS's Nix: a static busybox) or a known static shell.
+    sh_from() { sed -n 's/^[[:space:]]*sandbox-paths[[:space:]]*=.*\/bin\/sh=\([^[:space:]]*\).*/\1/p' | tail -n 1; }
+    static_sh=$(sh_from < "$ND/image-nix.conf")
+    if [ -z "$static_sh" ] && [ -x "$nix_bin_dir/nix" ]; then
+        mkdir -p "$ND/no-conf"
+        static_sh=$(NIX_CONF_DIR="$ND/no-conf" NIX_USER_CONF_FILES= NIX_CONFIG= \
+            "$nix_bin_dir/nix" --extra-experimental-features nix-command show-config 2>/dev/null | sh_from) || static_sh=
+    fi
+    if [ -n "$static_sh" ] && [ ! -x "$static_sh" ]; then static_sh=; fi
+    if [ -z "$static_sh" ]; then
+        for c in /usr/bin/bash-static /bin/bash-static; do
+            if [ -x "$c" ]; then static_sh=$c; break; fi
+        done
+    fi
+    if [ -z "$static_sh" ]; then
+        log "FATAL: the sandbox is on for ${NIXDOCK_SYSTEM:-this builder}, but this image has no static shell to be /bin/sh in Nix's sandbox (looked at the image's nix.conf sandbox-paths, Nix's built-in default, /usr/bin/bash-static, /bin/bash-static): install one (Debian: bash-static) or set sandbox = false for this builder"
+        exit 68
+    fi
+    sandbox_conf="sandbox = true
+sandbox-fallback = false
+sandbox-paths = /bin/sh=$static_sh"
+fi
 {
     echo "# written by nixdock at container start; settings of one caller travel per connection"
+    # Before the config's lines: its extra-sandbox-paths add to these (it may not set sandbox).
+    echo "$sandbox_conf"
     cat "$ND/nix.conf.in"
     if [ "${NIXDOCK_EMULATED:-0}" = 1 ]; then
         # seccomp filters cannot be loaded under qemu-user: "unable to load seccomp BPF program"
@@ -145,7 +181,7 @@ start_daemon
 
 "$sshd" -D -e -f "$ND/sshd_config" &
 sshd_pid=$!
-log "sshd started ($sshd), nix-daemon at $nix_daemon (pid $daemon_pid), arch $arch, build-users-group '$build_users_group'"
+log "sshd started ($sshd), nix-daemon at $nix_daemon (pid $daemon_pid), arch $arch, build-users-group '$build_users_group', $(echo "$sandbox_conf" | tr '\n' ' ')"
 
 # Stop after NIXDOCK_IDLE_TIMEOUT seconds with no nix-daemon running, so no host daemon is needed.
 idle_limit=${NIXDOCK_IDLE_TIMEOUT:-1800}

@@ -23,7 +23,7 @@ use crate::transport::{EngineExec, EngineExecError, Link};
 
 use super::engine::{Engine, EngineError};
 use super::provision::{self, BuilderSpec, Publish, REMOTE_NIX_DAEMON, SSH_PORT};
-use super::slots;
+use super::{sandbox, slots};
 
 pub use crate::transport::DaemonConnection;
 
@@ -75,6 +75,8 @@ pub enum BuilderError {
     },
     #[error("cannot make an SSH key: {0}")]
     Key(String),
+    #[error("builder {container}: {why}")]
+    Sandbox { container: String, why: String },
 }
 
 impl BuilderError {
@@ -172,6 +174,12 @@ impl Builders {
         own_slot: Option<&slots::Slot>,
     ) -> Result<ReadyBuilder, BuilderError> {
         let name = spec.container_name();
+        if let Some(why) = sandbox::refusal(spec.sandbox, spec.emulated, &spec.system) {
+            return Err(BuilderError::Sandbox {
+                container: name,
+                why,
+            });
+        }
         let lock = self.lock_builder(&name).await?;
 
         let image_id = self.image_id(spec).await?;
@@ -417,10 +425,27 @@ impl Builders {
             .await
             .map_err(self.engine.api_err())?;
         let host_key = keys::generate_host_key().map_err(|e| BuilderError::Key(e.to_string()))?;
-        let labels = spec.labels(hash, &host_key.public_openssh(), image_id);
+        let mut labels = spec.labels(hash, &host_key.public_openssh(), image_id);
+        let facts = sandbox::EngineFacts::ask(&self.engine).await;
+        let decision = sandbox::decide(spec.sandbox, spec.emulated, &facts);
+        labels.insert(
+            sandbox::LABEL_SANDBOX.into(),
+            if decision.on { "on" } else { "off" }.into(),
+        );
+        labels.insert(sandbox::LABEL_SANDBOX_WHY.into(), decision.why.clone());
         let mut body = spec.container_body(image_id, &volume, labels);
-        if self.user_namespaced().await {
+        if facts.user_namespaced {
             set_env(&mut body, "NIXDOCK_BUILD_UID_BASE", USERNS_UID_BASE);
+        }
+        set_env(
+            &mut body,
+            "NIXDOCK_SANDBOX",
+            if decision.on { "1" } else { "0" },
+        );
+        if decision.on
+            && let Some(hc) = body.host_config.as_mut()
+        {
+            sandbox::apply(hc, self.engine.podman);
         }
         if self.engine.podman
             && let Some(hc) = body.host_config.as_mut()
@@ -431,7 +456,7 @@ impl Builders {
             name: Some(name.clone()),
             ..Default::default()
         };
-        tracing::info!(container = %name, image = %spec.image, %volume, emulated = spec.emulated, "creating builder");
+        tracing::info!(container = %name, image = %spec.image, %volume, emulated = spec.emulated, sandbox = decision.on, why = %decision.why, "creating builder");
         if let Err(e) = docker.create_container(Some(opts), body).await {
             if is_conflict(&e) {
                 // Someone outside our lock (an older nixdock?) made it: use theirs.
@@ -471,22 +496,6 @@ impl Builders {
                 container: name,
                 what: "vanished right after creation".into(),
             })
-    }
-
-    /// Whether the engine runs containers in a user namespace (rootless Docker or Podman,
-    /// userns-remap): asked when creating a builder only, so never on a warm build.
-    async fn user_namespaced(&self) -> bool {
-        match self.engine.docker.info().await {
-            Ok(info) => info
-                .security_options
-                .iter()
-                .flatten()
-                .any(|o| o.contains("name=userns") || o.contains("name=rootless")),
-            Err(e) => {
-                tracing::debug!(engine = %self.engine.name, "engine info: {e}");
-                false
-            }
-        }
     }
 
     async fn logs_tail(&self, name: &str, lines: usize) -> String {

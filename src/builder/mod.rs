@@ -6,6 +6,7 @@ pub mod engine;
 pub mod lifecycle;
 pub mod pool;
 pub mod provision;
+pub mod sandbox;
 pub mod slots;
 pub mod systems;
 

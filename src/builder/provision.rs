@@ -10,7 +10,9 @@ use bollard::models::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::config::{BuilderConfig, Config, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_JOBS, parse_memory};
+use crate::config::{
+    BuilderConfig, Config, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_JOBS, Sandbox, parse_memory,
+};
 
 use super::systems;
 
@@ -117,6 +119,9 @@ pub struct BuilderSpec {
     pub emulated: bool,
     /// Speed factor against the user's own remote builders (not part of the container).
     pub speed_factor: f32,
+    /// Nix's sandbox as configured; "auto" is decided when the container is created, from the
+    /// engine's info (`builder::sandbox`), and recorded in its labels.
+    pub sandbox: Sandbox,
 }
 
 impl BuilderSpec {
@@ -145,7 +150,21 @@ impl BuilderSpec {
             kvm: c.kvm,
             emulated: systems::is_emulated(system, engine_arch),
             speed_factor: c.speed_factor.unwrap_or(1.0),
+            sandbox: c.sandbox.unwrap_or_default(),
         }
+    }
+
+    /// [`from_config`](Self::from_config) with the config's top-level defaults applied.
+    fn from_tables(
+        cfg: &Config,
+        instance: &str,
+        system: &str,
+        c: &BuilderConfig,
+        engine_arch: &str,
+    ) -> BuilderSpec {
+        let mut s = Self::from_config(instance, system, c, engine_arch);
+        s.sandbox = c.sandbox.or(cfg.sandbox).unwrap_or_default();
+        s
     }
 
     /// The builders the hook serves on the local default engine, decided without asking it.
@@ -161,11 +180,13 @@ impl BuilderSpec {
                 .builders
                 .iter()
                 .filter(|(s, _)| systems.contains(s))
-                .map(|(s, c)| Self::from_config(instance, s, c, &place.arch))
+                .map(|(s, c)| Self::from_tables(cfg, instance, s, c, &place.arch))
                 .collect(),
             Some(systems) => systems
                 .iter()
-                .map(|s| Self::from_config(instance, s, &BuilderConfig::default(), &place.arch))
+                .map(|s| {
+                    Self::from_tables(cfg, instance, s, &BuilderConfig::default(), &place.arch)
+                })
                 .collect(),
             None => Self::all(cfg, instance, &place.arch, place.local),
         };
@@ -193,12 +214,14 @@ impl BuilderSpec {
         if cfg.builders.is_empty() {
             systems::default_systems(engine_arch, engine_is_local)
                 .iter()
-                .map(|s| Self::from_config(instance, s, &BuilderConfig::default(), engine_arch))
+                .map(|s| {
+                    Self::from_tables(cfg, instance, s, &BuilderConfig::default(), engine_arch)
+                })
                 .collect()
         } else {
             cfg.builders
                 .iter()
-                .map(|(s, c)| Self::from_config(instance, s, c, engine_arch))
+                .map(|(s, c)| Self::from_tables(cfg, instance, s, c, engine_arch))
                 .collect()
         }
     }
@@ -230,11 +253,12 @@ impl BuilderSpec {
         format!("{}-{short}", self.container_name())
     }
 
-    /// The static part of the builder's nix.conf (the entry script adds the emulation settings
-    /// it verified and, last, `build-users-group = nixbld`: builds never run as root).
+    /// The static part of the builder's nix.conf (the entry script puts the sandbox settings
+    /// before it — `sandbox`, decided when the container is created, and the image's static
+    /// shell as `/bin/sh` — and adds the emulation settings it verified and, last,
+    /// `build-users-group = nixbld`: builds never run as root).
     pub fn nix_conf(&self) -> String {
         let mut s = String::new();
-        s.push_str("sandbox = false\n");
         s.push_str(&format!("max-jobs = {}\n", self.max_jobs));
         s.push_str("cores = 0\n");
         s.push_str(&format!("system-features = {}\n", self.features.join(" ")));
@@ -302,6 +326,11 @@ impl BuilderSpec {
                 self.nano_cpus, self.memory, self.idle_timeout_secs, self.kvm
             ),
             &self.emulated.to_string(),
+            // The setting, not the decision: "auto" is decided at creation from the engine,
+            // which a builder's container never outlives.
+            self.sandbox.as_str(),
+            // A new profile (a new nixdock) must reach running sandboxed builders.
+            &super::sandbox::seccomp_profile(),
             &format!("{:?}", self.publish),
             client_public_key,
         ] {
@@ -488,6 +517,34 @@ mod tests {
         let mut t = s.clone();
         t.max_jobs = 2;
         assert_ne!(a, t.config_hash("img1", "key"));
+        let mut hashes = std::collections::HashSet::new();
+        for sandbox in [Sandbox::Auto, Sandbox::On, Sandbox::Off] {
+            let mut t = s.clone();
+            t.sandbox = sandbox;
+            hashes.insert(t.config_hash("img1", "key"));
+        }
+        assert_eq!(
+            hashes.len(),
+            3,
+            "each sandbox setting has its own container"
+        );
+    }
+
+    #[test]
+    fn the_top_level_sandbox_is_the_builders_default() {
+        let cfg = Config::parse(
+            "sandbox = true\n[builders.\"x86_64-linux\"]\n[builders.\"aarch64-linux\"]\nsandbox = false\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let specs = BuilderSpec::all(&cfg, "id", "x86_64", true);
+        let of = |sys: &str| specs.iter().find(|s| s.system == sys).unwrap().sandbox;
+        assert_eq!(of("x86_64-linux"), Sandbox::On);
+        assert_eq!(of("aarch64-linux"), Sandbox::Off);
+        let none = Config::default();
+        for s in BuilderSpec::all(&none, "id", "x86_64", true) {
+            assert_eq!(s.sandbox, Sandbox::Auto);
+        }
     }
 
     #[test]

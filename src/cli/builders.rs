@@ -63,6 +63,30 @@ impl Row {
     pub fn running(&self) -> bool {
         self.existing.as_ref().is_some_and(Existing::running)
     }
+
+    /// Whether its builds are sandboxed (`None`: decided when its container is created), and
+    /// why: an existing container's recorded decision, else what its configuration says.
+    pub fn sandbox(&self) -> (Option<bool>, String) {
+        use crate::config::Sandbox;
+        if let Some(e) = &self.existing {
+            let (on, why) = e.sandbox();
+            return (Some(on), why);
+        }
+        let Some(s) = &self.spec else {
+            return (None, String::new());
+        };
+        if let Some(why) = crate::builder::sandbox::refusal(s.sandbox, s.emulated, &s.system) {
+            return (Some(false), why);
+        }
+        match s.sandbox {
+            Sandbox::On => (Some(true), "sandbox = true".into()),
+            Sandbox::Off => (Some(false), "sandbox = false".into()),
+            Sandbox::Auto => (
+                None,
+                "auto: decided when the builder is created, from what its engine reports".into(),
+            ),
+        }
+    }
 }
 
 /// One engine's configured builders and existing containers, merged by system, sorted by

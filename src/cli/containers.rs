@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use crate::builder::provision::{
     LABEL_HOST_KEY, LABEL_IMAGE, LABEL_INSTANCE, LABEL_MAX_JOBS, LABEL_SYSTEM,
 };
-use crate::builder::{Engine, lifecycle};
+use crate::builder::{Engine, lifecycle, sandbox};
 
 use super::timestamps::parse_rfc3339;
 
@@ -94,6 +94,25 @@ impl Existing {
 
     pub fn host_key(&self) -> Option<&str> {
         self.label(LABEL_HOST_KEY)
+    }
+
+    /// Whether its builds are sandboxed, and why: decided when it was created and recorded in
+    /// its labels (a container of a nixdock before the setting has none: never sandboxed).
+    pub fn sandbox(&self) -> (bool, String) {
+        match self.label(sandbox::LABEL_SANDBOX) {
+            Some(on) => (
+                on == "on",
+                self.label(sandbox::LABEL_SANDBOX_WHY)
+                    .unwrap_or("no reason recorded")
+                    .to_string(),
+            ),
+            None => (
+                false,
+                "made by a nixdock without the sandbox setting (the next build with a changed \
+                 configuration recreates it)"
+                    .to_string(),
+            ),
+        }
     }
 }
 

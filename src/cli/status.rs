@@ -29,6 +29,8 @@ Columns:
           `du -sk /nix/store` inside a running builder; `-` when neither is
           possible
   BUILDS  builds running now / build slots (max-jobs)
+  SANDBOX whether builds run in Nix's sandbox (`?`: decided when the
+          container is created); the reasons follow the table
 A `*` after the system marks a container that the config no longer names.")]
 pub struct Args {
     /// Print JSON instead of the table
@@ -92,6 +94,9 @@ struct BuilderInfo {
     store_measured_by: Option<&'static str>,
     builds_running: u32,
     slots: u32,
+    /// Whether builds run in Nix's sandbox; null until the container decides ("auto").
+    sandboxed: Option<bool>,
+    sandbox_why: String,
 }
 
 pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
@@ -167,7 +172,10 @@ async fn describe(
         },
         _ => (None, None),
     };
+    let (sandboxed, sandbox_why) = row.sandbox();
     BuilderInfo {
+        sandboxed,
+        sandbox_why,
         engine: row.engine.clone(),
         system: row.system.clone(),
         configured: row.spec.is_some(),
@@ -271,6 +279,7 @@ fn print_table(r: &Report) {
     }
     print_rows(&r.builders);
     print_store_note(&r.builders);
+    print_sandbox_notes(&r.builders);
 }
 
 /// A pool: each engine's line, then its builders.
@@ -296,13 +305,62 @@ fn print_pool(r: &Report) {
     }
     let all: Vec<&BuilderInfo> = r.builders.iter().collect();
     print_store_note(&all);
+    print_sandbox_notes(&all);
+}
+
+/// Why each builder is sandboxed or not (too long for a column).
+fn print_sandbox_notes<B: std::borrow::Borrow<BuilderInfo>>(builders: &[B]) {
+    let notes: Vec<&BuilderInfo> = builders
+        .iter()
+        .map(|b| b.borrow())
+        .filter(|b| !b.sandbox_why.is_empty())
+        .collect();
+    if notes.is_empty() {
+        return;
+    }
+    println!("\nSANDBOX:");
+    for b in notes {
+        let who = if b.engine == crate::builder::engine::DEFAULT_ENGINE {
+            b.system.clone()
+        } else {
+            format!("{} on {}", b.system, b.engine)
+        };
+        for line in wrap(&format!("{who}: {}", b.sandbox_why), 80 - 4) {
+            println!("  {line}");
+        }
+    }
+}
+
+/// Word-wrapped lines of at most `width` characters (a longer word stays whole), continuation
+/// lines indented by two spaces.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    // Whether `cur` holds a word yet (it may hold only the continuation indent).
+    let mut has_word = false;
+    for word in text.split_whitespace() {
+        if has_word && cur.chars().count() + 1 + word.chars().count() > width {
+            lines.push(std::mem::replace(&mut cur, "  ".to_string()));
+            has_word = false;
+        }
+        if has_word {
+            cur.push(' ');
+        }
+        cur.push_str(word);
+        has_word = true;
+    }
+    if has_word {
+        lines.push(cur);
+    }
+    lines
 }
 
 fn print_rows<B: std::borrow::Borrow<BuilderInfo>>(builders: &[B]) {
-    // 14+1 + 7+1 + 6+1 + 5+1 + 7+1 + 6+2 = 52 columns before the image, which gets the rest of 80.
+    // 14+1 + 7+1 + 6+1 + 5+1 + 7+1 + 6+1 + 7+2 = 60 columns before the image, which gets the
+    // rest of 80.
     println!(
-        "{:<14} {:<7} {:>6} {:>5} {:>7} {:>6}  IMAGE",
-        "SYSTEM", "STATE", "UPTIME", "PORT", "STORE", "BUILDS"
+        "{:<14} {:<7} {:>6} {:>5} {:>7} {:>6} {:<7}  IMAGE",
+        "SYSTEM", "STATE", "UPTIME", "PORT", "STORE", "BUILDS", "SANDBOX"
     );
     for b in builders {
         let b = b.borrow();
@@ -321,7 +379,7 @@ fn print_rows<B: std::borrow::Borrow<BuilderInfo>>(builders: &[B]) {
             })
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<14} {:<7} {:>6} {:>5} {:>7} {:>6}  {}",
+            "{:<14} {:<7} {:>6} {:>5} {:>7} {:>6} {:<7}  {}",
             format::fit(&system, 14),
             format::fit(&b.state, 7),
             b.uptime_secs
@@ -332,7 +390,12 @@ fn print_rows<B: std::borrow::Borrow<BuilderInfo>>(builders: &[B]) {
                 .map(format::human_bytes)
                 .unwrap_or_else(|| "-".into()),
             format!("{}/{}", b.builds_running, b.slots),
-            format::fit(&image, 80 - 52),
+            match b.sandboxed {
+                Some(true) => "on",
+                Some(false) => "off",
+                None => "?",
+            },
+            format::fit(&image, 80 - 60),
         );
     }
 }
@@ -351,5 +414,23 @@ fn print_store_note<B: std::borrow::Borrow<BuilderInfo>>(builders: &[B]) {
             "STORE: disk usage of /nix/store (on the volume, or `du` in the builder)"
         };
         println!("\n{note}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn wrap_keeps_lines_within_the_width() {
+        let w = super::wrap(
+            "x86_64-linux: auto: a rootful engine on its host: the sandbox needs an unmasked /proc",
+            30,
+        );
+        assert!(w.len() > 2, "{w:?}");
+        assert!(w.iter().all(|l| l.chars().count() <= 30), "{w:?}");
+        assert!(w[1].starts_with("  ") && !w[1].starts_with("   "), "{w:?}");
+        assert_eq!(
+            w.join(" ").split_whitespace().collect::<Vec<_>>().join(" "),
+            "x86_64-linux: auto: a rootful engine on its host: the sandbox needs an unmasked /proc"
+        );
     }
 }

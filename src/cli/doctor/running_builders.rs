@@ -62,6 +62,20 @@ pub(super) async fn check_ssh(c: &mut Checks, engine: &Engine, env: &Env, instan
         } else {
             format!("builder {} on {}", ex.system, engine.name)
         };
+        // Decided when the container was created, recorded in its labels.
+        let (on, why) = ex.sandbox();
+        let sandbox_check = if is_default {
+            format!("sandbox {} (container)", ex.system)
+        } else {
+            format!("sandbox {} on {} (container)", ex.system, engine.name)
+        };
+        c.info(
+            &sandbox_check,
+            format!(
+                "builds {} Nix's sandbox: {why}",
+                if on { "run in" } else { "run without" }
+            ),
+        );
         if !ex.running() {
             c.info(
                 &name,

@@ -1,6 +1,7 @@
 //! The served systems: can this machine run each, and is its image present.
 
 use crate::builder::engine::DEFAULT_ENGINE;
+use crate::builder::sandbox::{self, EngineFacts};
 use crate::builder::systems::{self, EmulationSupport};
 use crate::builder::{BuilderSpec, Engine};
 use crate::config::Config;
@@ -44,6 +45,10 @@ pub(super) async fn check_systems(
         .iter()
         .find(|pe| pe.name() == DEFAULT_ENGINE)
         .and_then(|pe| pe.engine.as_ref().ok());
+    let default_facts = match default {
+        Some(e) => Some(EngineFacts::ask(e).await),
+        None => None,
+    };
     for spec in &specs {
         let name = spec.system.as_str();
         match systems::emulation_support(name, host::host_arch(), host::ENGINE_IS_LOCAL) {
@@ -60,10 +65,12 @@ pub(super) async fn check_systems(
                 c.fail(name, format!("cannot run {name} containers here"), why)
             }
         }
+        check_sandbox_setting(c, name, spec, default_facts.as_ref());
         let Some(e) = default else { continue };
         check_image(c, name, spec, e, None).await;
     }
     for (pe, e, specs) in others {
+        let facts = EngineFacts::ask(e).await;
         for spec in &specs {
             let name = format!("{} on {}", spec.system, pe.name());
             match systems::emulation_support(&spec.system, &e.arch, false) {
@@ -90,9 +97,43 @@ pub(super) async fn check_systems(
                     ),
                 ),
             }
+            check_sandbox_setting(c, &name, spec, Some(&facts));
             check_image(c, &name, spec, e, Some(pe.name())).await;
         }
     }
+}
+
+/// Whether a new container for `spec` would sandbox its builds, and why (an existing
+/// container's own decision is in its labels: the builders-running checks show it);
+/// `sandbox = true` on an emulated builder fails every build for it: say so before a build.
+fn check_sandbox_setting(
+    c: &mut Checks,
+    name: &str,
+    spec: &BuilderSpec,
+    facts: Option<&EngineFacts>,
+) {
+    let check = format!("sandbox {name}");
+    if let Some(why) = sandbox::refusal(spec.sandbox, spec.emulated, &spec.system) {
+        c.fail(
+            &check,
+            why,
+            format!(
+                "set sandbox = false (or \"auto\") in [builders.\"{}\"]",
+                spec.system
+            ),
+        );
+        return;
+    }
+    let Some(facts) = facts else { return };
+    let d = sandbox::decide(spec.sandbox, spec.emulated, facts);
+    c.info(
+        &check,
+        format!(
+            "a new builder's builds run {} Nix's sandbox: {}",
+            if d.on { "in" } else { "without" },
+            d.why
+        ),
+    );
 }
 
 /// The spec's image is on engine `e` (`remote`: a pool engine's name, for the fix).

@@ -39,6 +39,15 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 # then publish sshd on its address); "engine-exec" always uses the engine's exec.
 # transport = "auto"
 
+# Nix's sandbox inside the builders (a builder's own `sandbox` overrides it): true, false or
+# "auto". "auto" turns it on where it costs the host nothing: an engine inside a VM (Docker
+# Desktop, OrbStack, colima, Lima) or a user-namespaced one (rootless, userns-remap). It stays
+# off for emulated builders (qemu-user cannot start it; true fails their builds) and on a
+# rootful engine on this host, where the sandbox's unmasked /proc/sys would be writable by the
+# container's root, the host's root: true accepts that. The image needs a static shell for
+# /bin/sh (Debian: bash-static). `nixdock status` says per builder whether and why.
+# sandbox = "auto"
+
 # With no [builders] table, nixdock serves this machine's own Linux system and, when it can
 # emulate it (binfmt_misc with qemu, flag F), the other of x86_64-linux / aarch64-linux.
 # A table per system replaces those defaults:
@@ -54,6 +63,7 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 # extra-nix-conf = ["keep-outputs = true"]  # lines added to the builder's nix.conf
 # kvm = false                               # pass /dev/kvm (adds kvm, nixos-test)
 # speed-factor = 1.0                        # against the machines in Nix's `builders`
+# sandbox = "auto"                          # Nix's sandbox: true, false or "auto"
 
 # More engines, beside docker-host: a pool. A build goes to a builder of its system's own
 # architecture first (emulation only when every native one is full), then to the least busy
