@@ -4,9 +4,10 @@
 //! `ssh://` engine's `docker system dial-stdio` over nixdock's own SSH client (the engine
 //! host's key pinned, never root's `~/.ssh/config`, never trust on first use).
 //!
-//! Every request gets its own HTTP/1 connection from a [`Dialer`]: an exec's upgraded stream
-//! keeps its connection for as long as it runs, and nothing is pooled that a half-read
-//! response could poison.
+//! Connections come from a [`Dialer`] and are kept alive between requests (hyper's pool): a
+//! warm build makes a dozen small Engine API calls, and a TLS handshake or a new SSH channel
+//! (a `dial-stdio` process on the engine's host) for each measured 10 ms or more. An exec's
+//! upgraded stream takes its connection out of the pool for as long as it runs.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -203,35 +204,16 @@ fn over(
     timeout_secs: u64,
     version: &ClientVersion,
 ) -> Result<Docker, EngineApiError> {
-    let dialer = Arc::new(dialer);
-    let host_header = host.to_string();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(Connector(Arc::new(dialer)));
     let transport = move |req: BollardRequest| {
-        let dialer = dialer.clone();
-        let host_header = host_header.clone();
+        let client = client.clone();
         async move {
-            let (mut parts, body) = req.into_parts();
-            // bollard writes absolute URIs; on a connection of our own, HTTP/1 wants the path.
-            if let Some(pq) = parts.uri.path_and_query().cloned() {
-                parts.uri = pq
-                    .as_str()
-                    .parse()
-                    .map_err(|e: hyper::http::uri::InvalidUri| {
-                        std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string())
-                    })?;
-            }
-            if let Ok(v) = hyper::header::HeaderValue::from_str(&host_header) {
-                parts.headers.insert(hyper::header::HOST, v);
-            }
-            let io = dialer.dial().await?;
-            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!("engine connection ended: {e}");
-                }
-            });
-            Ok(send
-                .send_request(BollardRequest::from_parts(parts, body))
-                .await?)
+            Ok(client
+                .request(req)
+                .await
+                .map_err(|e| std::io::Error::other(with_sources(&e)))?)
         }
     };
     Ok(Docker::connect_with_custom_transport(
@@ -240,6 +222,87 @@ fn over(
         timeout_secs,
         version,
     )?)
+}
+
+/// An error and its sources in one line: hyper's client says only "client error (Connect)",
+/// the reason (an unknown CA, a refused connection) is in its sources.
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// hyper's connector: every new pooled connection is one [`Dialer::dial`].
+#[derive(Clone)]
+struct Connector(Arc<Dialer>);
+
+type DialFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Conn>> + Send>>;
+
+impl tower_service::Service<hyper::Uri> for Connector {
+    type Response = Conn;
+    type Error = std::io::Error;
+    type Future = DialFuture;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: hyper::Uri) -> Self::Future {
+        let dialer = self.0.clone();
+        Box::pin(async move { Ok(Conn(TokioIo::new(dialer.dial().await?))) })
+    }
+}
+
+/// A dialed connection as hyper's client wants it.
+struct Conn(TokioIo<Box<dyn Stream>>);
+
+impl hyper_util::client::legacy::connect::Connection for Conn {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
