@@ -522,7 +522,12 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
                 let ready = builders.ensure_ready(&spec, Some(&slot)).await;
                 parent.send(&LogLine::stop(step));
                 let ready = ready?;
-                let how = if ready.started { "ssh, cold" } else { "ssh" };
+                let how = match (&ready.link, ready.started) {
+                    (crate::transport::Link::Ssh(_), true) => "ssh, cold",
+                    (crate::transport::Link::Ssh(_), false) => "ssh",
+                    (crate::transport::Link::Engine(_), true) => "engine exec, cold",
+                    (crate::transport::Link::Engine(_), false) => "engine exec",
+                };
                 Ok::<_, crate::builder::BuilderError>((
                     RemoteStore {
                         name: ready.container,
