@@ -20,7 +20,9 @@ fuzz_target!(|data: &[u8]| {
         };
         let mut buf = BytesMut::new();
         settings.write(&mut buf);
-        let again = hook::read_settings(&mut &buf[..]).await.expect("re-read settings");
+        let again = hook::read_settings(&mut &buf[..])
+            .await
+            .expect("re-read settings");
         assert_eq!(again, settings);
         // The typed accessors parse values the parent wrote.
         let _ = (
@@ -36,7 +38,6 @@ fuzz_target!(|data: &[u8]| {
             settings.experimental_features(),
             settings.use_case_hack(),
         );
-        let after_preamble = r;
         let mut first_try_end = None;
         for _ in 0..MAX_REQUESTS {
             match hook::read_request(&mut r).await {
@@ -44,20 +45,23 @@ fuzz_target!(|data: &[u8]| {
                     first_try_end.get_or_insert(r);
                     let mut buf = BytesMut::new();
                     t.write(&mut buf);
-                    let again = hook::read_request(&mut &buf[..]).await.expect("re-read try");
+                    let again = hook::read_request(&mut &buf[..])
+                        .await
+                        .expect("re-read try");
                     assert_eq!(again, HookRequest::Try(t));
                 }
                 Ok(HookRequest::Exit) | Err(_) => break,
             }
         }
-        let _ = after_preamble;
         // As the hook reads it when it accepts the first `try`: the post-accept data.
         if let Some(mut r) = first_try_end
             && let Ok(work) = hook::read_accepted(&mut r).await
         {
             let mut buf = BytesMut::new();
             work.write(&mut buf);
-            let again = hook::read_accepted(&mut &buf[..]).await.expect("re-read accepted");
+            let again = hook::read_accepted(&mut &buf[..])
+                .await
+                .expect("re-read accepted");
             assert_eq!(again.inputs, work.inputs);
             assert_eq!(again.wanted_outputs, work.wanted_outputs);
         }

@@ -52,7 +52,12 @@ fn log(e: LogEvent) {
 async fn run(offered: ProtocolVersion, ops: [u8; 4], stream: &[u8]) {
     let client = WorkerClient::handshake_with(stream, tokio::io::sink(), offered, &mut log).await;
     let Ok(mut c) = client else { return };
-    let _ = (c.version(), c.daemon_nix_version(), c.trusted(), c.daemon_features());
+    let _ = (
+        c.version(),
+        c.daemon_nix_version(),
+        c.trusted(),
+        c.daemon_features(),
+    );
     let out = path("g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo");
     let drv = path("g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo.drv");
     for op in ops {
@@ -110,7 +115,9 @@ async fn run(offered: ProtocolVersion, ops: [u8; 4], stream: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let [version, a, b, rest @ ..] = data else { return };
+    let [version, a, b, rest @ ..] = data else {
+        return;
+    };
     let offered = version_from(*version);
     let ops = [a & 7, (a >> 3) & 7, b & 7, (b >> 3) & 7];
     block_on(async {

@@ -64,10 +64,13 @@ fn check(version: ProtocolVersion, kind: u8, rest: &[u8]) {
     let v = version;
     block_on(async {
         match kind % 13 {
-            0 => round_trip!(rest, |r| ValidPathInfo::read(r, v).await, |x, b| x.write(&mut b, v)),
+            0 => round_trip!(rest, |r| ValidPathInfo::read(r, v).await, |x, b| x
+                .write(&mut b, v)),
             1 => {
                 // The path of an unkeyed info comes from the request, not the daemon.
-                let path = "/nix/store/g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo".parse().unwrap();
+                let path = "/nix/store/g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo"
+                    .parse()
+                    .unwrap();
                 round_trip!(
                     rest,
                     |r| ValidPathInfo::read_unkeyed(r, std::clone::Clone::clone(&path), v).await,
@@ -77,10 +80,13 @@ fn check(version: ProtocolVersion, kind: u8, rest: &[u8]) {
             2 => round_trip!(rest, |r| read_store_path_set(r).await, |x, b| {
                 put_store_path_set(&mut b, x)
             }),
-            3 => round_trip!(rest, |r| BuildResult::read(r, v).await, |x, b| x.write(&mut b, v)),
-            4 => round_trip!(rest, |r| BuildResult::read_with(r, v, true).await, |x, b| {
-                x.write_with(&mut b, v, true)
-            }),
+            3 => round_trip!(rest, |r| BuildResult::read(r, v).await, |x, b| x
+                .write(&mut b, v)),
+            4 => round_trip!(
+                rest,
+                |r| BuildResult::read_with(r, v, true).await,
+                |x, b| { x.write_with(&mut b, v, true) }
+            ),
             5 => round_trip!(rest, |r| KeyedBuildResult::read(r, v).await, |x, b| {
                 x.write(&mut b, v).expect("encode what was decoded")
             }),
@@ -97,7 +103,8 @@ fn check(version: ProtocolVersion, kind: u8, rest: &[u8]) {
             10 => round_trip!(rest, |r| read_trusted_flag(r).await, |x, b| {
                 put_trusted_flag(&mut b, *x)
             }),
-            11 => round_trip!(rest, |r| BasicDerivation::read(r).await, |x, b| x.write(&mut b)),
+            11 => round_trip!(rest, |r| BasicDerivation::read(r).await, |x, b| x
+                .write(&mut b)),
             _ => {
                 let text = String::from_utf8_lossy(rest);
                 if let Ok(real) = Realisation::from_json(None, &text) {
