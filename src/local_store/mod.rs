@@ -22,22 +22,27 @@
 //! and the import fails saying so (see [`ImportError::CaNotRecorded`]).
 //!
 //! If the process is killed in the middle (the parent may SIGKILL the hook), what can remain is
-//! a `.nixdock-tmp-*` directory and unregistered store paths. The latter are harmless to Nix
-//! (an invalid path is treated as absent and deleted before it is built or substituted) and are
-//! replaced by the next import of the same path. Nix's garbage collector removes both: it
-//! deletes every entry of the store directory that is not a valid store path (checked with Nix
-//! 2.8, where even `nix-store --gc --print-dead` removes a stale staging directory). The flip
-//! side: a collection running during an import can remove its staging directory; the import
-//! then fails with an I/O error, registers nothing, and the build can be retried.
+//! a `.nixdock-tmp-*` staging directory (with its `.nixdock-lock-*` file) and unregistered store
+//! paths.
+//! The next import sweeps the staging directories whose owner is gone ([`staging`]: each has a
+//! lock file beside it that its owner holds an `flock` on for its whole life, and the kernel
+//! drops that lock with the process), before it stages anything. Unregistered paths are harmless
+//! to Nix (an invalid path is treated as absent and deleted before it is built or substituted)
+//! and are replaced by the next import of the same path. Nix's garbage collector removes both
+//! too: it deletes every entry of the store directory that is not a valid store path (checked
+//! with Nix 2.8, where even `nix-store --gc --print-dead` removes a stale staging directory).
+//! The flip side: a collection running during an import can remove its staging directory; the
+//! import then fails with an I/O error, registers nothing, and the build can be retried.
 
 pub mod ca_column;
 pub mod content_address;
+pub mod staging;
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs::{self, Permissions};
 use std::io::{self, Read};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::Stdio;
@@ -55,6 +60,7 @@ use tokio::process::Command;
 use ca_column::{CaColumn, CaColumnError};
 use content_address::CaHasher;
 pub use content_address::{CaError, ContentAddress};
+use staging::StagingDir;
 
 /// Prefix of the staging directories [`OutputImporter`] makes in the store directory.
 pub const STAGING_PREFIX: &str = ".nixdock-tmp-";
@@ -233,8 +239,10 @@ pub struct OutputImporter {
     /// Nix's state directory, whose `db/` holds the database content addresses go into.
     state_dir: PathBuf,
     /// Created by the first `add`.
-    staging: Option<PathBuf>,
+    staging: Option<StagingDir>,
     staged: Vec<Staged>,
+    /// Whether this importer has swept its store directory for dead importers' leftovers.
+    swept: bool,
 }
 
 impl OutputImporter {
@@ -259,6 +267,7 @@ impl OutputImporter {
             state_dir: ca_column::nix_state_dir(),
             staging: None,
             staged: Vec::new(),
+            swept: false,
         })
     }
 
@@ -277,24 +286,43 @@ impl OutputImporter {
 
     fn ensure_staging(&mut self) -> Result<PathBuf> {
         if let Some(s) = &self.staging {
-            return Ok(s.clone());
+            return Ok(s.path().to_owned());
         }
         for _ in 0..16 {
-            let dir = self
-                .store_dir
-                .join(format!("{STAGING_PREFIX}{}", random_suffix()));
-            match fs::DirBuilder::new().mode(0o700).create(&dir) {
-                Ok(()) => {
-                    self.staging = Some(dir.clone());
-                    return Ok(dir);
+            match StagingDir::create(&self.store_dir, &random_suffix()) {
+                Ok(dir) => {
+                    let path = dir.path().to_owned();
+                    self.staging = Some(dir);
+                    return Ok(path);
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(io_err("creating staging directory", &dir)(e)),
+                Err(e) => {
+                    return Err(io_err("creating a staging directory in", &self.store_dir)(
+                        e,
+                    ));
+                }
             }
         }
         Err(ImportError::Internal(
             "could not find an unused staging directory name".into(),
         ))
+    }
+
+    /// Once per importer, before it stages anything: removes the staging directories of
+    /// importers that died (see [`staging`]). Failures are only logged.
+    async fn sweep_once(&mut self) {
+        if std::mem::replace(&mut self.swept, true) {
+            return;
+        }
+        let store_dir = self.store_dir.clone();
+        match tokio::task::spawn_blocking(move || staging::sweep(&store_dir)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(
+                "could not sweep '{}' for staging leftovers: {e}",
+                self.store_dir.display()
+            ),
+            Err(e) => tracing::warn!("sweeping staging leftovers: {e}"),
+        }
     }
 
     /// Unpacks one path's NAR (read up to its end, no further) into the staging directory and
@@ -332,6 +360,7 @@ impl OutputImporter {
             return Err(ImportError::Duplicate(path));
         }
         let nar_size = info.info.nar_size;
+        self.sweep_once().await;
         let staging = self.ensure_staging()?;
         let tmp = staging.join(&base);
         let opts = UnpackOptions {
@@ -489,7 +518,7 @@ impl OutputImporter {
     async fn discard_partial(&mut self, path: &StorePath) {
         self.staged.retain(|s| s.info.info.path != *path);
         if let Some(staging) = &self.staging {
-            let tmp = staging.join(path.base_name());
+            let tmp = staging.path().join(path.base_name());
             if fs::symlink_metadata(&tmp).is_ok() {
                 remove_tree_logged(&tmp).await;
             }
@@ -501,10 +530,8 @@ impl OutputImporter {
         if !self.staged.is_empty() {
             return;
         }
-        if let Some(s) = self.staging.take() {
-            // Empty: nothing of this importer's is in it.
-            let _ = fs::remove_dir(&s);
-        }
+        // Nothing of this importer's is in it: dropping it removes it and its lock file.
+        drop(self.staging.take());
     }
 
     /// Moves every staged path into the store (replacing invalid leftovers, skipping paths that
@@ -538,23 +565,13 @@ impl OutputImporter {
                 commit_staged(&nix_store, &store_dir, &state_dir, staged, check_validity).await
             };
             if let Some(s) = staging {
-                remove_tree_logged(&s).await;
+                // Dropping it removes the directory (blocking), then its lock file.
+                let _ = tokio::task::spawn_blocking(move || drop(s)).await;
             }
             result
         });
         task.await
             .map_err(|e| ImportError::Internal(format!("the commit task failed: {e}")))?
-    }
-}
-
-impl Drop for OutputImporter {
-    fn drop(&mut self) {
-        let Some(s) = self.staging.take() else {
-            return;
-        };
-        if let Err(e) = remove_tree(&s) {
-            tracing::warn!("could not remove staging directory '{}': {e}", s.display());
-        }
     }
 }
 
