@@ -20,12 +20,7 @@ pub(super) async fn check_engine(c: &mut Checks, env: &Env, config: &Config, pe:
     }
     match &pe.engine {
         Ok(e) => {
-            let version = tokio::time::timeout(CONNECT_DEADLINE, e.docker.version())
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .and_then(|v| v.version)
-                .unwrap_or_else(|| "?".into());
+            let version = docker_version(e).await;
             let access = pe
                 .access_note()
                 .map(|a| format!(", {a}"))
@@ -124,12 +119,7 @@ async fn check_pool_engine(c: &mut Checks, env: &Env, pe: &PoolEngine, check: &s
         .unwrap_or_default();
     match &pe.engine {
         Ok(e) => {
-            let version = tokio::time::timeout(CONNECT_DEADLINE, e.docker.version())
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .and_then(|v| v.version)
-                .unwrap_or_else(|| "?".into());
+            let version = docker_version(e).await;
             c.ok(
                 check,
                 format!("{}{access}, Docker {version}, {} {}", e.addr, e.os, e.arch),
@@ -154,4 +144,14 @@ async fn check_pool_engine(c: &mut Checks, env: &Env, pe: &PoolEngine, check: &s
             ),
         ),
     }
+}
+
+/// The engine's Docker version, or `?` when it does not say within the connect deadline.
+async fn docker_version(e: &crate::builder::Engine) -> String {
+    tokio::time::timeout(CONNECT_DEADLINE, e.docker.version())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|v| v.version)
+        .unwrap_or_else(|| "?".into())
 }
