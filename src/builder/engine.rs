@@ -1006,6 +1006,28 @@ impl Engine {
     }
 }
 
+/// Podman 4.3 reports a container whose process has just ended as "stopped" until its cleanup
+/// has run (then "exited"), a state bollard's models do not know, so the whole answer fails to
+/// parse. An inspect or list that fails so is asked again, every 100 ms for up to 2 s.
+pub async fn podman_settled<T, F, Fut>(mut ask: F) -> Result<T, bollard::errors::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, bollard::errors::Error>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match ask().await {
+            Err(bollard::errors::Error::JsonDataError { message, .. })
+                if message.contains("`stopped`") && std::time::Instant::now() < deadline =>
+            {
+                tracing::debug!("container state \"stopped\" (Podman, cleaning up): asking again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The engine reports `x86_64`/`aarch64` (Linux) or `amd64`/`arm64` (some VMs); Nix and
 /// `uname -m` say `x86_64`/`aarch64`.
 pub fn normalize_arch(a: &str) -> String {

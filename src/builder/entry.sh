@@ -64,6 +64,38 @@ own_file() {
 # Whether an id is taken in /etc/passwd or /etc/group ($1: file, $2: id).
 id_taken() { grep -q "^[^:]*:[^:]*:$2:" "$1"; }
 
+# Build users must be uids (and the group a gid) that the container's user namespace maps: a
+# user-namespaced engine nixdock could not recognise as one (it passes no base then) maps only the
+# engine user's subordinate range, and a build user outside it cannot exist ("setgroups: Invalid
+# argument"). So a base whose range /proc/self/uid_map and gid_map do not cover falls back to
+# 10000, then 1000.
+ids_mapped() { # MAP FIRST LAST: whether one line of MAP covers FIRST..LAST
+    [ -r "$1" ] || return 0
+    while read -r inside _outside count; do
+        if [ "$inside" -le "$2" ] && [ "$3" -lt $((inside + count)) ]; then return 0; fi
+    done < "$1"
+    return 1
+}
+pick_uid_base() {
+    jobs=$(sed -n 's/^max-jobs = \([0-9]*\)$/\1/p' "$ND/nix.conf.in")
+    need=${jobs:-0}
+    [ "$need" -ge 32 ] || need=32
+    need=$((need + 64)) # room for ids the image already uses
+    for base in "$NIXDOCK_BUILD_UID_BASE" 10000 1000; do
+        if ids_mapped /proc/self/uid_map "$base" $((base + need)) &&
+            ids_mapped /proc/self/gid_map "$base" $((base + need)); then
+            if [ "$base" != "$NIXDOCK_BUILD_UID_BASE" ]; then
+                log "build users from uid $((base + 1)): this container's user namespace does not map $NIXDOCK_BUILD_UID_BASE and up"
+                NIXDOCK_BUILD_UID_BASE=$base
+            fi
+            return 0
+        fi
+    done
+    log "FATAL: this container's user namespace maps no $need free uids for build users ($(tr -s ' \n' ' ,' < /proc/self/uid_map))"
+    exit 67
+}
+pick_uid_base
+
 own_file /etc/group
 own_file /etc/passwd
 if ! grep -q '^nixbld:' /etc/group; then

@@ -368,11 +368,12 @@ impl Builders {
         &self,
         name: &str,
     ) -> Result<Option<ContainerInspectResponse>, BuilderError> {
-        match self
-            .engine
-            .docker
-            .inspect_container(name, None::<InspectContainerOptions>)
-            .await
+        match super::engine::podman_settled(|| {
+            self.engine
+                .docker
+                .inspect_container(name, None::<InspectContainerOptions>)
+        })
+        .await
         {
             Ok(c) => Ok(Some(c)),
             Err(e) if is_not_found(&e) => Ok(None),

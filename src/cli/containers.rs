@@ -13,6 +13,7 @@ use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum};
 use bollard::query_parameters::{InspectContainerOptions, ListContainersOptions};
 use futures_util::StreamExt;
 
+use crate::builder::engine::podman_settled;
 use crate::builder::provision::{
     LABEL_HOST_KEY, LABEL_IMAGE, LABEL_INSTANCE, LABEL_MAX_JOBS, LABEL_SYSTEM,
 };
@@ -126,18 +127,18 @@ pub async fn list_existing(engine: &Engine, instance: &str) -> anyhow::Result<Ve
         )])),
         ..Default::default()
     };
-    let list = engine
-        .docker
-        .list_containers(Some(opts))
+    let list = podman_settled(|| engine.docker.list_containers(Some(opts.clone())))
         .await
         .with_context(|| format!("Docker engine at {}", engine.addr))?;
     let mut out = Vec::new();
     for c in list {
         let Some(id) = c.id else { continue };
-        let inspect = match engine
-            .docker
-            .inspect_container(&id, None::<InspectContainerOptions>)
-            .await
+        let inspect = match podman_settled(|| {
+            engine
+                .docker
+                .inspect_container(&id, None::<InspectContainerOptions>)
+        })
+        .await
         {
             Ok(i) => i,
             Err(e) if is_not_found(&e) => continue, // removed meanwhile
