@@ -403,6 +403,27 @@ pub fn require_podman() -> bool {
     }
 }
 
+/// The test bed's rootless Podman user (`scripts/testbed`: subordinate ids 200000-265535, its
+/// `podman system service` on /run/user/<uid>/podman/podman.sock) and its home.
+pub const ROOTLESS_USER: &str = "nixdock-rootless";
+pub const ROOTLESS_HOME: &str = "/var/lib/nixdock-testbed/rootless";
+pub const ROOTLESS_SUBID_START: u32 = 200000;
+pub const ROOTLESS_SUBID_COUNT: u32 = 65536;
+
+/// True when the rootless Podman engine is up (`scripts/testbed --check rootless`: user,
+/// subordinate ids, runtime dir, config, service, images). Otherwise as
+/// [`require_second_engine`].
+pub fn require_rootless() -> bool {
+    static ROOTLESS: OnceLock<Result<(), String>> = OnceLock::new();
+    match ROOTLESS.get_or_init(|| check_part("rootless")) {
+        Ok(()) => true,
+        Err(report) => missing(format!(
+            "rootless Podman engine (user {ROOTLESS_USER}) missing: run scripts/testbed (as \
+             root)\n{report}"
+        )),
+    }
+}
+
 /// `scripts/testbed --check PART`: 0 = present, 2 = present but an image is older than the host
 /// engine's (usable: warn), anything else = missing.
 fn check_part(part: &str) -> Result<(), String> {
