@@ -741,3 +741,56 @@ fn podman_runs_a_container_through_the_docker_api() {
     );
     assert_eq!(out, "ran-on-podman\nx86_64\n");
 }
+
+#[test]
+fn rootless_podman_runs_containers_in_its_users_subordinate_range() {
+    if !common::require_rootless() {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata(common::ROOTLESS_HOME)
+        .expect("the rootless user's home")
+        .uid();
+    let sock = format!("/run/user/{uid}/podman/podman.sock");
+    let owner = std::fs::metadata(&sock).expect("the rootless socket").uid();
+    assert_eq!(owner, uid, "{sock} belongs to the rootless user");
+    let engine = format!("unix://{sock}");
+    let name = unique_name("nixdock-testbed-rootless");
+    let _guard = ContainerGuardOn {
+        host: engine.clone(),
+        name: name.clone(),
+    };
+    let out = docker_on_ok(
+        &engine,
+        [
+            "run",
+            "--rm",
+            "--name",
+            &name,
+            &image("bookworm-amd64"),
+            "cat",
+            "/proc/self/uid_map",
+        ],
+    );
+    let map: Vec<Vec<u64>> = out
+        .lines()
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .collect();
+    // The container's root is the user itself; every other uid one of its subordinate ones.
+    assert_eq!(
+        map,
+        vec![
+            vec![0, u64::from(uid), 1],
+            vec![
+                1,
+                u64::from(common::ROOTLESS_SUBID_START),
+                u64::from(common::ROOTLESS_SUBID_COUNT)
+            ],
+        ],
+        "{out}"
+    );
+}
