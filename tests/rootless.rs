@@ -21,6 +21,7 @@ use std::time::Duration;
 use common::{ROOTLESS_HOME, ROOTLESS_USER, output_text as text};
 
 const HOOK: &str = env!("CARGO_BIN_EXE_nixdock-hook");
+const NIXDOCK: &str = env!("CARGO_BIN_EXE_nixdock");
 
 /// The rootless user's ids and its engine's address.
 struct Rootless {
@@ -182,33 +183,40 @@ fn trivial_expr(name: &str) -> String {
     )
 }
 
-/// The hook as the rootless user can run it: the test binary where that user may execute it,
-/// else a copy in the scratch directory (a target dir under /root is closed to it).
-fn hook_for(r: &Rootless, s: &Scratch) -> PathBuf {
-    let reachable = Command::new("setpriv")
-        .args([
-            &format!("--reuid={}", r.uid),
-            &format!("--regid={}", r.gid),
-            "--clear-groups",
-            "test",
-            "-x",
-            HOOK,
-        ])
-        .status()
-        .is_ok_and(|s| s.success());
-    if reachable {
-        return PathBuf::from(HOOK);
+/// `nixdock-hook` and `nixdock` as the rootless user can run them: the test binaries where
+/// that user may execute them, else copies side by side in the scratch directory (a target dir
+/// under /root is closed to it).
+fn programs_for(r: &Rootless, s: &Scratch) -> (PathBuf, PathBuf) {
+    let reachable = |p: &str| {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={}", r.uid),
+                &format!("--regid={}", r.gid),
+                "--clear-groups",
+                "test",
+                "-x",
+                p,
+            ])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if reachable(HOOK) && reachable(NIXDOCK) {
+        return (PathBuf::from(HOOK), PathBuf::from(NIXDOCK));
     }
-    let copy = s.dir.join("nixdock-hook");
-    std::fs::copy(HOOK, &copy).unwrap();
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
-    copy
+    let copy = |from: &str, name: &str| {
+        let to = s.dir.join(name);
+        std::fs::copy(from, &to).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+        to
+    };
+    (copy(HOOK, "nixdock-hook"), copy(NIXDOCK, "nixdock"))
 }
 
-/// `nix-build EXPR` as the rootless user with a single-user store of its own: `nix` (owned by
-/// it) bind-mounted on /nix in a private mount namespace, only its own environment (HOME,
-/// XDG_RUNTIME_DIR as a login gives them), the hook from `hook`, the config `config`.
-fn single_user_build(r: &Rootless, s: &Scratch, hook: &Path, config: &Path, expr: &str) -> Output {
+/// `PROGRAM ARGS...` as the rootless user with a single-user Nix install of its own: `nix`
+/// (owned by it) bind-mounted on /nix in a private mount namespace; only its own environment
+/// (HOME, XDG_RUNTIME_DIR as a login gives them), its nix.conf `config/nix/nix.conf` in the
+/// scratch directory (XDG_CONFIG_HOME), the nixdock config `nixdock.toml` there.
+fn as_single_user(r: &Rootless, s: &Scratch, program: &str, args: &[&str]) -> Output {
     let nix = s.dir.join("nix");
     if !nix.exists() {
         std::fs::create_dir(&nix).unwrap();
@@ -233,13 +241,27 @@ fn single_user_build(r: &Rootless, s: &Scratch, hook: &Path, config: &Path, expr
             &format!("USER={ROOTLESS_USER}"),
             &format!("XDG_RUNTIME_DIR=/run/user/{}", r.uid),
         ])
-        .arg(format!("NIXDOCK_CONFIG={}", config.display()))
+        .arg(format!(
+            "XDG_CONFIG_HOME={}",
+            s.dir.join("config").display()
+        ))
+        .arg(format!(
+            "NIXDOCK_CONFIG={}",
+            s.dir.join("nixdock.toml").display()
+        ))
         .arg(format!("NIXDOCK_STATE_DIR={}", s.state.display()))
-        .args(["nix-build", "--no-out-link", "--max-jobs", "0", "--option"])
-        .arg("build-hook")
-        .arg(hook)
-        .args(["-E", expr]);
-    common::run_with_timeout(cmd, Duration::from_secs(600)).expect("nix-build ran")
+        .arg(program)
+        .args(args);
+    common::run_with_timeout(cmd, Duration::from_secs(600)).expect("the command ran")
+}
+
+fn single_user_build(r: &Rootless, s: &Scratch, expr: &str) -> Output {
+    as_single_user(
+        r,
+        s,
+        "nix-build",
+        &["--no-out-link", "--max-jobs", "0", "-E", expr],
+    )
 }
 
 /// The single-user store's file for a store path nix-build printed.
@@ -279,15 +301,24 @@ fn a_single_user_hook_builds_sandboxed_on_its_own_rootless_podman() {
     let s = Scratch::new(&r, "single-user", true);
     // No docker-host: a non-root hook finds its own user's engine (/run/user/<uid>/podman).
     // trixie's Nix names a static shell for the sandbox's /bin/sh.
-    let config = s.file(
+    s.file(
         "nixdock.toml",
         &format!(
             "[builders.\"x86_64-linux\"]\nimage = \"{}\"\nidle-timeout = 300\n",
             common::image("trixie-amd64")
         ),
     );
-    let hook = hook_for(&r, &s);
-    let o = single_user_build(&r, &s, &hook, &config, &probe_expr("rootless-sandboxed"));
+    // The user's own nix.conf names the hook, as a single-user install's would.
+    let (hook, nixdock) = programs_for(&r, &s);
+    for d in ["config", "config/nix"] {
+        std::fs::create_dir(s.dir.join(d)).unwrap();
+        std::os::unix::fs::chown(s.dir.join(d), Some(r.uid), Some(r.gid)).unwrap();
+    }
+    s.file(
+        "config/nix/nix.conf",
+        &format!("build-hook = {}\n", hook.display()),
+    );
+    let o = single_user_build(&r, &s, &probe_expr("rootless-sandboxed"));
     assert!(
         o.status.success(),
         "{}\nhook log:\n{}",
@@ -326,7 +357,7 @@ fn a_single_user_hook_builds_sandboxed_on_its_own_rootless_podman() {
 
     // Warm: the builder's daemon socket in the volume belongs to the hook's own uid (the
     // engine's root is this user), so the hook connects to it directly.
-    let o = single_user_build(&r, &s, &hook, &config, &trivial_expr("rootless-warm"));
+    let o = single_user_build(&r, &s, &trivial_expr("rootless-warm"));
     assert!(o.status.success(), "{}", text(&o));
     let log = s.hook_log();
     let last = log
@@ -334,6 +365,15 @@ fn a_single_user_hook_builds_sandboxed_on_its_own_rootless_podman() {
         .rfind(|l| l.contains("builder ready system="))
         .unwrap_or_default();
     assert!(last.contains("via=\"local socket\""), "{last}\n{log}");
+
+    // doctor, as that user, knows a single-user install: the hook is the user's own setting,
+    // no nix-daemon is involved, and the engine in /run/user is the one its hook finds.
+    let o = as_single_user(&r, &s, nixdock.to_str().unwrap(), &["doctor"]);
+    let report = text(&o);
+    assert!(o.status.success(), "{report}");
+    assert!(report.contains("single-user Nix"), "{report}");
+    assert!(!report.contains("[WARN]"), "{report}");
+    assert!(report.contains(&r.engine), "{report}");
 }
 
 #[test]

@@ -43,7 +43,9 @@ pub(super) async fn check_engine(c: &mut Checks, env: &Env, config: &Config, pe:
                     ),
                 );
             }
+            // A single-user install's hook runs as this user and finds the same engine.
             if !host::is_root()
+                && !host::single_user_nix()
                 && config.docker_host.is_none()
                 && !matches!(
                     e.how_found,

@@ -134,7 +134,16 @@ pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
     check_systems(&mut c, &config, instance.as_deref(), &pool).await;
     let nix = check_nix(&mut c);
     check_direct_builds(&mut c, &nix);
-    let daemon = check_daemon(&mut c, &hook);
+    let daemon = if host::single_user_nix() {
+        c.info(
+            "nix-daemon",
+            "single-user Nix: your builds open the store themselves and run the hook as you; \
+             no nix-daemon is involved",
+        );
+        None
+    } else {
+        check_daemon(&mut c, &hook)
+    };
     // Machines in `builders`.
     if let Some(s) = &nix.settings {
         check_builders(

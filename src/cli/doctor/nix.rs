@@ -43,7 +43,8 @@ pub(super) fn check_nix(c: &mut Checks) -> Nix {
     }
 }
 
-/// Direct builds (root's own `nix-build`) call nixdock-hook.
+/// Direct builds (root's own `nix-build`, or anyone's on a single-user install) call
+/// nixdock-hook.
 pub(super) fn check_direct_builds(c: &mut Checks, nix: &Nix) {
     let conf_dir = std::env::var_os("NIX_CONF_DIR")
         .map(PathBuf::from)
@@ -64,7 +65,8 @@ pub(super) fn check_direct_builds(c: &mut Checks, nix: &Nix) {
     // Root's nix-build opens the store itself; its hook is its own setting.
     if let (Some(s), Some((v, _))) = (&nix.settings, &nix.version) {
         let value = s.build_hook.clone().unwrap_or_default();
-        if !host::is_root() {
+        let own = host::is_root() || host::single_user_nix();
+        if !own {
             c.info(
                 "direct builds",
                 format!(
@@ -75,6 +77,14 @@ pub(super) fn check_direct_builds(c: &mut Checks, nix: &Nix) {
         } else if is_nixdock_hook(&value) {
             c.ok("direct builds", format!("build-hook = {value}"));
         } else {
+            if !host::is_root() {
+                c.fail(
+                    "direct builds",
+                    format!("your builds (single-user Nix) call {value}, not nixdock-hook"),
+                    "add `build-hook = /path/to/nixdock-hook` to ~/.config/nix/nix.conf",
+                );
+                return;
+            }
             let mut detail = format!("direct builds as root call {value}, not nixdock-hook");
             if let Some((line, file)) = &system_line
                 && has_nix_conf_bug(*v)
