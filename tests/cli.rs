@@ -452,6 +452,7 @@ fn every_command_has_complete_help() {
                 "--suite",
                 "--mirror",
                 "--tag",
+                "--engine",
                 "nixos/nix",
             ],
         ),

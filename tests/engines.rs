@@ -466,3 +466,80 @@ fn a_podman_engine_builds() {
         "{limits}"
     );
 }
+
+/// Removes an image from an engine when dropped (also on panic).
+struct ImageGuardOn {
+    engine: String,
+    tag: String,
+}
+
+impl Drop for ImageGuardOn {
+    fn drop(&mut self) {
+        common::docker_on(&self.engine, ["image", "rm", "-f", &self.tag]);
+    }
+}
+
+#[test]
+fn image_build_on_a_pool_engine_puts_the_image_there() {
+    let _link = engine2_shared();
+    if !common::require_second_engine() {
+        return;
+    }
+    let i = install(
+        "engines-image-build",
+        &format!("[engines.e2]\ndocker-host = \"{}\"\n", engine2()),
+        &[],
+    );
+    let nixdock = |args: &[&str]| {
+        let mut cmd = Command::new(NIXDOCK);
+        cmd.arg("--config")
+            .arg(&i.inner.config)
+            .arg("--state-dir")
+            .arg(&i.inner.state)
+            .args(["image", "build"])
+            .args(args);
+        common::run_with_timeout(cmd, Duration::from_secs(900)).expect("nixdock ran")
+    };
+    // A name the config does not have is refused, naming the ones it has.
+    let o = nixdock(&[
+        "--engine",
+        "e3",
+        "--from-debian",
+        "--system",
+        "x86_64-linux",
+    ]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("no engine e3 in the config (engines: default, e2)"),
+        "{}",
+        text(&o)
+    );
+    // From Debian packages (no registry): made here, imported into engine 2, run there.
+    let tag = format!("{}:{}", common::image("image-build-e2"), std::process::id());
+    let _guard = ImageGuardOn {
+        engine: engine2(),
+        tag: tag.clone(),
+    };
+    let o = nixdock(&[
+        "--engine",
+        "e2",
+        "--from-debian",
+        "--system",
+        "x86_64-linux",
+        "--tag",
+        &tag,
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("engine e2: {}", engine2())),
+        "{}",
+        text(&o)
+    );
+    assert!(text(&o).contains("verified: x86_64"), "{}", text(&o));
+    let id = common::docker_on_ok(&engine2(), ["image", "inspect", "-f", "{{.Id}}", &tag]);
+    assert!(id.trim().starts_with("sha256:"), "{id}");
+    assert!(
+        !common::docker(["image", "inspect", &tag]).status.success(),
+        "the image went to engine 2, not to the host's"
+    );
+}

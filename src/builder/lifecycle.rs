@@ -757,7 +757,7 @@ fn set_env(body: &mut bollard::models::ContainerCreateBody, key: &str, value: &s
 /// rlimit type 7"). Ask for no more than those defaults and no more than this process's own hard
 /// limits, which a root engine on this host (or one set up alike) can grant: never worse than
 /// Podman's own choice.
-fn grantable_ulimits() -> Vec<bollard::models::ResourcesUlimits> {
+pub fn grantable_ulimits() -> Vec<bollard::models::ResourcesUlimits> {
     let hard = |resource, name: &str, cap: i64| {
         let mut r = libc::rlimit {
             rlim_cur: 0,

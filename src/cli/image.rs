@@ -24,7 +24,7 @@ use crate::builder::provision::default_image;
 use crate::builder::systems::{self, EmulationSupport};
 
 use super::Env;
-use super::{builders, host};
+use super::{builders, engines, host};
 
 const DEBIAN_SCRIPT: &str = include_str!("debian-image.sh");
 const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
@@ -82,24 +82,47 @@ pub struct BuildArgs {
     /// Tag it TAG instead (needs exactly one --system)
     #[arg(long, value_name = "TAG")]
     pub tag: Option<String>,
+    /// Make it on pool engine NAME ([engines.NAME])
+    #[arg(long, value_name = "NAME")]
+    pub engine: Option<String>,
 }
 
 pub async fn run(env: &Env, cmd: ImageCommand) -> anyhow::Result<i32> {
     let ImageCommand::Build(args) = cmd;
     let config = env.config()?;
-    let systems = if args.systems.is_empty() {
-        let specs = builders::served(&config, "none");
-        if specs.is_empty() {
-            anyhow::bail!("this installation serves no system; name one with --system");
+    // The top-level engine, or the pool engine named: its image store is where the builders it
+    // serves look for their image (a remote engine cannot see this host's images).
+    let (engine, served) = match &args.engine {
+        None => (
+            builders::engine(&config).await?,
+            builders::served(&config, "none"),
+        ),
+        Some(name) => {
+            let pe = engines::connect_all(&config, Some(name))
+                .await?
+                .pop()
+                .with_context(|| format!("no engine {name}"))?;
+            let served = pe.served(&config, "none");
+            let engine = pe
+                .engine
+                .map_err(|e| anyhow::anyhow!("engine {name}: {e:#}"))?;
+            (engine, served)
         }
-        specs.into_iter().map(|s| s.system).collect()
+    };
+    if let Some(name) = &args.engine {
+        println!("engine {name}: {}", engine.addr);
+    }
+    let systems = if args.systems.is_empty() {
+        if served.is_empty() {
+            anyhow::bail!("this engine serves no system here; name one with --system");
+        }
+        served.into_iter().map(|s| s.system).collect()
     } else {
         args.systems.clone()
     };
     if args.tag.is_some() && systems.len() != 1 {
         anyhow::bail!("--tag needs exactly one --system");
     }
-    let engine = builders::engine(&config).await?;
     let mut failed = 0;
     for system in &systems {
         let t = Instant::now();
@@ -447,7 +470,13 @@ async fn verify(engine: &Engine, system: &str, tag: &str) -> anyhow::Result<()> 
         image: Some(tag.to_string()),
         entrypoint: Some(vec!["/bin/sh".into(), "-c".into()]),
         cmd: Some(vec![probe.into()]),
-        host_config: Some(HostConfig::default()),
+        host_config: Some(HostConfig {
+            // As for builders: Podman's default rlimits may exceed what its root may grant.
+            ulimits: engine
+                .podman
+                .then(crate::builder::lifecycle::grantable_ulimits),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let docker = &engine.docker;
