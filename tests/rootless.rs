@@ -432,3 +432,54 @@ fn a_root_hook_builds_on_a_users_rootless_podman_socket() {
         .unwrap_or_default();
     assert!(last.contains("via=\"ssh\""), "{last}\n{log}");
 }
+
+/// entry.sh's own choice of the build users' first uid, for an engine nixdock could not tell is
+/// user-namespaced (it then passes the default base, 700000000): run in a container of the
+/// rootless engine, whose uid map has no such uid, it falls back to 10000 and says so; on the
+/// host's rootful engine (the identity map) it keeps the default.
+#[test]
+fn entry_script_keeps_build_users_inside_the_containers_uid_map() {
+    let Some(r) = rootless() else { return };
+    let script = nixdock::builder::provision::ENTRY_SCRIPT;
+    let log = script
+        .lines()
+        .find(|l| l.starts_with("log() {"))
+        .expect("entry.sh defines log");
+    let start = script
+        .find("ids_mapped() {")
+        .expect("entry.sh has ids_mapped");
+    let end = script[start..]
+        .find("\npick_uid_base\n")
+        .map(|e| start + e)
+        .expect("entry.sh calls pick_uid_base");
+    let probe = format!(
+        "set -eu\nND=$(mktemp -d)\necho 'max-jobs = 4' > \"$ND/nix.conf.in\"\n\
+         NIXDOCK_BUILD_UID_BASE=700000000\n{log}\n{}\npick_uid_base\n\
+         echo base=$NIXDOCK_BUILD_UID_BASE\n",
+        &script[start..end]
+    );
+    let run = |engine: &str| {
+        common::docker_on(
+            engine,
+            [
+                "run",
+                "--rm",
+                &common::image("bookworm-amd64"),
+                "sh",
+                "-c",
+                &probe,
+            ],
+        )
+    };
+    let o = run(&r.engine);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("base=10000"), "{}", text(&o));
+    assert!(
+        text(&o).contains("does not map 700000000 and up"),
+        "{}",
+        text(&o)
+    );
+    let o = run("unix:///var/run/docker.sock");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("base=700000000"), "{}", text(&o));
+}
