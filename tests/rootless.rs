@@ -374,6 +374,13 @@ fn a_single_user_hook_builds_sandboxed_on_its_own_rootless_podman() {
     assert!(report.contains("single-user Nix"), "{report}");
     assert!(!report.contains("[WARN]"), "{report}");
     assert!(report.contains(&r.engine), "{report}");
+    // status, as that user, shows its builder on that engine with the sandbox on.
+    let o = as_single_user(&r, &s, nixdock.to_str().unwrap(), &["status", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let status: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status JSON");
+    let rows = status.to_string();
+    assert!(rows.contains(&c), "{status:#}");
+    assert!(rows.contains("\"sandboxed\":true"), "{status:#}");
 }
 
 #[test]
