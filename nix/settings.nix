@@ -71,7 +71,8 @@ in
     offload-local = nullable types.bool "Also send builds for this machine's own system to a builder.";
     transport = nullable (types.enum [ "auto" "ssh" "engine-exec" ]) ''
       How the hook reaches a builder's nix-daemon: "auto" goes straight to the daemon's socket
-      in the builder's /nix volume when the engine is local and the hook runs as root, over
+      in the builder's /nix volume when the engine is local and that socket is the hook's
+      user's (root on a rootful engine, the engine's own user on a rootless one), over
       SSH to a loopback port on other local engines, and through the engine's exec on tcp://
       and ssh:// engines (no sshd exposed); "ssh" always uses SSH (a remote engine's builders
       then publish sshd on its address); "engine-exec" always uses the engine's exec.

@@ -85,7 +85,8 @@ pub struct Config {
 #[serde(rename_all = "kebab-case")]
 pub enum Transport {
     /// Through the daemon's socket in the builder's `/nix` volume when the engine is local
-    /// and the hook runs as root (no SSH at all); over SSH to a loopback port on any other
+    /// and that socket is the hook's user's (root on a rootful engine, the engine's own user
+    /// on a rootless one; no SSH at all); over SSH to a loopback port on any other
     /// local-socket engine; through the engine's exec on a `tcp://` or `ssh://` engine.
     #[default]
     Auto,

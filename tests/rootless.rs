@@ -70,7 +70,12 @@ impl Scratch {
             }
         }
         Scratch {
-            state: dir.join("state"),
+            // The user's: where its hook puts it by default, under XDG_STATE_HOME (below).
+            state: if for_user {
+                dir.join("xdg-state/nixdock")
+            } else {
+                dir.join("state")
+            },
             dir,
             engine: r.engine.clone(),
             owner,
@@ -215,7 +220,8 @@ fn programs_for(r: &Rootless, s: &Scratch) -> (PathBuf, PathBuf) {
 /// `PROGRAM ARGS...` as the rootless user with a single-user Nix install of its own: `nix`
 /// (owned by it) bind-mounted on /nix in a private mount namespace; only its own environment
 /// (HOME, XDG_RUNTIME_DIR as a login gives them), its nix.conf `config/nix/nix.conf` in the
-/// scratch directory (XDG_CONFIG_HOME), the nixdock config `nixdock.toml` there.
+/// scratch directory (XDG_CONFIG_HOME), the nixdock config `nixdock.toml` there, and nixdock's
+/// state in its default place under XDG_STATE_HOME (`xdg-state` there).
 fn as_single_user(r: &Rootless, s: &Scratch, program: &str, args: &[&str]) -> Output {
     let nix = s.dir.join("nix");
     if !nix.exists() {
@@ -249,7 +255,10 @@ fn as_single_user(r: &Rootless, s: &Scratch, program: &str, args: &[&str]) -> Ou
             "NIXDOCK_CONFIG={}",
             s.dir.join("nixdock.toml").display()
         ))
-        .arg(format!("NIXDOCK_STATE_DIR={}", s.state.display()))
+        .arg(format!(
+            "XDG_STATE_HOME={}",
+            s.dir.join("xdg-state").display()
+        ))
         .arg(program)
         .args(args);
     common::run_with_timeout(cmd, Duration::from_secs(600)).expect("the command ran")

@@ -10,7 +10,8 @@ pub(super) fn check_state_dir(c: &mut Checks, env: &Env) -> Option<String> {
     let p = &env.state_path;
     let explicit =
         std::env::var_os("NIXDOCK_STATE_DIR").is_some() || p != &StateDir::default_path();
-    if !host::is_root() && !explicit {
+    // A single-user install's hook runs as this user and uses this same directory.
+    if !host::is_root() && !host::single_user_nix() && !explicit {
         c.warn(
             "state dir",
             format!(

@@ -33,7 +33,8 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 # the engines tables below.
 
 # How the hook reaches a builder's nix-daemon: "auto" goes straight to the daemon's socket in
-# the builder's /nix volume when the engine is local (Linux) and the hook runs as root, over
+# the builder's /nix volume when the engine is local (Linux) and that socket is the hook's
+# user's (root on a rootful engine, the engine's own user on a rootless one), over
 # SSH to a loopback port on other local engines, and through the engine's exec on tcp:// and
 # ssh:// engines (no sshd on the network); "ssh" always uses SSH (a remote engine's builders
 # then publish sshd on its address); "engine-exec" always uses the engine's exec.
