@@ -248,6 +248,78 @@ fn emulation_container_gives_the_system_its_own_container() {
     let st = i.status("aarch64-linux");
     assert_eq!(st["container"], own.as_str(), "{st}");
     assert!(st["served_by"].is_null(), "{st}");
+
+    // Back to the default: the native builder builds it, and the old aarch64 container is
+    // shown as what it now is — no system's builder — and `gc --volumes` removes it by name.
+    std::fs::write(&i.config, config("bookworm-amd64", "", 4)).unwrap();
+    let o = i.build(&uname_expr("emulated-after-switch"));
+    let out = std::fs::read_to_string(common::out_path(&o)).unwrap();
+    assert_eq!(out, "aarch64\nusr-bin\n", "{}", text(&o));
+    let st = i.status("aarch64-linux");
+    assert_eq!(
+        st["container"],
+        i.container("x86_64-linux").as_str(),
+        "{st}"
+    );
+    let old = i.status(&own);
+    assert_eq!(old["configured"], false, "{old}");
+    let o = i.cli(&["gc", "--volumes", &own]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(i.containers(), [i.container("x86_64-linux")]);
+}
+
+/// The CLI acts on the container that serves an emulated system: `shell` runs in the native
+/// builder, `doctor` says which builder serves it and that its own table's container settings
+/// are not used, `stop` stops the native builder (once, also when both systems are named).
+#[test]
+fn cli_commands_act_on_the_serving_container() {
+    if !common::require_bed() {
+        return;
+    }
+    let i = Install::new(&format!(
+        "{}max-jobs = 3\n",
+        config("bookworm-amd64", "", 4)
+    ));
+    let o = i.cli(&["shell", "aarch64-linux", "--", "cat", "/etc/nix/nix.conf"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let native = i.container("x86_64-linux");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("extra-platforms = aarch64-linux"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(i.containers(), std::slice::from_ref(&native));
+    assert_eq!(i.status("aarch64-linux")["slots"], 4);
+
+    let o = i.cli(&["doctor", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let checks = v["checks"].as_array().unwrap();
+    let detail = |name: &str| -> Vec<String> {
+        checks
+            .iter()
+            .filter(|c| c["name"] == name)
+            .map(|c| format!("{} {} {}", c["status"], c["detail"], c["fix"]))
+            .collect()
+    };
+    assert!(
+        detail("aarch64-linux")
+            .iter()
+            .any(|d| d.contains("in the x86_64-linux builder")),
+        "{v}"
+    );
+    let unused = detail("settings aarch64-linux");
+    assert!(
+        unused.iter().any(|d| d.starts_with("\"warn\"")
+            && d.contains("max-jobs")
+            && d.contains("emulation = \\\"container\\\"")),
+        "{unused:?}"
+    );
+
+    let o = i.cli(&["stop", "aarch64-linux", "x86_64-linux"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(said.lines().count(), 1, "stopped once: {said}");
+    assert_eq!(i.status("aarch64-linux")["state"], "exited");
 }
 
 /// An x86_64 and an aarch64 build share the native builder's slots: with `max-jobs = 2` they

@@ -42,6 +42,16 @@ impl Row {
         }
     }
 
+    /// The system its container and volumes are labelled with: the native builder's for an
+    /// emulated system it serves.
+    pub fn container_system(&self) -> String {
+        match (&self.existing, &self.spec) {
+            (Some(e), _) if !e.system.is_empty() => e.system.clone(),
+            (_, Some(s)) => s.container_system().to_string(),
+            _ => self.system.clone(),
+        }
+    }
+
     /// Build slots: the running container's, else the configured number.
     pub fn max_jobs(&self) -> u32 {
         self.existing
@@ -132,7 +142,14 @@ pub fn merge(engine: &str, specs: Vec<BuilderSpec>, existing: Vec<Existing>) -> 
         );
     }
     for e in existing {
-        let key = if e.system.is_empty() {
+        // A container of a system the native builder now serves (one made with
+        // `emulation = "container"` before) is not that system's builder any more: it gets a
+        // row of its own, by name, unconfigured, so it can be seen and removed.
+        let superseded = rows
+            .get(&e.system)
+            .and_then(|r| r.spec.as_ref())
+            .is_some_and(|s| s.served_by.is_some() && s.container_name() != e.name);
+        let key = if e.system.is_empty() || superseded {
             e.name.clone()
         } else {
             e.system.clone()
