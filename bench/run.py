@@ -297,6 +297,58 @@ class NixdockSystem(System):
         return peaks
 
 
+class EmulatedNixdock(NixdockSystem):
+    """nixdock building aarch64-linux on this x86_64 host, two ways (issue 16): `mode =
+    "native-builder"` (the x86_64 builder with `extra-platforms`, only the build's programs
+    under qemu) or `"container"` (an arm64 container of its own, everything under qemu)."""
+
+    def __init__(self, tmp: Path, hook: Path, image: str, arm64_image: str, mode: str) -> None:
+        sub = tmp / f"emulated-{mode}"
+        sub.mkdir()
+        super().__init__(sub, hook, image)
+        self.name = f"nixdock-{mode}"
+        self.mode = mode
+        self.config.write_text(
+            f'[builders."{SYSTEM}"]\nimage = "{image}"\nidle-timeout = 3600\n'
+            f'[builders."aarch64-linux"]\nemulation = "{mode}"\n'
+            + (f'image = "{arm64_image}"\nidle-timeout = 3600\n' if mode == "container" else "")
+        )
+
+    def machine_marker(self) -> str:
+        return "nixdock aarch64-linux builder"
+
+    def container(self) -> str:
+        system = SYSTEM if self.mode == "native-builder" else "aarch64-linux"
+        return f"nixdock-{self.instance}-{system}"
+
+
+def aarch64_probe(tmp: Path, arm64_image: str) -> str:
+    """`uname` with the arm64 image's dynamic loader and libc, as one path in the host store:
+    an emulated build runs an aarch64 program in both modes (the native builder's /bin/sh is
+    x86_64)."""
+    d = tmp / "aarch64-uname"
+    d.mkdir()
+    name = f"nixdock-bench-arm64-files-{nonce()}"
+    run(["docker", "create", "--name", name, arm64_image, "/bin/true"])
+    try:
+        for f in ("/usr/lib/aarch64-linux-gnu/ld-linux-aarch64.so.1",
+                  "/usr/lib/aarch64-linux-gnu/libc.so.6", "/usr/bin/uname"):
+            run(["docker", "cp", "-L", f"{name}:{f}", str(d)])
+    finally:
+        run(["docker", "rm", "-f", name], check=False)
+    p = run(["nix-store", "--add", str(d)]).stdout.strip()
+    CLEAN.store_paths.append(p)
+    return p
+
+
+def emulated_expr(probe: str) -> str:
+    return (
+        f'derivation {{ name = "bench-emulated"; system = "aarch64-linux"; builder = "/bin/sh"; '
+        f'args = ["-c" "{probe}/ld-linux-aarch64.so.1 --library-path {probe} {probe}/uname -m '
+        f'> $out"]; probe = builtins.storePath "{probe}"; nonce = "{nonce()}"; }}'
+    )
+
+
 class StockSystem(System):
     """Nix's own hook with ssh-ng:// to a container set up by hand (sshd, loopback port, Host
     alias in a temporary ssh config, OpenSSH client)."""
@@ -577,6 +629,38 @@ def scenario_cold(nd: NixdockSystem, runs: int, how: str) -> dict:
     return {"nixdock": xs}
 
 
+def scenario_emulated(tmp: Path, hook: Path, image: str, arm64_image: str, warm_runs: int,
+                      cold_runs: int) -> dict[str, dict]:
+    """aarch64-linux, native builder vs a container of its own: the first build (container
+    created), warm builds alternating, then cold starts (container removed; its volume, so
+    the store, stays)."""
+    probe = aarch64_probe(tmp, arm64_image)
+    modes = [EmulatedNixdock(tmp, hook, image, arm64_image, m) for m in ("native-builder", "container")]
+    out: dict[str, dict] = {"emulated-first": {}, "emulated-warm": {}, "emulated-cold-removed": {}}
+    for m in modes:
+        try:
+            r = m.build(emulated_expr(probe), cpu=False)
+        finally:
+            if (m.state / "instance-id").exists():
+                m.discover()
+        if Path(r["outs"][0]).read_text().strip() != "aarch64":
+            raise RuntimeError(f"{m.name}: the probe did not run as aarch64")
+        out["emulated-first"][m.name] = [keep(r)]
+        forget(r["outs"])
+    for i in range(warm_runs):
+        for m in pair_order(i, modes):
+            r = m.build(emulated_expr(probe))
+            out["emulated-warm"].setdefault(m.name, []).append(keep(r))
+            forget(r["outs"])
+    for i in range(cold_runs):
+        for m in pair_order(i, modes):
+            run(["docker", "rm", "-f", m.container()])
+            r = m.build(emulated_expr(probe), cpu=False)
+            out["emulated-cold-removed"].setdefault(m.name, []).append(keep(r))
+            forget(r["outs"])
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -646,7 +730,9 @@ def main() -> int:
     ap.add_argument("--warm-runs", type=int, default=15)
     ap.add_argument("--big-runs", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="3 warm runs, 1 of everything else")
-    ap.add_argument("--only", help="comma-separated scenarios: warm,closure-200,closure-346,output-200,parallel-8,cold")
+    ap.add_argument("--only", help="comma-separated scenarios: warm,closure-200,closure-346,output-200,parallel-8,cold,emulated")
+    ap.add_argument("--arm64-image", default="nixdock-test/bookworm-arm64",
+                    help="the emulated scenario's image for aarch64-linux in a container of its own")
     ap.add_argument("--out", default=str(REPO / "bench/results/latest.json"))
     ap.add_argument(
         "--transport",
@@ -765,6 +851,16 @@ def main() -> int:
             log(f"cold: nixdock only, {args.big_runs} runs each of removed and stopped container")
             record("cold-removed", scenario_cold(nd, args.big_runs, "removed"))
             record("cold-stopped", scenario_cold(nd, args.big_runs, "stopped"))
+        if want("emulated"):
+            log(f"emulated: aarch64-linux, native builder vs own container, {args.warm_runs} warm "
+                f"and {args.big_runs} cold runs each")
+            for key, res in scenario_emulated(tmp, hook, args.image, args.arm64_image,
+                                              args.warm_runs, args.big_runs).items():
+                record(key, res)
+                e = sc[key]
+                if "nixdock-native-builder" in e and "nixdock-container" in e:
+                    e["native_over_container"] = (e["nixdock-native-builder"]["median"]
+                                                  / e["nixdock-container"]["median"])
     finally:
         result["loadavg"]["end"] = loadavg()
         result["wall_s"] = round(time.time() - started, 1)
@@ -815,6 +911,12 @@ LABELS = {
     "cold-stopped": "cold start, container stopped",
 }
 
+EMULATED_LABELS = {
+    "emulated-first": "aarch64 first build (creates the builder)",
+    "emulated-warm": "aarch64 warm build (an aarch64 program)",
+    "emulated-cold-removed": "aarch64 cold start, container removed",
+}
+
 
 def cpu_s(e: dict) -> str:
     if not e or "host_cpu_median" not in e:
@@ -856,6 +958,14 @@ def table(result: dict) -> str:
         if s:
             lines.append(f"stock hook processes, {k}, sampled VmHWM: " + ", ".join(
                 f"{c} {kb / 1024:.1f} MiB" for c, kb in sorted(s.items()) if c != "nix-build"))
+    emu = [(label, sc[k]) for k, label in EMULATED_LABELS.items() if k in sc]
+    if emu:
+        lines.append("")
+        lines.append("emulated aarch64-linux: native builder (extra-platforms) | own container (all under qemu)")
+        for label, e in emu:
+            n, c = e.get("nixdock-native-builder", {}), e.get("nixdock-container", {})
+            ratio = f", ratio {e['native_over_container']:.2f}" if "native_over_container" in e else ""
+            lines.append(f"  {label}: {fmt_s(n)} | {fmt_s(c)}{ratio}")
     la = result["loadavg"]
     lines.append(f"load average (1/5/15 min): start {la['start']}, end {la.get('end')}; "
                  f"wall {result.get('wall_s')} s")

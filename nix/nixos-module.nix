@@ -49,7 +49,9 @@ in
       example = [ "aarch64-linux" ];
       description = ''
         Foreign Linux systems to emulate with qemu through binfmt_misc, so that nixdock can
-        run builders for them on this machine's engine. Opt-in because it changes the kernel's
+        build for them on this machine's engine: by default in the native builder, whose
+        nix.conf lists them in extra-platforms (settings.emulation = "native-builder"), or
+        in containers of their own (settings.emulation = "container"). Opt-in because it changes the kernel's
         binfmt registrations for the whole machine. The registrations get the F flag
         (boot.binfmt.registrations.<system>.fixBinary) and static emulators
         (boot.binfmt.preferStaticEmulators): the kernel then opens the interpreter when it is

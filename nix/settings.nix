@@ -33,6 +33,15 @@ let
       kvm = nullable types.bool "Pass /dev/kvm through (adds the kvm and nixos-test features).";
       speed-factor = nullable (types.either types.ints.positive types.float) "Relative speed against the machines in Nix's `builders` (default 1): builds go where busy slots / speed factor is least.";
       sandbox = nullable (types.either types.bool (types.enum [ "auto" ])) "Nix's sandbox for builds in this builder: true, false or \"auto\" (default: the top-level `sandbox`).";
+      emulation = nullable (types.enum [ "native-builder" "container" ]) ''
+        For a system its engine emulates (aarch64-linux on x86_64, say): "native-builder" (the
+        default) builds it in the engine's native builder, whose nix.conf lists it in
+        extra-platforms, only the build's own programs running under qemu-user (binfmt_misc
+        with flag F); that builder's settings (image, max-jobs, sandbox, …) and slots are the
+        ones used, this table's container settings are not. "container" gives it a container
+        of its own architecture (an image for it), everything under qemu-user and no sandbox.
+        Default: the top-level `emulation`.
+      '';
     };
   };
 
@@ -83,8 +92,16 @@ in
       an engine inside a VM (Docker Desktop, OrbStack, colima, Lima) or a user-namespaced one
       (rootless, userns-remap), and leaves it off for emulated builders (qemu-user cannot start
       it) and on a rootful engine on its host (the sandbox needs an unmasked /proc, whose
-      /proc/sys the container's root, the host's root, could then write). true on an emulated
-      builder fails its builds, naming the sandbox.
+      /proc/sys the container's root, the host's root, could then write). An emulated system
+      built by the native builder (emulation = "native-builder") has that builder's sandbox;
+      true on an emulated builder of its own (emulation = "container") fails its builds,
+      naming the sandbox.
+    '';
+    emulation = nullable (types.enum [ "native-builder" "container" ]) ''
+      How emulated systems are built, for every builder that does not set its own
+      `emulation`: "native-builder" (nixdock's default: by the engine's native builder through
+      extra-platforms and binfmt_misc) or "container" (a container of the system's own
+      architecture, everything in it under qemu-user).
     '';
     engines = nullable (types.attrsOf (types.submodule engineOptions)) ''
       More engines for the pool, by name (lowercase letters, digits, '-'), beside the

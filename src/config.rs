@@ -75,6 +75,9 @@ pub struct Config {
     pub transport: Transport,
     /// Nix's sandbox in every builder that does not set its own (default "auto").
     pub sandbox: Option<Sandbox>,
+    /// How an emulated system is built, for every builder that does not set its own
+    /// (default "native-builder").
+    pub emulation: Option<Emulation>,
     /// Serve the engine's native and emulated systems when no `[builders]` table is given.
     #[serde(default)]
     pub builders: BTreeMap<String, BuilderConfig>,
@@ -94,6 +97,32 @@ pub enum Transport {
     Ssh,
     /// Always through the engine's exec (`nix-daemon --stdio` in the container).
     EngineExec,
+}
+
+/// Where an emulated system's builds run (a system the engine's CPU cannot run natively, such
+/// as aarch64-linux on an x86_64 engine).
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Emulation {
+    /// In the engine's native builder, whose nix.conf lists the system in `extra-platforms`:
+    /// only the build's own programs run under qemu-user (through binfmt_misc, flag F), while
+    /// its nix-daemon, sshd and every copy run natively, and Nix's sandbox can start. The
+    /// native builder's container settings (image, max-jobs, sandbox, …) are the ones that
+    /// count, and its slots are shared.
+    #[default]
+    NativeBuilder,
+    /// In a container of the system's own architecture (an image for it), everything in it
+    /// under qemu-user: no sandbox there (qemu-user refuses clone's namespace flags).
+    Container,
+}
+
+impl Emulation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Emulation::NativeBuilder => "native-builder",
+            Emulation::Container => "container",
+        }
+    }
 }
 
 /// Whether builds inside a builder run in Nix's sandbox: `true`, `false` or `"auto"`.
@@ -231,6 +260,36 @@ pub struct BuilderConfig {
     pub speed_factor: Option<f32>,
     /// Nix's sandbox for builds in this builder (default: the top-level `sandbox`, else "auto").
     pub sandbox: Option<Sandbox>,
+    /// For a system its engine emulates: built by the engine's native builder
+    /// ("native-builder", where this table's container settings — image, platform, max-jobs,
+    /// cpus, memory, idle-timeout, features, extra-nix-conf, kvm, sandbox — are not used: the
+    /// native builder's are) or in a container of its own ("container"). Default: the
+    /// top-level `emulation`, else "native-builder". Ignored for a natively run system.
+    pub emulation: Option<Emulation>,
+}
+
+impl BuilderConfig {
+    /// The container settings this table sets, which a system served by the native builder
+    /// does not use (named as in the file).
+    pub fn container_keys(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        let mut k = |set: bool, name: &'static str| {
+            if set {
+                v.push(name)
+            }
+        };
+        k(self.image.is_some(), "image");
+        k(self.platform.is_some(), "platform");
+        k(self.max_jobs.is_some(), "max-jobs");
+        k(self.cpus.is_some(), "cpus");
+        k(self.memory.is_some(), "memory");
+        k(self.idle_timeout.is_some(), "idle-timeout");
+        k(self.features.is_some(), "features");
+        k(!self.extra_nix_conf.is_empty(), "extra-nix-conf");
+        k(self.kvm, "kvm");
+        k(self.sandbox.is_some(), "sandbox");
+        v
+    }
 }
 
 impl Config {

@@ -501,7 +501,7 @@ impl TempInstall {
             dir.path().join("nixdock.toml"),
             format!(
                 "[builders.\"x86_64-linux\"]\nimage = \"nixdock-test/bookworm-amd64\"\nidle-timeout = 600\n\n\
-                 [builders.\"aarch64-linux\"]\nimage = \"nixdock-test/bookworm-arm64\"\n\n{engines}"
+                 [builders.\"aarch64-linux\"]\nimage = \"nixdock-test/bookworm-arm64\"\nemulation = \"container\"\n\n{engines}"
             ),
         )
         .unwrap();

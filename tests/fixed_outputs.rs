@@ -32,7 +32,8 @@ fn install() -> &'static common::SuiteInstall {
         common::SuiteInstall::new(
             "fixed-outputs",
             &format!(
-                "[builders.\"aarch64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\nmax-jobs = 8\n",
+                "[builders.\"aarch64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\nmax-jobs = 8\n\
+                 emulation = \"container\"\n",
                 common::image("bookworm-arm64")
             ),
         )

@@ -215,7 +215,9 @@ fn auto_on_a_rootful_host_engine_leaves_the_sandbox_off() {
     assert_eq!(st["sandbox_why"], why.as_str(), "{st}");
 }
 
-/// `sandbox = true` for the emulated aarch64 builder: qemu-user cannot start Nix's sandbox, so
+/// `sandbox = true` for the emulated aarch64 builder in a container of its own
+/// (`emulation = "container"`; tests/emulation.rs has it sandboxed in the native builder):
+/// qemu-user cannot start Nix's sandbox, so
 /// the build fails with a message naming the sandbox (never an unsandboxed build), before any
 /// container is made.
 #[test]
@@ -224,7 +226,8 @@ fn sandbox_true_for_an_emulated_builder_fails_the_build_naming_the_sandbox() {
         return;
     }
     let i = Install::new(&format!(
-        "[builders.\"aarch64-linux\"]\nimage = \"{}\"\nidle-timeout = 120\nsandbox = true\n",
+        "[builders.\"aarch64-linux\"]\nimage = \"{}\"\nidle-timeout = 120\nsandbox = true\n\
+         emulation = \"container\"\n",
         common::image("bookworm-arm64")
     ));
     let expr = format!(

@@ -174,7 +174,8 @@ impl Builders {
         own_slot: Option<&slots::Slot>,
     ) -> Result<ReadyBuilder, BuilderError> {
         let name = spec.container_name();
-        if let Some(why) = sandbox::refusal(spec.sandbox, spec.emulated, &spec.system) {
+        if let Some(why) = sandbox::refusal(spec.sandbox, spec.runs_under_emulation(), &spec.system)
+        {
             return Err(BuilderError::Sandbox {
                 container: name,
                 why,
@@ -344,7 +345,7 @@ impl Builders {
             if let Err(e) = item {
                 return Err(BuilderError::ImageMissing {
                     image: spec.image.clone(),
-                    system: spec.system.clone(),
+                    system: spec.container_system().to_string(),
                     reason: format!("not found locally, and pulling failed: {e}"),
                 });
             }
@@ -355,7 +356,7 @@ impl Builders {
                 .await
                 .map_err(|e| BuilderError::ImageMissing {
                     image: spec.image.clone(),
-                    system: spec.system.clone(),
+                    system: spec.container_system().to_string(),
                     reason: e.to_string(),
                 })?;
         i.id.ok_or_else(|| BuilderError::Broken {
@@ -428,7 +429,7 @@ impl Builders {
         let host_key = keys::generate_host_key().map_err(|e| BuilderError::Key(e.to_string()))?;
         let mut labels = spec.labels(hash, &host_key.public_openssh(), image_id);
         let facts = sandbox::EngineFacts::ask(&self.engine).await;
-        let decision = sandbox::decide(spec.sandbox, spec.emulated, &facts);
+        let decision = sandbox::decide(spec.sandbox, spec.runs_under_emulation(), &facts);
         labels.insert(
             sandbox::LABEL_SANDBOX.into(),
             if decision.on { "on" } else { "off" }.into(),
@@ -457,7 +458,7 @@ impl Builders {
             name: Some(name.clone()),
             ..Default::default()
         };
-        tracing::info!(container = %name, image = %spec.image, %volume, emulated = spec.emulated, sandbox = decision.on, why = %decision.why, "creating builder");
+        tracing::info!(container = %name, image = %spec.image, %volume, emulated = spec.runs_under_emulation(), extra_platforms = ?spec.extra_platforms, sandbox = decision.on, why = %decision.why, "creating builder");
         if let Err(e) = docker.create_container(Some(opts), body).await {
             if is_conflict(&e) {
                 // Someone outside our lock (an older nixdock?) made it: use theirs.
@@ -521,7 +522,7 @@ impl Builders {
         mut started: bool,
     ) -> Result<ReadyBuilder, BuilderError> {
         let t0 = Instant::now();
-        let limit = if spec.emulated {
+        let limit = if spec.runs_under_emulation() {
             Duration::from_secs(180)
         } else {
             Duration::from_secs(60)

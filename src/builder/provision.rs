@@ -11,7 +11,7 @@ use bollard::models::{
 use sha2::{Digest, Sha256};
 
 use crate::config::{
-    BuilderConfig, Config, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_JOBS, Sandbox, parse_memory,
+    BuilderConfig, Config, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_JOBS, Emulation, Sandbox, parse_memory,
 };
 
 use super::systems;
@@ -116,7 +116,16 @@ pub struct BuilderSpec {
     pub features: Vec<String>,
     pub extra_nix_conf: Vec<String>,
     pub kvm: bool,
+    /// The system's programs run under emulation on this engine (qemu-user through
+    /// binfmt_misc): in the native builder (`served_by`) or in a container of its own.
     pub emulated: bool,
+    /// The native system whose builder (container, slots, settings) builds this emulated
+    /// system through `extra-platforms` (`emulation = "native-builder"`); `None`: a container
+    /// of its own.
+    pub served_by: Option<String>,
+    /// The emulated systems this spec's container also builds (its nix.conf's
+    /// `extra-platforms`); the same on the native spec and on every spec it serves.
+    pub extra_platforms: Vec<String>,
     /// Speed factor against the user's own remote builders (not part of the container).
     pub speed_factor: f32,
     /// Nix's sandbox as configured; "auto" is decided when the container is created, from the
@@ -149,6 +158,8 @@ impl BuilderSpec {
             extra_nix_conf: c.extra_nix_conf.clone(),
             kvm: c.kvm,
             emulated: systems::is_emulated(system, engine_arch),
+            served_by: None,
+            extra_platforms: Vec::new(),
             speed_factor: c.speed_factor.unwrap_or(1.0),
             sandbox: c.sandbox.unwrap_or_default(),
         }
@@ -176,18 +187,29 @@ impl BuilderSpec {
     /// engine's defaults), limited to its `systems`, with its caps applied.
     pub fn on_engine(cfg: &Config, instance: &str, place: &EnginePlace) -> Vec<BuilderSpec> {
         let mut specs = match &place.systems {
-            Some(systems) if !cfg.builders.is_empty() => cfg
-                .builders
-                .iter()
-                .filter(|(s, _)| systems.contains(s))
-                .map(|(s, c)| Self::from_tables(cfg, instance, s, c, &place.arch))
-                .collect(),
-            Some(systems) => systems
-                .iter()
-                .map(|s| {
-                    Self::from_tables(cfg, instance, s, &BuilderConfig::default(), &place.arch)
-                })
-                .collect(),
+            Some(systems) if !cfg.builders.is_empty() => Self::native_builder_serves(
+                cfg,
+                instance,
+                cfg.builders
+                    .iter()
+                    .filter(|(s, _)| systems.contains(s))
+                    .map(|(s, c)| Self::from_tables(cfg, instance, s, c, &place.arch))
+                    .collect(),
+                &place.arch,
+                place.local,
+            ),
+            Some(systems) => Self::native_builder_serves(
+                cfg,
+                instance,
+                systems
+                    .iter()
+                    .map(|s| {
+                        Self::from_tables(cfg, instance, s, &BuilderConfig::default(), &place.arch)
+                    })
+                    .collect(),
+                &place.arch,
+                place.local,
+            ),
             None => Self::all(cfg, instance, &place.arch, place.local),
         };
         for s in &mut specs {
@@ -211,7 +233,7 @@ impl BuilderSpec {
         engine_arch: &str,
         engine_is_local: bool,
     ) -> Vec<BuilderSpec> {
-        if cfg.builders.is_empty() {
+        let specs = if cfg.builders.is_empty() {
             systems::default_systems(engine_arch, engine_is_local)
                 .iter()
                 .map(|s| {
@@ -223,21 +245,102 @@ impl BuilderSpec {
                 .iter()
                 .map(|(s, c)| Self::from_tables(cfg, instance, s, c, engine_arch))
                 .collect()
+        };
+        Self::native_builder_serves(cfg, instance, specs, engine_arch, engine_is_local)
+    }
+
+    /// Hands every emulated system whose `emulation` is "native-builder" (the default) to the
+    /// engine's native builder: its spec becomes the native builder's (same container, slots,
+    /// image, sandbox …) under its own system name and speed factor, and the native builder's
+    /// nix.conf lists it in `extra-platforms` — when this host can tell, only if binfmt_misc
+    /// runs it (a missing emulator is then the build's clear error, not a builder that
+    /// accepts what it cannot run). The native builder's spec is made from its own table (or
+    /// the defaults) when the config serves only emulated systems on this engine.
+    fn native_builder_serves(
+        cfg: &Config,
+        instance: &str,
+        mut specs: Vec<BuilderSpec>,
+        engine_arch: &str,
+        engine_is_local: bool,
+    ) -> Vec<BuilderSpec> {
+        let Some(native) = systems::native_system(engine_arch) else {
+            return specs;
+        };
+        let table = |s: &str| cfg.builders.get(s).cloned().unwrap_or_default();
+        let mode = |s: &str| table(s).emulation.or(cfg.emulation).unwrap_or_default();
+        let served: Vec<usize> = specs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.emulated
+                    && systems::container_arch(&s.system).is_some()
+                    && mode(&s.system) == Emulation::NativeBuilder
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if served.is_empty() {
+            return specs;
         }
+        let mut platforms: Vec<String> = served
+            .iter()
+            .map(|&i| specs[i].system.clone())
+            .filter(|s| {
+                !matches!(
+                    systems::emulation_support(s, engine_arch, engine_is_local),
+                    systems::EmulationSupport::Missing(_)
+                )
+            })
+            .collect();
+        platforms.sort();
+        platforms.dedup();
+        let mut host = specs
+            .iter()
+            .find(|s| s.system == native)
+            .cloned()
+            .unwrap_or_else(|| {
+                Self::from_tables(cfg, instance, native, &table(native), engine_arch)
+            });
+        host.extra_platforms = platforms;
+        for s in specs.iter_mut().filter(|s| s.system == native) {
+            s.extra_platforms = host.extra_platforms.clone();
+        }
+        for i in served {
+            let own = &specs[i];
+            let mut by = host.clone();
+            by.system = own.system.clone();
+            by.emulated = true;
+            by.served_by = Some(native.to_string());
+            by.speed_factor = own.speed_factor;
+            specs[i] = by;
+        }
+        specs
+    }
+
+    /// The system whose container runs this spec's builds: its own, or the native builder's.
+    pub fn container_system(&self) -> &str {
+        self.served_by.as_deref().unwrap_or(&self.system)
+    }
+
+    /// Whether the container's own processes (nix-daemon, sshd, every copy) run under
+    /// qemu-user: an emulated system in a container of its own. Such a container gets no
+    /// sandbox and no seccomp filter of Nix's.
+    pub fn runs_under_emulation(&self) -> bool {
+        self.emulated && self.served_by.is_none()
     }
 
     /// Container name: the instance id keeps two installations on one engine apart, and a
     /// pool engine's name keeps its builders (and their slot and lock names, which are the
     /// container's) apart from another engine's for the same system.
     pub fn container_name(&self) -> String {
+        let system = self.container_system();
         if self.engine == crate::config::DEFAULT_ENGINE_NAME {
-            format!("nixdock-{}-{}", self.instance, sanitize(&self.system))
+            format!("nixdock-{}-{}", self.instance, sanitize(system))
         } else {
             format!(
                 "nixdock-{}-{}-{}",
                 self.instance,
                 sanitize(&self.engine),
-                sanitize(&self.system)
+                sanitize(system)
             )
         }
     }
@@ -262,8 +365,17 @@ impl BuilderSpec {
         s.push_str(&format!("max-jobs = {}\n", self.max_jobs));
         s.push_str("cores = 0\n");
         s.push_str(&format!("system-features = {}\n", self.features.join(" ")));
-        if self.system == "i686-linux" {
-            s.push_str("extra-platforms = i686-linux\n");
+        let mut platforms: Vec<&str> = Vec::new();
+        if self.container_system() == "i686-linux" {
+            platforms.push("i686-linux");
+        }
+        // Emulated systems this builder serves: the kernel runs their programs through
+        // binfmt_misc's qemu (flag F, so the interpreter needs no path inside the container or
+        // the sandbox), while the daemon stays native — so Nix's own syscall filter loads and
+        // the sandbox can start (measured: both work; no `filter-syscalls = false` here).
+        platforms.extend(self.extra_platforms.iter().map(String::as_str));
+        if !platforms.is_empty() {
+            s.push_str(&format!("extra-platforms = {}\n", platforms.join(" ")));
         }
         // Collect garbage before the volume fills: start below 1 GiB free, stop at 4 GiB.
         s.push_str("min-free = 1073741824\nmax-free = 4294967296\n");
@@ -318,14 +430,14 @@ impl BuilderSpec {
             PROVISION_VERSION,
             ENTRY_SCRIPT,
             image_id,
-            &self.system,
+            self.container_system(),
             &self.nix_conf(),
             &self.sshd_config(),
             &format!(
                 "{:?}/{:?}/{}/{}",
                 self.nano_cpus, self.memory, self.idle_timeout_secs, self.kvm
             ),
-            &self.emulated.to_string(),
+            &self.runs_under_emulation().to_string(),
             // The setting, not the decision: "auto" is decided at creation from the engine,
             // which a builder's container never outlives.
             self.sandbox.as_str(),
@@ -352,7 +464,7 @@ impl BuilderSpec {
     ) -> HashMap<String, String> {
         HashMap::from([
             (LABEL_INSTANCE.into(), self.instance.clone()),
-            (LABEL_SYSTEM.into(), self.system.clone()),
+            (LABEL_SYSTEM.into(), self.container_system().to_string()),
             (LABEL_CONFIG.into(), config_hash.into()),
             (LABEL_HOST_KEY.into(), host_public_key.into()),
             (LABEL_IMAGE.into(), image_id.into()),
@@ -363,7 +475,7 @@ impl BuilderSpec {
     pub fn volume_labels(&self) -> HashMap<String, String> {
         HashMap::from([
             (LABEL_INSTANCE.into(), self.instance.clone()),
-            (LABEL_SYSTEM.into(), self.system.clone()),
+            (LABEL_SYSTEM.into(), self.container_system().to_string()),
         ])
     }
 
@@ -373,7 +485,8 @@ impl BuilderSpec {
         volume: &str,
         labels: HashMap<String, String>,
     ) -> ContainerCreateBody {
-        let expect_arch = systems::container_arch(&self.system).unwrap_or("");
+        let system = self.container_system();
+        let expect_arch = systems::container_arch(system).unwrap_or("");
         let devices = self.kvm.then(|| {
             vec![DeviceMapping {
                 path_on_host: Some("/dev/kvm".into()),
@@ -387,14 +500,14 @@ impl BuilderSpec {
             entrypoint: Some(vec!["/bin/sh".into()]),
             cmd: Some(vec!["/etc/nixdock/entry.sh".into()]),
             env: Some(vec![
-                format!("NIXDOCK_SYSTEM={}", self.system),
+                format!("NIXDOCK_SYSTEM={system}"),
                 format!("NIXDOCK_EXPECT_ARCH={expect_arch}"),
-                format!("NIXDOCK_EMULATED={}", u8::from(self.emulated)),
+                format!("NIXDOCK_EMULATED={}", u8::from(self.runs_under_emulation())),
                 format!("NIXDOCK_IDLE_TIMEOUT={}", self.idle_timeout_secs),
             ]),
             exposed_ports: (self.publish != Publish::Nothing).then(|| vec![SSH_PORT.into()]),
             labels: Some(labels),
-            hostname: Some(format!("nixdock-{}", sanitize(&self.system))),
+            hostname: Some(format!("nixdock-{}", sanitize(system))),
             host_config: Some(HostConfig {
                 // sshd on a port the engine picks: on loopback for a local engine, on the
                 // engine's address when the hook reaches a remote one over SSH, else nowhere.
@@ -533,7 +646,8 @@ mod tests {
     #[test]
     fn the_top_level_sandbox_is_the_builders_default() {
         let cfg = Config::parse(
-            "sandbox = true\n[builders.\"x86_64-linux\"]\n[builders.\"aarch64-linux\"]\nsandbox = false\n",
+            "sandbox = true\n[builders.\"x86_64-linux\"]\n[builders.\"aarch64-linux\"]\nsandbox = false\n\
+             emulation = \"container\"\n",
             std::path::Path::new("t.toml"),
         )
         .unwrap();
@@ -541,10 +655,74 @@ mod tests {
         let of = |sys: &str| specs.iter().find(|s| s.system == sys).unwrap().sandbox;
         assert_eq!(of("x86_64-linux"), Sandbox::On);
         assert_eq!(of("aarch64-linux"), Sandbox::Off);
+        // Served by the native builder, an emulated system has that builder's sandbox.
+        let native = Config::parse(
+            "sandbox = true\n[builders.\"aarch64-linux\"]\nsandbox = false\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let specs = BuilderSpec::all(&native, "id", "x86_64", false);
+        assert_eq!(specs[0].sandbox, Sandbox::On);
         let none = Config::default();
         for s in BuilderSpec::all(&none, "id", "x86_64", true) {
             assert_eq!(s.sandbox, Sandbox::Auto);
         }
+    }
+
+    /// By default an emulated system is the native builder's: the same container, config
+    /// hash and slots, and the native builder lists it in `extra-platforms`;
+    /// `emulation = "container"` keeps a container of its own.
+    #[test]
+    fn emulated_systems_are_served_by_the_native_builder_by_default() {
+        let parse = |t: &str| Config::parse(t, std::path::Path::new("t.toml")).unwrap();
+        let cfg = parse(
+            "[builders.\"x86_64-linux\"]\nmax-jobs = 3\nimage = \"x\"\n\
+             [builders.\"aarch64-linux\"]\nimage = \"ignored\"\nspeed-factor = 0.5\n",
+        );
+        // A remote engine: emulation is taken as there (not checked on this host).
+        let specs = BuilderSpec::all(&cfg, "id", "x86_64", false);
+        let of = |sys: &str| specs.iter().find(|s| s.system == sys).unwrap().clone();
+        let (x, a) = (of("x86_64-linux"), of("aarch64-linux"));
+        assert_eq!(a.served_by.as_deref(), Some("x86_64-linux"));
+        assert!(a.emulated && !a.runs_under_emulation());
+        assert_eq!(a.container_name(), x.container_name());
+        assert_eq!(a.config_hash("img", "k"), x.config_hash("img", "k"));
+        assert_eq!((a.image.as_str(), a.max_jobs), ("x", 3));
+        assert_eq!(a.speed_factor, 0.5);
+        assert!(x.nix_conf().contains("extra-platforms = aarch64-linux\n"));
+        assert!(!x.nix_conf().contains("filter-syscalls"));
+
+        // Only aarch64 configured: the native builder is made from the defaults.
+        let only = BuilderSpec::all(
+            &parse("[builders.\"aarch64-linux\"]\n"),
+            "id",
+            "x86_64",
+            false,
+        );
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0].container_name(), "nixdock-id-x86_64-linux");
+        assert_eq!(only[0].image, default_image("x86_64-linux"));
+
+        for t in [
+            "emulation = \"container\"\n[builders.\"aarch64-linux\"]\n[builders.\"x86_64-linux\"]\n",
+            "[builders.\"aarch64-linux\"]\nemulation = \"container\"\n[builders.\"x86_64-linux\"]\n",
+        ] {
+            let specs = BuilderSpec::all(&parse(t), "id", "x86_64", false);
+            let of = |sys: &str| specs.iter().find(|s| s.system == sys).unwrap().clone();
+            let (x, a) = (of("x86_64-linux"), of("aarch64-linux"));
+            assert_eq!(a.served_by, None, "{t}");
+            assert!(a.runs_under_emulation());
+            assert_eq!(a.container_name(), "nixdock-id-aarch64-linux");
+            assert!(!x.nix_conf().contains("extra-platforms"), "{t}");
+        }
+        // The emulated set is part of the native builder's hash.
+        let plain = BuilderSpec::all(
+            &parse("[builders.\"x86_64-linux\"]\n"),
+            "id",
+            "x86_64",
+            false,
+        );
+        assert_ne!(plain[0].config_hash("img", "k"), x.config_hash("img", "k"));
     }
 
     #[test]

@@ -136,12 +136,16 @@ pub const EMULATED_WHY: &str = "the builder's nix-daemon runs under qemu-user, w
      clone's namespace flags (\"cloning builder process: Invalid argument\"), so Nix's sandbox \
      cannot start there";
 
-/// `sandbox = true` for an emulated builder, refused before anything is created.
+/// `sandbox = true` for a builder whose container runs under emulation (`emulated` here:
+/// [`BuilderSpec::runs_under_emulation`](super::BuilderSpec::runs_under_emulation), not an
+/// emulated system in the native builder), refused before anything is created.
 pub fn refusal(setting: Sandbox, emulated: bool, system: &str) -> Option<String> {
     (setting == Sandbox::On && emulated).then(|| {
         format!(
-            "sandbox = true, but the {system} builder is emulated: {EMULATED_WHY}; set \
-             `sandbox = false` (or \"auto\") for builders.\"{system}\" to build it unsandboxed"
+            "sandbox = true, but the {system} builder is emulated in a container of its own \
+             (emulation = \"container\"): {EMULATED_WHY}; set `emulation = \"native-builder\"` \
+             for builders.\"{system}\" to build it in the native builder, sandboxed as that \
+             builder is, or `sandbox = false` (or \"auto\") to build it unsandboxed"
         )
     })
 }

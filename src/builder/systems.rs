@@ -33,6 +33,16 @@ pub fn container_arch(system: &str) -> Option<&'static str> {
     })
 }
 
+/// The Nix system an engine of `engine_arch` runs natively, whose builder serves the emulated
+/// systems with `emulation = "native-builder"`.
+pub fn native_system(engine_arch: &str) -> Option<&'static str> {
+    match engine_arch {
+        "x86_64" => Some("x86_64-linux"),
+        "aarch64" => Some("aarch64-linux"),
+        _ => None,
+    }
+}
+
 /// The binfmt_misc entry name `qemu-user-static` registers for a container architecture.
 fn binfmt_name(arch: &str) -> &str {
     match arch {

@@ -42,6 +42,16 @@ impl Row {
         }
     }
 
+    /// The system its container and volumes are labelled with: the native builder's for an
+    /// emulated system it serves.
+    pub fn container_system(&self) -> String {
+        match (&self.existing, &self.spec) {
+            (Some(e), _) if !e.system.is_empty() => e.system.clone(),
+            (_, Some(s)) => s.container_system().to_string(),
+            _ => self.system.clone(),
+        }
+    }
+
     /// Build slots: the running container's, else the configured number.
     pub fn max_jobs(&self) -> u32 {
         self.existing
@@ -75,7 +85,9 @@ impl Row {
         let Some(s) = &self.spec else {
             return (None, String::new());
         };
-        if let Some(why) = crate::builder::sandbox::refusal(s.sandbox, s.emulated, &s.system) {
+        if let Some(why) =
+            crate::builder::sandbox::refusal(s.sandbox, s.runs_under_emulation(), &s.system)
+        {
             return (Some(false), why);
         }
         match s.sandbox {
@@ -90,10 +102,35 @@ impl Row {
 }
 
 /// One engine's configured builders and existing containers, merged by system, sorted by
-/// system.
+/// system. An emulated system served by the native builder gets that builder's container; the
+/// container has no row of its own when its system is not served itself (it is not an
+/// orphan).
 pub fn merge(engine: &str, specs: Vec<BuilderSpec>, existing: Vec<Existing>) -> Vec<Row> {
     let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    let all = existing.clone();
+    let mut existing = existing;
+    for s in specs.iter().filter(|s| s.served_by.is_some()) {
+        let name = s.container_name();
+        let Some(e) = all.iter().find(|e| e.name == name).cloned() else {
+            continue;
+        };
+        if !specs.iter().any(|o| o.system == e.system) {
+            existing.retain(|x| x.name != name);
+        }
+        rows.insert(
+            s.system.clone(),
+            Row {
+                engine: engine.to_string(),
+                system: s.system.clone(),
+                spec: Some(s.clone()),
+                existing: Some(e),
+            },
+        );
+    }
     for s in specs {
+        if rows.contains_key(&s.system) {
+            continue;
+        }
         rows.insert(
             s.system.clone(),
             Row {
@@ -105,7 +142,14 @@ pub fn merge(engine: &str, specs: Vec<BuilderSpec>, existing: Vec<Existing>) -> 
         );
     }
     for e in existing {
-        let key = if e.system.is_empty() {
+        // A container of a system the native builder now serves (one made with
+        // `emulation = "container"` before) is not that system's builder any more: it gets a
+        // row of its own, by name, unconfigured, so it can be seen and removed.
+        let superseded = rows
+            .get(&e.system)
+            .and_then(|r| r.spec.as_ref())
+            .is_some_and(|s| s.served_by.is_some() && s.container_name() != e.name);
+        let key = if e.system.is_empty() || superseded {
             e.name.clone()
         } else {
             e.system.clone()
@@ -134,7 +178,7 @@ pub fn merge(engine: &str, specs: Vec<BuilderSpec>, existing: Vec<Existing>) -> 
 /// error that lists the known ones.
 pub fn select(rows: Vec<Row>, systems: &[String]) -> anyhow::Result<Vec<Row>> {
     if systems.is_empty() {
-        return Ok(rows);
+        return Ok(one_per_container(rows));
     }
     // A system may have a builder on several engines: name it once.
     let known: Vec<String> = rows
@@ -155,10 +199,26 @@ pub fn select(rows: Vec<Row>, systems: &[String]) -> anyhow::Result<Vec<Row>> {
             );
         }
     }
-    Ok(rows
-        .into_iter()
-        .filter(|r| systems.contains(&r.system))
-        .collect())
+    Ok(one_per_container(
+        rows.into_iter()
+            .filter(|r| systems.contains(&r.system))
+            .collect(),
+    ))
+}
+
+/// Rows that name the same container (an emulated system served by the native builder, and
+/// the native system itself) are acted on once, as the native system's row when it is there.
+fn one_per_container(rows: Vec<Row>) -> Vec<Row> {
+    let mut out: Vec<Row> = Vec::new();
+    for r in rows {
+        let same = |o: &Row| o.engine == r.engine && o.container_name() == r.container_name();
+        match out.iter().position(same) {
+            None => out.push(r),
+            Some(i) if out[i].spec.as_ref().is_some_and(|s| s.served_by.is_some()) => out[i] = r,
+            Some(_) => {}
+        }
+    }
+    out
 }
 
 /// Config, state, the pool's engines, and on each answering engine its served builders merged

@@ -134,6 +134,8 @@ async fn demo_one(
     let is_native = system == native;
     let kind = if is_native {
         "native, built with --max-jobs 0".to_string()
+    } else if let Some(by) = &spec.served_by {
+        format!("emulated in the {by} builder")
     } else if spec.emulated {
         "emulated".to_string()
     } else {

@@ -170,7 +170,7 @@ async fn remove_builder(
             Err(e) => anyhow::bail!("cannot remove {}: {e}", ex.name),
         }
     }
-    for vol in volumes_of(engine, instance, Some(&row.system)).await? {
+    for vol in volumes_of(engine, instance, Some(&row.container_system())).await? {
         match engine
             .docker
             .remove_volume(&vol, None::<RemoveVolumeOptions>)
@@ -245,7 +245,7 @@ async fn remove_unused_volumes(
     for row in rows {
         let vols: Vec<&String> = volumes
             .iter()
-            .filter(|(_, s)| *s == row.system)
+            .filter(|(_, s)| *s == row.system || *s == row.container_system())
             .map(|(v, _)| v)
             .collect();
         if vols.is_empty() {

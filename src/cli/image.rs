@@ -116,7 +116,15 @@ pub async fn run(env: &Env, cmd: ImageCommand) -> anyhow::Result<i32> {
         if served.is_empty() {
             anyhow::bail!("this engine serves no system here; name one with --system");
         }
-        served.into_iter().map(|s| s.system).collect()
+        // The images the builders run: an emulated system the native builder serves needs
+        // none of its own.
+        let mut v: Vec<String> = Vec::new();
+        for s in &served {
+            if !v.iter().any(|x| x == s.container_system()) {
+                v.push(s.container_system().to_string());
+            }
+        }
+        v
     } else {
         args.systems.clone()
     };

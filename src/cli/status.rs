@@ -84,6 +84,9 @@ struct BuilderInfo {
     image: Option<String>,
     image_id: Option<String>,
     emulated: Option<bool>,
+    /// The native system whose builder (`container`) builds this emulated one through
+    /// `extra-platforms`; null: a container of its own.
+    served_by: Option<String>,
     state: String,
     uptime_secs: Option<u64>,
     port: Option<u16>,
@@ -183,6 +186,7 @@ async fn describe(
         image: row.spec.as_ref().map(|s| s.image.clone()),
         image_id: ex.and_then(|e| e.image_id().map(str::to_string)),
         emulated: row.spec.as_ref().map(|s| s.emulated),
+        served_by: row.spec.as_ref().and_then(|s| s.served_by.clone()),
         state: ex.map_or_else(|| "absent".to_string(), Existing::state_name),
         uptime_secs: ex.and_then(|e| e.uptime_secs(now)),
         port: ex.filter(|e| e.running()).and_then(Existing::port),
@@ -279,6 +283,7 @@ fn print_table(r: &Report) {
     }
     print_rows(&r.builders);
     print_store_note(&r.builders);
+    print_served_notes(&r.builders);
     print_sandbox_notes(&r.builders);
 }
 
@@ -305,7 +310,30 @@ fn print_pool(r: &Report) {
     }
     let all: Vec<&BuilderInfo> = r.builders.iter().collect();
     print_store_note(&all);
+    print_served_notes(&all);
     print_sandbox_notes(&all);
+}
+
+/// Which container builds each emulated system the native builder serves (its row shows that
+/// container's state, store and slots).
+fn print_served_notes<B: std::borrow::Borrow<BuilderInfo>>(builders: &[B]) {
+    let notes: Vec<&BuilderInfo> = builders
+        .iter()
+        .map(|b| b.borrow())
+        .filter(|b| b.served_by.is_some())
+        .collect();
+    if notes.is_empty() {
+        return;
+    }
+    println!("\nEMULATED IN THE NATIVE BUILDER (extra-platforms, binfmt_misc qemu):");
+    for b in notes {
+        println!(
+            "  {}: built in {} (the {} builder; shared slots)",
+            b.system,
+            b.container,
+            b.served_by.as_deref().unwrap_or("?")
+        );
+    }
 }
 
 /// Why each builder is sandboxed or not (too long for a column).

@@ -311,11 +311,13 @@ impl SuiteInstall {
 }
 
 /// The config of the `e2e` installation, which hook_e2e and build_log share (and so its
-/// builders): amd64 and emulated arm64 builders from the test bed.
+/// builders): amd64 and emulated arm64 builders from the test bed, the arm64 one a container of
+/// its own (`emulation = "container"`: these suites' aarch64 derivations run the arm64 image's
+/// `/bin/sh`; tests/emulation.rs covers the native builder).
 pub fn e2e_config() -> String {
     format!(
         "[builders.\"x86_64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\nmax-jobs = 16\n\
-         [builders.\"aarch64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\n",
+         [builders.\"aarch64-linux\"]\nimage = \"{}\"\nidle-timeout = 900\nemulation = \"container\"\n",
         image("bookworm-amd64"),
         image("bookworm-arm64")
     )

@@ -53,7 +53,18 @@ pub(super) async fn check_systems(
         let name = spec.system.as_str();
         match systems::emulation_support(name, host::host_arch(), host::ENGINE_IS_LOCAL) {
             EmulationSupport::Native => c.ok(name, "runs natively"),
-            EmulationSupport::Binfmt => c.ok(name, "runs emulated (binfmt_misc qemu, flag F)"),
+            EmulationSupport::Binfmt => c.ok(
+                name,
+                match &spec.served_by {
+                    Some(by) => format!(
+                        "runs emulated (binfmt_misc qemu, flag F) in the {by} builder \
+                         ({}), through its extra-platforms",
+                        spec.container_name()
+                    ),
+                    None => "runs emulated (binfmt_misc qemu, flag F) in a container of its own"
+                        .to_string(),
+                },
+            ),
             EmulationSupport::EngineVm => c.ok(name, "runs emulated by the engine's VM"),
             EmulationSupport::Unknown => c.warn(
                 name,
@@ -66,6 +77,7 @@ pub(super) async fn check_systems(
             }
         }
         check_sandbox_setting(c, name, spec, default_facts.as_ref());
+        check_unused_settings(c, name, spec, config);
         let Some(e) = default else { continue };
         check_image(c, name, spec, e, None).await;
     }
@@ -98,6 +110,7 @@ pub(super) async fn check_systems(
                 ),
             }
             check_sandbox_setting(c, &name, spec, Some(&facts));
+            check_unused_settings(c, &name, spec, config);
             check_image(c, &name, spec, e, Some(pe.name())).await;
         }
     }
@@ -113,7 +126,7 @@ fn check_sandbox_setting(
     facts: Option<&EngineFacts>,
 ) {
     let check = format!("sandbox {name}");
-    if let Some(why) = sandbox::refusal(spec.sandbox, spec.emulated, &spec.system) {
+    if let Some(why) = sandbox::refusal(spec.sandbox, spec.runs_under_emulation(), &spec.system) {
         c.fail(
             &check,
             why,
@@ -125,13 +138,41 @@ fn check_sandbox_setting(
         return;
     }
     let Some(facts) = facts else { return };
-    let d = sandbox::decide(spec.sandbox, spec.emulated, facts);
+    let d = sandbox::decide(spec.sandbox, spec.runs_under_emulation(), facts);
     c.info(
         &check,
         format!(
             "a new builder's builds run {} Nix's sandbox: {}",
             if d.on { "in" } else { "without" },
             d.why
+        ),
+    );
+}
+
+/// An emulated system built by the native builder uses that builder's container settings: the
+/// ones its own table sets do nothing, which the user should hear about.
+fn check_unused_settings(c: &mut Checks, name: &str, spec: &BuilderSpec, config: &Config) {
+    let Some(by) = &spec.served_by else { return };
+    let Some(table) = config.builders.get(&spec.system) else {
+        return;
+    };
+    let keys = table.container_keys();
+    if keys.is_empty() {
+        return;
+    }
+    c.warn(
+        &format!("settings {name}"),
+        format!(
+            "{} in [builders.\"{}\"] not used: {} is built by the {by} builder \
+             (emulation = \"native-builder\"), whose settings count",
+            keys.join(", "),
+            spec.system,
+            spec.system
+        ),
+        format!(
+            "move them to [builders.\"{by}\"], or set emulation = \"container\" in \
+             [builders.\"{}\"] for a container of its own (no sandbox there)",
+            spec.system
         ),
     );
 }

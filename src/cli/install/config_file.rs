@@ -43,18 +43,26 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 # Nix's sandbox inside the builders (a builder's own `sandbox` overrides it): true, false or
 # "auto". "auto" turns it on where it costs the host nothing: an engine inside a VM (Docker
 # Desktop, OrbStack, colima, Lima) or a user-namespaced one (rootless, userns-remap). It stays
-# off for emulated builders (qemu-user cannot start it; true fails their builds) and on a
-# rootful engine on this host, where the sandbox's unmasked /proc/sys would be writable by the
+# off for emulated systems in containers of their own (emulation "container": qemu-user
+# cannot start it; true fails their builds) and on a rootful engine on this host, where the sandbox's unmasked /proc/sys would be writable by the
 # container's root, the host's root: true accepts that. The image needs a static shell for
 # /bin/sh (Debian: bash-static). `nixdock status` says per builder whether and why.
 # sandbox = "auto"
 
+# How an emulated system (aarch64-linux on an x86_64 engine, say) is built: "native-builder"
+# builds it in the engine's native builder, whose nix.conf lists it in extra-platforms, only
+# the build's own programs running under qemu (binfmt_misc, flag F): same slots, same
+# settings, the sandbox as that builder has it, no image for the emulated system. "container"
+# gives it a container of its own architecture, everything in it under qemu-user.
+# emulation = "native-builder"
+
 # With no [builders] table, nixdock serves this machine's own Linux system and, when it can
 # emulate it (binfmt_misc with qemu, flag F), the other of x86_64-linux / aarch64-linux.
-# A table per system replaces those defaults:
+# A table per system replaces those defaults. An emulated system built by the native builder
+# uses that builder's container settings (image … sandbox below), not its own table's:
 #
-# [builders."aarch64-linux"]
-# image = "nixdock/builder:aarch64-linux"   # `nixdock image build` makes it
+# [builders."x86_64-linux"]
+# image = "nixdock/builder:x86_64-linux"    # `nixdock image build` makes it
 # platform = "linux/arm64"                  # only used when the image has to be pulled
 # max-jobs = 8                              # builds at once in this builder
 # cpus = 4.0                                # CPU limit of the container
@@ -65,6 +73,9 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 # kvm = false                               # pass /dev/kvm (adds kvm, nixos-test)
 # speed-factor = 1.0                        # against the machines in Nix's `builders`
 # sandbox = "auto"                          # Nix's sandbox: true, false or "auto"
+#
+# [builders."aarch64-linux"]
+# emulation = "native-builder"              # or "container" (then image, platform, …)
 
 # More engines, beside docker-host: a pool. A build goes to a builder of its system's own
 # architecture first (emulation only when every native one is full), then to the least busy
