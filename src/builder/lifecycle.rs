@@ -33,14 +33,6 @@ pub enum BuilderError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error(
-        "builder image {image} for {system} is not available: {reason}\nBuild it with `nixdock image build`, or set `image` for this system in the nixdock config."
-    )]
-    ImageMissing {
-        image: String,
-        system: String,
-        reason: String,
-    },
     #[error("builder {container} stopped while starting ({status}); its last output:\n{logs}")]
     Exited {
         container: String,
@@ -77,11 +69,109 @@ pub enum BuilderError {
     Key(String),
     #[error("builder {container}: {why}")]
     Sandbox { container: String, why: String },
+    #[error(transparent)]
+    Pull(Box<PullError>),
 }
 
 impl BuilderError {
     pub fn is_host_key_mismatch(&self) -> bool {
         matches!(self, BuilderError::Ssh { source, .. } if matches!(**source, SshError::HostKeyMismatch { .. }))
+    }
+}
+
+/// A builder image's pull failed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot pull the builder image {image} for {system} ({platform}) from registry {registry}: {reason}\n\
+     Without a registry, build an image from Debian packages (`nixdock image build --from-debian --system {system}`) \
+     and set `image` for {system} in the nixdock config to it."
+)]
+pub struct PullError {
+    pub image: String,
+    pub system: String,
+    pub platform: String,
+    pub registry: String,
+    pub reason: String,
+}
+
+/// Told about a builder image's pull, which happens only when the image is not on the engine
+/// (the first build with the default image): the hook shows it as Nix progress.
+pub trait PullObserver: Sync {
+    /// The pull of `image` for `platform` begins.
+    fn start(&self, image: &str, platform: Option<&str>);
+    /// Bytes downloaded so far and expected, summed over the layers the engine reported.
+    fn progress(&self, done: u64, expected: u64);
+    /// The pull ended, either way.
+    fn stop(&self);
+}
+
+/// Sees nothing.
+pub struct NoPullObserver;
+
+impl PullObserver for NoPullObserver {
+    fn start(&self, _: &str, _: Option<&str>) {}
+    fn progress(&self, _: u64, _: u64) {}
+    fn stop(&self) {}
+}
+
+/// No message from the engine about a pull for this long: the pull has stalled.
+pub const PULL_STALL: Duration = Duration::from_secs(120);
+/// The longest a whole pull may take.
+pub const PULL_LIMIT: Duration = Duration::from_secs(3600);
+
+/// A pull's bytes, from the engine's progress messages: each layer's `Downloading` progress
+/// (current/total), complete at `Download complete`/`Pull complete`. Layers the engine already
+/// has (`Already exists`) count for nothing.
+#[derive(Debug, Default)]
+pub struct PullTally {
+    layers: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+impl PullTally {
+    /// Takes one message; true when the totals changed.
+    pub fn update(
+        &mut self,
+        id: Option<&str>,
+        status: Option<&str>,
+        current: Option<i64>,
+        total: Option<i64>,
+    ) -> bool {
+        let (Some(id), Some(status)) = (id, status) else {
+            return false;
+        };
+        let before = self.totals();
+        let n = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
+        match status {
+            "Downloading" => {
+                if let Some(total) = n(total).filter(|t| *t > 0) {
+                    let cur = n(current).unwrap_or(0).min(total);
+                    self.layers.insert(id.to_string(), (cur, total));
+                }
+            }
+            "Download complete" | "Verifying Checksum" | "Pull complete" | "Extracting" => {
+                if let Some(l) = self.layers.get_mut(id) {
+                    l.0 = l.1;
+                }
+            }
+            _ => {}
+        }
+        self.totals() != before
+    }
+
+    /// (done, expected) over all layers seen downloading.
+    pub fn totals(&self) -> (u64, u64) {
+        self.layers
+            .values()
+            .fold((0, 0), |(d, e), (ld, le)| (d + ld, e + le))
+    }
+}
+
+/// The registry an image reference names (Docker's rule: a first component with a `.` or `:`,
+/// or `localhost`, is a registry; otherwise Docker Hub).
+pub fn registry_of(image: &str) -> &str {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => first,
+        _ => "docker.io",
     }
 }
 
@@ -173,6 +263,17 @@ impl Builders {
         spec: &BuilderSpec,
         own_slot: Option<&slots::Slot>,
     ) -> Result<ReadyBuilder, BuilderError> {
+        self.ensure_ready_with(spec, own_slot, &NoPullObserver)
+            .await
+    }
+
+    /// [`ensure_ready`](Self::ensure_ready), telling `pull` about a pull of the image.
+    pub async fn ensure_ready_with(
+        &self,
+        spec: &BuilderSpec,
+        own_slot: Option<&slots::Slot>,
+        pull: &dyn PullObserver,
+    ) -> Result<ReadyBuilder, BuilderError> {
         let name = spec.container_name();
         if let Some(why) = sandbox::refusal(spec.sandbox, spec.emulated, &spec.system) {
             return Err(BuilderError::Sandbox {
@@ -182,7 +283,10 @@ impl Builders {
         }
         let lock = self.lock_builder(&name).await?;
 
-        let image_id = self.image_id(spec).await?;
+        let image_id = match self.local_image_id(spec).await? {
+            Some(id) => id,
+            None => self.pull(spec, pull).await?,
+        };
         let hash = spec.config_hash(&image_id, self.client_key.public_openssh());
         let mut started = false;
 
@@ -265,8 +369,8 @@ impl Builders {
         if !(cfg!(target_os = "linux") && self.engine.addr.starts_with("unix://")) {
             return Err(NoLocalSocket::RemoteEngine(self.engine.addr.clone()));
         }
-        let (image_id, c) = tokio::join!(self.image_id(spec), self.inspect(name));
-        let image_id = image_id?;
+        let (image_id, c) = tokio::join!(self.local_image_id(spec), self.inspect(name));
+        let image_id = image_id?.ok_or(NoLocalSocket::NoImage)?;
         let c = c?.ok_or(NoLocalSocket::NoContainer)?;
         let hash = spec.config_hash(&image_id, self.client_key.public_openssh());
         if label(&c, provision::LABEL_CONFIG) != Some(hash.as_str()) {
@@ -319,49 +423,97 @@ impl Builders {
         )
     }
 
-    async fn image_id(&self, spec: &BuilderSpec) -> Result<String, BuilderError> {
-        let docker = &self.engine.docker;
-        match docker.inspect_image(&spec.image).await {
-            Ok(i) => {
-                return i.id.ok_or_else(|| BuilderError::Broken {
-                    container: spec.container_name(),
-                    what: "image has no id".into(),
-                });
-            }
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(self.engine.api_err()(e).into()),
+    /// The image's id if the engine has it (never pulls).
+    async fn local_image_id(&self, spec: &BuilderSpec) -> Result<Option<String>, BuilderError> {
+        match self.engine.docker.inspect_image(&spec.image).await {
+            Ok(i) => i.id.map(Some).ok_or_else(|| BuilderError::Broken {
+                container: spec.container_name(),
+                what: "image has no id".into(),
+            }),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(self.engine.api_err()(e).into()),
         }
-        // Not local: pull it. Only here does a platform go to the engine; a local image runs
-        // as it is, whatever architecture its label claims.
-        tracing::info!(image = %spec.image, "pulling builder image");
+    }
+
+    /// Pulls the image for the spec's platform through the engine, telling `observer` the bytes
+    /// as the engine reports them; a stall of [`PULL_STALL`] or a pull longer than
+    /// [`PULL_LIMIT`] fails. Returns the pulled image's id. Only here does a platform go to the
+    /// engine: a local image runs as it is, whatever architecture its label claims.
+    async fn pull(
+        &self,
+        spec: &BuilderSpec,
+        observer: &dyn PullObserver,
+    ) -> Result<String, BuilderError> {
+        let platform = spec.platform.clone().unwrap_or_default();
+        let failed = |reason: String| {
+            BuilderError::Pull(Box::new(PullError {
+                image: spec.image.clone(),
+                system: spec.system.clone(),
+                platform: if platform.is_empty() {
+                    "the engine's platform".into()
+                } else {
+                    platform.clone()
+                },
+                registry: registry_of(&spec.image).to_string(),
+                reason,
+            }))
+        };
+        tracing::info!(image = %spec.image, %platform, engine = %self.engine.name, "pulling builder image");
+        let t0 = Instant::now();
+        observer.start(&spec.image, spec.platform.as_deref());
         let opts = CreateImageOptions {
             from_image: Some(spec.image.clone()),
-            platform: spec.platform.clone().unwrap_or_default(),
+            platform: platform.clone(),
             ..Default::default()
         };
-        let mut pull = docker.create_image(Some(opts), None, None);
-        while let Some(item) = pull.next().await {
-            if let Err(e) = item {
-                return Err(BuilderError::ImageMissing {
-                    image: spec.image.clone(),
-                    system: spec.system.clone(),
-                    reason: format!("not found locally, and pulling failed: {e}"),
-                });
+        let mut stream = self.engine.docker.create_image(Some(opts), None, None);
+        let mut tally = PullTally::default();
+        let outcome = loop {
+            let left = PULL_LIMIT.saturating_sub(t0.elapsed());
+            let next = match tokio::time::timeout(PULL_STALL.min(left), stream.next()).await {
+                Ok(n) => n,
+                Err(_) if left <= PULL_STALL => {
+                    break Err(failed(format!(
+                        "the pull took over {} s",
+                        PULL_LIMIT.as_secs()
+                    )));
+                }
+                Err(_) => {
+                    break Err(failed(format!(
+                        "the engine reported no progress for {} s",
+                        PULL_STALL.as_secs()
+                    )));
+                }
+            };
+            match next {
+                None => break Ok(()),
+                Some(Err(e)) => break Err(failed(engine_message(&e))),
+                Some(Ok(info)) => {
+                    if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                        break Err(failed(e));
+                    }
+                    let (cur, total) = info
+                        .progress_detail
+                        .map(|p| (p.current, p.total))
+                        .unwrap_or_default();
+                    if tally.update(info.id.as_deref(), info.status.as_deref(), cur, total) {
+                        let (done, expected) = tally.totals();
+                        observer.progress(done, expected);
+                    }
+                }
             }
+        };
+        drop(stream);
+        observer.stop();
+        outcome?;
+        let (done, expected) = tally.totals();
+        tracing::info!(image = %spec.image, ms = t0.elapsed().as_millis() as u64, bytes = done, expected, "pulled builder image");
+        match self.local_image_id(spec).await? {
+            Some(id) => Ok(id),
+            None => Err(failed(
+                "the engine reported success, but has no such image".into(),
+            )),
         }
-        let i =
-            docker
-                .inspect_image(&spec.image)
-                .await
-                .map_err(|e| BuilderError::ImageMissing {
-                    image: spec.image.clone(),
-                    system: spec.system.clone(),
-                    reason: e.to_string(),
-                })?;
-        i.id.ok_or_else(|| BuilderError::Broken {
-            container: spec.container_name(),
-            what: "image has no id".into(),
-        })
     }
 
     pub async fn inspect(
@@ -781,6 +933,15 @@ fn grantable_ulimits() -> Vec<bollard::models::ResourcesUlimits> {
     ]
 }
 
+/// What the engine said, without bollard's wrapping.
+fn engine_message(e: &DockerError) -> String {
+    match e {
+        DockerError::DockerResponseServerError { message, .. } => message.clone(),
+        DockerError::DockerStreamError { error } => error.clone(),
+        other => other.to_string(),
+    }
+}
+
 /// The worker handshake on a command's channel; the remote daemon's own stderr (startup
 /// warnings) goes to our log, never to the build.
 async fn handshake(ch: ssh::ExecChannel, name: &str) -> Result<DaemonConnection, BuilderError> {
@@ -867,6 +1028,8 @@ enum NoLocalSocket {
     NotLinux,
     #[error(transparent)]
     Engine(#[from] BuilderError),
+    #[error("the image is not on the engine")]
+    NoImage,
     #[error("no container")]
     NoContainer,
     #[error("configuration changed")]
@@ -935,4 +1098,38 @@ pub struct LocalConnection {
     /// The builder's `/nix` on this host, as the engine reported it.
     pub volume: std::path::PathBuf,
     pub daemon: DaemonConnection,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_is_docker_hub_unless_the_first_component_names_a_host() {
+        assert_eq!(registry_of("nixos/nix:2.28.3"), "docker.io");
+        assert_eq!(registry_of("ubuntu"), "docker.io");
+        assert_eq!(registry_of("127.0.0.1:5000/nixos/nix:t"), "127.0.0.1:5000");
+        assert_eq!(registry_of("ghcr.io/nixos/nix"), "ghcr.io");
+        assert_eq!(registry_of("localhost/x"), "localhost");
+    }
+
+    #[test]
+    fn tally_sums_downloading_layers_and_completes_them() {
+        let mut t = PullTally::default();
+        // Layers the engine has, and messages without sizes, count for nothing.
+        assert!(!t.update(Some("a"), Some("Already exists"), None, None));
+        assert!(!t.update(Some("b"), Some("Pulling fs layer"), None, None));
+        assert!(!t.update(None, Some("Pulling from nixos/nix"), None, None));
+        assert!(t.update(Some("b"), Some("Downloading"), Some(100), Some(1000)));
+        assert!(t.update(Some("c"), Some("Downloading"), Some(5), Some(10)));
+        assert_eq!(t.totals(), (105, 1010));
+        // A current beyond the total (seen on retries) is capped.
+        assert!(t.update(Some("c"), Some("Downloading"), Some(50), Some(10)));
+        assert_eq!(t.totals(), (110, 1010));
+        assert!(t.update(Some("b"), Some("Download complete"), None, None));
+        assert_eq!(t.totals(), (1010, 1010));
+        assert!(!t.update(Some("b"), Some("Pull complete"), None, None));
+        // Negative sizes (never sent, but not ours to trust) are ignored.
+        assert!(!t.update(Some("d"), Some("Downloading"), Some(-1), Some(-5)));
+    }
 }

@@ -34,9 +34,23 @@ pub const LABEL_HOST_KEY: &str = "nixdock.host-key";
 pub const LABEL_IMAGE: &str = "nixdock.image";
 pub const LABEL_MAX_JOBS: &str = "nixdock.max-jobs";
 
-/// Default image per system when the config names none (`nixdock image build` makes it).
-pub fn default_image(system: &str) -> String {
-    format!("nixdock/builder:{system}")
+/// The image a system's builder runs when the config names none: the official `nixos/nix`,
+/// unmodified (it ships OpenSSH's sshd since Nix 2.9; `entry.sh` copes with its layout), at a
+/// pinned tag, pulled by the engine on the first build for the system's platform. One image
+/// serves every system: it is multi-platform.
+pub const DEFAULT_IMAGE: &str = "nixos/nix:2.28.3";
+
+/// For tests only: an image reference that replaces [`DEFAULT_IMAGE`] (e.g. one in a local
+/// registry), read by the hook and the CLI alike. Not a user setting: `image` in the config is.
+pub const DEFAULT_IMAGE_ENV: &str = "NIXDOCK_DEFAULT_IMAGE";
+
+/// The image a system uses when the config names none: [`DEFAULT_IMAGE`], or the tests'
+/// [`DEFAULT_IMAGE_ENV`].
+pub fn default_image() -> String {
+    match std::env::var(DEFAULT_IMAGE_ENV) {
+        Ok(v) if !v.trim().is_empty() => v.trim().to_string(),
+        _ => DEFAULT_IMAGE.to_string(),
+    }
 }
 
 /// Features every builder offers; `kvm` and `nixos-test` only with `/dev/kvm` passed through.
@@ -136,8 +150,12 @@ impl BuilderSpec {
             publish: Publish::Loopback,
             instance: instance.to_string(),
             system: system.to_string(),
-            image: c.image.clone().unwrap_or_else(|| default_image(system)),
-            platform: c.platform.clone(),
+            image: c.image.clone().unwrap_or_else(default_image),
+            // An image is pulled for the system's platform unless the config says otherwise.
+            platform: c
+                .platform
+                .clone()
+                .or_else(|| systems::docker_platform(system).map(String::from)),
             max_jobs: c.max_jobs.unwrap_or(DEFAULT_MAX_JOBS),
             nano_cpus: c.cpus.map(|c| (c * 1e9) as i64),
             memory: c.memory.as_deref().and_then(parse_memory),
@@ -303,6 +321,9 @@ impl BuilderSpec {
             "PrintMotd no",
             "PrintLastLog no",
             "StrictModes no",
+            // Sessions get the container's PATH from ~/.ssh/environment (entry.sh writes it):
+            // nixos/nix has its tools only in root's profile, off sshd's compiled-in PATH.
+            "PermitUserEnvironment yes",
             "MaxSessions 64",
             "MaxStartups 64:30:128",
             "PidFile /run/nixdock-sshd.pid",

@@ -519,7 +519,9 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
                     step,
                     format!("getting the {} builder ready", spec.system),
                 ));
-                let ready = builders.ensure_ready(&spec, Some(&slot)).await;
+                // A missing image is pulled first: shown as a download in Nix's progress.
+                let pull = copy_progress::PullProgress::new(parent);
+                let ready = builders.ensure_ready_with(&spec, Some(&slot), &pull).await;
                 parent.send(&LogLine::stop(step));
                 let ready = ready?;
                 let how = match (&ready.link, ready.started) {
