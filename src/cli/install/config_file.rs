@@ -53,8 +53,9 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 # A table per system replaces those defaults:
 #
 # [builders."aarch64-linux"]
-# image = "nixdock/builder:aarch64-linux"   # `nixdock image build` makes it
-# platform = "linux/arm64"                  # only used when the image has to be pulled
+# image = "nixdock/builder:aarch64-linux"   # default: nixos/nix (pinned), pulled at the first
+#                                           # build; offline: `nixdock image build --from-debian`
+# platform = "linux/arm64"                  # for a pull; default: the system's
 # max-jobs = 8                              # builds at once in this builder
 # cpus = 4.0                                # CPU limit of the container
 # memory = "8g"                             # memory limit of the container
