@@ -28,6 +28,7 @@ let
       max-jobs = nullable types.ints.positive "Builds at once in this builder (nixdock's default: 8).";
       cpus = nullable (types.either types.ints.positive types.float) "CPU limit of the container.";
       memory = nullable types.str "Memory limit of the container, e.g. `\"8g\"` or `\"512m\"`.";
+      max-store-size = nullable types.str "Collect garbage in the builder's store when a build ends and it holds more than this, e.g. `\"20G\"`.";
       idle-timeout = nullable types.ints.unsigned "Seconds without a build before the container stops itself (default 1800).";
       features = nullable (types.listOf types.str) "System features the builder offers (default: big-parallel, benchmark).";
       extra-nix-conf = nullable (types.listOf types.str) "Lines added to the builder's nix.conf, one setting each.";

@@ -254,6 +254,38 @@ start_daemon
 sshd_pid=$!
 log "sshd started ($sshd), nix-daemon at $nix_daemon (pid $daemon_pid), arch $arch, build-users-group '$build_users_group', $(echo "$sandbox_conf" | tr '\n' ' ')"
 
+# max-store-size: when the store holds more than NIXDOCK_MAX_STORE_KB (du's KiB; 0: no limit),
+# collect garbage down to 90% of it. Checked here, in the builder, once at start and whenever
+# no daemon connection is open and the store's database changed since the last check (paths
+# were added): after the hook has copied a build's outputs back, so
+# it never delays a build's result, needs no hook or engine call, and works on every engine.
+# It runs in the background; a build that starts meanwhile is safe (Nix's GC honours the
+# temporary roots of running builds) and the idle stop waits for it.
+max_store_kb=${NIXDOCK_MAX_STORE_KB:-0}
+case "$max_store_kb" in ''|*[!0-9]*) max_store_kb=0 ;; esac
+gc_pid=
+gc_stamp=$ND/gc.stamp
+store_gc() {
+    [ "$max_store_kb" -gt 0 ] || return 0
+    if [ -n "$gc_pid" ] && kill -0 "$gc_pid" 2>/dev/null; then return 0; fi
+    : > "$gc_stamp"
+    used=$(du -sk /nix/store 2>/dev/null) || used=0
+    used=${used%%[!0-9]*}
+    [ "${used:-0}" -gt "$max_store_kb" ] || return 0
+    want=$((used - max_store_kb * 9 / 10))
+    log "store holds ${used} KiB, more than max-store-size (${max_store_kb} KiB): collecting garbage (up to ${want} KiB)"
+    (
+        if "$ND/bin/nix-store" --gc --max-freed "$((want * 1024))" > "$ND/gc.log" 2>&1; then
+            after=$(du -sk /nix/store 2>/dev/null) || after=?
+            log "garbage collected: the store holds ${after%%[!0-9]*} KiB"
+        else
+            log "garbage collection failed: $(tail -n 3 "$ND/gc.log" | tr '\n' ' ')"
+        fi
+    ) &
+    gc_pid=$!
+}
+store_gc
+
 # Stop after NIXDOCK_IDLE_TIMEOUT seconds with no nix-daemon running, so no host daemon is needed.
 idle_limit=${NIXDOCK_IDLE_TIMEOUT:-1800}
 idle=0
@@ -273,6 +305,11 @@ while kill -0 "$sshd_pid" 2>/dev/null; do
         read -r name < "$d/comm" 2>/dev/null || continue
         case "$name" in nix-daemon) busy=1; break ;; esac
     done
+    if [ "$busy" = 0 ] && { [ /nix/var/nix/db/db.sqlite -nt "$gc_stamp" ] ||
+        [ /nix/var/nix/db/db.sqlite-wal -nt "$gc_stamp" ]; }; then
+        store_gc
+    fi
+    if [ -n "$gc_pid" ] && kill -0 "$gc_pid" 2>/dev/null; then busy=1; fi
     if [ "$busy" = 1 ]; then idle=0; else idle=$((idle + 5)); fi
     if [ "$idle" -ge "$idle_limit" ]; then
         log "idle for ${idle_limit}s, stopping"

@@ -126,6 +126,8 @@ pub struct BuilderSpec {
     pub max_jobs: u32,
     pub nano_cpus: Option<i64>,
     pub memory: Option<i64>,
+    /// Garbage is collected in the builder's store above this many bytes.
+    pub max_store_bytes: Option<u64>,
     pub idle_timeout_secs: u64,
     pub features: Vec<String>,
     pub extra_nix_conf: Vec<String>,
@@ -159,6 +161,11 @@ impl BuilderSpec {
             max_jobs: c.max_jobs.unwrap_or(DEFAULT_MAX_JOBS),
             nano_cpus: c.cpus.map(|c| (c * 1e9) as i64),
             memory: c.memory.as_deref().and_then(parse_memory),
+            max_store_bytes: c
+                .max_store_size
+                .as_deref()
+                .and_then(parse_memory)
+                .and_then(|n| u64::try_from(n).ok()),
             idle_timeout_secs: c.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT.as_secs()),
             features: c
                 .features
@@ -343,8 +350,8 @@ impl BuilderSpec {
             &self.nix_conf(),
             &self.sshd_config(),
             &format!(
-                "{:?}/{:?}/{}/{}",
-                self.nano_cpus, self.memory, self.idle_timeout_secs, self.kvm
+                "{:?}/{:?}/{}/{}/{:?}",
+                self.nano_cpus, self.memory, self.idle_timeout_secs, self.kvm, self.max_store_bytes
             ),
             &self.emulated.to_string(),
             // The setting, not the decision: "auto" is decided at creation from the engine,
@@ -412,6 +419,11 @@ impl BuilderSpec {
                 format!("NIXDOCK_EXPECT_ARCH={expect_arch}"),
                 format!("NIXDOCK_EMULATED={}", u8::from(self.emulated)),
                 format!("NIXDOCK_IDLE_TIMEOUT={}", self.idle_timeout_secs),
+                // 0: no limit. KiB, what `du -sk` counts in.
+                format!(
+                    "NIXDOCK_MAX_STORE_KB={}",
+                    self.max_store_bytes.map_or(0, |b| b.div_ceil(1024))
+                ),
             ]),
             exposed_ports: (self.publish != Publish::Nothing).then(|| vec![SSH_PORT.into()]),
             labels: Some(labels),

@@ -59,6 +59,7 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 # max-jobs = 8                              # builds at once in this builder
 # cpus = 4.0                                # CPU limit of the container
 # memory = "8g"                             # memory limit of the container
+# max-store-size = "20G"                    # collect garbage in the builder above this
 # idle-timeout = 1800                       # seconds without builds before it stops
 # features = ["big-parallel", "benchmark"]  # system features it offers
 # extra-nix-conf = ["keep-outputs = true"]  # lines added to the builder's nix.conf
