@@ -130,3 +130,79 @@ fn a_store_over_max_store_size_is_collected_after_the_build() {
         "{table}"
     );
 }
+
+/// This installation's volumes on the host engine.
+fn volumes(instance: &str) -> Vec<String> {
+    let o = docker([
+        "volume",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("label=nixdock.instance={instance}"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut v: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    v.sort();
+    v
+}
+
+/// When a builder's image changes, its new container gets a new `/nix` volume; the old one
+/// stays for the grace period (going back to the image finds its store) and is removed by the
+/// first cold start after it, without `nixdock gc`.
+#[test]
+fn volumes_of_replaced_images_go_after_the_grace_period() {
+    if !common::require_bed() {
+        return;
+    }
+    const GRACE_SECS: u64 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nixdock.toml");
+    let state = dir.path().join("state");
+    let id = StateDir::open(&state).unwrap().instance_id().unwrap();
+    let _cleanup = InstanceCleanup(id.clone());
+    let container = format!("nixdock-{id}-x86_64-linux");
+    let build = |img: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[builders.\"x86_64-linux\"]\nimage = \"{}\"\nidle-timeout = 300\n",
+                image(img)
+            ),
+        )
+        .unwrap();
+        let expr = format!(
+            "derivation {{ name = \"v\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; \
+             args = [\"-c\" \"echo hi > $out\"]; nonce = \"{}\"; }}",
+            common::unique_name("n")
+        );
+        let mut cmd = Command::new("nix-build");
+        cmd.args(["--no-out-link", "-E", &expr])
+            .args(["--option", "build-hook", HOOK, "--max-jobs", "0"])
+            .env("NIXDOCK_CONFIG", &config)
+            .env("NIXDOCK_STATE_DIR", &state)
+            .env(
+                nixdock::builder::lifecycle::REPLACED_VOLUME_GRACE_ENV,
+                GRACE_SECS.to_string(),
+            );
+        let o = common::run_with_timeout(cmd, Duration::from_secs(600)).expect("nix-build ran");
+        assert!(o.status.success(), "{img}: {}", text(&o));
+    };
+    build("bookworm-amd64");
+    let first = volumes(&id);
+    assert_eq!(first.len(), 1, "{first:?}");
+    // A new image: a new container on a new volume; the old volume is kept for now.
+    build("bookworm-amd64-nobld");
+    let both = volumes(&id);
+    assert_eq!(both.len(), 2, "{both:?}");
+    assert!(both.contains(&first[0]), "{both:?}");
+    // After the grace period, the next cold start removes it.
+    std::thread::sleep(Duration::from_secs(GRACE_SECS + 1));
+    docker(["stop", "-t", "5", &container]);
+    build("bookworm-amd64-nobld");
+    let after = volumes(&id);
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert!(!after.contains(&first[0]), "{after:?}");
+}

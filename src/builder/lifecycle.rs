@@ -114,6 +114,20 @@ impl PullObserver for NoPullObserver {
     fn stop(&self) {}
 }
 
+/// How long a builder's `/nix` volume of an earlier image stays after its container was
+/// replaced (going back to that image finds its store).
+pub const REPLACED_VOLUME_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// For tests only: seconds that replace [`REPLACED_VOLUME_GRACE`].
+pub const REPLACED_VOLUME_GRACE_ENV: &str = "NIXDOCK_VOLUME_GRACE_SECS";
+
+/// [`REPLACED_VOLUME_GRACE`], or the tests' [`REPLACED_VOLUME_GRACE_ENV`].
+pub fn replaced_volume_grace() -> Duration {
+    std::env::var(REPLACED_VOLUME_GRACE_ENV)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .map_or(REPLACED_VOLUME_GRACE, Duration::from_secs)
+}
+
 /// No message from the engine about a pull for this long: the pull has stalled.
 pub const PULL_STALL: Duration = Duration::from_secs(120);
 /// The longest a whole pull may take.
@@ -340,7 +354,96 @@ impl Builders {
             // through the SSH and daemon handshakes would make simultaneous builds queue.
             drop(lock);
         }
-        self.wait_ready(spec, &name, started).await
+        let ready = self.wait_ready(spec, &name, started).await?;
+        if started {
+            // Still under the builder's lock, so no other process makes a container on one of
+            // these volumes meanwhile; a cold start already takes a second or more.
+            let volume = spec.volume_name(&image_id);
+            let sweep = self.sweep_replaced_volumes(spec, &volume, c.created.as_deref());
+            if tokio::time::timeout(Duration::from_secs(10), sweep)
+                .await
+                .is_err()
+            {
+                tracing::warn!(container = %name, "looking for replaced volumes took over 10 s; left for later");
+            }
+        }
+        Ok(ready)
+    }
+
+    /// Removes this builder's `/nix` volumes of earlier images (`volume_name` has the image id)
+    /// that no container mounts, once the current container is [`replaced_volume_grace`] old:
+    /// it was made when the image (or the configuration) last changed, so an old volume waits
+    /// that long in case the user goes back to its image, and no longer for `nixdock gc`.
+    /// Failures are logged, never a build's.
+    async fn sweep_replaced_volumes(
+        &self,
+        spec: &BuilderSpec,
+        current: &str,
+        container_created: Option<&str>,
+    ) {
+        let grace = replaced_volume_grace();
+        let age = container_created
+            .and_then(|c| {
+                time::OffsetDateTime::parse(c, &time::format_description::well_known::Rfc3339).ok()
+            })
+            .map(|t| (time::OffsetDateTime::now_utc() - t).whole_seconds());
+        let Some(age) = age else {
+            tracing::debug!(container = %current, "no creation time; replaced volumes left alone");
+            return;
+        };
+        if age < 0 || (age as u64) < grace.as_secs() {
+            return;
+        }
+        let docker = &self.engine.docker;
+        let labels = spec.volume_labels();
+        let opts = bollard::query_parameters::ListVolumesOptions {
+            filters: Some(std::collections::HashMap::from([(
+                "label".to_string(),
+                labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            )])),
+        };
+        let prefix = format!("{}-", spec.container_name());
+        let volumes = match docker.list_volumes(Some(opts)).await {
+            Ok(l) => l.volumes.unwrap_or_default(),
+            Err(e) => {
+                tracing::debug!(container = %spec.container_name(), "cannot list volumes: {e}");
+                return;
+            }
+        };
+        for v in volumes {
+            if v.name == current || !v.name.starts_with(&prefix) {
+                continue;
+            }
+            let in_use = docker
+                .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+                    all: true,
+                    filters: Some(std::collections::HashMap::from([(
+                        "volume".to_string(),
+                        vec![v.name.clone()],
+                    )])),
+                    ..Default::default()
+                }))
+                .await
+                .map(|l| !l.is_empty())
+                .unwrap_or(true);
+            if in_use {
+                continue;
+            }
+            match docker
+                .remove_volume(
+                    &v.name,
+                    None::<bollard::query_parameters::RemoveVolumeOptions>,
+                )
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(volume = %v.name, grace_secs = grace.as_secs(), "removed the /nix volume of a replaced image")
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %v.name, "cannot remove a replaced image's volume: {e}")
+                }
+            }
+        }
     }
 
     /// The fast way to a builder on a local Linux engine: when its container is running with
