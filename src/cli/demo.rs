@@ -274,7 +274,7 @@ fn nix_string(s: &str) -> String {
 /// The demo derivation: no nixpkgs, `/bin/sh` as builder (the sandbox is off in builders),
 /// writing where it ran.
 pub fn demo_expr(system: &str, nonce: &str) -> String {
-    let script = "m=unknown; for u in /bin/uname /usr/bin/uname; do if [ -x $u ]; then \
+    let script = "m=unknown; for u in /bin/uname /usr/bin/uname /nix/var/nix/profiles/default/bin/uname; do if [ -x $u ]; then \
                   m=$($u -m); break; fi; done; h=unknown; \
                   if [ -r /proc/sys/kernel/hostname ]; then read h < /proc/sys/kernel/hostname; fi; \
                   echo \"system=$system machine=$m host=$h nonce=$nonce\" > $out";
