@@ -24,12 +24,12 @@ struct Install {
 
 impl Install {
     fn new() -> Install {
+        Install::with_config("[builders.\"x86_64-linux\"]\nidle-timeout = 120\n")
+    }
+
+    fn with_config(config: &str) -> Install {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("nixdock.toml"),
-            "[builders.\"x86_64-linux\"]\nidle-timeout = 120\n",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("nixdock.toml"), config).unwrap();
         let id = StateDir::open(dir.path().join("state"))
             .unwrap()
             .instance_id()
@@ -43,9 +43,20 @@ impl Install {
     /// `nix-build` of a trivial x86_64-linux derivation through the hook (`--max-jobs 0`, so the
     /// hook gets it), with `default_image` as the default image and Nix's JSON log on stderr.
     fn build(&self, default_image: &str, limit: Duration) -> Output {
+        self.build_for("x86_64-linux", "echo pulled > $out", default_image, limit)
+    }
+
+    /// The same for `system`, with `script` as the builder's.
+    fn build_for(
+        &self,
+        system: &str,
+        script: &str,
+        default_image: &str,
+        limit: Duration,
+    ) -> Output {
         let expr = format!(
-            "derivation {{ name = \"default-image\"; system = \"x86_64-linux\"; \
-             builder = \"/bin/sh\"; args = [\"-c\" \"echo pulled > $out\"]; nonce = \"{}\"; }}",
+            "derivation {{ name = \"default-image\"; system = \"{system}\"; \
+             builder = \"/bin/sh\"; args = [\"-c\" {script:?}]; nonce = \"{}\"; }}",
             common::unique_name("n")
         );
         let mut cmd = Command::new("nix-build");
@@ -59,12 +70,16 @@ impl Install {
     }
 }
 
-/// Removes an image tag this test made (`docker rmi`) when dropped.
+/// Removes an image tag this test made (`docker rmi`) when dropped, and the tags nixdock keeps
+/// it under per platform.
 struct ImageGuard(String);
 
 impl Drop for ImageGuard {
     fn drop(&mut self) {
         docker(["rmi", "-f", &self.0]);
+        for p in ["linux-amd64", "linux-arm64"] {
+            docker(["rmi", &format!("{}-nixdock-{p}", self.0)]);
+        }
     }
 }
 
@@ -213,4 +228,73 @@ fn a_failed_pull_fails_the_build_naming_image_and_registry() {
         );
         eprintln!("{reference}: failed in {took:?}");
     }
+}
+
+/// One multi-platform default image (a manifest list, as nixos/nix is) serves an x86_64-linux
+/// and an aarch64-linux builder on one engine: each is pulled for its own platform and kept
+/// under a local tag of its own, so neither builder takes the other's architecture.
+#[test]
+fn one_multi_platform_default_image_serves_each_system_its_architecture() {
+    if !common::require_bed() {
+        return;
+    }
+    let repo = format!("{REGISTRY}/nixdock-test/{}", common::unique_name("multi"));
+    let (amd, arm, list) = (
+        format!("{repo}:amd64"),
+        format!("{repo}:arm64"),
+        format!("{repo}:multi"),
+    );
+    let _guards = [
+        ImageGuard(amd.clone()),
+        ImageGuard(arm.clone()),
+        ImageGuard(list.clone()),
+    ];
+    docker_ok(["tag", &image("nixos-nix"), &amd]);
+    docker_ok(["tag", &image("bookworm-arm64"), &arm]);
+    docker_ok(["push", &amd]);
+    docker_ok(["push", &arm]);
+    // `docker import` labels the arm64 image amd64: the list says what each entry is for.
+    docker_ok(["manifest", "create", "--insecure", &list, &amd, &arm]);
+    docker_ok([
+        "manifest", "annotate", "--os", "linux", "--arch", "amd64", &list, &amd,
+    ]);
+    docker_ok([
+        "manifest", "annotate", "--os", "linux", "--arch", "arm64", &list, &arm,
+    ]);
+    docker_ok(["manifest", "push", "--insecure", "--purge", &list]);
+    docker_ok(["rmi", &amd, &arm]);
+
+    let install = Install::with_config(
+        "[builders.\"x86_64-linux\"]\nidle-timeout = 120\n\
+         [builders.\"aarch64-linux\"]\nidle-timeout = 120\n",
+    );
+    let script = "PATH=/bin:/usr/bin:/nix/var/nix/profiles/default/bin; uname -m > $out";
+    let id_of = |r: &str| {
+        docker_ok(["image", "inspect", "-f", "{{.Id}}", r])
+            .trim()
+            .to_string()
+    };
+    for (system, machine, platform, from) in [
+        ("aarch64-linux", "aarch64", "linux-arm64", "bookworm-arm64"),
+        ("x86_64-linux", "x86_64", "linux-amd64", "nixos-nix"),
+    ] {
+        let o = install.build_for(system, script, &list, Duration::from_secs(600));
+        assert!(o.status.success(), "{system}: {}", text(&o));
+        let out = common::out_path(&o);
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap().trim(),
+            machine,
+            "{system}"
+        );
+        assert_eq!(
+            id_of(&format!("{list}-nixdock-{platform}")),
+            id_of(&image(from)),
+            "{system}: the image kept for {platform}"
+        );
+    }
+    // Both builders still run their own architecture's image.
+    let o = install.build_for("aarch64-linux", script, &list, Duration::from_secs(600));
+    assert!(o.status.success(), "{}", text(&o));
+    let out = common::out_path(&o);
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "aarch64");
 }

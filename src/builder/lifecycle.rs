@@ -299,7 +299,15 @@ impl Builders {
 
         let image_id = match self.local_image_id(spec).await? {
             Some(id) => id,
-            None => self.pull(spec, pull).await?,
+            None => {
+                // One pull of an image at a time across hooks: two systems' pulls of the same
+                // tag for different platforms would retag it under each other.
+                let _pull_lock = self.lock_pull(&spec.image).await?;
+                match self.local_image_id(spec).await? {
+                    Some(id) => id,
+                    None => self.pull(spec, pull).await?,
+                }
+            }
         };
         let hash = spec.config_hash(&image_id, self.client_key.public_openssh());
         let mut started = false;
@@ -526,9 +534,32 @@ impl Builders {
         )
     }
 
-    /// The image's id if the engine has it (never pulls).
+    /// The lock held while `image` is pulled on this engine.
+    async fn lock_pull(&self, image: &str) -> Result<FileLock, BuilderError> {
+        let name: String = format!("pull-{}-{image}", self.engine.name)
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let lock_path = self.state.lock_path(&name);
+        Ok(
+            tokio::task::spawn_blocking(move || FileLock::exclusive(&lock_path))
+                .await
+                .map_err(|e| BuilderError::Broken {
+                    container: image.to_string(),
+                    what: format!("lock task failed: {e}"),
+                })??,
+        )
+    }
+
+    /// The image's id if the engine has it (never pulls): the spec's local image.
     async fn local_image_id(&self, spec: &BuilderSpec) -> Result<Option<String>, BuilderError> {
-        match self.engine.docker.inspect_image(&spec.image).await {
+        match self.engine.docker.inspect_image(&spec.local_image()).await {
             Ok(i) => i.id.map(Some).ok_or_else(|| BuilderError::Broken {
                 container: spec.container_name(),
                 what: "image has no id".into(),
@@ -611,6 +642,35 @@ impl Builders {
         outcome?;
         let (done, expected) = tally.totals();
         tracing::info!(image = %spec.image, ms = t0.elapsed().as_millis() as u64, bytes = done, expected, "pulled builder image");
+        let local = spec.local_image();
+        if local != spec.image {
+            // Kept under the platform's own tag (see `BuilderSpec::local_image`).
+            let pulled = self
+                .engine
+                .docker
+                .inspect_image(&spec.image)
+                .await
+                .map_err(|e| {
+                    failed(format!(
+                        "the pulled image is not there: {}",
+                        engine_message(&e)
+                    ))
+                })?;
+            let id = pulled
+                .id
+                .ok_or_else(|| failed("the pulled image has no id".into()))?;
+            let (repo, tag) = provision::split_tag(&local)
+                .ok_or_else(|| failed(format!("{local} is not a tag")))?;
+            let opts = bollard::query_parameters::TagImageOptions {
+                repo: Some(repo.to_string()),
+                tag: Some(tag.to_string()),
+            };
+            self.engine
+                .docker
+                .tag_image(&id, Some(opts))
+                .await
+                .map_err(|e| failed(format!("cannot tag it {local}: {}", engine_message(&e))))?;
+        }
         match self.local_image_id(spec).await? {
             Some(id) => Ok(id),
             None => Err(failed(

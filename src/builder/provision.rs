@@ -123,6 +123,9 @@ pub struct BuilderSpec {
     pub system: String,
     pub image: String,
     pub platform: Option<String>,
+    /// The image is the default one, which serves every platform under one tag: it is kept
+    /// locally under a tag per platform (see [`local_image`](Self::local_image)).
+    pub per_platform: bool,
     pub max_jobs: u32,
     pub nano_cpus: Option<i64>,
     pub memory: Option<i64>,
@@ -153,6 +156,7 @@ impl BuilderSpec {
             instance: instance.to_string(),
             system: system.to_string(),
             image: c.image.clone().unwrap_or_else(default_image),
+            per_platform: c.image.is_none(),
             // An image is pulled for the system's platform unless the config says otherwise.
             platform: c
                 .platform
@@ -248,6 +252,20 @@ impl BuilderSpec {
                 .iter()
                 .map(|(s, c)| Self::from_tables(cfg, instance, s, c, engine_arch))
                 .collect()
+        }
+    }
+
+    /// Where the image is on the engine: the image itself, or for the default image a local tag
+    /// of its own per platform (`nixos/nix:2.28.3` for linux/arm64 is kept as
+    /// `nixos/nix:2.28.3-nixdock-linux-arm64`): one tag serves every platform in the registry,
+    /// but an engine holds one image per tag, so two systems' builders would otherwise take
+    /// each other's architecture.
+    pub fn local_image(&self) -> String {
+        match (&self.platform, self.per_platform, split_tag(&self.image)) {
+            (Some(p), true, Some((repo, tag))) => {
+                format!("{repo}:{tag}-nixdock-{}", sanitize(&p.replace('/', "-")))
+            }
+            _ => self.image.clone(),
         }
     }
 
@@ -503,6 +521,19 @@ impl BuilderSpec {
     }
 }
 
+/// An image reference's repository and tag (`latest` when it names none); `None` for a
+/// reference by digest.
+pub fn split_tag(image: &str) -> Option<(&str, &str)> {
+    if image.contains('@') {
+        return None;
+    }
+    let last = image.rsplit('/').next().unwrap_or(image);
+    match last.rsplit_once(':') {
+        Some((_, tag)) => Some((&image[..image.len() - tag.len() - 1], tag)),
+        None => Some((image, "latest")),
+    }
+}
+
 /// Docker names allow `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
 fn sanitize(s: &str) -> String {
     s.chars()
@@ -519,6 +550,43 @@ fn sanitize(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_image_is_kept_under_a_tag_per_platform() {
+        assert_eq!(split_tag("nixos/nix:2.28.3"), Some(("nixos/nix", "2.28.3")));
+        assert_eq!(
+            split_tag("127.0.0.1:5000/a/b"),
+            Some(("127.0.0.1:5000/a/b", "latest"))
+        );
+        assert_eq!(
+            split_tag("127.0.0.1:5000/a/b:t"),
+            Some(("127.0.0.1:5000/a/b", "t"))
+        );
+        assert_eq!(split_tag("a/b@sha256:00"), None);
+        let arm =
+            BuilderSpec::from_config("i", "aarch64-linux", &BuilderConfig::default(), "x86_64");
+        assert_eq!(arm.platform.as_deref(), Some("linux/arm64"));
+        assert!(arm.per_platform);
+        if std::env::var_os(DEFAULT_IMAGE_ENV).is_none() {
+            assert_eq!(arm.image, DEFAULT_IMAGE);
+            assert_eq!(
+                arm.local_image(),
+                format!("{DEFAULT_IMAGE}-nixdock-linux-arm64")
+            );
+        }
+        let x86 =
+            BuilderSpec::from_config("i", "x86_64-linux", &BuilderConfig::default(), "x86_64");
+        assert_eq!(x86.platform.as_deref(), Some("linux/amd64"));
+        assert_ne!(x86.local_image(), arm.local_image());
+        // A configured image is used as it is, whatever the platform.
+        let own = BuilderConfig {
+            image: Some("nixdock/builder:aarch64-linux".into()),
+            ..Default::default()
+        };
+        let s = BuilderSpec::from_config("i", "aarch64-linux", &own, "x86_64");
+        assert_eq!(s.local_image(), "nixdock/builder:aarch64-linux");
+        assert!(!s.per_platform);
+    }
 
     fn spec() -> BuilderSpec {
         BuilderSpec::from_config(

@@ -151,7 +151,7 @@ async fn demo_one(
         Ok(e) => e,
         Err(e) => return fail(format!("{e:#}")),
     };
-    let pull_first = match engine.docker.inspect_image(&spec.image).await {
+    let pull_first = match engine.docker.inspect_image(&spec.local_image()).await {
         Ok(_) => false,
         Err(e) if containers::is_not_found(&e) => true,
         Err(e) => return fail(format!("cannot inspect {}: {e}", spec.image)),

@@ -153,7 +153,7 @@ async fn check_image(
     remote: Option<&str>,
 ) {
     let system = spec.system.as_str();
-    match e.docker.inspect_image(&spec.image).await {
+    match e.docker.inspect_image(&spec.local_image()).await {
         Ok(i) => c.ok(
             name,
             format!(
