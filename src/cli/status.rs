@@ -334,24 +334,18 @@ fn free_bytes(path: &Path) -> Option<u64> {
     Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
-/// The host's free space, one line.
+/// The host's free space, a line per file system (within 80 columns).
 fn print_free(r: &Report) {
-    if r.free.is_empty() {
-        return;
+    for (i, f) in r.free.iter().enumerate() {
+        let line = format!(
+            "{} {} free for {} ({})",
+            if i == 0 { "FREE:" } else { "     " },
+            format::human_bytes(f.free_bytes),
+            f.what,
+            f.path
+        );
+        println!("{}", format::fit(&line, 80));
     }
-    let parts: Vec<String> = r
-        .free
-        .iter()
-        .map(|f| {
-            format!(
-                "{} free for {} ({})",
-                format::human_bytes(f.free_bytes),
-                f.what,
-                f.path
-            )
-        })
-        .collect();
-    println!("FREE: {}", parts.join(", "));
 }
 
 /// A pool: each engine's line, then its builders.
@@ -497,10 +491,13 @@ fn print_store_note<B: std::borrow::Borrow<BuilderInfo>>(builders: &[B]) {
         })
         .collect();
     if !limits.is_empty() {
-        println!(
+        let text = format!(
             "max-store-size (garbage collected above it): {}",
             limits.join(", ")
         );
+        for l in wrap(&text, 80) {
+            println!("{l}");
+        }
     }
 }
 
