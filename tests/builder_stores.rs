@@ -49,9 +49,20 @@ fn a_store_over_max_store_size_is_collected_after_the_build() {
     let container = format!("nixdock-{id}-x86_64-linux");
 
     // One output larger than the limit: it is built and copied back in full, then the builder
-    // (which has no root for it) collects it.
+    // (which has no root for it) collects it. With an input, which the hook makes a temporary
+    // root in the builder before asking whether it is there (the builder collects by itself).
+    let input_file = dir.path().join("input");
+    std::fs::write(&input_file, common::unique_name("input")).unwrap();
+    let o = Command::new("nix-store")
+        .args(["--add"])
+        .arg(&input_file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let input = String::from_utf8_lossy(&o.stdout).trim().to_string();
     let expr = format!(
         "derivation {{ name = \"big\"; system = \"x86_64-linux\"; builder = \"/bin/sh\"; \
+         input = builtins.storePath \"{input}\"; \
          args = [\"-c\" \"/usr/bin/head -c {OUTPUT} /dev/urandom > $out\"]; nonce = \"{}\"; }}",
         common::unique_name("n")
     );
