@@ -20,13 +20,15 @@ let
   builderOptions = {
     options = {
       image = nullable types.str ''
-        Builder image, e.g. `nixdock/builder:aarch64-linux` (`nixdock image build` makes it):
-        any image with Nix >= 2.8 and OpenSSH's sshd.
+        Builder image: any image with Nix >= 2.8 and OpenSSH's sshd. Default: the official
+        `nixos/nix` at a tag nixdock pins, pulled on the first build; without a registry, one
+        made by `nixdock image build --from-debian` (`nixdock/builder:<system>`).
       '';
-      platform = nullable types.str "Platform passed to the engine when the image must be pulled, e.g. `linux/arm64`.";
+      platform = nullable types.str "Platform passed to the engine when the image must be pulled (default: the system's, e.g. `linux/arm64` for aarch64-linux).";
       max-jobs = nullable types.ints.positive "Builds at once in this builder (nixdock's default: 8).";
       cpus = nullable (types.either types.ints.positive types.float) "CPU limit of the container.";
       memory = nullable types.str "Memory limit of the container, e.g. `\"8g\"` or `\"512m\"`.";
+      max-store-size = nullable types.str "Collect garbage in the builder's store when a build ends and it holds more than this, e.g. `\"20G\"`.";
       idle-timeout = nullable types.ints.unsigned "Seconds without a build before the container stops itself (default 1800).";
       features = nullable (types.listOf types.str) "System features the builder offers (default: big-parallel, benchmark).";
       extra-nix-conf = nullable (types.listOf types.str) "Lines added to the builder's nix.conf, one setting each.";

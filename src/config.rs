@@ -246,6 +246,9 @@ pub struct BuilderConfig {
     pub cpus: Option<f64>,
     /// Memory limit, e.g. "8g" or "512m".
     pub memory: Option<String>,
+    /// Collect garbage in the builder's store when it holds more than this, e.g. "20G"
+    /// (`entry.sh`, when a build has ended).
+    pub max_store_size: Option<String>,
     /// Seconds without a build before the container stops itself.
     pub idle_timeout: Option<u64>,
     pub features: Option<Vec<String>>,
@@ -382,6 +385,13 @@ impl Config {
             }
             if b.max_jobs == Some(0) {
                 return Err(invalid("max-jobs must be at least 1"));
+            }
+            if let Some(m) = &b.max_store_size
+                && parse_memory(m).is_none_or(|n| n <= 0)
+            {
+                return Err(invalid(
+                    "max-store-size must look like \"20G\", \"512M\" or a byte count",
+                ));
             }
             if let Some(m) = &b.memory
                 && parse_memory(m).is_none()
@@ -574,6 +584,13 @@ mod tests {
     fn bad_values_are_rejected() {
         assert!(parse("[builders.\"x86_64-linux\"]\nmax-jobs = 0\n").is_err());
         assert!(parse("[builders.\"x86_64-linux\"]\nmemory = \"lots\"\n").is_err());
+        assert!(parse("[builders.\"x86_64-linux\"]\nmax-store-size = \"lots\"\n").is_err());
+        assert!(parse("[builders.\"x86_64-linux\"]\nmax-store-size = \"0\"\n").is_err());
+        let c = parse("[builders.\"x86_64-linux\"]\nmax-store-size = \"20G\"\n").unwrap();
+        assert_eq!(
+            c.builders["x86_64-linux"].max_store_size.as_deref(),
+            Some("20G")
+        );
         assert!(parse("[builders.\"linux\"]\n").is_err());
     }
 

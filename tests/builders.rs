@@ -295,14 +295,15 @@ async fn close(ready: ReadyBuilder) {
 }
 
 /// Writes, with the host's `nix-instantiate`, a derivation for `system` whose builder is
-/// `/bin/sh` (no inputs) and writes "hi", the machine and the builder's uid to `$out`.
+/// `/bin/sh` (no inputs) and writes "hi", the machine and the builder's uid to `$out` (with
+/// coreutils from /usr/bin, or from the default profile as in nixos/nix).
 fn instantiate(system: &str, nonce: &str) -> (StorePath, Derivation) {
     let expr = format!(
         r#"derivation {{
             name = "nixdock-builders-test";
             system = "{system}";
             builder = "/bin/sh";
-            args = [ "-c" "echo hi > $out; /bin/uname -m >> $out; /usr/bin/id -u >> $out" ];
+            args = [ "-c" "PATH=/bin:/usr/bin:/nix/var/nix/profiles/default/bin; echo hi > $out; uname -m >> $out; id -u >> $out" ];
             nonce = "{nonce}";
         }}"#
     );
@@ -1143,20 +1144,28 @@ async fn emulated_arm64_builder_builds_with_build_users() {
     eprintln!("emulated idle stop {took:?} after the last connection closed");
 }
 
-/// An image laid out like nixos/nix (Nix and sshd only in /root/.nix-profile/bin, Nix 2.26)
-/// becomes ready and builds.
+/// An image laid out like nixos/nix (Nix, sshd and coreutils only in root's profile, no sed,
+/// awk or useradd, no sshd user or /var/empty, build users with the host's uids, Nix 2.26)
+/// becomes ready and builds as one of nixdock's own build users; SSH sessions find the
+/// profile's tools.
 #[tokio::test]
-async fn nixos_layout_image_builds() {
+async fn nixos_nix_image_builds() {
     if !require_bed() {
         return;
     }
     let inst = Instance::new().await;
-    let spec = inst.spec(X86, "nixos-layout");
+    let spec = inst.spec(X86, "nixos-nix");
     let mut ready = inst.ready(&spec).await;
     assert_uses_persistent_daemon(&ready).await;
     let link = sh(ssh(&ready), "readlink /etc/nixdock/bin/nix-daemon").await;
     assert!(link.contains("/root/.nix-profile/"), "{link}");
     assert_line(&nix_conf(&ready).await, "build-users-group = nixbld");
+    // The group's members are nixdock's users now, not the image's (uids 30001+).
+    let group = sh(ssh(&ready), "grep '^nixbld:' /etc/group").await;
+    assert!(
+        group.contains(":nixdockbld1,") && !group.contains("nixbld1"),
+        "{group}"
+    );
     let out = build_trivial(&mut ready, &format!("nixos-{}", inst.id)).await;
     assert_eq!(out.machine, "x86_64");
     // A build user of nixdock's own, never a host build user's uid (the host's Nix kills every

@@ -442,7 +442,12 @@ fn every_command_has_complete_help() {
         (&["shell", "--help"], &["--engine", "SYSTEM"]),
         (
             &["demo", "--help"],
-            &["--system", "--cold", "--build-images", "--max-jobs 0"],
+            &[
+                "--system",
+                "--cold",
+                "pulled by the first build",
+                "--max-jobs 0",
+            ],
         ),
         (
             &["image", "build", "--help"],

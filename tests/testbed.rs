@@ -90,8 +90,8 @@ const BOOKWORM_ARM64: Img = Img {
     sshd: Some("/usr/sbin/sshd"),
     nixbld: true,
 };
-const NIXOS_LAYOUT: Img = Img {
-    name: "nixos-layout",
+const NIXOS_NIX: Img = Img {
+    name: "nixos-nix",
     bin: "/root/.nix-profile/bin/",
     protocol: NIX_2_26,
     nix_version: "(Nix) 2.26.",
@@ -230,7 +230,8 @@ fn check_machine(img: &Img) {
 }
 
 fn check_nixbld(img: &Img) {
-    let (ok, out) = run_sh(img, "getent group nixbld");
+    // grep, not getent: nixos/nix (and so nixos-nix) has no getent on its PATH.
+    let (ok, out) = run_sh(img, "grep '^nixbld:' /etc/group");
     if img.nixbld {
         assert!(ok, "{}: no nixbld group:\n{out}", img.name);
         let members = out.trim().rsplit(':').next().unwrap_or("");
@@ -239,11 +240,11 @@ fn check_nixbld(img: &Img) {
             "{}: nixbld group without build users: {out:?}",
             img.name
         );
-        let (ok, out) = run_sh(img, "getent passwd nixbld1");
+        let (ok, out) = run_sh(img, "grep '^nixbld1:' /etc/passwd");
         assert!(ok, "{}: no nixbld1 user:\n{out}", img.name);
     } else {
         assert!(!ok, "{}: unexpected nixbld group: {out:?}", img.name);
-        let (ok, out) = run_sh(img, "getent passwd nixbld1");
+        let (ok, out) = run_sh(img, "grep '^nixbld1:' /etc/passwd");
         assert!(!ok, "{}: unexpected nixbld1 user: {out:?}", img.name);
     }
 }
@@ -310,27 +311,51 @@ image_tests! {
     trixie_amd64 => TRIXIE_AMD64;
     sid_amd64 => SID_AMD64;
     bookworm_arm64 => BOOKWORM_ARM64;
-    nixos_layout => NIXOS_LAYOUT;
+    nixos_nix => NIXOS_NIX;
     bookworm_amd64_nobld => BOOKWORM_AMD64_NOBLD;
     no_sshd => NO_SSHD;
 }
 
-/// nixos-layout: Nix and sshd only under root's profile, not on sshd's default PATH.
+/// nixos-nix is laid out like the official nixos/nix image (NixOS/nix docker.nix): Nix, sshd,
+/// bash and coreutils only in root's profile, off sshd's default PATH; users only root, nobody
+/// and nixbld1-32 (uids 30001+, gid 30000), so no sshd privilege-separation user; no /var/empty,
+/// no useradd, no sed, no awk; /etc/passwd and nix.conf links into the store; nix.conf sets
+/// build-users-group = nixbld.
 #[test]
-fn nixos_layout_has_nix_only_in_profile() {
+fn nixos_nix_is_laid_out_like_the_official_image() {
     if !require_bed() {
         return;
     }
+    let bld: Vec<String> = (1..=32).map(|i| format!("nixbld{i}")).collect();
     let script = format!(
         "set -e; \
-         for f in nix nix-daemon nix-store; do test ! -e /usr/bin/$f; test -x /root/.nix-profile/bin/$f; done; \
-         test ! -e /usr/sbin/sshd; \
-         if PATH={SSHD_DEFAULT_PATH} command -v nix-daemon; then echo 'nix-daemon on the default PATH'; exit 1; fi; \
-         if PATH={SSHD_DEFAULT_PATH}:/usr/sbin:/sbin command -v sshd; then echo 'sshd on the default PATH'; exit 1; fi; \
+         for f in nix nix-daemon nix-store sshd bash ls cp mv; do test ! -e /usr/bin/$f; test ! -e /usr/sbin/$f; \
+           test -x /root/.nix-profile/bin/$f; test -x /nix/var/nix/profiles/default/bin/$f; done; \
+         if PATH={SSHD_DEFAULT_PATH}:/usr/sbin:/sbin command -v nix-daemon sshd ls; then echo 'tools on the default PATH'; exit 1; fi; \
+         if command -v sed || command -v awk || command -v useradd || command -v groupadd; then echo 'sed, awk or useradd'; exit 1; fi; \
+         test ! -e /var/empty; \
+         test -L /etc/passwd; test -L /etc/nix/nix.conf; \
+         grep -qx 'build-users-group = nixbld' /etc/nix/nix.conf; \
+         echo users $(cut -d: -f1 /etc/passwd); \
+         echo nixbld $(grep '^nixbld:' /etc/group | cut -d: -f3-); \
+         echo uids $(grep '^nixbld' /etc/passwd | cut -d: -f3,4 | head -n 2); \
          echo fine"
     );
-    let (ok, out) = run_sh(&NIXOS_LAYOUT, &script);
-    assert!(ok && out.trim() == "fine", "nixos-layout layout:\n{out}");
+    let (ok, out) = run_sh(&NIXOS_NIX, &script);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        ok && lines.last() == Some(&"fine"),
+        "nixos-nix layout:\n{out}"
+    );
+    assert!(
+        lines.contains(&format!("users root nobody {}", bld.join(" ")).as_str()),
+        "{out}"
+    );
+    assert!(
+        lines.contains(&format!("nixbld 30000:{}", bld.join(",")).as_str()),
+        "{out}"
+    );
+    assert!(lines.contains(&"uids 30001:30000 30002:30000"), "{out}");
 }
 
 /// sid-amd64: Debian restricts the daemon socket's directory to the `nix-users` group, so a
@@ -363,7 +388,7 @@ fn images_carry_recipe_labels() {
         TRIXIE_AMD64,
         SID_AMD64,
         BOOKWORM_ARM64,
-        NIXOS_LAYOUT,
+        NIXOS_NIX,
         BOOKWORM_AMD64_NOBLD,
         NO_SSHD,
     ] {

@@ -567,6 +567,19 @@ impl LogLine {
         }
     }
 
+    /// `actFileTransfer` (101), fields `[uri]` as Nix's downloads have: its progress
+    /// (`resProgress` bytes done/expected) is what `nix build`'s bar sums as "MiB DL".
+    pub fn start_file_transfer(id: u64, text: impl LogText, uri: impl LogText) -> LogLine {
+        LogLine::Start {
+            id,
+            level: Verbosity::Info,
+            typ: ActivityType::FileTransfer.code(),
+            text: text.into_log_text(),
+            fields: vec![Field::Str(uri.into_log_text())],
+            parent: None,
+        }
+    }
+
     /// `actUnknown` (0) with a text and no fields: what Nix's progress bar shows for a step
     /// that has no activity type of its own (starting a builder, say) while it lasts.
     pub fn start_step(id: u64, text: impl LogText) -> LogLine {

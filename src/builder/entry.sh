@@ -1,7 +1,8 @@
 #!/bin/sh
 # nixdock builder entry point, uploaded into the container by nixdock before it starts.
 # Works with any image that has Nix and OpenSSH's sshd, wherever they live (on PATH, or only
-# in a profile as in nixos/nix), and provisions everything else.
+# in a profile as in nixos/nix), and provisions everything else. Needs only a POSIX shell,
+# coreutils and grep: the official nixos/nix image has no sed, no awk and no useradd.
 set -eu
 ND=/etc/nixdock
 # First uid of the builder's build users (see below); far above any host's users and below
@@ -13,6 +14,17 @@ case "$NIXDOCK_BUILD_UID_BASE" in
     ''|*[!0-9]*) echo "nixdock-entry: FATAL: NIXDOCK_BUILD_UID_BASE '$NIXDOCK_BUILD_UID_BASE' is not a number" >&2; exit 67 ;;
 esac
 log() { echo "nixdock-entry: $*" >&2; }
+
+# `key = value` of the last line setting key in a nix.conf-like file ($1: file, $2: key).
+conf_value() {
+    v=
+    while IFS= read -r line || [ -n "$line" ]; do
+        case "$line" in
+            "$2 = "*) v=${line#"$2 = "} ;;
+        esac
+    done < "$1"
+    echo "$v"
+}
 
 find_bin() {
     for d in /root/.nix-profile/bin /root/.nix-profile/sbin /nix/var/nix/profiles/default/bin \
@@ -104,14 +116,19 @@ if ! grep -q '^nixbld:' /etc/group; then
     echo "nixbld:x:$gid:" >> /etc/group
     log "created group nixbld (gid $gid)"
 fi
-bld_gid=$(sed -n 's/^nixbld:[^:]*:\([0-9]*\):.*/\1/p' /etc/group)
+bld_gid=
+while IFS=: read -r gname _ gid _; do
+    if [ "$gname" = nixbld ]; then bld_gid=$gid; fi
+done < /etc/group
+case "$bld_gid" in *[!0-9]*) bld_gid= ;; esac
 if [ -z "$bld_gid" ] || [ "$bld_gid" = 0 ]; then
     log "FATAL: group nixbld in /etc/group has no usable gid ('$bld_gid'); builds must not run in group root"
     exit 67
 fi
 if ! grep -q '^nixdockbld1:' /etc/passwd; then
-    jobs=$(sed -n 's/^max-jobs = \([0-9]*\)$/\1/p' "$ND/nix.conf.in")
-    n=${jobs:-0}
+    jobs=$(conf_value "$ND/nix.conf.in" max-jobs)
+    case "$jobs" in ''|*[!0-9]*) jobs=0 ;; esac
+    n=$jobs
     [ "$n" -ge 32 ] || n=32
     uid=$NIXDOCK_BUILD_UID_BASE
     i=1
@@ -127,7 +144,16 @@ members=
 while IFS=: read -r name _; do
     case "$name" in nixdockbld[0-9]*) members="$members${members:+,}$name" ;; esac
 done < /etc/passwd
-sed -i "s/^nixbld:\([^:]*\):\([0-9]*\):.*/nixbld:\1:\2:$members/" /etc/group
+while IFS= read -r line || [ -n "$line" ]; do
+    case "$line" in
+        nixbld:*)
+            rest=${line#nixbld:}
+            pw=${rest%%:*}
+            echo "nixbld:$pw:$bld_gid:$members" ;;
+        *) echo "$line" ;;
+    esac
+done < /etc/group > /etc/group.nixdock
+mv -f /etc/group.nixdock /etc/group
 if ! grep -q "^nixbld:[^:]*:$bld_gid:nixdockbld1" /etc/group; then
     log "FATAL: could not give group nixbld its build users in /etc/group"
     exit 67
@@ -148,7 +174,22 @@ if [ "${NIXDOCK_SANDBOX:-0}" = 1 ]; then
     # The sandbox has no /bin/sh but what sandbox-paths gives it, and a dynamic shell would
     # find no libraries there: a static one, from the image's nix.conf, Nix's built-in default
     # (NixOS's Nix: a static busybox) or a known static shell.
-    sh_from() { sed -n 's/^[[:space:]]*sandbox-paths[[:space:]]*=.*\/bin\/sh=\([^[:space:]]*\).*/\1/p' | tail -n 1; }
+    # The target of /bin/sh= in the last `sandbox-paths = …` line read from stdin.
+    sh_from() {
+        found=
+        while IFS= read -r line || [ -n "$line" ]; do
+            set -f
+            # shellcheck disable=SC2086 # split into words on purpose
+            set -- $line
+            set +f
+            [ "${1:-}" = sandbox-paths ] && [ "${2:-}" = = ] || continue
+            shift 2
+            for w in "$@"; do
+                case "$w" in /bin/sh=*) found=${w#/bin/sh=} ;; esac
+            done
+        done
+        echo "$found"
+    }
     static_sh=$(sh_from < "$ND/image-nix.conf")
     if [ -z "$static_sh" ] && [ -x "$nix_bin_dir/nix" ]; then
         mkdir -p "$ND/no-conf"
@@ -183,13 +224,43 @@ fi
 } > /etc/nix/nix.conf.nixdock
 mv /etc/nix/nix.conf.nixdock /etc/nix/nix.conf
 
-# sshd needs its privilege-separation user and directories; root must not be locked.
-grep -q '^sshd:' /etc/passwd 2>/dev/null || echo 'sshd:x:74:65534:sshd:/var/empty:/bin/false' >> /etc/passwd
+# sshd (every OpenSSH since 7.5: privilege separation cannot be turned off) needs its
+# privilege-separation user and chroot directory: Debian's is /run/sshd, the one nixpkgs builds
+# (nixos/nix) /var/empty, an image without OpenSSH's packaging scripts (nixos/nix) has neither
+# the user nor the directory. Root must not be locked ("!" in shadow), or sshd refuses its key.
+if ! grep -q '^sshd:' /etc/passwd; then
+    uid=74
+    while id_taken /etc/passwd "$uid"; do uid=$((uid + 1)); done
+    echo "sshd:x:$uid:65534:sshd privilege separation:/var/empty:/bin/false" >> /etc/passwd
+    log "created sshd's privilege-separation user (uid $uid)"
+fi
 mkdir -p /run/sshd /var/empty
 chmod 0755 /run/sshd /var/empty
-if [ -f /etc/shadow ] && grep -q '^root:!' /etc/shadow; then
-    sed -i 's/^root:!*/root:*/' /etc/shadow
+if [ -e /etc/shadow ] && grep -q '^root:!' /etc/shadow; then
+    own_file /etc/shadow
+    while IFS= read -r line || [ -n "$line" ]; do
+        case "$line" in
+            root:*)
+                rest=${line#root:}
+                pw=${rest%%:*}
+                while [ "${pw#!}" != "$pw" ]; do pw=${pw#!}; done
+                case "$rest" in *:*) tail=":${rest#*:}" ;; *) tail= ;; esac
+                echo "root:*$pw$tail" ;;
+            *) echo "$line" ;;
+        esac
+    done < /etc/shadow > /etc/shadow.nixdock
+    chmod 0600 /etc/shadow.nixdock
+    mv -f /etc/shadow.nixdock /etc/shadow
 fi
+# sshd gives sessions its compiled-in PATH (/usr/bin:/bin:…), where nixos/nix has no tools
+# (coreutils, grep, nix live in root's profile): sessions get this container's PATH instead
+# (sshd_config has PermitUserEnvironment for it; root is the only user who logs in).
+root_home=/root
+while IFS=: read -r uname _ uid _ _ home _; do
+    if [ "$uid" = 0 ] && [ "$uname" = root ] && [ -n "$home" ]; then root_home=$home; fi
+done < /etc/passwd
+mkdir -p "$root_home/.ssh"
+echo "PATH=${PATH:-/usr/bin:/bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" > "$root_home/.ssh/environment"
 chmod 0600 "$ND/ssh_host_ed25519_key" "$ND/authorized_keys"
 echo "$arch" > "$ND/arch"
 
@@ -215,6 +286,38 @@ start_daemon
 sshd_pid=$!
 log "sshd started ($sshd), nix-daemon at $nix_daemon (pid $daemon_pid), arch $arch, build-users-group '$build_users_group', $(echo "$sandbox_conf" | tr '\n' ' ')"
 
+# max-store-size: when the store holds more than NIXDOCK_MAX_STORE_KB (du's KiB; 0: no limit),
+# collect garbage down to 90% of it. Checked here, in the builder, once at start and whenever
+# no daemon connection is open and the store's database changed since the last check (paths
+# were added): after the hook has copied a build's outputs back, so
+# it never delays a build's result, needs no hook or engine call, and works on every engine.
+# It runs in the background; a build that starts meanwhile is safe (Nix's GC honours the
+# temporary roots of running builds) and the idle stop waits for it.
+max_store_kb=${NIXDOCK_MAX_STORE_KB:-0}
+case "$max_store_kb" in ''|*[!0-9]*) max_store_kb=0 ;; esac
+gc_pid=
+gc_stamp=$ND/gc.stamp
+store_gc() {
+    [ "$max_store_kb" -gt 0 ] || return 0
+    if [ -n "$gc_pid" ] && kill -0 "$gc_pid" 2>/dev/null; then return 0; fi
+    : > "$gc_stamp"
+    used=$(du -sk /nix/store 2>/dev/null) || used=0
+    used=${used%%[!0-9]*}
+    [ "${used:-0}" -gt "$max_store_kb" ] || return 0
+    want=$((used - max_store_kb * 9 / 10))
+    log "store holds ${used} KiB, more than max-store-size (${max_store_kb} KiB): collecting garbage (up to ${want} KiB)"
+    (
+        if "$ND/bin/nix-store" --gc --max-freed "$((want * 1024))" > "$ND/gc.log" 2>&1; then
+            after=$(du -sk /nix/store 2>/dev/null) || after=?
+            log "garbage collected: the store holds ${after%%[!0-9]*} KiB"
+        else
+            log "garbage collection failed: $(tail -n 3 "$ND/gc.log" | tr '\n' ' ')"
+        fi
+    ) &
+    gc_pid=$!
+}
+store_gc
+
 # Stop after NIXDOCK_IDLE_TIMEOUT seconds with no nix-daemon running, so no host daemon is needed.
 idle_limit=${NIXDOCK_IDLE_TIMEOUT:-1800}
 idle=0
@@ -234,6 +337,11 @@ while kill -0 "$sshd_pid" 2>/dev/null; do
         read -r name < "$d/comm" 2>/dev/null || continue
         case "$name" in nix-daemon) busy=1; break ;; esac
     done
+    if [ "$busy" = 0 ] && { [ /nix/var/nix/db/db.sqlite -nt "$gc_stamp" ] ||
+        [ /nix/var/nix/db/db.sqlite-wal -nt "$gc_stamp" ]; }; then
+        store_gc
+    fi
+    if [ -n "$gc_pid" ] && kill -0 "$gc_pid" 2>/dev/null; then busy=1; fi
     if [ "$busy" = 1 ]; then idle=0; else idle=$((idle + 5)); fi
     if [ "$idle" -ge "$idle_limit" ]; then
         log "idle for ${idle_limit}s, stopping"

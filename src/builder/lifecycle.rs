@@ -33,14 +33,6 @@ pub enum BuilderError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error(
-        "builder image {image} for {system} is not available: {reason}\nBuild it with `nixdock image build`, or set `image` for this system in the nixdock config."
-    )]
-    ImageMissing {
-        image: String,
-        system: String,
-        reason: String,
-    },
     #[error("builder {container} stopped while starting ({status}); its last output:\n{logs}")]
     Exited {
         container: String,
@@ -77,11 +69,123 @@ pub enum BuilderError {
     Key(String),
     #[error("builder {container}: {why}")]
     Sandbox { container: String, why: String },
+    #[error(transparent)]
+    Pull(Box<PullError>),
 }
 
 impl BuilderError {
     pub fn is_host_key_mismatch(&self) -> bool {
         matches!(self, BuilderError::Ssh { source, .. } if matches!(**source, SshError::HostKeyMismatch { .. }))
+    }
+}
+
+/// A builder image's pull failed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot pull the builder image {image} for {system} ({platform}) from registry {registry}: {reason}\n\
+     Without a registry, build an image from Debian packages (`nixdock image build --from-debian --system {system}`) \
+     and set `image` for {system} in the nixdock config to it."
+)]
+pub struct PullError {
+    pub image: String,
+    pub system: String,
+    pub platform: String,
+    pub registry: String,
+    pub reason: String,
+}
+
+/// Told about a builder image's pull, which happens only when the image is not on the engine
+/// (the first build with the default image): the hook shows it as Nix progress.
+pub trait PullObserver: Sync {
+    /// The pull of `image` for `platform` begins.
+    fn start(&self, image: &str, platform: Option<&str>);
+    /// Bytes downloaded so far and expected, summed over the layers the engine reported.
+    fn progress(&self, done: u64, expected: u64);
+    /// The pull ended, either way.
+    fn stop(&self);
+}
+
+/// Sees nothing.
+pub struct NoPullObserver;
+
+impl PullObserver for NoPullObserver {
+    fn start(&self, _: &str, _: Option<&str>) {}
+    fn progress(&self, _: u64, _: u64) {}
+    fn stop(&self) {}
+}
+
+/// How long a builder's `/nix` volume of an earlier image stays after its container was
+/// replaced (going back to that image finds its store).
+pub const REPLACED_VOLUME_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// For tests only: seconds that replace [`REPLACED_VOLUME_GRACE`].
+pub const REPLACED_VOLUME_GRACE_ENV: &str = "NIXDOCK_VOLUME_GRACE_SECS";
+
+/// [`REPLACED_VOLUME_GRACE`], or the tests' [`REPLACED_VOLUME_GRACE_ENV`].
+pub fn replaced_volume_grace() -> Duration {
+    std::env::var(REPLACED_VOLUME_GRACE_ENV)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .map_or(REPLACED_VOLUME_GRACE, Duration::from_secs)
+}
+
+/// No message from the engine about a pull for this long: the pull has stalled.
+pub const PULL_STALL: Duration = Duration::from_secs(120);
+/// The longest a whole pull may take.
+pub const PULL_LIMIT: Duration = Duration::from_secs(3600);
+
+/// A pull's bytes, from the engine's progress messages: each layer's `Downloading` progress
+/// (current/total), complete at `Download complete`/`Pull complete`. Layers the engine already
+/// has (`Already exists`) count for nothing.
+#[derive(Debug, Default)]
+pub struct PullTally {
+    layers: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+impl PullTally {
+    /// Takes one message; true when the totals changed.
+    pub fn update(
+        &mut self,
+        id: Option<&str>,
+        status: Option<&str>,
+        current: Option<i64>,
+        total: Option<i64>,
+    ) -> bool {
+        let (Some(id), Some(status)) = (id, status) else {
+            return false;
+        };
+        let before = self.totals();
+        let n = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
+        match status {
+            "Downloading" => {
+                if let Some(total) = n(total).filter(|t| *t > 0) {
+                    let cur = n(current).unwrap_or(0).min(total);
+                    self.layers.insert(id.to_string(), (cur, total));
+                }
+            }
+            "Download complete" | "Verifying Checksum" | "Pull complete" | "Extracting" => {
+                if let Some(l) = self.layers.get_mut(id) {
+                    l.0 = l.1;
+                }
+            }
+            _ => {}
+        }
+        self.totals() != before
+    }
+
+    /// (done, expected) over all layers seen downloading.
+    pub fn totals(&self) -> (u64, u64) {
+        self.layers
+            .values()
+            .fold((0, 0), |(d, e), (ld, le)| (d + ld, e + le))
+    }
+}
+
+/// The registry an image reference names (Docker's rule: a first component with a `.` or `:`,
+/// or `localhost`, is a registry; otherwise Docker Hub).
+pub fn registry_of(image: &str) -> &str {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => first,
+        _ => "docker.io",
     }
 }
 
@@ -173,6 +277,17 @@ impl Builders {
         spec: &BuilderSpec,
         own_slot: Option<&slots::Slot>,
     ) -> Result<ReadyBuilder, BuilderError> {
+        self.ensure_ready_with(spec, own_slot, &NoPullObserver)
+            .await
+    }
+
+    /// [`ensure_ready`](Self::ensure_ready), telling `pull` about a pull of the image.
+    pub async fn ensure_ready_with(
+        &self,
+        spec: &BuilderSpec,
+        own_slot: Option<&slots::Slot>,
+        pull: &dyn PullObserver,
+    ) -> Result<ReadyBuilder, BuilderError> {
         let name = spec.container_name();
         if let Some(why) = sandbox::refusal(spec.sandbox, spec.runs_under_emulation(), &spec.system)
         {
@@ -183,7 +298,18 @@ impl Builders {
         }
         let lock = self.lock_builder(&name).await?;
 
-        let image_id = self.image_id(spec).await?;
+        let image_id = match self.local_image_id(spec).await? {
+            Some(id) => id,
+            None => {
+                // One pull of an image at a time across hooks: two systems' pulls of the same
+                // tag for different platforms would retag it under each other.
+                let _pull_lock = self.lock_pull(&spec.image).await?;
+                match self.local_image_id(spec).await? {
+                    Some(id) => id,
+                    None => self.pull(spec, pull).await?,
+                }
+            }
+        };
         let hash = spec.config_hash(&image_id, self.client_key.public_openssh());
         let mut started = false;
 
@@ -237,7 +363,96 @@ impl Builders {
             // through the SSH and daemon handshakes would make simultaneous builds queue.
             drop(lock);
         }
-        self.wait_ready(spec, &name, started).await
+        let ready = self.wait_ready(spec, &name, started).await?;
+        if started {
+            // Still under the builder's lock, so no other process makes a container on one of
+            // these volumes meanwhile; a cold start already takes a second or more.
+            let volume = spec.volume_name(&image_id);
+            let sweep = self.sweep_replaced_volumes(spec, &volume, c.created.as_deref());
+            if tokio::time::timeout(Duration::from_secs(10), sweep)
+                .await
+                .is_err()
+            {
+                tracing::warn!(container = %name, "looking for replaced volumes took over 10 s; left for later");
+            }
+        }
+        Ok(ready)
+    }
+
+    /// Removes this builder's `/nix` volumes of earlier images (`volume_name` has the image id)
+    /// that no container mounts, once the current container is [`replaced_volume_grace`] old:
+    /// it was made when the image (or the configuration) last changed, so an old volume waits
+    /// that long in case the user goes back to its image, and no longer for `nixdock gc`.
+    /// Failures are logged, never a build's.
+    async fn sweep_replaced_volumes(
+        &self,
+        spec: &BuilderSpec,
+        current: &str,
+        container_created: Option<&str>,
+    ) {
+        let grace = replaced_volume_grace();
+        let age = container_created
+            .and_then(|c| {
+                time::OffsetDateTime::parse(c, &time::format_description::well_known::Rfc3339).ok()
+            })
+            .map(|t| (time::OffsetDateTime::now_utc() - t).whole_seconds());
+        let Some(age) = age else {
+            tracing::debug!(container = %current, "no creation time; replaced volumes left alone");
+            return;
+        };
+        if age < 0 || (age as u64) < grace.as_secs() {
+            return;
+        }
+        let docker = &self.engine.docker;
+        let labels = spec.volume_labels();
+        let opts = bollard::query_parameters::ListVolumesOptions {
+            filters: Some(std::collections::HashMap::from([(
+                "label".to_string(),
+                labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            )])),
+        };
+        let prefix = format!("{}-", spec.container_name());
+        let volumes = match docker.list_volumes(Some(opts)).await {
+            Ok(l) => l.volumes.unwrap_or_default(),
+            Err(e) => {
+                tracing::debug!(container = %spec.container_name(), "cannot list volumes: {e}");
+                return;
+            }
+        };
+        for v in volumes {
+            if v.name == current || !v.name.starts_with(&prefix) {
+                continue;
+            }
+            let in_use = docker
+                .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+                    all: true,
+                    filters: Some(std::collections::HashMap::from([(
+                        "volume".to_string(),
+                        vec![v.name.clone()],
+                    )])),
+                    ..Default::default()
+                }))
+                .await
+                .map(|l| !l.is_empty())
+                .unwrap_or(true);
+            if in_use {
+                continue;
+            }
+            match docker
+                .remove_volume(
+                    &v.name,
+                    None::<bollard::query_parameters::RemoveVolumeOptions>,
+                )
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(volume = %v.name, grace_secs = grace.as_secs(), "removed the /nix volume of a replaced image")
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %v.name, "cannot remove a replaced image's volume: {e}")
+                }
+            }
+        }
     }
 
     /// The fast way to a builder on a local Linux engine: when its container is running with
@@ -266,8 +481,8 @@ impl Builders {
         if !(cfg!(target_os = "linux") && self.engine.addr.starts_with("unix://")) {
             return Err(NoLocalSocket::RemoteEngine(self.engine.addr.clone()));
         }
-        let (image_id, c) = tokio::join!(self.image_id(spec), self.inspect(name));
-        let image_id = image_id?;
+        let (image_id, c) = tokio::join!(self.local_image_id(spec), self.inspect(name));
+        let image_id = image_id?.ok_or(NoLocalSocket::NoImage)?;
         let c = c?.ok_or(NoLocalSocket::NoContainer)?;
         let hash = spec.config_hash(&image_id, self.client_key.public_openssh());
         if label(&c, provision::LABEL_CONFIG) != Some(hash.as_str()) {
@@ -320,49 +535,149 @@ impl Builders {
         )
     }
 
-    async fn image_id(&self, spec: &BuilderSpec) -> Result<String, BuilderError> {
-        let docker = &self.engine.docker;
-        match docker.inspect_image(&spec.image).await {
-            Ok(i) => {
-                return i.id.ok_or_else(|| BuilderError::Broken {
-                    container: spec.container_name(),
-                    what: "image has no id".into(),
-                });
-            }
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(self.engine.api_err()(e).into()),
+    /// The lock held while `image` is pulled on this engine.
+    async fn lock_pull(&self, image: &str) -> Result<FileLock, BuilderError> {
+        let name: String = format!("pull-{}-{image}", self.engine.name)
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let lock_path = self.state.lock_path(&name);
+        Ok(
+            tokio::task::spawn_blocking(move || FileLock::exclusive(&lock_path))
+                .await
+                .map_err(|e| BuilderError::Broken {
+                    container: image.to_string(),
+                    what: format!("lock task failed: {e}"),
+                })??,
+        )
+    }
+
+    /// The image's id if the engine has it (never pulls): the spec's local image.
+    async fn local_image_id(&self, spec: &BuilderSpec) -> Result<Option<String>, BuilderError> {
+        match self.engine.docker.inspect_image(&spec.local_image()).await {
+            Ok(i) => i.id.map(Some).ok_or_else(|| BuilderError::Broken {
+                container: spec.container_name(),
+                what: "image has no id".into(),
+            }),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(self.engine.api_err()(e).into()),
         }
-        // Not local: pull it. Only here does a platform go to the engine; a local image runs
-        // as it is, whatever architecture its label claims.
-        tracing::info!(image = %spec.image, "pulling builder image");
+    }
+
+    /// Pulls the image for the spec's platform through the engine, telling `observer` the bytes
+    /// as the engine reports them; a stall of [`PULL_STALL`] or a pull longer than
+    /// [`PULL_LIMIT`] fails. Returns the pulled image's id. Only here does a platform go to the
+    /// engine: a local image runs as it is, whatever architecture its label claims.
+    async fn pull(
+        &self,
+        spec: &BuilderSpec,
+        observer: &dyn PullObserver,
+    ) -> Result<String, BuilderError> {
+        let platform = spec.platform.clone().unwrap_or_default();
+        let failed = |reason: String| {
+            BuilderError::Pull(Box::new(PullError {
+                image: spec.image.clone(),
+                system: spec.container_system().to_string(),
+                platform: if platform.is_empty() {
+                    "the engine's platform".into()
+                } else {
+                    platform.clone()
+                },
+                registry: registry_of(&spec.image).to_string(),
+                reason,
+            }))
+        };
+        tracing::info!(image = %spec.image, %platform, engine = %self.engine.name, "pulling builder image");
+        let t0 = Instant::now();
+        observer.start(&spec.image, spec.platform.as_deref());
         let opts = CreateImageOptions {
             from_image: Some(spec.image.clone()),
-            platform: spec.platform.clone().unwrap_or_default(),
+            platform: platform.clone(),
             ..Default::default()
         };
-        let mut pull = docker.create_image(Some(opts), None, None);
-        while let Some(item) = pull.next().await {
-            if let Err(e) = item {
-                return Err(BuilderError::ImageMissing {
-                    image: spec.image.clone(),
-                    system: spec.container_system().to_string(),
-                    reason: format!("not found locally, and pulling failed: {e}"),
-                });
+        let mut stream = self.engine.docker.create_image(Some(opts), None, None);
+        let mut tally = PullTally::default();
+        let outcome = loop {
+            let left = PULL_LIMIT.saturating_sub(t0.elapsed());
+            let next = match tokio::time::timeout(PULL_STALL.min(left), stream.next()).await {
+                Ok(n) => n,
+                Err(_) if left <= PULL_STALL => {
+                    break Err(failed(format!(
+                        "the pull took over {} s",
+                        PULL_LIMIT.as_secs()
+                    )));
+                }
+                Err(_) => {
+                    break Err(failed(format!(
+                        "the engine reported no progress for {} s",
+                        PULL_STALL.as_secs()
+                    )));
+                }
+            };
+            match next {
+                None => break Ok(()),
+                Some(Err(e)) => break Err(failed(engine_message(&e))),
+                Some(Ok(info)) => {
+                    if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                        break Err(failed(e));
+                    }
+                    let (cur, total) = info
+                        .progress_detail
+                        .map(|p| (p.current, p.total))
+                        .unwrap_or_default();
+                    if tally.update(info.id.as_deref(), info.status.as_deref(), cur, total) {
+                        let (done, expected) = tally.totals();
+                        observer.progress(done, expected);
+                    }
+                }
             }
-        }
-        let i =
-            docker
+        };
+        drop(stream);
+        observer.stop();
+        outcome?;
+        let (done, expected) = tally.totals();
+        tracing::info!(image = %spec.image, ms = t0.elapsed().as_millis() as u64, bytes = done, expected, "pulled builder image");
+        let local = spec.local_image();
+        if local != spec.image {
+            // Kept under the platform's own tag (see `BuilderSpec::local_image`).
+            let pulled = self
+                .engine
+                .docker
                 .inspect_image(&spec.image)
                 .await
-                .map_err(|e| BuilderError::ImageMissing {
-                    image: spec.image.clone(),
-                    system: spec.container_system().to_string(),
-                    reason: e.to_string(),
+                .map_err(|e| {
+                    failed(format!(
+                        "the pulled image is not there: {}",
+                        engine_message(&e)
+                    ))
                 })?;
-        i.id.ok_or_else(|| BuilderError::Broken {
-            container: spec.container_name(),
-            what: "image has no id".into(),
-        })
+            let id = pulled
+                .id
+                .ok_or_else(|| failed("the pulled image has no id".into()))?;
+            let (repo, tag) = provision::split_tag(&local)
+                .ok_or_else(|| failed(format!("{local} is not a tag")))?;
+            let opts = bollard::query_parameters::TagImageOptions {
+                repo: Some(repo.to_string()),
+                tag: Some(tag.to_string()),
+            };
+            self.engine
+                .docker
+                .tag_image(&id, Some(opts))
+                .await
+                .map_err(|e| failed(format!("cannot tag it {local}: {}", engine_message(&e))))?;
+        }
+        match self.local_image_id(spec).await? {
+            Some(id) => Ok(id),
+            None => Err(failed(
+                "the engine reported success, but has no such image".into(),
+            )),
+        }
     }
 
     pub async fn inspect(
@@ -783,6 +1098,15 @@ pub fn grantable_ulimits() -> Vec<bollard::models::ResourcesUlimits> {
     ]
 }
 
+/// What the engine said, without bollard's wrapping.
+fn engine_message(e: &DockerError) -> String {
+    match e {
+        DockerError::DockerResponseServerError { message, .. } => message.clone(),
+        DockerError::DockerStreamError { error } => error.clone(),
+        other => other.to_string(),
+    }
+}
+
 /// The worker handshake on a command's channel; the remote daemon's own stderr (startup
 /// warnings) goes to our log, never to the build.
 async fn handshake(ch: ssh::ExecChannel, name: &str) -> Result<DaemonConnection, BuilderError> {
@@ -869,6 +1193,8 @@ enum NoLocalSocket {
     NotLinux,
     #[error(transparent)]
     Engine(#[from] BuilderError),
+    #[error("the image is not on the engine")]
+    NoImage,
     #[error("no container")]
     NoContainer,
     #[error("configuration changed")]
@@ -937,4 +1263,38 @@ pub struct LocalConnection {
     /// The builder's `/nix` on this host, as the engine reported it.
     pub volume: std::path::PathBuf,
     pub daemon: DaemonConnection,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_is_docker_hub_unless_the_first_component_names_a_host() {
+        assert_eq!(registry_of("nixos/nix:2.28.3"), "docker.io");
+        assert_eq!(registry_of("ubuntu"), "docker.io");
+        assert_eq!(registry_of("127.0.0.1:5000/nixos/nix:t"), "127.0.0.1:5000");
+        assert_eq!(registry_of("ghcr.io/nixos/nix"), "ghcr.io");
+        assert_eq!(registry_of("localhost/x"), "localhost");
+    }
+
+    #[test]
+    fn tally_sums_downloading_layers_and_completes_them() {
+        let mut t = PullTally::default();
+        // Layers the engine has, and messages without sizes, count for nothing.
+        assert!(!t.update(Some("a"), Some("Already exists"), None, None));
+        assert!(!t.update(Some("b"), Some("Pulling fs layer"), None, None));
+        assert!(!t.update(None, Some("Pulling from nixos/nix"), None, None));
+        assert!(t.update(Some("b"), Some("Downloading"), Some(100), Some(1000)));
+        assert!(t.update(Some("c"), Some("Downloading"), Some(5), Some(10)));
+        assert_eq!(t.totals(), (105, 1010));
+        // A current beyond the total (seen on retries) is capped.
+        assert!(t.update(Some("c"), Some("Downloading"), Some(50), Some(10)));
+        assert_eq!(t.totals(), (110, 1010));
+        assert!(t.update(Some("b"), Some("Download complete"), None, None));
+        assert_eq!(t.totals(), (1010, 1010));
+        assert!(!t.update(Some("b"), Some("Pull complete"), None, None));
+        // Negative sizes (never sent, but not ours to trust) are ignored.
+        assert!(!t.update(Some("d"), Some("Downloading"), Some(-1), Some(-5)));
+    }
 }

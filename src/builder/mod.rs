@@ -11,5 +11,5 @@ pub mod slots;
 pub mod systems;
 
 pub use engine::{Engine, EngineError};
-pub use lifecycle::{BuilderError, Builders, ReadyBuilder};
+pub use lifecycle::{BuilderError, Builders, NoPullObserver, PullObserver, ReadyBuilder};
 pub use provision::BuilderSpec;

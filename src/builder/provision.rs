@@ -34,9 +34,23 @@ pub const LABEL_HOST_KEY: &str = "nixdock.host-key";
 pub const LABEL_IMAGE: &str = "nixdock.image";
 pub const LABEL_MAX_JOBS: &str = "nixdock.max-jobs";
 
-/// Default image per system when the config names none (`nixdock image build` makes it).
-pub fn default_image(system: &str) -> String {
-    format!("nixdock/builder:{system}")
+/// The image a system's builder runs when the config names none: the official `nixos/nix`,
+/// unmodified (it ships OpenSSH's sshd since Nix 2.9; `entry.sh` copes with its layout), at a
+/// pinned tag, pulled by the engine on the first build for the system's platform. One image
+/// serves every system: it is multi-platform.
+pub const DEFAULT_IMAGE: &str = "nixos/nix:2.28.3";
+
+/// For tests only: an image reference that replaces [`DEFAULT_IMAGE`] (e.g. one in a local
+/// registry), read by the hook and the CLI alike. Not a user setting: `image` in the config is.
+pub const DEFAULT_IMAGE_ENV: &str = "NIXDOCK_DEFAULT_IMAGE";
+
+/// The image a system uses when the config names none: [`DEFAULT_IMAGE`], or the tests'
+/// [`DEFAULT_IMAGE_ENV`].
+pub fn default_image() -> String {
+    match std::env::var(DEFAULT_IMAGE_ENV) {
+        Ok(v) if !v.trim().is_empty() => v.trim().to_string(),
+        _ => DEFAULT_IMAGE.to_string(),
+    }
 }
 
 /// Features every builder offers; `kvm` and `nixos-test` only with `/dev/kvm` passed through.
@@ -109,9 +123,14 @@ pub struct BuilderSpec {
     pub system: String,
     pub image: String,
     pub platform: Option<String>,
+    /// The image is the default one, which serves every platform under one tag: it is kept
+    /// locally under a tag per platform (see [`local_image`](Self::local_image)).
+    pub per_platform: bool,
     pub max_jobs: u32,
     pub nano_cpus: Option<i64>,
     pub memory: Option<i64>,
+    /// Garbage is collected in the builder's store above this many bytes.
+    pub max_store_bytes: Option<u64>,
     pub idle_timeout_secs: u64,
     pub features: Vec<String>,
     pub extra_nix_conf: Vec<String>,
@@ -145,11 +164,21 @@ impl BuilderSpec {
             publish: Publish::Loopback,
             instance: instance.to_string(),
             system: system.to_string(),
-            image: c.image.clone().unwrap_or_else(|| default_image(system)),
-            platform: c.platform.clone(),
+            image: c.image.clone().unwrap_or_else(default_image),
+            per_platform: c.image.is_none(),
+            // An image is pulled for the system's platform unless the config says otherwise.
+            platform: c
+                .platform
+                .clone()
+                .or_else(|| systems::docker_platform(system).map(String::from)),
             max_jobs: c.max_jobs.unwrap_or(DEFAULT_MAX_JOBS),
             nano_cpus: c.cpus.map(|c| (c * 1e9) as i64),
             memory: c.memory.as_deref().and_then(parse_memory),
+            max_store_bytes: c
+                .max_store_size
+                .as_deref()
+                .and_then(parse_memory)
+                .and_then(|n| u64::try_from(n).ok()),
             idle_timeout_secs: c.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT.as_secs()),
             features: c
                 .features
@@ -328,6 +357,20 @@ impl BuilderSpec {
         self.emulated && self.served_by.is_none()
     }
 
+    /// Where the image is on the engine: the image itself, or for the default image a local tag
+    /// of its own per platform (`nixos/nix:2.28.3` for linux/arm64 is kept as
+    /// `nixos/nix:2.28.3-nixdock-linux-arm64`): one tag serves every platform in the registry,
+    /// but an engine holds one image per tag, so two systems' builders would otherwise take
+    /// each other's architecture.
+    pub fn local_image(&self) -> String {
+        match (&self.platform, self.per_platform, split_tag(&self.image)) {
+            (Some(p), true, Some((repo, tag))) => {
+                format!("{repo}:{tag}-nixdock-{}", sanitize(&p.replace('/', "-")))
+            }
+            _ => self.image.clone(),
+        }
+    }
+
     /// Container name: the instance id keeps two installations on one engine apart, and a
     /// pool engine's name keeps its builders (and their slot and lock names, which are the
     /// container's) apart from another engine's for the same system.
@@ -415,6 +458,9 @@ impl BuilderSpec {
             "PrintMotd no",
             "PrintLastLog no",
             "StrictModes no",
+            // Sessions get the container's PATH from ~/.ssh/environment (entry.sh writes it):
+            // nixos/nix has its tools only in root's profile, off sshd's compiled-in PATH.
+            "PermitUserEnvironment yes",
             "MaxSessions 64",
             "MaxStartups 64:30:128",
             "PidFile /run/nixdock-sshd.pid",
@@ -434,8 +480,8 @@ impl BuilderSpec {
             &self.nix_conf(),
             &self.sshd_config(),
             &format!(
-                "{:?}/{:?}/{}/{}",
-                self.nano_cpus, self.memory, self.idle_timeout_secs, self.kvm
+                "{:?}/{:?}/{}/{}/{:?}",
+                self.nano_cpus, self.memory, self.idle_timeout_secs, self.kvm, self.max_store_bytes
             ),
             &self.runs_under_emulation().to_string(),
             // The setting, not the decision: "auto" is decided at creation from the engine,
@@ -504,6 +550,11 @@ impl BuilderSpec {
                 format!("NIXDOCK_EXPECT_ARCH={expect_arch}"),
                 format!("NIXDOCK_EMULATED={}", u8::from(self.runs_under_emulation())),
                 format!("NIXDOCK_IDLE_TIMEOUT={}", self.idle_timeout_secs),
+                // 0: no limit. KiB, what `du -sk` counts in.
+                format!(
+                    "NIXDOCK_MAX_STORE_KB={}",
+                    self.max_store_bytes.map_or(0, |b| b.div_ceil(1024))
+                ),
             ]),
             exposed_ports: (self.publish != Publish::Nothing).then(|| vec![SSH_PORT.into()]),
             labels: Some(labels),
@@ -583,6 +634,19 @@ impl BuilderSpec {
     }
 }
 
+/// An image reference's repository and tag (`latest` when it names none); `None` for a
+/// reference by digest.
+pub fn split_tag(image: &str) -> Option<(&str, &str)> {
+    if image.contains('@') {
+        return None;
+    }
+    let last = image.rsplit('/').next().unwrap_or(image);
+    match last.rsplit_once(':') {
+        Some((_, tag)) => Some((&image[..image.len() - tag.len() - 1], tag)),
+        None => Some((image, "latest")),
+    }
+}
+
 /// Docker names allow `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
 fn sanitize(s: &str) -> String {
     s.chars()
@@ -599,6 +663,43 @@ fn sanitize(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_image_is_kept_under_a_tag_per_platform() {
+        assert_eq!(split_tag("nixos/nix:2.28.3"), Some(("nixos/nix", "2.28.3")));
+        assert_eq!(
+            split_tag("127.0.0.1:5000/a/b"),
+            Some(("127.0.0.1:5000/a/b", "latest"))
+        );
+        assert_eq!(
+            split_tag("127.0.0.1:5000/a/b:t"),
+            Some(("127.0.0.1:5000/a/b", "t"))
+        );
+        assert_eq!(split_tag("a/b@sha256:00"), None);
+        let arm =
+            BuilderSpec::from_config("i", "aarch64-linux", &BuilderConfig::default(), "x86_64");
+        assert_eq!(arm.platform.as_deref(), Some("linux/arm64"));
+        assert!(arm.per_platform);
+        if std::env::var_os(DEFAULT_IMAGE_ENV).is_none() {
+            assert_eq!(arm.image, DEFAULT_IMAGE);
+            assert_eq!(
+                arm.local_image(),
+                format!("{DEFAULT_IMAGE}-nixdock-linux-arm64")
+            );
+        }
+        let x86 =
+            BuilderSpec::from_config("i", "x86_64-linux", &BuilderConfig::default(), "x86_64");
+        assert_eq!(x86.platform.as_deref(), Some("linux/amd64"));
+        assert_ne!(x86.local_image(), arm.local_image());
+        // A configured image is used as it is, whatever the platform.
+        let own = BuilderConfig {
+            image: Some("nixdock/builder:aarch64-linux".into()),
+            ..Default::default()
+        };
+        let s = BuilderSpec::from_config("i", "aarch64-linux", &own, "x86_64");
+        assert_eq!(s.local_image(), "nixdock/builder:aarch64-linux");
+        assert!(!s.per_platform);
+    }
 
     fn spec() -> BuilderSpec {
         BuilderSpec::from_config(
@@ -701,7 +802,7 @@ mod tests {
         );
         assert_eq!(only.len(), 1);
         assert_eq!(only[0].container_name(), "nixdock-id-x86_64-linux");
-        assert_eq!(only[0].image, default_image("x86_64-linux"));
+        assert_eq!(only[0].image, default_image());
 
         for t in [
             "emulation = \"container\"\n[builders.\"aarch64-linux\"]\n[builders.\"x86_64-linux\"]\n",

@@ -43,6 +43,20 @@ pub fn native_system(engine_arch: &str) -> Option<&'static str> {
     }
 }
 
+/// Docker's platform for a Nix system: what a pulled image must be for (a multi-platform
+/// image, like nixos/nix, has one per architecture).
+pub fn docker_platform(system: &str) -> Option<&'static str> {
+    Some(match system {
+        "x86_64-linux" | "i686-linux" => "linux/amd64",
+        "aarch64-linux" => "linux/arm64",
+        "armv7l-linux" | "armv6l-linux" => "linux/arm/v7",
+        "riscv64-linux" => "linux/riscv64",
+        "powerpc64le-linux" => "linux/ppc64le",
+        "s390x-linux" => "linux/s390x",
+        _ => return None,
+    })
+}
+
 /// The binfmt_misc entry name `qemu-user-static` registers for a container architecture.
 fn binfmt_name(arch: &str) -> &str {
     match arch {

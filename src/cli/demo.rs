@@ -2,15 +2,13 @@
 //! real `nix-build` and nixdock-hook, twice (cold, then warm), and shows where it ran.
 
 use anyhow::Context as _;
-use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use crate::builder::BuilderSpec;
 use crate::builder::engine::DEFAULT_ENGINE;
-use crate::builder::provision::default_image;
 use crate::builder::systems::{self, EmulationSupport};
-use crate::builder::{BuilderSpec, Engine};
 
 use super::Env;
 use super::{
@@ -28,10 +26,10 @@ nothing but the hook). The derivation records `uname -m` and the host name
 where it ran. The first build includes starting the builder if it was not
 running (--cold makes sure of that); the second finds it warm.
 
-A system whose default image nixdock/builder:<system> is missing is skipped,
-unless the image is built first (--build-images, or answer the question) from
-Debian packages, as `nixdock image build --from-debian` does. Images named in
-the config are used as they are.
+An image not on the engine yet (the default nixos/nix, or one the config
+names) is pulled by the first build, which then includes the pull. Without a
+registry, name an image made by `nixdock image build --from-debian` in the
+config (scripts/demo uses the test bed's Debian-made images).
 
 Builds by root go straight to the store, with this command's environment
 (config, state dir). Other users' builds go through nix-daemon, which takes
@@ -44,9 +42,6 @@ pub struct Args {
     /// Stop the builders first: a real cold start
     #[arg(long)]
     pub cold: bool,
-    /// Build missing default images without asking
-    #[arg(long)]
-    pub build_images: bool,
     /// Hook [default: nixdock-hook next to nixdock]
     #[arg(long, value_name = "PATH")]
     pub hook: Option<PathBuf>,
@@ -158,12 +153,11 @@ async fn demo_one(
         Ok(e) => e,
         Err(e) => return fail(format!("{e:#}")),
     };
-    if let Err(e) = ensure_image(env, engine, spec, args.build_images).await {
-        return Outcome {
-            lines: vec![format!("  skipped: {e:#}")],
-            ok: true,
-        };
-    }
+    let pull_first = match engine.docker.inspect_image(&spec.local_image()).await {
+        Ok(_) => false,
+        Err(e) if containers::is_not_found(&e) => true,
+        Err(e) => return fail(format!("cannot inspect {}: {e}", spec.image)),
+    };
     let row = loaded.rows.iter().find(|r| r.system == system);
     let mut running = row.is_some_and(Row::running);
     if args.cold && running {
@@ -192,6 +186,8 @@ async fn demo_one(
         let when = if i == 0 {
             if running {
                 "builder was already running"
+            } else if pull_first {
+                "cold: includes pulling the image and starting the builder"
             } else {
                 "cold: includes starting the builder"
             }
@@ -231,50 +227,6 @@ async fn demo_one(
         }
     }
     Outcome { lines, ok }
-}
-
-/// Makes sure the system's image exists, offering to build a missing default image.
-async fn ensure_image(
-    env: &Env,
-    engine: &Engine,
-    spec: &BuilderSpec,
-    build: bool,
-) -> anyhow::Result<()> {
-    match engine.docker.inspect_image(&spec.image).await {
-        Ok(_) => return Ok(()),
-        Err(e) if containers::is_not_found(&e) => {}
-        Err(e) => anyhow::bail!("cannot inspect {}: {e}", spec.image),
-    }
-    if spec.image != default_image(&spec.system) {
-        // A configured image: the hook pulls it.
-        return Ok(());
-    }
-    let cmd = format!("nixdock image build --from-debian --system {}", spec.system);
-    let ask = !build && std::io::stdin().is_terminal() && host::is_root();
-    let go = build
-        || (ask
-            && {
-                print!(
-                    "  {} does not exist. Build it now from Debian packages ({cmd}, a few minutes)? [y/N] ",
-                    spec.image
-                );
-                let _ = std::io::stdout().flush();
-                let mut answer = String::new();
-                let _ = std::io::stdin().lock().read_line(&mut answer);
-                matches!(answer.trim(), "y" | "Y" | "yes")
-            });
-    if !go {
-        anyhow::bail!(
-            "{} does not exist; build it with `{cmd}` (or `nixdock image build`), pass \
-             --build-images, or name an image for {} in the config",
-            spec.image,
-            spec.system
-        );
-    }
-    let mirror = super::image::debian_mirror();
-    super::image::build_debian(engine, env, &spec.system, "bookworm", &mirror, &spec.image)
-        .await
-        .map(|_| ())
 }
 
 async fn stop_builder(
@@ -324,7 +276,7 @@ fn nix_string(s: &str) -> String {
 /// The demo derivation: no nixpkgs, `/bin/sh` as builder (the sandbox is off in builders),
 /// writing where it ran.
 pub fn demo_expr(system: &str, nonce: &str) -> String {
-    let script = "m=unknown; for u in /bin/uname /usr/bin/uname; do if [ -x $u ]; then \
+    let script = "m=unknown; for u in /bin/uname /usr/bin/uname /nix/var/nix/profiles/default/bin/uname; do if [ -x $u ]; then \
                   m=$($u -m); break; fi; done; h=unknown; \
                   if [ -r /proc/sys/kernel/hostname ]; then read h < /proc/sys/kernel/hostname; fi; \
                   echo \"system=$system machine=$m host=$h nonce=$nonce\" > $out";

@@ -23,7 +23,8 @@ use super::{
 Without --volumes: runs `nix-collect-garbage` in each selected builder that
 is running (a stopped one is skipped: its store is only reachable while it
 runs), and removes this installation's /nix volumes that no container uses
-(left behind when a builder's image changed).
+(left behind when a builder's image changed; the hook also removes them by
+itself at a builder's cold start a day after the change).
 
 With --volumes: removes the selected builder containers and all their /nix
 volumes; the next build for the system starts from its image again.

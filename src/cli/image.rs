@@ -1,4 +1,5 @@
-//! `nixdock image build`: the default builder image `nixdock/builder:<system>`, either from
+//! `nixdock image build`: a builder image `nixdock/builder:<system>` for machines without a
+//! registry (the default image, `nixos/nix`, is pulled on the first build), either from
 //! the official `nixos/nix` image plus OpenSSH (needs Docker Hub), or from Debian packages
 //! with debootstrap (needs only a Debian mirror).
 //!
@@ -20,7 +21,6 @@ use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
 
 use crate::builder::Engine;
-use crate::builder::provision::default_image;
 use crate::builder::systems::{self, EmulationSupport};
 
 use super::Env;
@@ -31,7 +31,7 @@ const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ImageCommand {
-    /// Build the builder image nixdock/builder:<system> for each system
+    /// Build a builder image nixdock/builder:<system> for each system (offline use)
     Build(BuildArgs),
 }
 
@@ -50,9 +50,11 @@ Recipes:
                  --suite bookworm has Nix 2.8, trixie Nix 2.26; --mirror
                  defaults to the Debian mirror of this machine's apt sources,
                  else http://deb.debian.org/debian.
-The image is tagged nixdock/builder:<system> (or --tag), the image a system
-uses when the config names none. Builders made from an older image are
-recreated at their next build.")]
+The image is tagged nixdock/builder:<system> (or --tag). Builders use it once
+the config names it (image under [builders.\"<system>\"]); without an image
+there, they use the official nixos/nix image, pulled on the first build. So
+this command is for machines without a registry. Builders made from an older
+image are recreated at their next build.")]
 pub struct BuildArgs {
     /// Build from Debian packages (no registry needed)
     #[arg(long)]
@@ -134,7 +136,7 @@ pub async fn run(env: &Env, cmd: ImageCommand) -> anyhow::Result<i32> {
     let mut failed = 0;
     for system in &systems {
         let t = Instant::now();
-        let tag = args.tag.clone().unwrap_or_else(|| default_image(system));
+        let tag = args.tag.clone().unwrap_or_else(|| offline_tag(system));
         let result = if args.from_debian {
             let mirror = args.mirror.clone().unwrap_or_else(debian_mirror);
             build_debian(&engine, env, system, &args.suite, &mirror, &tag).await
@@ -142,7 +144,11 @@ pub async fn run(env: &Env, cmd: ImageCommand) -> anyhow::Result<i32> {
             build_from_nixos(&engine, system, &args.nix_tag, &tag).await
         };
         match result {
-            Ok(tag) => println!("built {tag} in {:.0} s", t.elapsed().as_secs_f64()),
+            Ok(tag) => println!(
+                "built {tag} in {:.0} s; builders use it with this in the nixdock config:\n  \
+                 [builders.\"{system}\"]\n  image = \"{tag}\"",
+                t.elapsed().as_secs_f64()
+            ),
             Err(e) => {
                 eprintln!("nixdock: {system}: {e:#}");
                 failed += 1;
@@ -152,17 +158,11 @@ pub async fn run(env: &Env, cmd: ImageCommand) -> anyhow::Result<i32> {
     Ok(if failed > 0 { 1 } else { 0 })
 }
 
-/// Docker's platform for a Nix system.
-pub fn docker_platform(system: &str) -> Option<&'static str> {
-    Some(match system {
-        "x86_64-linux" | "i686-linux" => "linux/amd64",
-        "aarch64-linux" => "linux/arm64",
-        "armv7l-linux" | "armv6l-linux" => "linux/arm/v7",
-        "riscv64-linux" => "linux/riscv64",
-        "powerpc64le-linux" => "linux/ppc64le",
-        "s390x-linux" => "linux/s390x",
-        _ => return None,
-    })
+pub use crate::builder::systems::docker_platform;
+
+/// What `nixdock image build` tags its image for `system` unless told otherwise.
+fn offline_tag(system: &str) -> String {
+    format!("nixdock/builder:{system}")
 }
 
 /// Debian's architecture for a Nix system.

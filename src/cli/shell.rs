@@ -83,7 +83,7 @@ pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
     let engine = loaded.engine_of(row)?.clone();
     let builders = Builders::new(engine, loaded.state.clone())?;
     let ready = builders
-        .ensure_ready(spec, None)
+        .ensure_ready_with(spec, None, &PullNotice)
         .await
         .with_context(|| format!("cannot get the {} builder ready", spec.system))?;
     // `ready.daemon` stays open until the command ends: a nix-daemon worker in the builder,
@@ -260,5 +260,24 @@ impl Drop for RawTerminal {
         unsafe {
             libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.saved);
         }
+    }
+}
+
+/// Says on stderr that the builder's image is being pulled (the first use of the default image
+/// can take minutes), and when it is done.
+struct PullNotice;
+
+impl crate::builder::PullObserver for PullNotice {
+    fn start(&self, image: &str, platform: Option<&str>) {
+        match platform {
+            Some(p) => eprintln!("nixdock: pulling builder image {image} ({p}) …"),
+            None => eprintln!("nixdock: pulling builder image {image} …"),
+        }
+    }
+
+    fn progress(&self, _done: u64, _expected: u64) {}
+
+    fn stop(&self) {
+        eprintln!("nixdock: pull ended");
     }
 }

@@ -28,6 +28,9 @@ Columns:
           engine, as root; no symlink in the volume is followed), else with
           `du -sk /nix/store` inside a running builder; `-` when neither is
           possible
+          (a builder with max-store-size collects garbage above it; the
+          limits follow the table, with this host's free space: where the
+          engine keeps its volumes, for a local engine, and in /nix/store)
   BUILDS  builds running now / build slots (max-jobs)
   SANDBOX whether builds run in Nix's sandbox (`?`: decided when the
           container is created); the reasons follow the table
@@ -53,6 +56,17 @@ struct Report {
     /// Every engine of the pool, the top-level one first.
     engines: Vec<EngineRow>,
     builders: Vec<BuilderInfo>,
+    /// This host's free space where things land: the local engine's data root (its volumes),
+    /// and the local store.
+    free: Vec<FreeSpace>,
+}
+
+#[derive(Debug, Serialize)]
+struct FreeSpace {
+    /// What lives there ("builder volumes", "/nix/store").
+    what: String,
+    path: String,
+    free_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -95,6 +109,8 @@ struct BuilderInfo {
     /// How `store_bytes` was measured: "volume" (walked on the host) or "du" (in the
     /// container).
     store_measured_by: Option<&'static str>,
+    /// `max-store-size`: garbage is collected in the builder above it.
+    max_store_bytes: Option<u64>,
     builds_running: u32,
     slots: u32,
     /// Whether builds run in Nix's sandbox; null until the container decides ("auto").
@@ -135,7 +151,30 @@ pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
         .iter()
         .filter_map(|r| r.error.as_ref().map(|e| format!("engine {}: {e}", r.name)))
         .collect();
+    let mut free = Vec::new();
+    // Only a local engine's data root is on this host's file systems.
+    if let Some(e) = pool.first().and_then(|pe| pe.engine.as_ref().ok())
+        && cfg!(target_os = "linux")
+        && e.addr.starts_with("unix://")
+        && let Ok(info) = e.docker.info().await
+        && let Some(root) = info.docker_root_dir
+        && let Some(n) = free_bytes(Path::new(&root))
+    {
+        free.push(FreeSpace {
+            what: "builder volumes".into(),
+            path: root,
+            free_bytes: n,
+        });
+    }
+    if let Some(n) = free_bytes(Path::new("/nix/store")) {
+        free.push(FreeSpace {
+            what: "outputs".into(),
+            path: "/nix/store".into(),
+            free_bytes: n,
+        });
+    }
     let report = Report {
+        free,
         instance,
         state_dir: state.path().display().to_string(),
         config: env.config_path.display().to_string(),
@@ -193,6 +232,7 @@ async fn describe(
         volume: ex.and_then(|e| e.volume().map(str::to_string)),
         store_bytes,
         store_measured_by,
+        max_store_bytes: row.spec.as_ref().and_then(|s| s.max_store_bytes),
         builds_running,
         slots: slots_n,
     }
@@ -284,7 +324,33 @@ fn print_table(r: &Report) {
     print_rows(&r.builders);
     print_store_note(&r.builders);
     print_served_notes(&r.builders);
+    print_free(r);
     print_sandbox_notes(&r.builders);
+}
+
+/// Free bytes (for an unprivileged user) on the file system holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs writes one struct to the pointer it is given; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// The host's free space, a line per file system (within 80 columns).
+fn print_free(r: &Report) {
+    for (i, f) in r.free.iter().enumerate() {
+        let line = format!(
+            "{} {} free for {} ({})",
+            if i == 0 { "FREE:" } else { "     " },
+            format::human_bytes(f.free_bytes),
+            f.what,
+            f.path
+        );
+        println!("{}", format::fit(&line, 80));
+    }
 }
 
 /// A pool: each engine's line, then its builders.
@@ -311,6 +377,7 @@ fn print_pool(r: &Report) {
     let all: Vec<&BuilderInfo> = r.builders.iter().collect();
     print_store_note(&all);
     print_served_notes(&all);
+    print_free(r);
     print_sandbox_notes(&all);
 }
 
@@ -442,6 +509,23 @@ fn print_store_note<B: std::borrow::Borrow<BuilderInfo>>(builders: &[B]) {
             "STORE: disk usage of /nix/store (on the volume, or `du` in the builder)"
         };
         println!("\n{note}");
+    }
+    let limits: Vec<String> = builders
+        .iter()
+        .filter_map(|b| {
+            let b = b.borrow();
+            b.max_store_bytes
+                .map(|m| format!("{} {}", b.system, format::human_bytes(m)))
+        })
+        .collect();
+    if !limits.is_empty() {
+        let text = format!(
+            "max-store-size (garbage collected above it): {}",
+            limits.join(", ")
+        );
+        for l in wrap(&text, 80) {
+            println!("{l}");
+        }
     }
 }
 

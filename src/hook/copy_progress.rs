@@ -2,10 +2,12 @@
 //! (x/y MiB)") and nix-output-monitor show the hook's copies: one `actCopyPaths` activity whose
 //! expected `actCopyPath` total is the bytes to copy and whose progress counts paths, and one
 //! `actCopyPath` activity per path whose progress counts its bytes (`copyPaths` and
-//! `copyStorePath` in `src/libstore/store-api.cc`).
+//! `copyStorePath` in `src/libstore/store-api.cc`). A builder image's pull is shown the way Nix
+//! shows its downloads: one `actFileTransfer` activity whose progress is the bytes.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
@@ -159,5 +161,60 @@ impl<W: AsyncWrite + Unpin + ?Sized> AsyncWrite for CountingWriter<'_, '_, W> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A builder image's pull as an `actFileTransfer` activity (bytes done/expected, summed over the
+/// image's layers), so `nix build`'s bar shows "x/y MiB DL" and nix-output-monitor a download.
+pub struct PullProgress<'a> {
+    parent: &'a Parent,
+    /// The activity while the pull runs, and the bytes last reported.
+    state: Mutex<Option<(u64, u64, u64)>>,
+}
+
+impl<'a> PullProgress<'a> {
+    pub fn new(parent: &'a Parent) -> Self {
+        PullProgress {
+            parent,
+            state: Mutex::new(None),
+        }
+    }
+}
+
+impl crate::builder::PullObserver for PullProgress<'_> {
+    fn start(&self, image: &str, platform: Option<&str>) {
+        let id = self.parent.ids.next_id();
+        let text = match platform {
+            Some(p) => format!("pulling builder image '{image}' ({p})"),
+            None => format!("pulling builder image '{image}'"),
+        };
+        self.parent
+            .send(&LogLine::start_file_transfer(id, text, image));
+        if let Ok(mut s) = self.state.lock() {
+            *s = Some((id, 0, 0));
+        }
+    }
+
+    fn progress(&self, done: u64, expected: u64) {
+        let Ok(mut s) = self.state.lock() else { return };
+        let Some((id, last_done, last_expected)) = s.as_mut() else {
+            return;
+        };
+        // At most one line per PROGRESS_STEP bytes, but always when more layers are expected
+        // and at the end.
+        if expected != *last_expected || done >= *last_done + PROGRESS_STEP || done == expected {
+            *last_done = done;
+            *last_expected = expected;
+            self.parent
+                .send(&LogLine::result_progress(*id, done, expected, 0, 0));
+        }
+    }
+
+    fn stop(&self) {
+        if let Ok(mut s) = self.state.lock()
+            && let Some((id, ..)) = s.take()
+        {
+            self.parent.send(&LogLine::stop(id));
+        }
     }
 }

@@ -480,6 +480,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
     };
     let store = settings.store().unwrap_or("auto").to_string();
     let t = Instant::now();
+    let root_inputs = matches!(&remote, Remote::Docker { spec } if spec.max_store_bytes.is_some());
     let docker_place = match &remote {
         Remote::Docker { spec } => Some((spec.system.clone(), spec.engine.clone())),
         Remote::Static(_) => None,
@@ -519,7 +520,9 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
                     step,
                     format!("getting the {} builder ready", spec.system),
                 ));
-                let ready = builders.ensure_ready(&spec, Some(&slot)).await;
+                // A missing image is pulled first: shown as a download in Nix's progress.
+                let pull = copy_progress::PullProgress::new(parent);
+                let ready = builders.ensure_ready_with(&spec, Some(&slot), &pull).await;
                 parent.send(&LogLine::stop(step));
                 let ready = ready?;
                 let how = match (&ready.link, ready.started) {
@@ -579,6 +582,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
         work,
         machine,
         place,
+        root_inputs,
     };
     let outcome = job.run(&mut remote, &mut local, nix_store).await;
     drop(slot);

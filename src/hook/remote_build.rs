@@ -50,6 +50,11 @@ pub struct Job<'a> {
     pub machine: String,
     /// The Docker builder it runs on (none for a user's machine), for `--keep-failed`.
     pub place: Option<BuilderPlace>,
+    /// The builder collects garbage by itself (`max-store-size`): the inputs are made temporary
+    /// roots on the build's connection before asking which it has, so a collection running
+    /// meanwhile cannot take one that is then not copied. (A round trip per input, so only
+    /// there.)
+    pub root_inputs: bool,
 }
 
 fn fail(message: String) -> Outcome {
@@ -297,6 +302,20 @@ impl Job<'_> {
         let inputs = &self.work.inputs;
         if inputs.is_empty() {
             return Ok(());
+        }
+        if self.root_inputs {
+            for p in inputs {
+                builder
+                    .daemon
+                    .add_temp_root(p, &mut |_| {})
+                    .await
+                    .map_err(|e| {
+                        remote_err(
+                            "keeping the inputs from the builder's garbage collection",
+                            e,
+                        )
+                    })?;
+            }
         }
         let substitute = self.settings.builders_use_substitutes();
         let valid = builder

@@ -538,3 +538,8 @@ fn set_engine2_link(state: &str) -> Result<(), String> {
         ))
     }
 }
+
+/// The test bed's local registry (Debian's docker-registry, `scripts/testbed`): plain HTTP on
+/// loopback, which Docker pulls from without TLS settings. It holds `nixdock-test/nixos-nix` as
+/// `127.0.0.1:5000/nixos/nix:<the default image's tag>`.
+pub const REGISTRY: &str = "127.0.0.1:5000";

@@ -177,6 +177,14 @@ fn check_unused_settings(c: &mut Checks, name: &str, spec: &BuilderSpec, config:
     );
 }
 
+/// " for <platform>", when the pull names one.
+fn pull_platform(spec: &BuilderSpec) -> String {
+    spec.platform
+        .as_deref()
+        .map(|p| format!(" for {p}"))
+        .unwrap_or_default()
+}
+
 /// The spec's image is on engine `e` (`remote`: a pool engine's name, for the fix).
 async fn check_image(
     c: &mut Checks,
@@ -185,63 +193,51 @@ async fn check_image(
     e: &Engine,
     remote: Option<&str>,
 ) {
-    let default = spec.image == crate::builder::provision::default_image(&spec.system);
     let system = spec.system.as_str();
-    match e.docker.inspect_image(&spec.image).await {
-            Ok(i) => c.ok(
-                name,
-                format!(
-                    "image {} present ({})",
+    match e.docker.inspect_image(&spec.local_image()).await {
+        Ok(i) => c.ok(
+            name,
+            format!(
+                "image {} present ({})",
+                spec.image,
+                i.id.as_deref()
+                    .unwrap_or("?")
+                    .trim_start_matches("sha256:")
+                    .chars()
+                    .take(12)
+                    .collect::<String>()
+            ),
+        ),
+        Err(err) if containers::is_not_found(&err) => c.warn(
+            name,
+            match remote {
+                None => format!(
+                    "image {} is not present locally; the hook pulls it at the first build{}",
                     spec.image,
-                    i.id.as_deref()
-                        .unwrap_or("?")
-                        .trim_start_matches("sha256:")
-                        .chars()
-                        .take(12)
-                        .collect::<String>()
+                    pull_platform(spec)
                 ),
-            ),
-            Err(err) if containers::is_not_found(&err) && default && remote.is_some() => c.fail(
-                name,
-                format!("image {} is not on engine {}", spec.image, e.name),
-                format!(
-                    "load it there: `docker save {img} | docker -H {addr} load` (with that \
-                     engine's TLS or SSH access), or set image for {system} to one its host \
-                     can pull",
-                    img = spec.image,
-                    addr = e.addr,
+                Some(engine) => format!(
+                    "image {} is not on engine {engine}; the hook pulls it there at the \
+                         first build{}",
+                    spec.image,
+                    pull_platform(spec)
                 ),
+            },
+            format!(
+                "docker pull{} {} (to check now that it can be pulled); without a \
+                     registry: nixdock image build --from-debian --system {system}, then set \
+                     image for {system} in the config",
+                spec.platform
+                    .as_deref()
+                    .map(|p| format!(" --platform {p}"))
+                    .unwrap_or_default(),
+                spec.image
             ),
-            Err(err) if containers::is_not_found(&err) && default => c.fail(
-                name,
-                format!("image {} does not exist", spec.image),
-                format!(
-                    "nixdock image build --system {system}   (without a registry: nixdock image \
-                     build --from-debian --system {system}), or set image for {system} in the config"
-                ),
-            ),
-            Err(err) if containers::is_not_found(&err) => c.warn(
-                name,
-                match remote {
-                    None => format!(
-                        "image {} is not present locally; the hook pulls it at the first build",
-                        spec.image
-                    ),
-                    Some(engine) => format!(
-                        "image {} is not on engine {engine}; the hook pulls it there at the \
-                         first build",
-                        spec.image
-                    ),
-                },
-                format!(
-                    "docker pull {} (to check now that it can be pulled)",
-                    spec.image
-                ),
-            ),
-            Err(err) => c.fail(
-                name,
-                format!("cannot inspect image {}: {err}", spec.image),
-                "see the engine's log",
-            ),
+        ),
+        Err(err) => c.fail(
+            name,
+            format!("cannot inspect image {}: {err}", spec.image),
+            "see the engine's log",
+        ),
     }
 }

@@ -62,11 +62,13 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 # uses that builder's container settings (image … sandbox below), not its own table's:
 #
 # [builders."x86_64-linux"]
-# image = "nixdock/builder:x86_64-linux"    # `nixdock image build` makes it
-# platform = "linux/arm64"                  # only used when the image has to be pulled
+# image = "nixdock/builder:x86_64-linux"    # default: nixos/nix (pinned), pulled at the first
+#                                           # build; offline: `nixdock image build --from-debian`
+# platform = "linux/amd64"                  # for a pull; default: the system's
 # max-jobs = 8                              # builds at once in this builder
 # cpus = 4.0                                # CPU limit of the container
 # memory = "8g"                             # memory limit of the container
+# max-store-size = "20G"                    # collect garbage in the builder above this
 # idle-timeout = 1800                       # seconds without builds before it stops
 # features = ["big-parallel", "benchmark"]  # system features it offers
 # extra-nix-conf = ["keep-outputs = true"]  # lines added to the builder's nix.conf
