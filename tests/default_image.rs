@@ -266,7 +266,7 @@ fn one_multi_platform_default_image_serves_each_system_its_architecture() {
 
     let install = Install::with_config(
         "[builders.\"x86_64-linux\"]\nidle-timeout = 120\n\
-         [builders.\"aarch64-linux\"]\nidle-timeout = 120\n",
+         [builders.\"aarch64-linux\"]\nidle-timeout = 120\nemulation = \"container\"\n",
     );
     let script = "PATH=/bin:/usr/bin:/nix/var/nix/profiles/default/bin; uname -m > $out";
     let id_of = |r: &str| {

@@ -461,6 +461,13 @@ fn entry_script_keeps_build_users_inside_the_containers_uid_map() {
         .lines()
         .find(|l| l.starts_with("log() {"))
         .expect("entry.sh defines log");
+    let conf_value = {
+        let a = script
+            .find("conf_value() {")
+            .expect("entry.sh has conf_value");
+        let b = script[a..].find("\n}\n").expect("conf_value ends") + a + 3;
+        &script[a..b]
+    };
     let start = script
         .find("ids_mapped() {")
         .expect("entry.sh has ids_mapped");
@@ -470,7 +477,7 @@ fn entry_script_keeps_build_users_inside_the_containers_uid_map() {
         .expect("entry.sh calls pick_uid_base");
     let probe = format!(
         "set -eu\nND=$(mktemp -d)\necho 'max-jobs = 4' > \"$ND/nix.conf.in\"\n\
-         NIXDOCK_BUILD_UID_BASE=700000000\n{log}\n{}\npick_uid_base\n\
+         NIXDOCK_BUILD_UID_BASE=700000000\n{log}\n{conf_value}\n{}\npick_uid_base\n\
          echo base=$NIXDOCK_BUILD_UID_BASE\n",
         &script[start..end]
     );

@@ -89,8 +89,9 @@ ids_mapped() { # MAP FIRST LAST: whether one line of MAP covers FIRST..LAST
     return 1
 }
 pick_uid_base() {
-    jobs=$(sed -n 's/^max-jobs = \([0-9]*\)$/\1/p' "$ND/nix.conf.in")
-    need=${jobs:-0}
+    jobs=$(conf_value "$ND/nix.conf.in" max-jobs)
+    case "$jobs" in ''|*[!0-9]*) jobs=0 ;; esac
+    need=$jobs
     [ "$need" -ge 32 ] || need=32
     need=$((need + 64)) # room for ids the image already uses
     for base in "$NIXDOCK_BUILD_UID_BASE" 10000 1000; do
