@@ -107,17 +107,22 @@ struct Case {
     /// `docker` CLI flags reaching `engine`.
     docker_flags: Vec<String>,
     max_jobs: u32,
-    _cleanup: Cleanup,
+    cleanup: Cleanup,
 }
 
 /// Removes a case's containers (unpausing them first) and volumes when dropped.
 struct Cleanup {
     state: PathBuf,
     docker_flags: Vec<String>,
+    /// Volumes the test made for the builder (no instance label), removed after it.
+    volumes: Mutex<Vec<String>>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        if std::env::var_os("FAULTS_KEEP").is_some() {
+            return;
+        }
         let Ok(id) = fs::read_to_string(self.state.join("instance-id")) else {
             return;
         };
@@ -139,7 +144,15 @@ impl Drop for Cleanup {
             d(&["rm", "-f", "-v", id]);
         }
         let vols = d(&["volume", "ls", "-q", "--filter", &label]);
-        for v in vols.split_whitespace() {
+        let made = self
+            .volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for v in vols
+            .split_whitespace()
+            .chain(made.iter().map(String::as_str))
+        {
             d(&["volume", "rm", "-f", v]);
         }
     }
@@ -197,9 +210,10 @@ impl Case {
         };
         Case {
             name: name.to_string(),
-            _cleanup: Cleanup {
+            cleanup: Cleanup {
                 state: state.clone(),
                 docker_flags: docker_flags.clone(),
+                volumes: Mutex::new(Vec::new()),
             },
             root,
             state,
@@ -1030,7 +1044,11 @@ fn store_full_case(phase: Phase) {
         .take(12)
         .collect();
     let volume = format!("{}-{short}", case.container());
-    let _vol = VolumeGuard(volume.clone());
+    case.cleanup
+        .volumes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(volume.clone());
     case.docker_ok(&[
         "volume",
         "create",
@@ -1086,18 +1104,6 @@ fn store_full_case(phase: Phase) {
     let next = case.build_ok(&drv(&case, "next", 0, 1));
     verify_paths(&[next.as_str()]);
     check_no_leaks(&case, &mark, &[]);
-}
-
-/// Removes a volume made outside the hook (no instance label) when dropped, after the case's
-/// own cleanup removed its container.
-struct VolumeGuard(String);
-
-impl Drop for VolumeGuard {
-    fn drop(&mut self) {
-        let mut cmd = Command::new("docker");
-        cmd.args(["volume", "rm", "-f", &self.0]);
-        let _ = common::run_with_timeout(cmd, Duration::from_secs(60));
-    }
 }
 
 #[test]
@@ -1159,6 +1165,7 @@ fn engine2_down_case(phase: Phase) {
         wait_build_running(&mut b, &name);
     }
     let mark = b.mark.clone();
+    let _gone = Unroutable::new();
     let down = common::Engine2LinkDown::new();
     let injected = Instant::now();
     if held {
@@ -1172,9 +1179,14 @@ fn engine2_down_case(phase: Phase) {
         "{name}: built with its engine gone:\n{}",
         done.all()
     );
+    // New connections fail at once (the route leads nowhere); one already open goes silent,
+    // which the liveness watch ends.
     assert!(
-        done.stderr.contains("did not answer"),
-        "{name}: the error does not say the engine is gone:\n{}",
+        done.stderr.contains("did not answer")
+            || done
+                .stderr
+                .contains(&format!("Docker engine at {}", common::ENGINE2_TLS)),
+        "{name}: the error does not name the engine that is gone:\n{}",
         done.all()
     );
     assert!(
@@ -1182,13 +1194,53 @@ fn engine2_down_case(phase: Phase) {
         "{name}: failed {took:?} after the engine went, bound {ENGINE_GONE_BOUND:?}"
     );
     eprintln!(
-        "case {name}: failed {:.1} s after the link went down",
-        took.as_secs_f64()
+        "case {name}: failed {:.1} s after the link went down{}",
+        took.as_secs_f64(),
+        done.stderr
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .map(|l| format!("\n    {l}"))
+            .collect::<String>()
     );
     check_outputs(&case, &drv_path, false);
     let next = case.build_ok(&drv(&case, "next", 0, 0));
     verify_paths(&[next.as_str()]);
     check_no_leaks(&case, &mark, &[]);
+}
+
+/// While engine 2's link is down, its address must lead nowhere, as a host gone from the
+/// network does: on this test bed the default route would take it to a proxy that answers
+/// (with a certificate of its own). A blackhole route for engine 2's network, with a metric
+/// that leaves the link's own route first while the link is up, does that; removed when
+/// dropped.
+struct Unroutable;
+
+const ENGINE2_NET: &str = "10.231.0.0/24";
+
+impl Unroutable {
+    fn new() -> Unroutable {
+        let o = Command::new("ip")
+            .args([
+                "route",
+                "replace",
+                "blackhole",
+                ENGINE2_NET,
+                "metric",
+                "4242",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "blackhole route: {}", text(&o));
+        Unroutable
+    }
+}
+
+impl Drop for Unroutable {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["route", "del", "blackhole", ENGINE2_NET, "metric", "4242"])
+            .output();
+    }
 }
 
 #[test]

@@ -546,6 +546,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
                 docker: builders.engine.docker.clone(),
                 engine: spec.engine.clone(),
                 container: spec.container_name(),
+                to_discard: Default::default(),
                 // Getting ready is asking the engine (and, on a remote one, reaching the
                 // builder through it): a silent engine holds it whatever the transport.
                 engine_carries_link: true,
@@ -603,9 +604,25 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
         work,
         machine,
         place,
-        liveness,
+        liveness: liveness.clone(),
     };
     let outcome = job.run(&mut remote, &mut local, nix_store).await;
+    // Closes the builder's connection first: its daemon worker holds the locks of what it was
+    // writing.
+    drop(remote);
+    if let Some(l) = &liveness {
+        let paths = std::mem::take(&mut *l.to_discard.lock().unwrap_or_else(|p| p.into_inner()));
+        match l.discard_invalid(&paths).await {
+            Ok(said) if !paths.is_empty() => {
+                tracing::info!(container = %l.container, "removed partial inputs: {}", said.trim())
+            }
+            Ok(_) => {}
+            Err(e) => parent.warn(&format!(
+                "nixdock: could not remove the partial inputs from builder container {}: {e}",
+                l.container
+            )),
+        }
+    }
     drop(slot);
     TryEnd::Exit(match outcome {
         Outcome::Built => 0,

@@ -436,7 +436,12 @@ impl Job<'_> {
             r
         };
         drop(progress);
-        r?;
+        if let Err(Outcome::Failed { exit, message }) = r {
+            return Err(Outcome::Failed {
+                exit,
+                message: self.after_full_store(&missing, message),
+            });
+        }
         tracing::info!(
             paths = ordered.len(),
             bytes,
@@ -444,6 +449,27 @@ impl Job<'_> {
             "inputs copied"
         );
         Ok(())
+    }
+
+    /// After an input copy that failed because the builder's store is full: removes what the
+    /// builder kept of the inputs it did not finish (invalid, but on its disk; otherwise every
+    /// later build on that builder fails the same way), and says so in the error.
+    fn after_full_store(&self, missing: &[StorePath], message: String) -> String {
+        let Some(l) = &self.liveness else {
+            return message;
+        };
+        if !message.contains("No space left on device") {
+            return message;
+        }
+        // Removed once this build's connection is closed (`run_accepted`).
+        l.to_discard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(missing.iter().map(|p| p.to_absolute()));
+        format!(
+            "{message}\nthe store of builder container {} is full; what it kept of the inputs it could not finish is removed from it",
+            l.container
+        )
     }
 
     /// Sends `ordered` (references first) with AddMultipleToStore: in waves whose paths refer

@@ -42,6 +42,9 @@ pub struct Liveness {
     /// silent, so is the build. Otherwise (the local socket, SSH through the published port) a
     /// busy engine is no reason to stop a build.
     pub engine_carries_link: bool,
+    /// Partial inputs to remove from the builder's full store once the build's connection is
+    /// closed (see [`Liveness::discard_invalid`]).
+    pub to_discard: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Liveness {
@@ -161,5 +164,65 @@ impl Liveness {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+}
+
+/// Deadline of removing partial inputs from a builder's full store.
+pub const DISCARD_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Liveness {
+    /// Removes what a failed input copy left of `paths` in the builder's store: the builder's
+    /// Nix (2.8 measured) leaves a path it could not finish writing on disk, invalid, and a
+    /// store that filled up stays full for every later build until a garbage collection. Only
+    /// paths still invalid there are deleted (`nix-store --delete` takes Nix's own locks), and
+    /// only after the build's connection is closed (its daemon worker holds the path's lock).
+    /// Returns what the builder said, for the log.
+    pub async fn discard_invalid(&self, paths: &[String]) -> Result<String, String> {
+        if paths.is_empty() {
+            return Ok(String::new());
+        }
+        use bollard::exec::{CreateExecOptions, StartExecResults};
+        use futures_util::StreamExt;
+        let nix_store = "/etc/nixdock/bin/nix-store";
+        let list: Vec<String> = paths.iter().map(|p| format!("'{p}'")).collect();
+        // The daemon worker that was writing a path holds its lock until it notices the closed
+        // connection: try again for a few seconds while the path is there.
+        let script = format!(
+            "for p in {}; do i=0; while [ -e \"$p\" ] && [ $i -lt 25 ] && \
+             ! {nix_store} --check-validity \"$p\" 2>/dev/null; do \
+             {nix_store} --delete \"$p\" 2>&1; [ -e \"$p\" ] && sleep 0.2; i=$((i+1)); done; done",
+            list.join(" ")
+        );
+        let run = async {
+            let created = self
+                .docker
+                .create_exec(
+                    &self.container,
+                    CreateExecOptions {
+                        cmd: Some(vec!["sh", "-c", &script]),
+                        attach_stdout: Some(true),
+                        attach_stderr: Some(true),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut said = String::new();
+            if let StartExecResults::Attached { mut output, .. } = self
+                .docker
+                .start_exec(&created.id, None)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                while let Some(item) = output.next().await {
+                    let chunk = item.map_err(|e| e.to_string())?;
+                    said.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+                }
+            }
+            Ok(said)
+        };
+        tokio::time::timeout(DISCARD_TIMEOUT, run)
+            .await
+            .map_err(|_| format!("no answer within {} s", DISCARD_TIMEOUT.as_secs()))?
     }
 }
