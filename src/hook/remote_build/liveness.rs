@@ -226,3 +226,82 @@ impl Liveness {
             .map_err(|_| format!("no answer within {} s", DISCARD_TIMEOUT.as_secs()))?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bollard::models::ContainerState;
+
+    fn watch() -> Liveness {
+        Liveness {
+            // Never used: judging needs no engine.
+            docker: Docker::connect_with_http("127.0.0.1:9", 1, bollard::API_DEFAULT_VERSION)
+                .unwrap(),
+            engine: "default".into(),
+            container: "nixdock-x-x86_64-linux".into(),
+            engine_carries_link: false,
+            to_discard: Default::default(),
+        }
+    }
+
+    fn inspect(status: ContainerStateStatusEnum, exit: i64, oom: bool) -> ContainerInspectResponse {
+        ContainerInspectResponse {
+            state: Some(ContainerState {
+                status: Some(status),
+                exit_code: Some(exit),
+                oom_killed: Some(oom),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_paused_builder_ends_every_phase() {
+        let w = watch();
+        for expect in [Expect::Starting, Expect::Running] {
+            let why = w
+                .judge(&inspect(ContainerStateStatusEnum::PAUSED, 0, false), expect)
+                .unwrap();
+            assert!(
+                why.contains("was paused") && why.contains(&w.container),
+                "{why}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stopped_builder_ends_a_running_phase_only() {
+        let w = watch();
+        let killed = inspect(ContainerStateStatusEnum::EXITED, 137, false);
+        assert!(w.judge(&killed, Expect::Starting).is_none());
+        let why = w.judge(&killed, Expect::Running).unwrap();
+        assert!(
+            why.contains("no longer running") && why.contains("exit code 137"),
+            "{why}"
+        );
+        let oom = inspect(ContainerStateStatusEnum::EXITED, 137, true);
+        assert!(
+            w.judge(&oom, Expect::Running)
+                .unwrap()
+                .contains("lack of memory")
+        );
+        let running = inspect(ContainerStateStatusEnum::RUNNING, 0, false);
+        assert!(w.judge(&running, Expect::Running).is_none());
+    }
+
+    #[test]
+    fn engine_silence_counts_only_where_it_carries_the_connection() {
+        let mut w = watch();
+        let mut since = Some(tokio::time::Instant::now() - ENGINE_SILENCE);
+        assert!(w.silence(&mut since, "timed out").is_none());
+        w.engine_carries_link = true;
+        let why = w.silence(&mut since, "timed out").unwrap();
+        assert!(
+            why.contains("engine default") && why.contains("did not answer"),
+            "{why}"
+        );
+        let mut fresh = None;
+        assert!(w.silence(&mut fresh, "timed out").is_none());
+    }
+}
