@@ -883,15 +883,32 @@ fn check_no_leaks_within(case: &Case, mark: &str, staging: &[PathBuf], settle: D
 // ------------------------------------------------------------------------------------------
 // The builder and hook faults, phase by phase.
 
+/// What one fault case came to, for the soak's figures.
+struct CaseStats {
+    /// The faulted build succeeded (recovered) rather than failed.
+    built: bool,
+    /// From the fault to the faulted build's end.
+    took: Duration,
+    /// How long the next build took (the builder back in service).
+    recover: Duration,
+}
+
 fn fault_case(fault: Fault, phase: Phase) {
     let name = format!("{fault:?}-{phase:?}").to_lowercase();
+    fault_case_as(&name, fault, phase, 0);
+}
+
+/// One fault case under the installation name `name`; the build after the fault writes
+/// `next_mb` MiB.
+fn fault_case_as(name: &str, fault: Fault, phase: Phase, next_mb: u32) -> CaseStats {
+    let name = name.to_string();
     let case = Case::new(&name, Setup::default());
     // A warm builder: the fault hits a phase of a build, not the first start.
     case.build_ok(&drv(&case, "warm", 0, 0));
 
     let (sleep, out_mb) = match phase {
         Phase::Build => (30, 0),
-        Phase::Outputs => (0, 300),
+        Phase::Outputs => (0, 200),
         _ => (0, 0),
     };
     let expr = drv(&case, &name, sleep, out_mb);
@@ -995,9 +1012,16 @@ fn fault_case(fault: Fault, phase: Phase) {
     );
     undo(&case, fault);
     // The next build succeeds (and its import sweeps what a killed hook left).
-    let next = case.build_ok(&drv(&case, "next", 0, 0));
+    let t_next = Instant::now();
+    let next = case.build_ok(&drv(&case, "next", 0, next_mb));
+    let recover = t_next.elapsed();
     verify_paths(&[next.as_str()]);
     check_no_leaks(&case, &mark, &staging);
+    CaseStats {
+        built: done.success,
+        took,
+        recover,
+    }
 }
 
 fn matrix(faults: &[Fault], phases: &[Phase]) {
@@ -1522,4 +1546,199 @@ fn builder_reaches_its_idle_timeout_while_a_hook_connects() {
     );
     check_no_leaks(&case, &mark, &[]);
     verify_store();
+}
+
+// ------------------------------------------------------------------------------------------
+// The soak (issue 14, item 3): the matrix's builder and hook faults at random, several at a
+// time, for a while. Not part of the normal run:
+//
+//     FAULTS_SOAK_MINUTES=30 FAULTS_SOAK_WORKERS=4 \
+//         cargo test --test faults -- --ignored soak --nocapture
+//
+// Each case is three builds (warm-up, the faulted one, the next one of 0–32 MiB) on a fresh
+// installation, with every check of the matrix; a case whose check fails is counted by class
+// (its panic), and the soak fails if any did.
+
+#[test]
+#[ignore = "the soak: FAULTS_SOAK_MINUTES (default 30) of random faults; run it on its own"]
+fn soak() {
+    if !common::require_bed() {
+        return;
+    }
+    let minutes: u64 = std::env::var("FAULTS_SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(30);
+    let workers: usize = std::env::var("FAULTS_SOAK_WORKERS")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(4);
+    use Fault::*;
+    use Phase::*;
+    let mut combos = Vec::new();
+    for f in [
+        Kill,
+        Pause,
+        DaemonKilled,
+        HookTerm,
+        HookKill,
+        HookTermKill,
+        NixInterrupted,
+    ] {
+        for p in ALL_PHASES {
+            if matches!(f, HookTerm | HookKill | HookTermKill | NixInterrupted) && p == Ready {
+                continue;
+            }
+            combos.push((f, p));
+        }
+    }
+    for p in [Ready, Inputs, Build, Register] {
+        combos.push((SshdKilled, p));
+    }
+    let combos = Arc::new(combos);
+    let deadline = Instant::now() + Duration::from_secs(minutes * 60);
+    #[derive(Default)]
+    struct Tally {
+        cases: u64,
+        builds: u64,
+        by_fault: std::collections::BTreeMap<String, (u64, u64)>,
+        recover: Vec<Duration>,
+        took: Vec<Duration>,
+        problems: std::collections::BTreeMap<&'static str, Vec<String>>,
+    }
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let started = Instant::now();
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            let combos = combos.clone();
+            let tally = tally.clone();
+            std::thread::spawn(move || {
+                let mut x: u64 = 0x9e3779b97f4a7c15
+                    ^ (w as u64 + 1).wrapping_mul(0x2545F4914F6CDD1D)
+                    ^ u64::from(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.subsec_nanos())
+                            .unwrap_or(0),
+                    );
+                let mut n = 0;
+                while Instant::now() < deadline {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let (f, p) = combos[(x % combos.len() as u64) as usize];
+                    let next_mb = ((x >> 20) % 33) as u32;
+                    let name = format!("soak-{w}-{n}-{f:?}-{p:?}").to_lowercase();
+                    n += 1;
+                    let r = std::panic::catch_unwind(|| fault_case_as(&name, f, p, next_mb));
+                    let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+                    t.cases += 1;
+                    let key = format!("{f:?}");
+                    let e = t.by_fault.entry(key).or_default();
+                    match r {
+                        Ok(st) => {
+                            if st.built {
+                                e.0 += 1;
+                            } else {
+                                e.1 += 1;
+                            }
+                            t.builds += 3;
+                            t.recover.push(st.recover);
+                            t.took.push(st.took);
+                        }
+                        Err(payload) => {
+                            let msg = payload
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                                .unwrap_or_default();
+                            t.problems
+                                .entry(problem_class(&msg))
+                                .or_default()
+                                .push(format!(
+                                    "{name}: {}",
+                                    msg.lines().next().unwrap_or_default()
+                                ));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+    t.recover.sort();
+    t.took.sort();
+    let pct = |v: &[Duration], q: f64| {
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
+    let mut report = format!(
+        "soak: {:.1} min, {workers} at a time: {} cases, {} builds\n",
+        started.elapsed().as_secs_f64() / 60.0,
+        t.cases,
+        t.builds
+    );
+    for (f, (built, failed)) in &t.by_fault {
+        report.push_str(&format!(
+            "  {f}: {built} recovered (built), {failed} failed with the error asserted\n"
+        ));
+    }
+    report.push_str(&format!(
+        "  fault to the faulted build's end: median {:.1} s, 95th {:.1} s, max {:.1} s\n",
+        pct(&t.took, 0.5),
+        pct(&t.took, 0.95),
+        pct(&t.took, 1.0)
+    ));
+    report.push_str(&format!(
+        "  time to recover (the next build): median {:.1} s, 95th {:.1} s, max {:.1} s\n",
+        pct(&t.recover, 0.5),
+        pct(&t.recover, 0.95),
+        pct(&t.recover, 1.0)
+    ));
+    if t.problems.is_empty() {
+        report.push_str("  leaks and other failed checks: none\n");
+    }
+    for (class, cases) in &t.problems {
+        report.push_str(&format!("  {class}: {}\n", cases.len()));
+        for c in cases.iter().take(5) {
+            report.push_str(&format!("    {c}\n"));
+        }
+    }
+    eprintln!("{report}");
+    let _ = fs::write(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("faults-soak.txt"),
+        &report,
+    );
+    assert!(t.problems.is_empty(), "{report}");
+}
+
+/// The class of a failed case's check, from its panic message.
+fn problem_class(msg: &str) -> &'static str {
+    let classes: [(&str, &str); 10] = [
+        ("did not end within", "hang"),
+        ("hook processes left", "leak: hook processes"),
+        ("processes left", "leak: processes in the builder"),
+        ("slots still held", "leak: slot locks"),
+        ("builder lock still held", "leak: builder lock"),
+        ("staging directory", "leak: staging directory"),
+        ("containers", "leak: containers"),
+        ("volumes", "leak: volumes"),
+        ("valid =", "partial output registered"),
+        ("names none of", "unclear error"),
+    ];
+    for (needle, class) in classes {
+        if msg.contains(needle) {
+            return class;
+        }
+    }
+    if msg.contains("bound") {
+        "deadline missed"
+    } else if msg.contains("expected to recover") || msg.contains("despite the fault") {
+        "wrong outcome"
+    } else {
+        "other"
+    }
 }
