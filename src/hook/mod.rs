@@ -3,6 +3,7 @@
 //! hook's own diagnostics go to its log file in the state dir.
 
 pub mod copy_progress;
+pub mod fault_points;
 pub mod kept_dir;
 pub mod parent;
 pub mod remote_build;
@@ -29,6 +30,7 @@ use crate::static_machines;
 use crate::transport::{RemoteStore, Reopen};
 
 use parent::Parent;
+use remote_build::liveness::{Expect, Liveness};
 use remote_build::{Job, Outcome};
 
 /// Everything loaded once per hook process, lazily: most hooks only decline.
@@ -485,6 +487,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
         Remote::Docker { spec } => Some((spec.system.clone(), spec.engine.clone())),
         Remote::Static(_) => None,
     };
+    let mut liveness = None;
     let mut remote = match remote {
         Remote::Static(r) => *r,
         Remote::Docker { spec } => {
@@ -541,7 +544,25 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
                     how,
                 ))
             };
-            let ready = ready.await;
+            fault_points::reached("ready").await;
+            let watch = Liveness {
+                docker: builders.engine.docker.clone(),
+                engine: spec.engine.clone(),
+                container: spec.container_name(),
+                to_discard: Default::default(),
+                // Getting ready is asking the engine (and, on a remote one, reaching the
+                // builder through it): a silent engine holds it whatever the transport.
+                engine_carries_link: true,
+            };
+            // A paused builder (or a silent engine) would hold the readiness checks until
+            // their own limits; the watch ends it within seconds.
+            let ready = tokio::select! {
+                r = ready => r,
+                why = watch.watch(Expect::Starting) => Err(crate::builder::BuilderError::Broken {
+                    container: spec.container_name(),
+                    what: why,
+                }),
+            };
             let (remote, how) = match ready {
                 Ok(r) => r,
                 Err(e) => {
@@ -560,6 +581,10 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
                 drv = %req.drv_path,
                 "builder ready"
             );
+            liveness = Some(Liveness {
+                engine_carries_link: matches!(remote.link, Some(crate::transport::Link::Engine(_))),
+                ..watch
+            });
             remote
         }
     };
@@ -583,8 +608,25 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
         machine,
         place,
         root_inputs,
+        liveness: liveness.clone(),
     };
     let outcome = job.run(&mut remote, &mut local, nix_store).await;
+    // Closes the builder's connection first: its daemon worker holds the locks of what it was
+    // writing.
+    drop(remote);
+    if let Some(l) = &liveness {
+        let paths = std::mem::take(&mut *l.to_discard.lock().unwrap_or_else(|p| p.into_inner()));
+        match l.discard_invalid(&paths).await {
+            Ok(said) if !paths.is_empty() => {
+                tracing::info!(container = %l.container, "removed partial inputs: {}", said.trim())
+            }
+            Ok(_) => {}
+            Err(e) => parent.warn(&format!(
+                "nixdock: could not remove the partial inputs from builder container {}: {e}",
+                l.container
+            )),
+        }
+    }
     drop(slot);
     TryEnd::Exit(match outcome {
         Outcome::Built => 0,

@@ -26,10 +26,13 @@ use crate::local_store::{ContentAddress, OutputImporter, PathInfo};
 use crate::transport::{RemoteStore, Reopen};
 
 mod build_log;
+pub mod liveness;
 
 use super::copy_progress::{CopyProgress, CountingWriter};
+use super::fault_points;
 use super::kept_dir::BuilderPlace;
 use super::parent::Parent;
+use liveness::{Expect, Liveness};
 
 /// How a build ended, as the hook's exit status tells Nix (≤ 2.28 maps 100 and 101).
 #[derive(Debug)]
@@ -55,6 +58,9 @@ pub struct Job<'a> {
     /// meanwhile cannot take one that is then not copied. (A round trip per input, so only
     /// there.)
     pub root_inputs: bool,
+    /// The Docker builder's container, watched while the build uses it (none for a user's
+    /// machine, whose SSH keepalives serve instead).
+    pub liveness: Option<Liveness>,
 }
 
 fn fail(message: String) -> Outcome {
@@ -250,12 +256,16 @@ impl Job<'_> {
         if let Err(o) = self.expected_outputs() {
             return o;
         }
-        match self.copy_inputs(builder, local).await {
-            Ok(()) => {}
-            Err(o) => return o,
+        fault_points::reached("inputs").await;
+        if let Err(o) = self
+            .guarded("copying the inputs", self.copy_inputs(builder, local))
+            .await
+        {
+            return o;
         }
         let t_copy = t0.elapsed();
-        let (result, kept_dir) = match self.build(builder).await {
+        fault_points::reached("build").await;
+        let (result, kept_dir) = match self.guarded("the build", self.build(builder)).await {
             Ok(r) => r,
             Err(o) => return o,
         };
@@ -281,8 +291,25 @@ impl Job<'_> {
                 ),
             };
         }
-        if let Err(o) = self.copy_outputs(builder, local, nix_store).await {
-            return o;
+        fault_points::reached("outputs").await;
+        let importer = match self
+            .guarded("copying the outputs", self.copy_outputs(builder, local))
+            .await
+        {
+            Ok(i) => i,
+            Err(o) => return o,
+        };
+        // Registering needs nothing from the builder: not watched, and never cut off midway
+        // (the commit runs in a task of its own).
+        fault_points::reached("register").await;
+        if let Some((importer, progress)) = importer {
+            if let Err(e) = importer.commit_locked_invalid(nix_store).await {
+                return fail(format!(
+                    "registering the outputs of '{}': {e}",
+                    self.drv_path
+                ));
+            }
+            drop(progress);
         }
         tracing::info!(
             drv = %self.drv_path,
@@ -292,6 +319,39 @@ impl Job<'_> {
             "remote build done"
         );
         Outcome::Built
+    }
+
+    /// Runs one phase that talks to a Docker builder beside its liveness watch: a paused,
+    /// stopped or removed container (or a silent engine carrying the connection) ends the phase
+    /// within seconds, naming the cause; a phase that failed on its own gets what became of the
+    /// container added to its error.
+    async fn guarded<T>(
+        &self,
+        phase: &str,
+        work: impl std::future::Future<Output = Result<T, Outcome>>,
+    ) -> Result<T, Outcome> {
+        let Some(l) = &self.liveness else {
+            return work.await;
+        };
+        let r = tokio::select! {
+            r = work => r,
+            why = l.watch(Expect::Running) => {
+                return Err(fail(format!(
+                    "{phase} of '{}' on '{}' was given up: {why}",
+                    self.drv_path, self.machine
+                )));
+            }
+        };
+        match r {
+            Err(Outcome::Failed { exit, message }) => {
+                let message = match l.explain().await {
+                    Some(why) => format!("{message}\n{why}"),
+                    None => message,
+                };
+                Err(Outcome::Failed { exit, message })
+            }
+            r => r,
+        }
     }
 
     async fn copy_inputs(
@@ -395,7 +455,12 @@ impl Job<'_> {
             r
         };
         drop(progress);
-        r?;
+        if let Err(Outcome::Failed { exit, message }) = r {
+            return Err(Outcome::Failed {
+                exit,
+                message: self.after_full_store(&missing, message),
+            });
+        }
         tracing::info!(
             paths = ordered.len(),
             bytes,
@@ -403,6 +468,27 @@ impl Job<'_> {
             "inputs copied"
         );
         Ok(())
+    }
+
+    /// After an input copy that failed because the builder's store is full: removes what the
+    /// builder kept of the inputs it did not finish (invalid, but on its disk; otherwise every
+    /// later build on that builder fails the same way), and says so in the error.
+    fn after_full_store(&self, missing: &[StorePath], message: String) -> String {
+        let Some(l) = &self.liveness else {
+            return message;
+        };
+        if !message.contains("No space left on device") {
+            return message;
+        }
+        // Removed once this build's connection is closed (`run_accepted`).
+        l.to_discard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(missing.iter().map(|p| p.to_absolute()));
+        format!(
+            "{message}\nthe store of builder container {} is full; what it kept of the inputs it could not finish is removed from it",
+            l.container
+        )
     }
 
     /// Sends `ordered` (references first) with AddMultipleToStore: in waves whose paths refer
@@ -603,12 +689,14 @@ impl Job<'_> {
     /// Brings the outputs the local store lacks from the builder. Every step has a deadline
     /// (`local_store::deadlines`); on any failure nothing is left staged or registered, and the
     /// builder connection must not be used again (a NAR may be cut off midway).
-    async fn copy_outputs(
-        &self,
+    ///
+    /// Returns the importer holding them staged (with the copy's progress activity, ended
+    /// once they are registered), or `None` when the local store has them all.
+    async fn copy_outputs<'p>(
+        &'p self,
         builder: &mut RemoteStore,
         local: &mut LazyLocalDaemon,
-        nix_store: &Path,
-    ) -> Result<(), Outcome> {
+    ) -> Result<Option<(OutputImporter, CopyProgress<'p>)>, Outcome> {
         let expected = self.expected_outputs()?;
         let outputs: BTreeSet<StorePath> = expected.keys().cloned().collect();
         // A path that is not on disk is not valid; only ask the store about the others (an
@@ -639,7 +727,7 @@ impl Job<'_> {
         };
         let missing: Vec<StorePath> = outputs.difference(&valid).cloned().collect();
         if missing.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         // References a builder may claim: the closure Nix sent and the derivation's outputs.
         let mut allowed: BTreeSet<StorePath> = self.work.inputs.clone();
@@ -726,18 +814,9 @@ impl Job<'_> {
             })?;
             path_progress.finish();
         }
-        // `missing` was read just now, under the calling Nix's output locks.
-        importer
-            .commit_locked_invalid(nix_store)
-            .await
-            .map_err(|e| {
-                fail(format!(
-                    "registering the outputs of '{}': {e}",
-                    self.drv_path
-                ))
-            })?;
-        drop(progress);
-        Ok(())
+        // `missing` was read just now, under the calling Nix's output locks: the caller
+        // registers them without checking their validity again.
+        Ok(Some((importer, progress)))
     }
 }
 
