@@ -1,0 +1,421 @@
+//! `nixdock serve` with stock Nix (issue 18): the host's Nix 2.8 and its own `build-remote`
+//! (no nixdock-hook in these invocations: the host's nix.conf sets no `build-hook`, so Nix
+//! runs its own, which names the machine by its store URI in "building … on"), the OpenSSH
+//! client, the machines line exactly as `nixdock serve --machines-line` printed it, real
+//! builders on the host's Docker.
+//!
+//! The test bed has OpenSSH's client (`scripts/testbed`, HOST_PACKAGES), which stock ssh-ng runs.
+//!
+//! Each test runs its own `nixdock serve` on port 22 of a loopback address of its own
+//! (127.0.83.N: Nix 2.8 cannot carry a port in an ssh-ng URI), so they run in parallel.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::output_text as text;
+
+const NIXDOCK: &str = env!("CARGO_BIN_EXE_nixdock");
+
+/// The installation these tests share (its serve builders stay warm across tests and runs;
+/// they stop themselves when idle).
+fn install() -> &'static common::SuiteInstall {
+    static I: OnceLock<common::SuiteInstall> = OnceLock::new();
+    I.get_or_init(|| common::SuiteInstall::new("serve", &config()))
+}
+
+fn config() -> String {
+    format!(
+        "[builders.\"x86_64-linux\"]\nimage = \"{}\"\nidle-timeout = 600\nmax-jobs = 4\n\
+         [builders.\"aarch64-linux\"]\nimage = \"{}\"\nidle-timeout = 600\nmax-jobs = 2\n",
+        common::image("bookworm-amd64"),
+        common::image("bookworm-arm64")
+    )
+}
+
+fn nixdock(state: &Path, config: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(NIXDOCK);
+    cmd.args(args)
+        .env("NIXDOCK_STATE_DIR", state)
+        .env("NIXDOCK_CONFIG", config);
+    common::run_with_timeout(cmd, Duration::from_secs(60)).expect("nixdock ran")
+}
+
+/// A client key pair (ssh-keygen), in `dir`.
+fn client_key(dir: &Path, name: &str) -> PathBuf {
+    let key = dir.join(name);
+    let _ = std::fs::remove_file(&key);
+    let _ = std::fs::remove_file(key.with_extension("pub"));
+    let o = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    key
+}
+
+/// A running `nixdock serve`, killed when dropped; its diagnostics go to `log`.
+struct Serve {
+    child: Child,
+    log: PathBuf,
+    listen: String,
+}
+
+impl Serve {
+    fn start(state: &Path, config: &Path, listen: &str, log: PathBuf) -> Serve {
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(NIXDOCK)
+            .args(["serve", "--listen", listen])
+            .env("NIXDOCK_STATE_DIR", state)
+            .env("NIXDOCK_CONFIG", config)
+            .env("NIXDOCK_LOG", "info,russh=warn")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        let s = Serve {
+            child,
+            log,
+            listen: listen.to_string(),
+        };
+        let t0 = Instant::now();
+        while !s.log().contains("nixdock serve: listening on") {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "serve did not start:\n{}",
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The machines line for `system`, exactly as `--machines-line` prints it.
+    fn line(&self, state: &Path, config: &Path, key: &Path, system: &str) -> String {
+        let key = key.to_str().unwrap();
+        let o = nixdock(
+            state,
+            config,
+            &[
+                "serve",
+                "--machines-line",
+                "--key",
+                key,
+                "--listen",
+                &self.listen,
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        // Port 22: no warning, and stdout holds machines lines only.
+        assert!(o.stderr.is_empty(), "{}", text(&o));
+        assert!(
+            out.lines().all(|l| l.starts_with("ssh-ng://")),
+            "{}",
+            text(&o)
+        );
+        out.lines()
+            .find(|l| l.starts_with(&format!("ssh-ng://{system}@")))
+            .unwrap_or_else(|| panic!("no line for {system}:\n{out}"))
+            .to_string()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nonce() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+fn drv_expr(name: &str, system: &str, script: &str) -> String {
+    format!(
+        "derivation {{ name = \"{name}\"; system = \"{system}\"; builder = \"/bin/sh\"; \
+         args = [\"-c\" {script:?}]; nonce = \"{}\"; }}",
+        nonce()
+    )
+}
+
+/// Stock Nix with only `line` as its builders and no local builds.
+fn stock_build(expr: &str, line: &str) -> Output {
+    let mut cmd = Command::new("nix-build");
+    cmd.args(["--no-out-link", "-E", expr, "--builders", line])
+        .args(["--max-jobs", "0"])
+        // Sent to the builder's daemon (we are its trusted user): no binary cache there.
+        .args(["--option", "substituters", ""]);
+    common::run_with_timeout(cmd, Duration::from_secs(600)).expect("nix-build ran")
+}
+
+/// The serve builder of `system` in the shared installation.
+fn serve_container(system: &str) -> String {
+    let id = std::fs::read_to_string(install().state.join("instance-id")).unwrap();
+    format!("nixdock-{}-serve-{system}", id.trim())
+}
+
+fn started_at(container: &str) -> Option<String> {
+    let o = common::docker(["inspect", "-f", "{{.State.StartedAt}}", container]);
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+#[test]
+fn stock_nix_2_8_builds_aarch64_through_serve() {
+    if !common::require_bed() {
+        return;
+    }
+    let i = install();
+    let key = client_key(&i.root, "client-a");
+    let o = nixdock(
+        &i.state,
+        &i.config,
+        &[
+            "serve",
+            "--authorize",
+            key.with_extension("pub").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let serve = Serve::start(&i.state, &i.config, "127.0.83.1:22", i.root.join("a.log"));
+    let line = serve.line(&i.state, &i.config, &key, "aarch64-linux");
+    // The fields Nix reads: URI, system, key, max-jobs, speed factor, features, mandatory,
+    // host key (base64 of the endpoint's public key line).
+    let f: Vec<&str> = line.split(' ').collect();
+    assert_eq!(f.len(), 8, "{line}");
+    assert_eq!(f[0], "ssh-ng://aarch64-linux@127.0.83.1");
+    assert_eq!(
+        (f[1], f[2], f[3]),
+        ("aarch64-linux", key.to_str().unwrap(), "2")
+    );
+    let host_key =
+        String::from_utf8(hook_protocol::hash::base64_decode(f[7]).expect("base64")).unwrap();
+    assert!(host_key.starts_with("ssh-ed25519 "), "{host_key}");
+
+    let expr = drv_expr(
+        "serve-aarch64",
+        "aarch64-linux",
+        // No sandbox in these builders: the image's uname, run under qemu-user, says aarch64.
+        "echo serve-log-line; /usr/bin/uname -m > $out",
+    );
+    let o = stock_build(&expr, &line);
+    let out = common::out_path(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    // Stock build-remote named the machine by its URI: not nixdock-hook.
+    assert!(
+        err.contains("on 'ssh-ng://aarch64-linux@127.0.83.1'"),
+        "{}",
+        text(&o)
+    );
+    assert!(err.contains("serve-log-line"), "{}", text(&o));
+    let arch = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(arch.trim(), "aarch64", "built by an aarch64 builder");
+    // On serve's own builder, never the hook's.
+    let log = serve.log();
+    assert!(log.contains(&serve_container("aarch64-linux")), "{log}");
+    assert!(log.contains("session bridged to the builder"), "{log}");
+    let hook_container = serve_container("aarch64-linux").replace("-serve-", "-");
+    assert!(
+        started_at(&hook_container).is_none(),
+        "{hook_container} exists"
+    );
+}
+
+#[test]
+fn an_unauthorised_key_is_refused_and_no_builder_touched() {
+    if !common::require_bed() {
+        return;
+    }
+    // An installation of its own: whatever it created would carry its instance id.
+    let i = own_install("serve-refused", &["listed"]);
+    let stranger = client_key(&i.root, "stranger");
+    let serve = Serve::start(
+        &i.state,
+        &i.config,
+        "127.0.83.2:22",
+        i.root.join("serve.log"),
+    );
+    let line = serve.line(&i.state, &i.config, &stranger, "x86_64-linux");
+    let o = stock_build(
+        &drv_expr("serve-refused", "x86_64-linux", "echo x > $out"),
+        &line,
+    );
+    assert!(!o.status.success(), "{}", text(&o));
+    let log = serve.log();
+    assert!(log.contains("refused: key not in authorized_keys"), "{log}");
+    assert!(!log.contains("client authenticated"), "{log}");
+    let by_label = format!("label=nixdock.instance={}", i.instance);
+    let ps = common::docker_ok(["ps", "-aq", "--filter", &by_label]);
+    assert!(ps.trim().is_empty(), "a builder was created: {ps}");
+    // A listed key gets nothing but the daemon: any other command is refused.
+    let o = Command::new("ssh")
+        .arg("-i")
+        .arg(i.root.join("listed"))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args(["-o", "BatchMode=yes", "x86_64-linux@127.0.83.2", "id"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(serve.log().contains("refused a command"), "{}", serve.log());
+    let ps = common::docker_ok(["ps", "-aq", "--filter", &by_label]);
+    assert!(ps.trim().is_empty(), "a builder was created: {ps}");
+}
+
+/// An installation of its own (so its builders are created here and removed at the end).
+struct OwnInstall {
+    root: PathBuf,
+    config: PathBuf,
+    state: PathBuf,
+    instance: String,
+    _cleanup: common::InstanceCleanup,
+}
+
+fn own_install(prefix: &str, keys: &[&str]) -> OwnInstall {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(common::unique_name(prefix));
+    std::fs::create_dir_all(&root).unwrap();
+    let config = root.join("nixdock.toml");
+    std::fs::write(&config, self::config()).unwrap();
+    let state = root.join("state");
+    for k in keys {
+        let key = client_key(&root, k);
+        let o = nixdock(
+            &state,
+            &config,
+            &[
+                "serve",
+                "--authorize",
+                key.with_extension("pub").to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let id = std::fs::read_to_string(state.join("instance-id")).unwrap();
+    let instance = format!("{}-serve", id.trim());
+    OwnInstall {
+        _cleanup: common::InstanceCleanup(instance.clone()),
+        root,
+        config,
+        state,
+        instance,
+    }
+}
+
+#[test]
+fn a_session_starts_its_builder_cold() {
+    if !common::require_bed() {
+        return;
+    }
+    let i = own_install("serve-cold", &["client"]);
+    let key = i.root.join("client");
+    let serve = Serve::start(
+        &i.state,
+        &i.config,
+        "127.0.83.3:22",
+        i.root.join("serve.log"),
+    );
+    let line = serve.line(&i.state, &i.config, &key, "x86_64-linux");
+    let container = format!("nixdock-{}-x86_64-linux", i.instance);
+    assert!(started_at(&container).is_none());
+    // No builder yet: the session creates and starts it, as the hook would.
+    let o = stock_build(
+        &drv_expr("serve-cold", "x86_64-linux", "echo cold > $out"),
+        &line,
+    );
+    assert_eq!(
+        std::fs::read_to_string(common::out_path(&o)).unwrap(),
+        "cold\n"
+    );
+    assert!(serve.log().contains("creating builder"), "{}", serve.log());
+    // Stopped: the next session starts it again.
+    let first = started_at(&container).expect("the builder exists");
+    common::docker_ok(["stop", "-t", "2", &container]);
+    let o = stock_build(
+        &drv_expr("serve-cold", "x86_64-linux", "echo again > $out"),
+        &line,
+    );
+    assert_eq!(
+        std::fs::read_to_string(common::out_path(&o)).unwrap(),
+        "again\n"
+    );
+    let second = started_at(&container).expect("the builder exists");
+    assert_ne!(first, second, "not restarted");
+    assert!(serve.log().contains("starting builder"), "{}", serve.log());
+}
+
+#[test]
+fn two_clients_build_at_once() {
+    if !common::require_bed() {
+        return;
+    }
+    let i = install();
+    let key = client_key(&i.root, "client-d");
+    let o = nixdock(
+        &i.state,
+        &i.config,
+        &[
+            "serve",
+            "--authorize",
+            key.with_extension("pub").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let serve = Serve::start(&i.state, &i.config, "127.0.83.4:22", i.root.join("d.log"));
+    let line = serve.line(&i.state, &i.config, &key, "x86_64-linux");
+    // Each build sleeps long enough for the two sessions to overlap.
+    let builds: Vec<_> = (0..2)
+        .map(|n| {
+            let line = line.clone();
+            std::thread::spawn(move || {
+                stock_build(
+                    &drv_expr(
+                        &format!("serve-two-{n}"),
+                        "x86_64-linux",
+                        &format!("sleep 4; echo {n} > $out"),
+                    ),
+                    &line,
+                )
+            })
+        })
+        .collect();
+    for (n, b) in builds.into_iter().enumerate() {
+        let o = b.join().unwrap();
+        let out = common::out_path(&o);
+        assert_eq!(std::fs::read_to_string(out).unwrap(), format!("{n}\n"));
+    }
+    // Both sessions held a slot of their own at the same time (distinct slot numbers: a
+    // slot is free again once its session ended).
+    let log = serve.log();
+    let slots: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("session bridged to the builder"))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("slot=")))
+        .collect();
+    assert_eq!(slots.len(), 2, "{log}");
+    assert_ne!(slots[0], slots[1], "{log}");
+}
