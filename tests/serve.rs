@@ -419,3 +419,62 @@ fn two_clients_build_at_once() {
     assert_eq!(slots.len(), 2, "{log}");
     assert_ne!(slots[0], slots[1], "{log}");
 }
+
+/// Nix 2.34 (Debian sid image, on the host network), multi-user: the line as printed goes
+/// into the container's nix.conf `builders`, the root nix-daemon's own build-remote runs ssh,
+/// an unprivileged user in `nix-users` builds an aarch64 derivation.
+#[test]
+fn nix_2_34_multi_user_builds_through_serve() {
+    if !common::require_bed() {
+        return;
+    }
+    let i = install();
+    let key = client_key(&i.root, "client-e");
+    let o = nixdock(
+        &i.state,
+        &i.config,
+        &[
+            "serve",
+            "--authorize",
+            key.with_extension("pub").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let serve = Serve::start(&i.state, &i.config, "127.0.83.5:22", i.root.join("e.log"));
+    let line = serve.line(&i.state, &i.config, &key, "aarch64-linux");
+    let expr = drv_expr(
+        "serve-234",
+        "aarch64-linux",
+        "echo from-2.34; /usr/bin/uname -m > $out",
+    );
+    let name = common::unique_name("nixdock-test-serve-client");
+    let _guard = common::ContainerGuard(name.clone());
+    let key_path = key.to_str().unwrap();
+    let script = format!(
+        "set -e; nix --version; \
+         printf 'builders = {line}\\nmax-jobs = 0\\nsubstituters =\\n' >> /etc/nix/nix.conf; \
+         nix-daemon --daemon > /tmp/daemon.log 2>&1 & \
+         i=0; while [ ! -S /nix/var/nix/daemon-socket/socket ]; do \
+           i=$((i+1)); [ $i -lt 200 ] || {{ cat /tmp/daemon.log; exit 1; }}; sleep 0.05; done; \
+         useradd -m -G nix-users alice; \
+         out=$(runuser -u alice -- env NIX_REMOTE=daemon nix-build --no-out-link -E '{expr}') \
+           || {{ cat /tmp/daemon.log; exit 1; }}; \
+         cat $out"
+    );
+    let mut cmd = Command::new("docker");
+    cmd.args(["run", "--rm", "--name", &name, "--network", "host"])
+        .args(["-v", &format!("{key_path}:{key_path}:ro")])
+        .args([&common::image("sid-amd64"), "sh", "-c", &script]);
+    let o = common::run_with_timeout(cmd, Duration::from_secs(600)).expect("docker ran");
+    let t = text(&o);
+    assert!(o.status.success(), "{t}\nserve:\n{}", serve.log());
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].contains("(Nix) 2.34."), "{t}");
+    assert_eq!(lines.last(), Some(&"aarch64"), "{t}");
+    assert!(
+        serve.log().contains("session bridged to the builder"),
+        "{}",
+        serve.log()
+    );
+}

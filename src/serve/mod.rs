@@ -652,6 +652,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn serve_has_builders_of_its_own_unless_told_to_share() {
+        let mut c = Config::default();
+        assert_eq!(serve_instance(&c, "abcd1234"), "abcd1234-serve");
+        let spec = BuilderSpec::served(&c, &serve_instance(&c, "abcd1234"));
+        assert!(
+            spec.iter()
+                .all(|s| s.container_name().starts_with("nixdock-abcd1234-serve-")),
+            "{spec:?}"
+        );
+        c.serve_shares_builders = true;
+        assert_eq!(serve_instance(&c, "abcd1234"), "abcd1234");
+    }
+
+    #[test]
     fn only_the_daemon_is_served() {
         assert!(is_daemon_stdio(b"nix-daemon --stdio"));
         assert!(is_daemon_stdio(b"'nix-daemon' --stdio"));
