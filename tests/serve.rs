@@ -27,10 +27,15 @@ fn install() -> &'static common::SuiteInstall {
     I.get_or_init(|| common::SuiteInstall::new("serve", &config()))
 }
 
+/// The builders' own nix.conf names no cache: the test bed has no network, and stock
+/// build-remote does not pass its caller's `substituters` on (the builder's daemon would spend
+/// ~4 s per build failing to reach cache.nixos.org).
 fn config() -> String {
     format!(
         "[builders.\"x86_64-linux\"]\nimage = \"{}\"\nidle-timeout = 600\nmax-jobs = 4\n\
-         [builders.\"aarch64-linux\"]\nimage = \"{}\"\nidle-timeout = 600\nmax-jobs = 2\n",
+         extra-nix-conf = [\"substituters =\"]\n\
+         [builders.\"aarch64-linux\"]\nimage = \"{}\"\nidle-timeout = 600\nmax-jobs = 2\n\
+         extra-nix-conf = [\"substituters =\"]\n",
         common::image("bookworm-amd64"),
         common::image("bookworm-arm64")
     )
@@ -162,7 +167,6 @@ fn stock_build(expr: &str, line: &str) -> Output {
     let mut cmd = Command::new("nix-build");
     cmd.args(["--no-out-link", "-E", expr, "--builders", line])
         .args(["--max-jobs", "0"])
-        // Sent to the builder's daemon (we are its trusted user): no binary cache there.
         .args(["--option", "substituters", ""]);
     common::run_with_timeout(cmd, Duration::from_secs(600)).expect("nix-build ran")
 }
@@ -387,17 +391,23 @@ fn two_clients_build_at_once() {
     assert!(o.status.success(), "{}", text(&o));
     let serve = Serve::start(&i.state, &i.config, "127.0.83.4:22", i.root.join("d.log"));
     let line = serve.line(&i.state, &i.config, &key, "x86_64-linux");
-    // Each build sleeps long enough for the two sessions to overlap.
+    // Each build marks its start in the builder's /tmp (these builders are not sandboxed:
+    // `sandbox = "auto"` on a rootful engine) and waits, up to 60 s, for the other's mark: both
+    // succeed only if serve ran the two sessions at the same time.
+    let tag = nonce();
     let builds: Vec<_> = (0..2)
         .map(|n| {
             let line = line.clone();
+            let script = format!(
+                ": > /tmp/serve-two-{tag}-{n}; i=0; \
+                 while [ ! -e /tmp/serve-two-{tag}-{other} ]; do \
+                   i=$((i+1)); [ $i -lt 600 ] || exit 1; /bin/sleep 0.1; done; \
+                 echo {n} > $out",
+                other = 1 - n
+            );
             std::thread::spawn(move || {
                 stock_build(
-                    &drv_expr(
-                        &format!("serve-two-{n}"),
-                        "x86_64-linux",
-                        &format!("sleep 4; echo {n} > $out"),
-                    ),
+                    &drv_expr(&format!("serve-two-{n}"), "x86_64-linux", &script),
                     &line,
                 )
             })

@@ -116,6 +116,8 @@ pub fn authorize(state: &StateDir, pub_file: &Path) -> Result<bool, ServeKeyErro
         path: pub_file.to_owned(),
         reason: format!("not an OpenSSH public key: {e}"),
     })?;
+    // Read, add, write under a lock: two `--authorize` at once must both be kept.
+    let _lock = crate::state::FileLock::exclusive(&state.lock_path("serve-authorized-keys"))?;
     if authorized_keys(state)?
         .iter()
         .any(|k| keys::same_key(k, &key))
