@@ -298,13 +298,19 @@ struct OwnInstall {
     state: PathBuf,
     instance: String,
     _cleanup: common::InstanceCleanup,
+    /// The hook's instance: serve-shares-builders puts serve's sessions there.
+    _cleanup_hook: common::InstanceCleanup,
 }
 
 fn own_install(prefix: &str, keys: &[&str]) -> OwnInstall {
+    own_install_with(prefix, keys, &config())
+}
+
+fn own_install_with(prefix: &str, keys: &[&str], config_text: &str) -> OwnInstall {
     let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(common::unique_name(prefix));
     std::fs::create_dir_all(&root).unwrap();
     let config = root.join("nixdock.toml");
-    std::fs::write(&config, self::config()).unwrap();
+    std::fs::write(&config, config_text).unwrap();
     let state = root.join("state");
     for k in keys {
         let key = client_key(&root, k);
@@ -323,6 +329,7 @@ fn own_install(prefix: &str, keys: &[&str]) -> OwnInstall {
     let instance = format!("{}-serve", id.trim());
     OwnInstall {
         _cleanup: common::InstanceCleanup(instance.clone()),
+        _cleanup_hook: common::InstanceCleanup(id.trim().to_string()),
         root,
         config,
         state,
@@ -484,6 +491,41 @@ fn nix_2_34_multi_user_builds_through_serve() {
     assert_eq!(lines.last(), Some(&"aarch64"), "{t}");
     assert!(
         serve.log().contains("session bridged to the builder"),
+        "{}",
+        serve.log()
+    );
+}
+
+/// `serve-shares-builders = true`: sessions go to the hook's builder (its container, store and
+/// slots), and serve makes none of its own.
+#[test]
+fn shared_builders_are_the_hooks() {
+    if !common::require_bed() {
+        return;
+    }
+    let text = format!("serve-shares-builders = true\n{}", config());
+    let i = own_install_with("serve-shared", &["client"], &text);
+    let key = i.root.join("client");
+    let serve = Serve::start(
+        &i.state,
+        &i.config,
+        "127.0.83.6:22",
+        i.root.join("serve.log"),
+    );
+    let line = serve.line(&i.state, &i.config, &key, "x86_64-linux");
+    let o = stock_build(
+        &drv_expr("serve-shared", "x86_64-linux", "echo shared > $out"),
+        &line,
+    );
+    assert_eq!(
+        std::fs::read_to_string(common::out_path(&o)).unwrap(),
+        "shared\n"
+    );
+    let hooks = i.instance.trim_end_matches("-serve");
+    assert!(started_at(&format!("nixdock-{hooks}-x86_64-linux")).is_some());
+    assert!(started_at(&format!("nixdock-{}-x86_64-linux", i.instance)).is_none());
+    assert!(
+        serve.log().contains("builders shared with the hook"),
         "{}",
         serve.log()
     );
