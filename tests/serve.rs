@@ -530,3 +530,106 @@ fn shared_builders_are_the_hooks() {
         serve.log()
     );
 }
+
+/// Removes a serve instance's containers and volumes on engine 2 when dropped.
+struct Engine2Cleanup(String);
+
+impl Drop for Engine2Cleanup {
+    fn drop(&mut self) {
+        let label = format!("label=nixdock.instance={}", self.0);
+        let host = common::ENGINE2_UNIX;
+        let ids = common::docker_on(host, ["ps", "-aq", "--filter", &label]);
+        let ids: Vec<String> = String::from_utf8_lossy(&ids.stdout)
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        if !ids.is_empty() {
+            common::docker_on(
+                host,
+                ["rm", "-f", "-v"].into_iter().map(String::from).chain(ids),
+            );
+        }
+        let vols = common::docker_on(host, ["volume", "ls", "-q", "--filter", &label]);
+        let vols: Vec<String> = String::from_utf8_lossy(&vols.stdout)
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        if !vols.is_empty() {
+            common::docker_on(
+                host,
+                ["volume", "rm", "-f"]
+                    .into_iter()
+                    .map(String::from)
+                    .chain(vols),
+            );
+        }
+    }
+}
+
+/// The ways to a builder other than the local socket: SSH to its sshd (`transport = "ssh"`,
+/// the daemon socket forwarded) and a remote engine's exec (engine 2 over TLS:
+/// `nix-daemon --stdio` in the builder); the session's bytes go either way unchanged.
+#[test]
+fn sessions_reach_builders_over_ssh_and_a_remote_engines_exec() {
+    if !common::require_bed() {
+        return;
+    }
+    let i = own_install_with(
+        "serve-ssh",
+        &["client"],
+        &format!("transport = \"ssh\"\n{}", config()),
+    );
+    let serve = Serve::start(
+        &i.state,
+        &i.config,
+        "127.0.83.7:22",
+        i.root.join("serve.log"),
+    );
+    let line = serve.line(&i.state, &i.config, &i.root.join("client"), "x86_64-linux");
+    let o = stock_build(
+        &drv_expr("serve-ssh", "x86_64-linux", "echo ssh > $out"),
+        &line,
+    );
+    assert_eq!(
+        std::fs::read_to_string(common::out_path(&o)).unwrap(),
+        "ssh\n"
+    );
+    assert!(serve.log().contains("via=\"ssh\""), "{}", serve.log());
+    drop(serve);
+
+    if !common::require_second_engine() {
+        return;
+    }
+    let tls = format!(
+        "docker-host = \"{}\"\ntls-ca = \"{}\"\ntls-cert = \"{}\"\ntls-key = \"{}\"\n\
+         [builders.\"x86_64-linux\"]\nimage = \"{}\"\nidle-timeout = 120\n\
+         extra-nix-conf = [\"substituters =\"]\n",
+        common::ENGINE2_TLS,
+        common::ENGINE2_TLS_CA,
+        common::ENGINE2_TLS_CERT,
+        common::ENGINE2_TLS_KEY,
+        common::image("bookworm-amd64")
+    );
+    let i = own_install_with("serve-e2", &["client"], &tls);
+    let _e2 = Engine2Cleanup(i.instance.clone());
+    let serve = Serve::start(
+        &i.state,
+        &i.config,
+        "127.0.83.8:22",
+        i.root.join("serve.log"),
+    );
+    let line = serve.line(&i.state, &i.config, &i.root.join("client"), "x86_64-linux");
+    let o = stock_build(
+        &drv_expr("serve-e2", "x86_64-linux", "echo e2 > $out"),
+        &line,
+    );
+    assert_eq!(
+        std::fs::read_to_string(common::out_path(&o)).unwrap(),
+        "e2\n"
+    );
+    assert!(
+        serve.log().contains("via=\"engine exec\""),
+        "{}",
+        serve.log()
+    );
+}

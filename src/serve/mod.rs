@@ -486,6 +486,8 @@ struct Duplex {
     read: BoxRead,
     write: BoxWrite,
     _link: Option<Link>,
+    /// How the builder is reached, for the log.
+    via: &'static str,
 }
 
 async fn session(
@@ -522,11 +524,12 @@ async fn session(
     let duplex = watching(rx, &mut early, open_duplex(shared, place, &slot))
         .await?
         .map_err(SessionEnd::Failed)?;
-    tracing::info!(%peer, %system, %container, slot = slot.index, ms = t0.elapsed().as_millis() as u64, "session bridged to the builder");
+    tracing::info!(%peer, %system, %container, slot = slot.index, via = duplex.via, ms = t0.elapsed().as_millis() as u64, "session bridged to the builder");
     let Duplex {
         mut read,
         mut write,
         _link,
+        ..
     } = duplex;
     let mut client_eof = early.eof;
     let up = async {
@@ -604,6 +607,10 @@ async fn open_duplex(shared: &Shared, place: &Place, slot: &slots::Slot) -> Resu
                 .map_err(|e| e.to_string()),
         }
     };
+    let via = match &link {
+        Link::Ssh(_) => "ssh",
+        Link::Engine(_) => "engine exec",
+    };
     let ch = tokio::time::timeout(Duration::from_secs(30), open)
         .await
         .map_err(|_| format!("builder {name}: no daemon stream within 30 s"))?
@@ -623,6 +630,7 @@ async fn open_duplex(shared: &Shared, place: &Place, slot: &slots::Slot) -> Resu
         read: Box::new(stdout),
         write: Box::new(stdin),
         _link: Some(link),
+        via,
     })
 }
 
@@ -644,6 +652,7 @@ async fn local_duplex(b: &Builders, spec: &BuilderSpec) -> Option<Duplex> {
         read: Box::new(r),
         write: Box::new(w),
         _link: None,
+        via: "local socket",
     })
 }
 
