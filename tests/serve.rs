@@ -633,3 +633,67 @@ fn sessions_reach_builders_over_ssh_and_a_remote_engines_exec() {
         serve.log()
     );
 }
+
+/// A client that disconnects mid-session (its ssh killed) ends the session at once: the
+/// builder stream is dropped and the session's slot is free again.
+#[test]
+fn a_client_disconnect_ends_its_session_and_frees_its_slot() {
+    if !common::require_bed() {
+        return;
+    }
+    let i = own_install("serve-gone", &["client"]);
+    let serve = Serve::start(
+        &i.state,
+        &i.config,
+        "127.0.83.10:22",
+        i.root.join("serve.log"),
+    );
+    let mut ssh = Command::new("ssh")
+        .arg("-i")
+        .arg(i.root.join("client"))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "x86_64-linux@127.0.83.10",
+            "nix-daemon",
+            "--stdio",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let wait_for = |what: &str, secs: u64| {
+        let t0 = Instant::now();
+        while !serve.log().contains(what) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(secs),
+                "no {what:?}:\n{}",
+                serve.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for("session bridged to the builder", 120);
+    let load = i.state.join("current-load");
+    let container = format!("nixdock-{}-x86_64-linux", i.instance);
+    let busy = || nixdock::builder::slots::busy_count(&load, &container, 4).unwrap();
+    assert_eq!(busy(), 1, "the open session holds a slot");
+    let _ = ssh.kill();
+    let _ = ssh.wait();
+    wait_for("client disconnected", 30);
+    let t0 = Instant::now();
+    while busy() != 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the slot stayed held"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
