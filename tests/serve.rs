@@ -72,9 +72,20 @@ struct Serve {
 
 impl Serve {
     fn start(state: &Path, config: &Path, listen: &str, log: PathBuf) -> Serve {
+        Self::start_with(state, config, listen, log, &[])
+    }
+
+    fn start_with(
+        state: &Path,
+        config: &Path,
+        listen: &str,
+        log: PathBuf,
+        extra: &[&str],
+    ) -> Serve {
         let f = std::fs::File::create(&log).unwrap();
         let child = Command::new(NIXDOCK)
             .args(["serve", "--listen", listen])
+            .args(extra)
             .env("NIXDOCK_STATE_DIR", state)
             .env("NIXDOCK_CONFIG", config)
             .env("NIXDOCK_LOG", "info,russh=warn")
@@ -696,4 +707,83 @@ fn a_client_disconnect_ends_its_session_and_frees_its_slot() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// All slots busy: a session waits for one up to `--slot-wait`, then fails with the reason on
+/// the client's stderr; a client that leaves while waiting ends its wait at once.
+#[test]
+fn a_session_waits_for_a_slot_then_fails_with_why() {
+    if !common::require_bed() {
+        return;
+    }
+    let one_slot = config().replace("max-jobs = 4", "max-jobs = 1");
+    let i = own_install_with("serve-full", &["client"], &one_slot);
+    let serve = Serve::start_with(
+        &i.state,
+        &i.config,
+        "127.0.83.11:22",
+        i.root.join("serve.log"),
+        &["--slot-wait", "3"],
+    );
+    let session = |stderr: Stdio| {
+        Command::new("ssh")
+            .arg("-i")
+            .arg(i.root.join("client"))
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args(["-o", "BatchMode=yes", "-o", "LogLevel=ERROR"])
+            .args(["x86_64-linux@127.0.83.11", "nix-daemon", "--stdio"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap()
+    };
+    let count = |what: &str| serve.log().matches(what).count();
+    let wait_until = |what: &str, n: usize, secs: u64| {
+        let t0 = Instant::now();
+        while count(what) < n {
+            assert!(
+                t0.elapsed() < Duration::from_secs(secs),
+                "no {what:?}:\n{}",
+                serve.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // The only slot, held.
+    let mut holder = session(Stdio::null());
+    wait_until("session bridged to the builder", 1, 120);
+    // A second session waits, then fails saying why (the holder still holds the slot).
+    let t0 = Instant::now();
+    let waiter = session(Stdio::piped());
+    let o = waiter.wait_with_output().unwrap();
+    let waited = t0.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("every x86_64-linux build slot stayed busy for 3 s"),
+        "{err}"
+    );
+    assert!(waited >= Duration::from_secs(3), "{waited:?}");
+    assert_eq!(
+        count("session bridged to the builder"),
+        1,
+        "{}",
+        serve.log()
+    );
+    // A third one leaves while waiting: its wait ends there, long before the deadline.
+    let mut leaver = session(Stdio::null());
+    wait_until("client authenticated", 3, 30);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = leaver.kill();
+    let _ = leaver.wait();
+    wait_until("client disconnected", 1, 2);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    wait_until("client disconnected", 2, 30);
 }

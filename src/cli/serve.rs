@@ -46,6 +46,9 @@ pub struct Args {
     /// The client's private key, as the machines line names it
     #[arg(long, value_name = "CLIENT_KEY")]
     pub key: Option<PathBuf>,
+    /// How long a session waits for a free build slot before it fails
+    #[arg(long, value_name = "SECS", default_value_t = serve::SLOT_WAIT.as_secs())]
+    pub slot_wait: u64,
 }
 
 pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
@@ -96,6 +99,7 @@ pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
         config,
         state,
         served,
+        slot_wait: std::time::Duration::from_secs(args.slot_wait),
     });
     let server = serve::run(shared, listener);
     #[cfg(unix)]

@@ -26,7 +26,7 @@ use crate::config::{Config, Transport};
 use crate::state::StateDir;
 use crate::transport::{ExecChannel, Link};
 
-/// How long a session waits for a free build slot before it is refused. Nix picked this
+/// How long a session waits for a free build slot before it is refused, by default. Nix picked this
 /// endpoint by its own count of the line's max-jobs, so a full builder here means another
 /// client (or the hook, with shared builders) is building: a build usually ends within
 /// minutes, and refusing at once would fail the client's build outright.
@@ -157,6 +157,8 @@ pub struct Shared {
     pub config: Config,
     pub state: StateDir,
     pub served: Served,
+    /// How long a session waits for a free slot ([`SLOT_WAIT`] unless the operator says).
+    pub slot_wait: Duration,
 }
 
 impl Shared {
@@ -505,13 +507,13 @@ async fn session(
         loop {
             match shared.served.try_slot(&shared.state, system) {
                 Ok(Some(got)) => return Ok(got),
-                Ok(None) if t0.elapsed() < SLOT_WAIT => {
+                Ok(None) if t0.elapsed() < shared.slot_wait => {
                     tokio::time::sleep(Duration::from_millis(250)).await
                 }
                 Ok(None) => {
                     return Err(format!(
                         "every {system} build slot stayed busy for {} s",
-                        SLOT_WAIT.as_secs()
+                        shared.slot_wait.as_secs()
                     ));
                 }
                 Err(e) => return Err(e.to_string()),
