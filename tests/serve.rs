@@ -787,3 +787,56 @@ fn a_session_waits_for_a_slot_then_fails_with_why() {
     let _ = holder.wait();
     wait_until("client disconnected", 2, 30);
 }
+
+/// Off port 22 the lines carry `host:port` (Nix ≥ 2.31) and a warning for older Nix goes to
+/// stderr, never into the lines; an address that names no one host is refused.
+#[test]
+fn machines_lines_off_port_22_warn_on_stderr() {
+    if !common::require_bed() {
+        return;
+    }
+    let i = install();
+    let key = client_key(&i.root, "client-f");
+    let args = |listen: &str| {
+        vec![
+            "serve".to_string(),
+            "--machines-line".into(),
+            "--key".into(),
+            key.to_str().unwrap().into(),
+            "--listen".into(),
+            listen.into(),
+        ]
+    };
+    let a = args("127.0.0.1:3022");
+    let o = nixdock(
+        &i.state,
+        &i.config,
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ssh-ng://x86_64-linux@127.0.0.1:3022 x86_64-linux ")),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        out.lines().all(|l| l.starts_with("ssh-ng://")),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Nix before 2.31"),
+        "{}",
+        text(&o)
+    );
+    let a = args("0.0.0.0:22");
+    let o = nixdock(
+        &i.state,
+        &i.config,
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(o.stdout.is_empty(), "{}", text(&o));
+}
