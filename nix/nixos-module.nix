@@ -115,6 +115,8 @@ in
         serviceConfig = {
           ExecStart = "${cfg.package}/bin/nixdock serve --listen ${cfg.serve.listen}";
           Restart = "on-failure";
+          # It exits when no engine answers (started before it): retry, within the start limit.
+          RestartSec = "5s";
         };
       };
     })

@@ -10,7 +10,9 @@ pub const SYSTEMD_UNIT: &str = "etc/systemd/system/nixdock-serve.service";
 pub const LAUNCHD_PLIST: &str = "Library/LaunchDaemons/org.nixdock.serve.plist";
 pub const LAUNCHD_LABEL: &str = "org.nixdock.serve";
 
-/// The systemd unit running `nixdock serve --listen <listen>`.
+/// The systemd unit running `nixdock serve --listen <listen>`; restarted after a failure (it
+/// exits when no engine answers, e.g. started before the engine), slowly enough that systemd's
+/// start limit does not give up on it.
 pub fn systemd_unit(nixdock: &Path, listen: &SocketAddr) -> String {
     // `%` starts a specifier in unit files; the path has no spaces (checked by the caller).
     let exe = nixdock.display().to_string().replace('%', "%%");
@@ -23,6 +25,7 @@ pub fn systemd_unit(nixdock: &Path, listen: &SocketAddr) -> String {
          [Service]\n\
          ExecStart={exe} serve --listen {listen}\n\
          Restart=on-failure\n\
+         RestartSec=5s\n\
          \n\
          [Install]\n\
          WantedBy=multi-user.target\n"
