@@ -31,22 +31,22 @@ as they are:
 
   nixdock serve --authorize ~/.ssh/id_ed25519.pub
   nixdock serve --listen 127.0.0.2:22 &
-  nix-build --builders \"$(nixdock serve --machines-line --key ~/.ssh/id_ed25519 \\
-      --listen 127.0.0.2:22)\" …")]
+  nix-build --builders \"$(nixdock serve --machines-line \\
+      --key ~/.ssh/id_ed25519 --listen 127.0.0.2:22)\" …")]
 pub struct Args {
-    /// Address and port to listen on
+    /// Where to listen
     #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// Add this public key (OpenSSH `.pub` file) to the served keys, then exit
+    /// Add KEY.pub to the served keys, then exit
     #[arg(long, value_name = "KEY.pub", conflicts_with = "machines_line")]
     pub authorize: Option<PathBuf>,
-    /// Print the machines-file lines for a client (one per system), then exit
+    /// Print a client's machines lines, then exit
     #[arg(long, requires = "key")]
     pub machines_line: bool,
-    /// The client's private key, as the machines line names it
+    /// The client's key file, for the machines line
     #[arg(long, value_name = "CLIENT_KEY")]
     pub key: Option<PathBuf>,
-    /// How long a session waits for a free build slot before it fails
+    /// How long a session waits for a slot
     #[arg(long, value_name = "SECS", default_value_t = serve::SLOT_WAIT.as_secs())]
     pub slot_wait: u64,
 }

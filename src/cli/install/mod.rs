@@ -115,8 +115,7 @@ pub struct InstallArgs {
     /// Record ADDR as docker-host [default: search]
     #[arg(long, value_name = "ADDR")]
     pub docker_host: Option<String>,
-    /// Also install `nixdock serve --listen ADDR:PORT` as a service (systemd unit or launchd
-    /// daemon) [default address: 127.0.0.1:3022]
+    /// Also run `nixdock serve` as a service
     #[arg(
         long,
         value_name = "ADDR:PORT",
