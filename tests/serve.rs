@@ -182,12 +182,6 @@ fn stock_build(expr: &str, line: &str) -> Output {
     common::run_with_timeout(cmd, Duration::from_secs(600)).expect("nix-build ran")
 }
 
-/// The serve builder of `system` in the shared installation.
-fn serve_container(system: &str) -> String {
-    let id = std::fs::read_to_string(install().state.join("instance-id")).unwrap();
-    format!("nixdock-{}-serve-{system}", id.trim())
-}
-
 fn started_at(container: &str) -> Option<String> {
     let o = common::docker(["inspect", "-f", "{{.State.StartedAt}}", container]);
     o.status
@@ -245,14 +239,31 @@ fn stock_nix_2_8_builds_aarch64_through_serve() {
     assert!(err.contains("serve-log-line"), "{}", text(&o));
     let arch = std::fs::read_to_string(&out).unwrap();
     assert_eq!(arch.trim(), "aarch64", "built by an aarch64 builder");
-    // On serve's own builder, never the hook's.
+    // On serve's own builder (whichever container serves aarch64-linux: its own, or a native
+    // builder emulating it), never the hook's: nothing carries the hook's instance.
+    let id = std::fs::read_to_string(i.state.join("instance-id")).unwrap();
+    let id = id.trim();
     let log = serve.log();
-    assert!(log.contains(&serve_container("aarch64-linux")), "{log}");
-    assert!(log.contains("session bridged to the builder"), "{log}");
-    let hook_container = serve_container("aarch64-linux").replace("-serve-", "-");
+    let bridged: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("session bridged to the builder") && l.contains("system=aarch64-linux")
+        })
+        .collect();
+    assert_eq!(bridged.len(), 1, "{log}");
     assert!(
-        started_at(&hook_container).is_none(),
-        "{hook_container} exists"
+        bridged[0].contains(&format!("container=nixdock-{id}-serve-")),
+        "{log}"
+    );
+    let hooks = common::docker_ok([
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=nixdock.instance={id}"),
+    ]);
+    assert!(
+        hooks.trim().is_empty(),
+        "the hook's builders were used: {hooks}"
     );
 }
 
