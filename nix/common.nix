@@ -36,6 +36,24 @@ rec {
       '';
     };
 
+    serve = {
+      enable = lib.mkEnableOption ''
+        `nixdock serve` as a service (with services.nixdock.enable): an ssh-ng endpoint that
+        serves nixdock's builders to any Nix (stock build-remote, Lix, Determinate Nix, other
+        machines). Authorise client keys with `sudo nixdock serve --authorize KEY.pub` and
+        print their machines lines with `sudo nixdock serve --machines-line --key KEY`; see the
+        README, "Using nixdock without its hook"'';
+      listen = mkOption {
+        type = types.strMatching "[^[:space:]]+:[0-9]+";
+        default = "127.0.0.1:3022";
+        example = "127.0.0.2:22";
+        description = ''
+          Address and port `nixdock serve` listens on. Nix before 2.31 cannot carry a port in
+          an ssh-ng URI: for those clients listen on port 22 of an address of its own.
+        '';
+      };
+    };
+
     hook = mkOption {
       type = types.str;
       default = "${cfg.package}/bin/nixdock-hook";

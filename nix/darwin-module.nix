@@ -79,5 +79,18 @@ in
       launchd.daemons.nix-daemon.serviceConfig.EnvironmentVariables.NIX_CONFIG =
         common.daemonNixConfig cfg.hook;
     })
+
+    (mkIf cfg.serve.enable {
+      launchd.daemons.nixdock-serve.serviceConfig = {
+        ProgramArguments = [
+          "${cfg.package}/bin/nixdock"
+          "serve"
+          "--listen"
+          cfg.serve.listen
+        ];
+        RunAtLoad = true;
+        KeepAlive = true;
+      };
+    })
   ]);
 }

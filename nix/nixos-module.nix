@@ -13,6 +13,7 @@
 #     NIX_REMOTE=daemon) read the hook only from root's ~/.config/nix/nix.conf on those
 #     versions, which NixOS does not manage: use NIX_REMOTE=daemon for them, or Nix >= 2.34.
 #   - /etc/nixdock/nixdock.toml from services.nixdock.settings;
+#   - optionally `nixdock serve` as a systemd service (services.nixdock.serve);
 #   - a Docker engine (virtualisation.docker.enable, as a default you can override);
 #   - optionally binfmt emulation with the F flag for foreign Linux systems.
 {
@@ -103,6 +104,23 @@ in
     (mkIf (nixManaged && viaEnvironment) {
       # The unit changes with the hook path, so a switch restarts nix-daemon with it.
       systemd.services.nix-daemon.environment.NIX_CONFIG = common.daemonNixConfig cfg.hook;
+    })
+
+    (mkIf cfg.serve.enable {
+      systemd.services.nixdock-serve = {
+        description = "nixdock serve: an ssh-ng endpoint for nixdock's builders";
+        wantedBy = [ "multi-user.target" ];
+        after = [
+          "network.target"
+          "docker.service"
+        ];
+        serviceConfig = {
+          ExecStart = "${cfg.package}/bin/nixdock serve --listen ${cfg.serve.listen}";
+          Restart = "on-failure";
+          # It exits when no engine answers (started before it): retry, within the start limit.
+          RestartSec = "5s";
+        };
+      };
     })
 
     (mkIf (cfg.emulatedSystems != [ ]) {

@@ -80,6 +80,11 @@ in
       is an error: no other is tried.
     '';
     offload-local = nullable types.bool "Also send builds for this machine's own system to a builder.";
+    serve-shares-builders = nullable types.bool ''
+      Let `nixdock serve` use the hook's builders (their containers and stores) instead of
+      builders of its own. An authorised serve client is a trusted user of the builder daemon
+      it reaches and could put unsigned paths into the store the hook later imports from.
+    '';
     transport = nullable (types.enum [ "auto" "ssh" "engine-exec" ]) ''
       How the hook reaches a builder's nix-daemon: "auto" goes straight to the daemon's socket
       in the builder's /nix volume when the engine is local and that socket is the hook's

@@ -73,6 +73,11 @@ pub struct Config {
     /// How the hook reaches a builder's nix-daemon.
     #[serde(default)]
     pub transport: Transport,
+    /// `nixdock serve` uses the hook's builders (their containers and stores) instead of its
+    /// own: its clients are trusted users of those builders' daemons, so this lets them put
+    /// unsigned paths where the hook will import from (see `serve`).
+    #[serde(default)]
+    pub serve_shares_builders: bool,
     /// Nix's sandbox in every builder that does not set its own (default "auto").
     pub sandbox: Option<Sandbox>,
     /// How an emulated system is built, for every builder that does not set its own

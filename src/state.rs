@@ -155,6 +155,11 @@ impl StateDir {
         Ok(p)
     }
 
+    /// Checks a file of the state (owner, mode, no symlink) as every part of it is checked.
+    pub fn check_private_file(&self, path: &Path) -> Result<(), StateError> {
+        check_private(&self.root, path, false)
+    }
+
     pub fn lock_path(&self, name: &str) -> PathBuf {
         self.root.join("locks").join(format!("{name}.lock"))
     }

@@ -400,6 +400,7 @@ fn every_command_has_complete_help() {
                 "doctor",
                 "install",
                 "uninstall",
+                "serve",
                 "demo",
                 "image",
                 "NIXDOCK_STATE_DIR",
@@ -434,12 +435,26 @@ fn every_command_has_complete_help() {
                 "--nix-version",
                 "--service-manager",
                 "--docker-host",
+                "--serve",
                 "2.25",
                 "install-manifest.json",
             ],
         ),
         (&["uninstall", "--help"], &["--root", "--restart-daemon"]),
         (&["shell", "--help"], &["--engine", "SYSTEM"]),
+        (
+            &["serve", "--help"],
+            &[
+                "--listen",
+                "--authorize",
+                "--machines-line",
+                "--key",
+                "--slot-wait",
+                "authorized_keys",
+                "serve-shares-builders",
+                "2.31",
+            ],
+        ),
         (
             &["demo", "--help"],
             &[
@@ -1119,4 +1134,51 @@ fn doctor_and_status_on_a_pool_name_an_unreachable_engine_within_seconds() {
         "{}",
         show(&o)
     );
+}
+
+/// `install --serve ADDR`: a service running `nixdock serve --listen ADDR` (systemd unit or
+/// launchd plist), recorded like every other file, so uninstall removes it again.
+#[test]
+fn install_serve_writes_a_service_and_uninstall_removes_it() {
+    for (manager, path, wanted) in [
+        (
+            "systemd",
+            "etc/systemd/system/nixdock-serve.service",
+            format!(
+                "\nExecStart={} serve --listen 127.0.0.2:22\n",
+                std::fs::canonicalize(nixdock_bin()).unwrap().display()
+            ),
+        ),
+        (
+            "launchd",
+            "Library/LaunchDaemons/org.nixdock.serve.plist",
+            "<string>serve</string>\n\t\t<string>--listen</string>\n\t\t<string>127.0.0.2:22</string>"
+                .to_string(),
+        ),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        write_mode(&root.join("etc/nix/nix.conf"), b"sandbox = false\n", 0o644);
+        let before = snapshot(&root);
+        let root_s = root.to_str().unwrap();
+        let o = ok(run_cli(
+            t.path(),
+            &[
+                "install",
+                "--root",
+                root_s,
+                "--nix-version",
+                "2.8",
+                "--service-manager",
+                manager,
+                "--serve",
+                "127.0.0.2:22",
+            ],
+        ));
+        let unit = std::fs::read_to_string(root.join(path))
+            .unwrap_or_else(|e| panic!("{manager}: {e}\n{}", show(&o)));
+        assert!(unit.contains(&wanted), "{manager}: {unit}");
+        ok(run_cli(t.path(), &["uninstall", "--root", root_s]));
+        assert_eq!(snapshot(&root), before, "{manager}: uninstall removes it");
+    }
 }

@@ -1047,3 +1047,51 @@ fn darwin_module_asks_for_docker_host() {
         Some(addr)
     );
 }
+
+/// `services.nixdock.serve`: off by default; on, a service runs `nixdock serve --listen` with
+/// the given address (a systemd unit on NixOS, a launchd daemon on nix-darwin).
+#[test]
+fn serve_service_is_opt_in() {
+    if !common::require_tool(NIX_INSTANTIATE) {
+        return;
+    }
+    for module in [Module::NixOs, Module::Darwin] {
+        let unit_path: &[&str] = match module {
+            Module::NixOs => &["systemd", "services", "nixdock-serve"],
+            Module::Darwin => &["launchd", "daemons", "nixdock-serve"],
+        };
+        let r = eval_module(module, "2.35.2", json!({ "enable": true })).unwrap();
+        assert_eq!(get(&r["config"], unit_path), None, "{module:?}: {r}");
+        let r = eval_module(
+            module,
+            "2.35.2",
+            json!({ "enable": true, "serve": { "enable": true, "listen": "127.0.0.2:22" } }),
+        )
+        .unwrap();
+        let unit = get(&r["config"], unit_path).unwrap_or_else(|| panic!("{module:?}: {r}"));
+        let command = match module {
+            Module::NixOs => unit["serviceConfig"]["ExecStart"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            Module::Darwin => unit["serviceConfig"]["ProgramArguments"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
+        assert!(
+            command.ends_with("/bin/nixdock serve --listen 127.0.0.2:22"),
+            "{module:?}: {command}"
+        );
+        // An address without a port is refused when evaluating.
+        let bad = eval_module(
+            module,
+            "2.35.2",
+            json!({ "enable": true, "serve": { "enable": true, "listen": "127.0.0.2" } }),
+        );
+        assert!(bad.is_err(), "{module:?}: {bad:?}");
+    }
+}

@@ -38,12 +38,19 @@ let
         {
           launchd.daemons = opt (types.attrsOf (sub {
             serviceConfig.EnvironmentVariables = opt (types.nullOr (types.attrsOf types.str)) null;
+            serviceConfig.ProgramArguments = opt (types.listOf types.str) [ ];
+            serviceConfig.RunAtLoad = opt types.bool false;
+            serviceConfig.KeepAlive = opt types.bool false;
           })) { };
         }
       else
         {
           systemd.services = opt (types.attrsOf (sub {
             environment = opt (types.attrsOf (types.nullOr types.str)) { };
+            description = opt types.str "";
+            wantedBy = opt (types.listOf types.str) [ ];
+            after = opt (types.listOf types.str) [ ];
+            serviceConfig = opt (types.attrsOf types.str) { };
           })) { };
           virtualisation.docker.enable = opt types.bool false;
           virtualisation.podman.enable = opt types.bool false;

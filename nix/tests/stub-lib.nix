@@ -67,6 +67,7 @@ let
         right = b;
       };
     enum = vs: mkType "one of ${builtins.toJSON vs}" (v: elem v vs) { };
+    strMatching = re: mkType "string matching the pattern ${re}" (v: isString v && builtins.match re v != null) { };
     # A module with `options` only (no freeform part, like the real one without freeformType).
     submodule =
       m:

@@ -19,6 +19,7 @@ pub mod install;
 pub mod logs;
 mod nix_daemon_process;
 pub mod nix_version;
+pub mod serve;
 pub mod shell;
 pub mod status;
 pub mod stop;
@@ -89,6 +90,8 @@ pub enum Command {
     Logs(logs::Args),
     /// A shell or a command inside a system's builder (starting it)
     Shell(shell::Args),
+    /// Serve the builders to any Nix as an ssh-ng endpoint
+    Serve(serve::Args),
     /// Check everything from Nix to the builders; print fixes
     Doctor(doctor::Args),
     /// Wire nixdock-hook into this machine's Nix (as root)
@@ -185,6 +188,7 @@ async fn run(command: Command, env: Env) -> anyhow::Result<i32> {
         Command::Gc(a) => gc::run(&env, a).await,
         Command::Logs(a) => logs::run(&env, a).await,
         Command::Shell(a) => shell::run(&env, a).await,
+        Command::Serve(a) => serve::run(&env, a).await,
         Command::Doctor(a) => doctor::run(&env, a).await,
         Command::Install(a) => install::install(&env, a).await,
         Command::Uninstall(a) => install::uninstall(&env, a),

@@ -27,6 +27,10 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 # Also send builds for this machine's own system to a builder (normally they run here).
 # offload-local = false
 
+# `nixdock serve` (an ssh-ng endpoint for any Nix) uses builders of its own; true lets it use
+# the hook's, whose stores its trusted clients could then put unsigned paths into.
+# serve-shares-builders = false
+
 # A tcp:// docker-host takes tls-ca, tls-cert and tls-key (only that CA is trusted); an
 # ssh://user@host one takes ssh-key and ssh-host-key (the base64 of its host's public key
 # line: `base64 -w0 /etc/ssh/ssh_host_ed25519_key.pub`; never trusted on first use), as do

@@ -27,6 +27,7 @@ mod files;
 mod launchd;
 mod manifest;
 mod nix_conf;
+mod serve_unit;
 mod systemd;
 
 pub use config_file::DEFAULT_CONFIG;
@@ -114,6 +115,14 @@ pub struct InstallArgs {
     /// Record ADDR as docker-host [default: search]
     #[arg(long, value_name = "ADDR")]
     pub docker_host: Option<String>,
+    /// Also run `nixdock serve` as a service
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        num_args = 0..=1,
+        default_missing_value = crate::cli::serve::DEFAULT_LISTEN
+    )]
+    pub serve: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -259,6 +268,10 @@ pub async fn install(env: &Env, args: InstallArgs) -> anyhow::Result<i32> {
     let mut plan: Vec<Change> = Vec::new();
     let restart_cmd = plan_hook_setting(&mut plan, &root, &hook, version, manager)?;
     plan.extend(plan_config(&cfg_path, kept_host, args.docker_host.as_ref(), real_root).await?);
+    let serve_cmd = match &args.serve {
+        Some(listen) => plan_serve(&mut plan, &root, listen, manager)?,
+        None => None,
+    };
 
     // Record everything before touching anything.
     let mut manifest = Manifest {
@@ -318,8 +331,66 @@ pub async fn install(env: &Env, args: InstallArgs) -> anyhow::Result<i32> {
         restart_cmd.as_deref(),
         manager,
     )?;
+    if let Some(cmd) = serve_cmd
+        && real_root
+    {
+        println!("start nixdock serve: sudo sh -c '{cmd}'");
+    }
     println!("check the result with `nixdock doctor`");
     Ok(0)
+}
+
+/// Plans `nixdock serve` as a service: the `nixdock` running this install, listening on
+/// `listen`. Returns the command that starts it.
+fn plan_serve(
+    plan: &mut Vec<Change>,
+    root: &Path,
+    listen: &std::net::SocketAddr,
+    manager: ServiceManager,
+) -> anyhow::Result<Option<String>> {
+    let me = std::env::current_exe().context("cannot tell where this nixdock is")?;
+    let me = std::fs::canonicalize(&me).unwrap_or(me);
+    if me.to_string_lossy().chars().any(char::is_whitespace) {
+        anyhow::bail!(
+            "{}: a service's command line is split at spaces; install nixdock at a path \
+             without them",
+            me.display()
+        );
+    }
+    match manager {
+        ServiceManager::Systemd => {
+            let unit = serve_unit::systemd_unit(&me, listen);
+            plan_edit(
+                plan,
+                under(root, serve_unit::SYSTEMD_UNIT),
+                &|_| Ok(unit.clone()),
+                "nixdock serve as a service".into(),
+            )?;
+            Ok(Some(
+                "systemctl daemon-reload && systemctl enable --now nixdock-serve".into(),
+            ))
+        }
+        ServiceManager::Launchd => {
+            let plist = serve_unit::launchd_plist(&me, listen);
+            plan_edit(
+                plan,
+                under(root, serve_unit::LAUNCHD_PLIST),
+                &|_| Ok(plist.clone()),
+                "nixdock serve as a service".into(),
+            )?;
+            Ok(Some(format!(
+                "launchctl bootstrap system /{}",
+                serve_unit::LAUNCHD_PLIST
+            )))
+        }
+        ServiceManager::None => {
+            println!(
+                "run `{} serve --listen {listen}` as root the way this machine runs services",
+                me.display()
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// Plans the build-hook setting where this Nix version reads it (see the module doc): nix.conf,
