@@ -95,6 +95,60 @@ fn run_all(cases: Vec<(String, Box<dyn FnOnce() + Send>)>) {
     assert!(failed.is_empty(), "failed cases: {failed:?}");
 }
 
+/// Store use against the whole-store check. `nix-store --verify` lists the store directory,
+/// then reads the valid paths from the database, and invalidates ("disappeared") any path
+/// registered in between: so no case may add a path while it runs. Cases count themselves in
+/// (a `StoreUse` per `Case`, several per thread allowed); the check waits for none.
+struct StoreGate {
+    state: Mutex<(usize, bool)>,
+    cv: Condvar,
+}
+
+static STORE_GATE: StoreGate = StoreGate {
+    state: Mutex::new((0, false)),
+    cv: Condvar::new(),
+};
+
+struct StoreUse;
+
+impl StoreUse {
+    fn enter() -> StoreUse {
+        let mut st = STORE_GATE.state.lock().unwrap_or_else(|p| p.into_inner());
+        while st.1 {
+            st = STORE_GATE.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.0 += 1;
+        StoreUse
+    }
+}
+
+impl Drop for StoreUse {
+    fn drop(&mut self) {
+        STORE_GATE.state.lock().unwrap_or_else(|p| p.into_inner()).0 -= 1;
+        STORE_GATE.cv.notify_all();
+    }
+}
+
+/// Runs `f` with no case using the store (call it holding no `Case`).
+fn with_store_to_itself<T>(f: impl FnOnce() -> T) -> T {
+    {
+        let mut st = STORE_GATE.state.lock().unwrap_or_else(|p| p.into_inner());
+        while st.1 || st.0 > 0 {
+            st = STORE_GATE.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.1 = true;
+    }
+    struct Done;
+    impl Drop for Done {
+        fn drop(&mut self) {
+            STORE_GATE.state.lock().unwrap_or_else(|p| p.into_inner()).1 = false;
+            STORE_GATE.cv.notify_all();
+        }
+    }
+    let _done = Done;
+    f()
+}
+
 // ------------------------------------------------------------------------------------------
 // One installation per case.
 
@@ -109,6 +163,8 @@ struct Case {
     docker_flags: Vec<String>,
     max_jobs: u32,
     cleanup: Cleanup,
+    /// Last, so it is given up after the cleanup.
+    _store: StoreUse,
 }
 
 /// Removes a case's containers (unpausing them first) and volumes when dropped.
@@ -222,6 +278,7 @@ impl Case {
             points,
             docker_flags,
             max_jobs: s.max_jobs,
+            _store: StoreUse::enter(),
         }
     }
 
@@ -764,11 +821,13 @@ fn verify_paths(paths: &[&str]) {
 }
 
 /// `nix-store --verify --check-contents`: the whole local store, every valid path's contents
-/// against its recorded hash, once a test's cases are done (one at a time: it reads the whole
-/// store). The cases themselves check the paths they involve (`--verify-path`).
+/// against its recorded hash, once a test's cases are done, while no case uses the store
+/// ([`StoreGate`]). The cases themselves check the paths they involve (`--verify-path`).
 fn verify_store() {
-    static ONE: Mutex<()> = Mutex::new(());
-    let _one = ONE.lock().unwrap_or_else(|p| p.into_inner());
+    with_store_to_itself(verify_store_now)
+}
+
+fn verify_store_now() {
     let t = Instant::now();
     let mut cmd = Command::new("nix-store");
     cmd.args(["--verify", "--check-contents"]);
@@ -1394,6 +1453,7 @@ fn two_hooks_race_the_cold_start_of_one_builder() {
         check_no_leaks(&case, m, &[]);
     }
     eprintln!("case cold-race: both built in {:.1} s", took.as_secs_f64());
+    drop(case);
     verify_store();
 }
 
@@ -1545,6 +1605,7 @@ fn builder_reaches_its_idle_timeout_while_a_hook_connects() {
         took.as_secs_f64()
     );
     check_no_leaks(&case, &mark, &[]);
+    drop(case);
     verify_store();
 }
 

@@ -65,6 +65,22 @@ fn client_key(dir: &Path, name: &str) -> PathBuf {
     key
 }
 
+/// A new client key, authorised through `nixdock serve --authorize` as an operator would.
+fn authorized_key(state: &Path, config: &Path, dir: &Path, name: &str) -> PathBuf {
+    let key = client_key(dir, name);
+    let o = nixdock(
+        state,
+        config,
+        &[
+            "serve",
+            "--authorize",
+            key.with_extension("pub").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    key
+}
+
 /// A running `nixdock serve`, killed when dropped; its diagnostics go to `log`.
 struct Serve {
     child: Child,
@@ -197,17 +213,7 @@ fn stock_nix_2_8_builds_aarch64_through_serve() {
         return;
     }
     let i = install();
-    let key = client_key(&i.root, "client-a");
-    let o = nixdock(
-        &i.state,
-        &i.config,
-        &[
-            "serve",
-            "--authorize",
-            key.with_extension("pub").to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", text(&o));
+    let key = authorized_key(&i.state, &i.config, &i.root, "client-a");
     let serve = Serve::start(&i.state, &i.config, "127.0.83.1:22", i.root.join("a.log"));
     let line = serve.line(&i.state, &i.config, &key, "aarch64-linux");
     // The fields Nix reads: URI, system, key, max-jobs, speed factor, features, mandatory,
@@ -337,17 +343,7 @@ fn own_install_with(prefix: &str, keys: &[&str], config_text: &str) -> OwnInstal
     std::fs::write(&config, config_text).unwrap();
     let state = root.join("state");
     for k in keys {
-        let key = client_key(&root, k);
-        let o = nixdock(
-            &state,
-            &config,
-            &[
-                "serve",
-                "--authorize",
-                key.with_extension("pub").to_str().unwrap(),
-            ],
-        );
-        assert!(o.status.success(), "{}", text(&o));
+        authorized_key(&state, &config, &root, k);
     }
     let id = std::fs::read_to_string(state.join("instance-id")).unwrap();
     let instance = format!("{}-serve", id.trim());
@@ -409,17 +405,7 @@ fn two_clients_build_at_once() {
         return;
     }
     let i = install();
-    let key = client_key(&i.root, "client-d");
-    let o = nixdock(
-        &i.state,
-        &i.config,
-        &[
-            "serve",
-            "--authorize",
-            key.with_extension("pub").to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", text(&o));
+    let key = authorized_key(&i.state, &i.config, &i.root, "client-d");
     let serve = Serve::start(&i.state, &i.config, "127.0.83.4:22", i.root.join("d.log"));
     let line = serve.line(&i.state, &i.config, &key, "x86_64-linux");
     // Each build marks its start in the builder's /tmp (these builders are not sandboxed:
@@ -470,17 +456,7 @@ fn nix_2_34_multi_user_builds_through_serve() {
         return;
     }
     let i = install();
-    let key = client_key(&i.root, "client-e");
-    let o = nixdock(
-        &i.state,
-        &i.config,
-        &[
-            "serve",
-            "--authorize",
-            key.with_extension("pub").to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", text(&o));
+    let key = authorized_key(&i.state, &i.config, &i.root, "client-e");
     let serve = Serve::start(&i.state, &i.config, "127.0.83.5:22", i.root.join("e.log"));
     let line = serve.line(&i.state, &i.config, &key, "aarch64-linux");
     let expr = drv_expr(
