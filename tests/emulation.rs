@@ -10,70 +10,25 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use common::output_text as text;
 
-const HOOK: &str = env!("CARGO_BIN_EXE_nixdock-hook");
-const CLI: &str = env!("CARGO_BIN_EXE_nixdock");
+/// An installation of the test's own, with what these tests ask of it.
+struct Install(common::OwnInstall);
 
-struct Install {
-    config: PathBuf,
-    state: PathBuf,
+impl std::ops::Deref for Install {
+    type Target = common::OwnInstall;
+    fn deref(&self) -> &common::OwnInstall {
+        &self.0
+    }
 }
 
 impl Install {
     fn new(config: &str) -> Install {
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(common::unique_name("emulation"));
-        std::fs::create_dir_all(&root).unwrap();
-        let path = root.join("nixdock.toml");
-        std::fs::write(&path, config).unwrap();
-        Install {
-            config: path,
-            state: root.join("state"),
-        }
-    }
-
-    fn instance(&self) -> String {
-        std::fs::read_to_string(self.state.join("instance-id"))
-            .expect("an instance id")
-            .trim()
-            .to_string()
-    }
-
-    fn build(&self, expr: &str) -> Output {
-        let mut cmd = Command::new("nix-build");
-        cmd.args(["--no-out-link", "-E", expr])
-            .args(["--option", "build-hook", HOOK, "--max-jobs", "0"])
-            .env("NIXDOCK_CONFIG", &self.config)
-            .env("NIXDOCK_STATE_DIR", &self.state);
-        common::run_with_timeout(cmd, Duration::from_secs(600)).expect("nix-build ran")
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(CLI)
-            .args(args)
-            .env("NIXDOCK_CONFIG", &self.config)
-            .env("NIXDOCK_STATE_DIR", &self.state)
-            .output()
-            .unwrap()
-    }
-
-    /// `nixdock status --json`'s entry for `system`.
-    fn status(&self, system: &str) -> serde_json::Value {
-        let o = self.cli(&["status", "--json", "--no-size"]);
-        assert!(o.status.success(), "{}", text(&o));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        v["builders"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["system"] == system)
-            .cloned()
-            .unwrap_or_else(|| panic!("no {system} in {v}"))
+        Install(common::OwnInstall::new("emulation", config))
     }
 
     /// The names of this installation's containers.
@@ -84,23 +39,14 @@ impl Install {
             "--format",
             "{{.Names}}",
             "--filter",
-            &format!("label=nixdock.instance={}", self.instance()),
+            &format!(
+                "label=nixdock.instance={}",
+                self.instance().expect("an instance id")
+            ),
         ])
         .split_whitespace()
         .map(String::from)
         .collect()
-    }
-
-    fn container(&self, system: &str) -> String {
-        format!("nixdock-{}-{system}", self.instance())
-    }
-}
-
-impl Drop for Install {
-    fn drop(&mut self) {
-        if let Ok(id) = std::fs::read_to_string(self.state.join("instance-id")) {
-            drop(common::InstanceCleanup(id.trim().to_string()));
-        }
     }
 }
 

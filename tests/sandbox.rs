@@ -9,92 +9,35 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::Duration;
+use std::process::Output;
 
 use common::output_text as text;
 
-const HOOK: &str = env!("CARGO_BIN_EXE_nixdock-hook");
-const CLI: &str = env!("CARGO_BIN_EXE_nixdock");
+/// An installation of the test's own, with what these tests ask of it.
+struct Install(common::OwnInstall);
 
-/// An installation of its own: config and state under the target's temporary directory; its
-/// containers and volumes are removed when it is dropped.
-struct Install {
-    config: PathBuf,
-    state: PathBuf,
+impl std::ops::Deref for Install {
+    type Target = common::OwnInstall;
+    fn deref(&self) -> &common::OwnInstall {
+        &self.0
+    }
 }
 
 impl Install {
     fn new(config: &str) -> Install {
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(common::unique_name("sandbox"));
-        std::fs::create_dir_all(&root).unwrap();
-        let path = root.join("nixdock.toml");
-        std::fs::write(&path, config).unwrap();
-        Install {
-            config: path,
-            state: root.join("state"),
-        }
-    }
-
-    fn instance(&self) -> Option<String> {
-        std::fs::read_to_string(self.state.join("instance-id"))
-            .ok()
-            .map(|s| s.trim().to_string())
-    }
-
-    /// `nix-build` of `expr` through the hook (`--max-jobs 0`: even the host's own system goes
-    /// to a builder).
-    fn build(&self, expr: &str) -> Output {
-        let mut cmd = Command::new("nix-build");
-        cmd.args(["--no-out-link", "-E", expr])
-            .args(["--option", "build-hook", HOOK, "--max-jobs", "0"])
-            .env("NIXDOCK_CONFIG", &self.config)
-            .env("NIXDOCK_STATE_DIR", &self.state);
-        common::run_with_timeout(cmd, Duration::from_secs(600)).expect("nix-build ran")
+        Install(common::OwnInstall::new("sandbox", config))
     }
 
     /// The builder container's label `key` for `system`.
     fn label(&self, system: &str, key: &str) -> String {
-        let name = format!(
-            "nixdock-{}-{system}",
-            self.instance().expect("an instance id")
-        );
         common::docker_ok([
             "inspect",
             "-f",
             &format!("{{{{index .Config.Labels \"{key}\"}}}}"),
-            &name,
+            &self.container(system),
         ])
         .trim()
         .to_string()
-    }
-
-    /// `nixdock status --json`'s entry for `system`.
-    fn status(&self, system: &str) -> serde_json::Value {
-        let o = Command::new(CLI)
-            .args(["status", "--json", "--no-size"])
-            .env("NIXDOCK_CONFIG", &self.config)
-            .env("NIXDOCK_STATE_DIR", &self.state)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", text(&o));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        v["builders"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["system"] == system)
-            .cloned()
-            .unwrap_or_else(|| panic!("no {system} in {v}"))
-    }
-}
-
-impl Drop for Install {
-    fn drop(&mut self) {
-        if let Some(id) = self.instance() {
-            drop(common::InstanceCleanup(id));
-        }
     }
 }
 

@@ -214,8 +214,8 @@ fn stock_nix_2_8_builds_aarch64_through_serve() {
     }
     let i = install();
     let key = authorized_key(&i.state, &i.config, &i.root, "client-a");
-    let serve = Serve::start(&i.state, &i.config, "127.0.83.1:22", i.root.join("a.log"));
-    let line = serve.line(&i.state, &i.config, &key, "aarch64-linux");
+    let serve = i.serve("127.0.83.1:22", "a.log");
+    let line = i.line(&serve, &key, "aarch64-linux");
     // The fields Nix reads: URI, system, key, max-jobs, speed factor, features, mandatory,
     // host key (base64 of the endpoint's public key line).
     let f: Vec<&str> = line.split(' ').collect();
@@ -283,13 +283,8 @@ fn an_unauthorised_key_is_refused_and_no_builder_touched() {
     // An installation of its own: whatever it created would carry its instance id.
     let i = own_install("serve-refused", &["listed"]);
     let stranger = client_key(&i.root, "stranger");
-    let serve = Serve::start(
-        &i.state,
-        &i.config,
-        "127.0.83.2:22",
-        i.root.join("serve.log"),
-    );
-    let line = serve.line(&i.state, &i.config, &stranger, "x86_64-linux");
+    let serve = i.serve("127.0.83.2:22", "serve.log");
+    let line = i.line(&serve, &stranger, "x86_64-linux");
     let o = stock_build(
         &drv_expr("serve-refused", "x86_64-linux", "echo x > $out"),
         &line,
@@ -322,7 +317,7 @@ fn an_unauthorised_key_is_refused_and_no_builder_touched() {
 }
 
 /// An installation of its own (so its builders are created here and removed at the end).
-struct OwnInstall {
+struct ServeInstall {
     root: PathBuf,
     config: PathBuf,
     state: PathBuf,
@@ -332,11 +327,41 @@ struct OwnInstall {
     _cleanup_hook: common::InstanceCleanup,
 }
 
-fn own_install(prefix: &str, keys: &[&str]) -> OwnInstall {
+/// Starting `nixdock serve` for an installation and asking it for machines lines.
+trait Serves {
+    /// Its state directory, config file and a directory for its files.
+    fn dirs(&self) -> (&Path, &Path, &Path);
+
+    /// `nixdock serve` on `listen`, its diagnostics in `log` under the installation's directory.
+    fn serve(&self, listen: &str, log: &str) -> Serve {
+        let (state, config, root) = self.dirs();
+        Serve::start(state, config, listen, root.join(log))
+    }
+
+    /// `serve`'s machines line for `system` with the client key `key`.
+    fn line(&self, serve: &Serve, key: &Path, system: &str) -> String {
+        let (state, config, _) = self.dirs();
+        serve.line(state, config, key, system)
+    }
+}
+
+impl Serves for ServeInstall {
+    fn dirs(&self) -> (&Path, &Path, &Path) {
+        (&self.state, &self.config, &self.root)
+    }
+}
+
+impl Serves for common::SuiteInstall {
+    fn dirs(&self) -> (&Path, &Path, &Path) {
+        (&self.state, &self.config, &self.root)
+    }
+}
+
+fn own_install(prefix: &str, keys: &[&str]) -> ServeInstall {
     own_install_with(prefix, keys, &config())
 }
 
-fn own_install_with(prefix: &str, keys: &[&str], config_text: &str) -> OwnInstall {
+fn own_install_with(prefix: &str, keys: &[&str], config_text: &str) -> ServeInstall {
     let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(common::unique_name(prefix));
     std::fs::create_dir_all(&root).unwrap();
     let config = root.join("nixdock.toml");
@@ -347,7 +372,7 @@ fn own_install_with(prefix: &str, keys: &[&str], config_text: &str) -> OwnInstal
     }
     let id = std::fs::read_to_string(state.join("instance-id")).unwrap();
     let instance = format!("{}-serve", id.trim());
-    OwnInstall {
+    ServeInstall {
         _cleanup: common::InstanceCleanup(instance.clone()),
         _cleanup_hook: common::InstanceCleanup(id.trim().to_string()),
         root,
@@ -364,13 +389,8 @@ fn a_session_starts_its_builder_cold() {
     }
     let i = own_install("serve-cold", &["client"]);
     let key = i.root.join("client");
-    let serve = Serve::start(
-        &i.state,
-        &i.config,
-        "127.0.83.3:22",
-        i.root.join("serve.log"),
-    );
-    let line = serve.line(&i.state, &i.config, &key, "x86_64-linux");
+    let serve = i.serve("127.0.83.3:22", "serve.log");
+    let line = i.line(&serve, &key, "x86_64-linux");
     let container = format!("nixdock-{}-x86_64-linux", i.instance);
     assert!(started_at(&container).is_none());
     // No builder yet: the session creates and starts it, as the hook would.
@@ -406,8 +426,8 @@ fn two_clients_build_at_once() {
     }
     let i = install();
     let key = authorized_key(&i.state, &i.config, &i.root, "client-d");
-    let serve = Serve::start(&i.state, &i.config, "127.0.83.4:22", i.root.join("d.log"));
-    let line = serve.line(&i.state, &i.config, &key, "x86_64-linux");
+    let serve = i.serve("127.0.83.4:22", "d.log");
+    let line = i.line(&serve, &key, "x86_64-linux");
     // Each build marks its start in the builder's /tmp (these builders are not sandboxed:
     // `sandbox = "auto"` on a rootful engine) and waits, up to 60 s, for the other's mark: both
     // succeed only if serve ran the two sessions at the same time.
@@ -457,8 +477,8 @@ fn nix_2_34_multi_user_builds_through_serve() {
     }
     let i = install();
     let key = authorized_key(&i.state, &i.config, &i.root, "client-e");
-    let serve = Serve::start(&i.state, &i.config, "127.0.83.5:22", i.root.join("e.log"));
-    let line = serve.line(&i.state, &i.config, &key, "aarch64-linux");
+    let serve = i.serve("127.0.83.5:22", "e.log");
+    let line = i.line(&serve, &key, "aarch64-linux");
     let expr = drv_expr(
         "serve-234",
         "aarch64-linux",
@@ -506,13 +526,8 @@ fn shared_builders_are_the_hooks() {
     let text = format!("serve-shares-builders = true\n{}", config());
     let i = own_install_with("serve-shared", &["client"], &text);
     let key = i.root.join("client");
-    let serve = Serve::start(
-        &i.state,
-        &i.config,
-        "127.0.83.6:22",
-        i.root.join("serve.log"),
-    );
-    let line = serve.line(&i.state, &i.config, &key, "x86_64-linux");
+    let serve = i.serve("127.0.83.6:22", "serve.log");
+    let line = i.line(&serve, &key, "x86_64-linux");
     let o = stock_build(
         &drv_expr("serve-shared", "x86_64-linux", "echo shared > $out"),
         &line,
@@ -579,13 +594,8 @@ fn sessions_reach_builders_over_ssh_and_a_remote_engines_exec() {
         &["client"],
         &format!("transport = \"ssh\"\n{}", config()),
     );
-    let serve = Serve::start(
-        &i.state,
-        &i.config,
-        "127.0.83.7:22",
-        i.root.join("serve.log"),
-    );
-    let line = serve.line(&i.state, &i.config, &i.root.join("client"), "x86_64-linux");
+    let serve = i.serve("127.0.83.7:22", "serve.log");
+    let line = i.line(&serve, &i.root.join("client"), "x86_64-linux");
     let o = stock_build(
         &drv_expr("serve-ssh", "x86_64-linux", "echo ssh > $out"),
         &line,
@@ -612,13 +622,8 @@ fn sessions_reach_builders_over_ssh_and_a_remote_engines_exec() {
     );
     let i = own_install_with("serve-e2", &["client"], &tls);
     let _e2 = Engine2Cleanup(i.instance.clone());
-    let serve = Serve::start(
-        &i.state,
-        &i.config,
-        "127.0.83.8:22",
-        i.root.join("serve.log"),
-    );
-    let line = serve.line(&i.state, &i.config, &i.root.join("client"), "x86_64-linux");
+    let serve = i.serve("127.0.83.8:22", "serve.log");
+    let line = i.line(&serve, &i.root.join("client"), "x86_64-linux");
     let o = stock_build(
         &drv_expr("serve-e2", "x86_64-linux", "echo e2 > $out"),
         &line,
@@ -642,12 +647,7 @@ fn a_client_disconnect_ends_its_session_and_frees_its_slot() {
         return;
     }
     let i = own_install("serve-gone", &["client"]);
-    let serve = Serve::start(
-        &i.state,
-        &i.config,
-        "127.0.83.10:22",
-        i.root.join("serve.log"),
-    );
+    let serve = i.serve("127.0.83.10:22", "serve.log");
     let mut ssh = Command::new("ssh")
         .arg("-i")
         .arg(i.root.join("client"))

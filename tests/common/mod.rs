@@ -287,6 +287,89 @@ impl Drop for InstanceCleanup {
     }
 }
 
+/// An installation of a test's own (its own instance id, so its own containers): config and
+/// state under the target's temporary directory; its containers and volumes are removed when
+/// it is dropped (also on panic).
+pub struct OwnInstall {
+    pub config: PathBuf,
+    pub state: PathBuf,
+}
+
+impl OwnInstall {
+    pub fn new(prefix: &str, config: &str) -> OwnInstall {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique_name(prefix));
+        std::fs::create_dir_all(&root).unwrap();
+        let path = root.join("nixdock.toml");
+        std::fs::write(&path, config).unwrap();
+        OwnInstall {
+            config: path,
+            state: root.join("state"),
+        }
+    }
+
+    /// The instance id, once the first hook or command has made it.
+    pub fn instance(&self) -> Option<String> {
+        std::fs::read_to_string(self.state.join("instance-id"))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+
+    /// The builder container serving `system` (the naming of the top-level engine).
+    pub fn container(&self, system: &str) -> String {
+        let id = self.instance().expect("an instance id");
+        format!("nixdock-{id}-{system}")
+    }
+
+    /// `nix-build` of `expr` through the hook (`--max-jobs 0`: even the host's own system goes
+    /// to a builder).
+    pub fn build(&self, expr: &str) -> Output {
+        let mut cmd = Command::new("nix-build");
+        cmd.args(["--no-out-link", "-E", expr])
+            .args([
+                "--option",
+                "build-hook",
+                env!("CARGO_BIN_EXE_nixdock-hook"),
+                "--max-jobs",
+                "0",
+            ])
+            .env("NIXDOCK_CONFIG", &self.config)
+            .env("NIXDOCK_STATE_DIR", &self.state);
+        run_with_timeout(cmd, Duration::from_secs(600)).expect("nix-build ran")
+    }
+
+    /// The `nixdock` CLI with this installation's config and state.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_nixdock"))
+            .args(args)
+            .env("NIXDOCK_CONFIG", &self.config)
+            .env("NIXDOCK_STATE_DIR", &self.state)
+            .output()
+            .unwrap()
+    }
+
+    /// `nixdock status --json`'s entry for `system`.
+    pub fn status(&self, system: &str) -> serde_json::Value {
+        let o = self.cli(&["status", "--json", "--no-size"]);
+        assert!(o.status.success(), "{}", output_text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["builders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["system"] == system)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {system} in {v}"))
+    }
+}
+
+impl Drop for OwnInstall {
+    fn drop(&mut self) {
+        if let Some(id) = self.instance() {
+            drop(InstanceCleanup(id));
+        }
+    }
+}
+
 /// The nixdock installation one test suite shares: a config written once and a state
 /// directory, under the target's temporary directory, so its builders stay warm across tests
 /// and runs.
