@@ -1554,11 +1554,21 @@ impl Drop for Unroutable {
     }
 }
 
+/// Engine-2 cases of this binary: each takes this shared while it needs engine 2 as it is, and
+/// exclusive while it disturbs engine 2 for everyone (its link down, its restart, which stops
+/// every container on it).
+static ENGINE2: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn engine2_exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
+    ENGINE2.write().unwrap_or_else(|p| p.into_inner())
+}
+
 #[test]
 fn engine_unreachable_in_each_phase() {
     if !common::require_bed() || !common::require_second_engine() {
         return;
     }
+    let _e2 = engine2_exclusive();
     // One at a time: the link is engine 2's, shared by every case.
     for phase in [Phase::Ready, Phase::Inputs, Phase::Build] {
         let _t = ticket();
@@ -1567,6 +1577,161 @@ fn engine_unreachable_in_each_phase() {
             conclusive,
             "{phase:?}: engine 2's link was brought up by someone else in three tries"
         );
+    }
+    verify_store();
+}
+
+// ------------------------------------------------------------------------------------------
+// Engine 2 restarted (its dockerd stopped and started again, which stops every container on
+// it) while a hook uses a builder there, reached over TLS and through its exec.
+
+/// Deadline of `scripts/testbed --restart engine2` (dockerd stops its containers — the entry
+/// script ends at SIGTERM — and starts again; the script itself waits 80 s at most for it).
+const ENGINE2_RESTART_LIMIT: Duration = Duration::from_secs(180);
+
+/// Restarts engine 2 the way the test bed starts it (same flags, sockets, TLS, namespace) and
+/// waits until it answers over TLS again; returns how long that took.
+fn restart_engine2() -> Duration {
+    let t = Instant::now();
+    let mut cmd = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed"));
+    cmd.args(["--restart", "engine2"]);
+    let o = common::run_with_timeout(cmd, ENGINE2_RESTART_LIMIT).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        o.status.success(),
+        "scripts/testbed --restart engine2: {}",
+        text(&o)
+    );
+    // The script waited for both sockets; ask again as the hook reaches it.
+    loop {
+        let mut cmd = Command::new("docker");
+        cmd.env_remove("DOCKER_HOST")
+            .args(["-H", common::ENGINE2_TLS])
+            .args(common::engine2_tls_flags(common::ENGINE2_TLS_CA))
+            .args(["version", "-f", "{{.Server.Version}}"]);
+        if common::run_with_timeout(cmd, Duration::from_secs(20)).is_ok_and(|o| o.status.success())
+        {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < ENGINE2_RESTART_LIMIT,
+            "engine 2 does not answer over TLS {ENGINE2_RESTART_LIMIT:?} after its restart began"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Bound of a build whose engine restarted, from the moment the engine is back (a held phase)
+/// or from the restart's start (the build running meanwhile): the build's connection closes
+/// when the container is stopped, at once; the rest is the explanation (`liveness::explain`,
+/// 1 s) and slack for a loaded machine.
+const ENGINE_RESTART_BOUND: Duration = Duration::from_secs(15);
+
+fn engine2_restart_case(phase: Phase) {
+    let name = format!("engine2restart-{phase:?}").to_lowercase();
+    let case = Case::new(&name, engine2_setup());
+    case.build_ok(&drv(&case, "warm", 0, 0));
+    let (sleep, out_mb) = match phase {
+        Phase::Build => (90, 0),
+        Phase::Outputs => (0, 16),
+        _ => (0, 0),
+    };
+    let expr = drv(&case, &name, sleep, out_mb);
+    let drv_path = instantiate(&expr);
+    // Held at the start of the phase while the engine restarts, then let go; the build runs
+    // through the restart.
+    let held = phase != Phase::Build;
+    if held {
+        case.hold(phase.point());
+    }
+    let mut b = case.start(&expr);
+    if held {
+        case.wait_phase(&mut b, phase.point(), Duration::from_secs(120));
+    } else {
+        wait_build_running(&mut b, &name);
+    }
+    let mark = b.mark.clone();
+    let injected = Instant::now();
+    let restart = restart_engine2();
+    let back = Instant::now();
+    eprintln!(
+        "case {name}: engine 2 restarted in {:.1} s, builder now {}",
+        restart.as_secs_f64(),
+        case.status_of_builder()
+    );
+    if held {
+        case.release(phase.point());
+    }
+    let done = b.finish(BUILD_LIMIT);
+    let took = done.at - injected;
+    if phase == Phase::Ready {
+        // Not connected yet: the stopped builder is started again, as after `docker kill`.
+        assert!(
+            done.success,
+            "{name}: expected to start the builder again:\n{}",
+            done.all()
+        );
+        assert!(
+            done.at - back <= Duration::from_secs(60),
+            "{name}: took {:?} after the engine was back",
+            done.at - back
+        );
+        check_outputs(&case, &drv_path, true);
+    } else {
+        assert!(
+            !done.success,
+            "{name}: built through its engine's restart:\n{}",
+            done.all()
+        );
+        // The container stopped (asked once the engine is back), or the engine not answering
+        // while it restarts.
+        let cause = [
+            "is no longer running",
+            "is the engine stopping or restarting",
+            "did not answer",
+        ];
+        assert!(
+            cause.iter().any(|c| done.stderr.contains(c)),
+            "{name}: the error names none of {cause:?}:\n{}",
+            done.all()
+        );
+        let after = if held { done.at - back } else { took };
+        let bound = if held {
+            ENGINE_RESTART_BOUND
+        } else {
+            ENGINE_RESTART_BOUND + restart
+        };
+        assert!(
+            after <= bound,
+            "{name}: failed {after:?} after the fault, bound {bound:?}:\n{}",
+            done.all()
+        );
+        check_outputs(&case, &drv_path, false);
+    }
+    eprintln!(
+        "case {name}: ended {:.1} s after the restart began ({}){}",
+        took.as_secs_f64(),
+        if done.success { "built" } else { "failed" },
+        done.stderr
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .map(|l| format!("\n    {l}"))
+            .collect::<String>()
+    );
+    // The builder stopped with its engine: the next build starts it again.
+    let next = case.build_ok(&drv(&case, "next", 0, 0));
+    verify_paths(&[next.as_str()]);
+    check_no_leaks(&case, &mark, &[]);
+}
+
+#[test]
+fn engine_restarted_in_each_phase() {
+    if !common::require_bed() || !common::require_second_engine() {
+        return;
+    }
+    let _e2 = engine2_exclusive();
+    for phase in [Phase::Ready, Phase::Inputs, Phase::Build, Phase::Outputs] {
+        let _t = ticket();
+        engine2_restart_case(phase);
     }
     verify_store();
 }
