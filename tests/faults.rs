@@ -689,6 +689,17 @@ impl Phase {
     }
 }
 
+/// How the hook's message after a signal names `phase` (`hook::signals`).
+fn phase_words(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Ready => "getting the builder ready for",
+        Phase::Inputs => "copying the inputs of",
+        Phase::Build => "building",
+        Phase::Outputs => "copying the outputs of",
+        Phase::Register => "registering the outputs of",
+    }
+}
+
 /// What a case must end in.
 #[derive(Debug, Clone, Copy)]
 enum Expect {
@@ -734,8 +745,59 @@ fn expect(fault: Fault, phase: Phase) -> Expect {
     }
 }
 
-/// Injects `fault` now.
-fn inject(case: &Case, build: &Build, fault: Fault) {
+/// How long a hook sent SIGTERM may take to be gone: its handler's budget is 300 ms
+/// (`hook::signals::BUDGET`), Nix 2.35 sends SIGKILL 500 ms after SIGTERM, and the hook must be
+/// done by then.
+const HOOK_STOP_BOUND: Duration = Duration::from_millis(500);
+
+/// Whether process `pid` still runs (exists and is not a zombie waiting for its parent).
+fn alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+/// SIGTERM to `pids`; then, with `kill_after`, SIGKILL to those still there that long after
+/// the SIGTERM (Nix 2.35's way). Returns how long they took to be gone after the SIGTERM, if
+/// they were gone by themselves (before any SIGKILL, within 2 s otherwise).
+fn term(pids: &[i32], kill_after: Option<Duration>) -> Option<Duration> {
+    let t = Instant::now();
+    pids.iter().for_each(|p| signal(*p, libc::SIGTERM));
+    let limit = kill_after.unwrap_or(Duration::from_secs(2));
+    let mut gone = None;
+    while t.elapsed() < limit {
+        if !pids.iter().any(|p| alive(*p)) {
+            gone = Some(t.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if let Some(after) = kill_after {
+        if let Some(left) = after.checked_sub(t.elapsed()) {
+            std::thread::sleep(left);
+        }
+        pids.iter().for_each(|p| signal(*p, libc::SIGKILL));
+    }
+    gone
+}
+
+/// Processes of build users (any uid but root's) in the builder; `None` when it cannot be
+/// asked.
+fn build_processes_in_builder(case: &Case) -> Option<usize> {
+    let o = case.in_builder(
+        "s=0; for d in /proc/[0-9]*; do \
+         while read -r k u r; do [ $k = Uid: ] && [ $u != 0 ] && s=$((s+1)); done < $d/status 2>/dev/null; \
+         done; echo $s",
+    );
+    if !o.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+}
+
+/// Injects `fault` now. For the SIGTERM faults, returns how long the hook took to be gone.
+fn inject(case: &Case, build: &Build, fault: Fault) -> Option<Duration> {
     let c = case.container();
     let kill_in_builder = |comm: &str| {
         let script = format!(
@@ -771,16 +833,80 @@ fn inject(case: &Case, build: &Build, fault: Fault) {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        Fault::HookTerm => hooks().into_iter().for_each(|p| signal(p, libc::SIGTERM)),
+        Fault::HookTerm => return term(&hooks(), None),
         Fault::HookKill => hooks().into_iter().for_each(|p| signal(p, libc::SIGKILL)),
-        Fault::HookTermKill => {
-            let h = hooks();
-            h.iter().for_each(|p| signal(*p, libc::SIGTERM));
-            std::thread::sleep(Duration::from_millis(500));
-            h.iter().for_each(|p| signal(*p, libc::SIGKILL));
-        }
+        Fault::HookTermKill => return term(&hooks(), Some(Duration::from_millis(500))),
         Fault::NixInterrupted => signal(build.child.id() as i32, libc::SIGINT),
     }
+    None
+}
+
+/// What a hook stopped by SIGTERM must have done before it was gone (`hook::signals`): be
+/// gone within [`HOOK_STOP_BOUND`], its staging directories (and their lock files) removed
+/// then and there, not by the next build's sweep, and, in the building phase, the build in the
+/// builder ended within seconds (the hook's connection closed: the builder's daemon kills it).
+fn check_stopped_by_sigterm(
+    case: &Case,
+    phase: Phase,
+    gone: Option<Duration>,
+    staging: &[PathBuf],
+) {
+    let gone = gone.unwrap_or_else(|| {
+        panic!(
+            "{}: the hook was still running {HOOK_STOP_BOUND:?} after SIGTERM",
+            case.name
+        )
+    });
+    assert!(
+        gone <= HOOK_STOP_BOUND,
+        "{}: the hook took {gone:?} to stop after SIGTERM, bound {HOOK_STOP_BOUND:?}",
+        case.name
+    );
+    for dir in staging {
+        assert!(
+            !dir.exists(),
+            "{}: staging directory {} left by the hook stopped by SIGTERM",
+            case.name,
+            dir.display()
+        );
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let lock = dir.with_file_name(name.replacen(
+            STAGING_PREFIX,
+            nixdock::local_store::staging::LOCK_PREFIX,
+            1,
+        ));
+        assert!(
+            !lock.exists(),
+            "{}: lock file {} left by the hook stopped by SIGTERM",
+            case.name,
+            lock.display()
+        );
+    }
+    if phase == Phase::Build {
+        let t = Instant::now();
+        loop {
+            match build_processes_in_builder(case) {
+                Some(0) => break,
+                n => assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "{}: the build still runs in the builder 10 s after the hook stopped ({n:?} \
+                     processes of build users)",
+                    case.name
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!(
+            "case {}: the build in the builder was gone {:.2} s after the hook",
+            case.name,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    eprintln!(
+        "case {}: the hook stopped {:.0} ms after SIGTERM",
+        case.name,
+        gone.as_secs_f64() * 1000.0
+    );
 }
 
 /// Brings the builder back to where the next build can use it: a paused container is unpaused
@@ -1024,7 +1150,10 @@ fn fault_case_as(name: &str, fault: Fault, phase: Phase, next_mb: u32) -> CaseSt
     }
     let mark = b.mark.clone();
     let injected = Instant::now();
-    inject(&case, &b, fault);
+    let hook_gone = inject(&case, &b, fault);
+    if matches!(fault, Fault::HookTerm | Fault::HookTermKill) {
+        check_stopped_by_sigterm(&case, phase, hook_gone, &staging);
+    }
     eprintln!(
         "case {name}: injected {fault:?}, builder now {}",
         case.status_of_builder()
@@ -1051,6 +1180,24 @@ fn fault_case_as(name: &str, fault: Fault, phase: Phase, next_mb: u32) -> CaseSt
                 "{name}: failed {took:?} after the fault, bound {bound:?}:\n{}",
                 done.all()
             );
+            if matches!(fault, Fault::HookTerm | Fault::HookTermKill) {
+                // The hook's own line, naming the signal and what it was doing.
+                let line = format!("stopped by SIGTERM while {}", phase_words(phase));
+                assert!(
+                    done.stderr.contains(&line),
+                    "{name}: no '{line}' from the hook:\n{}",
+                    done.all()
+                );
+                // Removed by the hook itself (checked on disk above), and it says so.
+                if phase == Phase::Outputs {
+                    assert!(
+                        done.stderr
+                            .contains("the outputs copied so far are removed"),
+                        "{name}: the hook does not say it removed what it copied:\n{}",
+                        done.all()
+                    );
+                }
+            }
             check_outputs(&case, &drv_path, false);
         }
         Expect::Recovers { bound } => {
@@ -1407,11 +1554,21 @@ impl Drop for Unroutable {
     }
 }
 
+/// Engine-2 cases of this binary: each takes this shared while it needs engine 2 as it is, and
+/// exclusive while it disturbs engine 2 for everyone (its link down, its restart, which stops
+/// every container on it).
+static ENGINE2: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn engine2_exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
+    ENGINE2.write().unwrap_or_else(|p| p.into_inner())
+}
+
 #[test]
 fn engine_unreachable_in_each_phase() {
     if !common::require_bed() || !common::require_second_engine() {
         return;
     }
+    let _e2 = engine2_exclusive();
     // One at a time: the link is engine 2's, shared by every case.
     for phase in [Phase::Ready, Phase::Inputs, Phase::Build] {
         let _t = ticket();
@@ -1420,6 +1577,161 @@ fn engine_unreachable_in_each_phase() {
             conclusive,
             "{phase:?}: engine 2's link was brought up by someone else in three tries"
         );
+    }
+    verify_store();
+}
+
+// ------------------------------------------------------------------------------------------
+// Engine 2 restarted (its dockerd stopped and started again, which stops every container on
+// it) while a hook uses a builder there, reached over TLS and through its exec.
+
+/// Deadline of `scripts/testbed --restart engine2` (dockerd stops its containers — the entry
+/// script ends at SIGTERM — and starts again; the script itself waits 80 s at most for it).
+const ENGINE2_RESTART_LIMIT: Duration = Duration::from_secs(180);
+
+/// Restarts engine 2 the way the test bed starts it (same flags, sockets, TLS, namespace) and
+/// waits until it answers over TLS again; returns how long that took.
+fn restart_engine2() -> Duration {
+    let t = Instant::now();
+    let mut cmd = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed"));
+    cmd.args(["--restart", "engine2"]);
+    let o = common::run_with_timeout(cmd, ENGINE2_RESTART_LIMIT).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        o.status.success(),
+        "scripts/testbed --restart engine2: {}",
+        text(&o)
+    );
+    // The script waited for both sockets; ask again as the hook reaches it.
+    loop {
+        let mut cmd = Command::new("docker");
+        cmd.env_remove("DOCKER_HOST")
+            .args(["-H", common::ENGINE2_TLS])
+            .args(common::engine2_tls_flags(common::ENGINE2_TLS_CA))
+            .args(["version", "-f", "{{.Server.Version}}"]);
+        if common::run_with_timeout(cmd, Duration::from_secs(20)).is_ok_and(|o| o.status.success())
+        {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < ENGINE2_RESTART_LIMIT,
+            "engine 2 does not answer over TLS {ENGINE2_RESTART_LIMIT:?} after its restart began"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Bound of a build whose engine restarted, from the moment the engine is back (a held phase)
+/// or from the restart's start (the build running meanwhile): the build's connection closes
+/// when the container is stopped, at once; the rest is the explanation (`liveness::explain`,
+/// 1 s) and slack for a loaded machine.
+const ENGINE_RESTART_BOUND: Duration = Duration::from_secs(15);
+
+fn engine2_restart_case(phase: Phase) {
+    let name = format!("engine2restart-{phase:?}").to_lowercase();
+    let case = Case::new(&name, engine2_setup());
+    case.build_ok(&drv(&case, "warm", 0, 0));
+    let (sleep, out_mb) = match phase {
+        Phase::Build => (90, 0),
+        Phase::Outputs => (0, 16),
+        _ => (0, 0),
+    };
+    let expr = drv(&case, &name, sleep, out_mb);
+    let drv_path = instantiate(&expr);
+    // Held at the start of the phase while the engine restarts, then let go; the build runs
+    // through the restart.
+    let held = phase != Phase::Build;
+    if held {
+        case.hold(phase.point());
+    }
+    let mut b = case.start(&expr);
+    if held {
+        case.wait_phase(&mut b, phase.point(), Duration::from_secs(120));
+    } else {
+        wait_build_running(&mut b, &name);
+    }
+    let mark = b.mark.clone();
+    let injected = Instant::now();
+    let restart = restart_engine2();
+    let back = Instant::now();
+    eprintln!(
+        "case {name}: engine 2 restarted in {:.1} s, builder now {}",
+        restart.as_secs_f64(),
+        case.status_of_builder()
+    );
+    if held {
+        case.release(phase.point());
+    }
+    let done = b.finish(BUILD_LIMIT);
+    let took = done.at - injected;
+    if phase == Phase::Ready {
+        // Not connected yet: the stopped builder is started again, as after `docker kill`.
+        assert!(
+            done.success,
+            "{name}: expected to start the builder again:\n{}",
+            done.all()
+        );
+        assert!(
+            done.at - back <= Duration::from_secs(60),
+            "{name}: took {:?} after the engine was back",
+            done.at - back
+        );
+        check_outputs(&case, &drv_path, true);
+    } else {
+        assert!(
+            !done.success,
+            "{name}: built through its engine's restart:\n{}",
+            done.all()
+        );
+        // The container stopped (asked once the engine is back), or the engine not answering
+        // while it restarts.
+        let cause = [
+            "is no longer running",
+            "is the engine stopping or restarting",
+            "did not answer",
+        ];
+        assert!(
+            cause.iter().any(|c| done.stderr.contains(c)),
+            "{name}: the error names none of {cause:?}:\n{}",
+            done.all()
+        );
+        let after = if held { done.at - back } else { took };
+        let bound = if held {
+            ENGINE_RESTART_BOUND
+        } else {
+            ENGINE_RESTART_BOUND + restart
+        };
+        assert!(
+            after <= bound,
+            "{name}: failed {after:?} after the fault, bound {bound:?}:\n{}",
+            done.all()
+        );
+        check_outputs(&case, &drv_path, false);
+    }
+    eprintln!(
+        "case {name}: ended {:.1} s after the restart began ({}){}",
+        took.as_secs_f64(),
+        if done.success { "built" } else { "failed" },
+        done.stderr
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .map(|l| format!("\n    {l}"))
+            .collect::<String>()
+    );
+    // The builder stopped with its engine: the next build starts it again.
+    let next = case.build_ok(&drv(&case, "next", 0, 0));
+    verify_paths(&[next.as_str()]);
+    check_no_leaks(&case, &mark, &[]);
+}
+
+#[test]
+fn engine_restarted_in_each_phase() {
+    if !common::require_bed() || !common::require_second_engine() {
+        return;
+    }
+    let _e2 = engine2_exclusive();
+    for phase in [Phase::Ready, Phase::Inputs, Phase::Build, Phase::Outputs] {
+        let _t = ticket();
+        engine2_restart_case(phase);
     }
     verify_store();
 }

@@ -39,7 +39,24 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let code = rt.block_on(hook::run(&parent, state));
+    // A signal to stop (SIGTERM from Nix 2.35 or an init system, SIGINT, SIGHUP) is handled on
+    // this same thread, so no other task of the hook runs once the handler starts
+    // (`hook::signals`). The handler is polled first, so it is installed before the hook reads
+    // anything, and it runs while the build's future is still alive: not `select!`, which drops
+    // the other branch first (its destructors would remove staging directories and kill
+    // children without any time bound).
+    let code = rt.block_on(async {
+        let stop = hook::signals::next();
+        let run = hook::run(&parent, state);
+        tokio::pin!(stop, run);
+        std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(sig) = stop.as_mut().poll(cx) {
+                hook::signals::stop(sig);
+            }
+            run.as_mut().poll(cx)
+        })
+        .await
+    });
     // Do not wait for lingering tasks (a child daemon, an SSH reader): Nix takes EOF on our
     // stderr as the end of the build, so exit now with the status we mean.
     rt.shutdown_background();

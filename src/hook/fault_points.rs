@@ -21,8 +21,10 @@ fn dir() -> Option<PathBuf> {
     (md.is_dir() && md.uid() == unsafe { libc::geteuid() }).then_some(dir)
 }
 
-/// Marks `phase` as reached and waits while it is held.
+/// Marks `phase` as reached and waits while it is held. Also tells the signal handler which
+/// phase the build is in (`signals::enter`), with or without the variable.
 pub async fn reached(phase: &str) {
+    super::signals::enter(phase);
     let Some(dir) = dir() else { return };
     let _ = std::fs::write(
         dir.join(format!("{phase}.reached")),

@@ -7,6 +7,7 @@ pub mod fault_points;
 pub mod kept_dir;
 pub mod parent;
 pub mod remote_build;
+pub mod signals;
 
 use std::collections::BTreeSet;
 use std::time::Instant;
@@ -473,6 +474,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
     {
         return TryEnd::Exit(1);
     }
+    signals::accepted(&req.drv_path.to_string(), &machine);
     let work = match read_accepted(stdin).await {
         Ok(w) => w,
         Err(e) => {

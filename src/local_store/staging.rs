@@ -23,6 +23,12 @@
 //!
 //! Bounded work: one pass over the store directory's entries, at most [`MAX_SWEPT`] leftovers
 //! removed per sweep (the rest wait for the next import).
+//!
+//! A process that is about to exit without dropping its importers (the hook stopped by a
+//! signal, `src/hook/signals.rs`) removes its own live staging directories with
+//! [`remove_own_within`]: every [`StagingDir`] is listed in a process-wide registry while it
+//! lives. That removal is bounded in time; what it did not finish keeps its lock file, so the
+//! next sweep finishes it once this process is gone.
 
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::{self, File};
@@ -31,6 +37,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use hook_protocol::nar::remove_tree;
 
@@ -49,8 +58,19 @@ pub const MAX_SWEPT: usize = 8;
 pub struct StagingDir {
     path: PathBuf,
     lock_path: PathBuf,
+    /// Its entry in [`LIVE`].
+    id: u64,
     /// Holds the `flock`; closed last.
     _lock: File,
+}
+
+/// This process's live staging directories (id, directory, lock file), for
+/// [`remove_own_within`].
+static LIVE: Mutex<Vec<(u64, PathBuf, PathBuf)>> = Mutex::new(Vec::new());
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn live() -> std::sync::MutexGuard<'static, Vec<(u64, PathBuf, PathBuf)>> {
+    LIVE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl StagingDir {
@@ -64,9 +84,12 @@ impl StagingDir {
             let _ = fs::remove_file(&lock_path);
             return Err(e);
         }
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        live().push((id, path.clone(), lock_path.clone()));
         Ok(StagingDir {
             path,
             lock_path,
+            id,
             _lock: lock,
         })
     }
@@ -79,6 +102,7 @@ impl StagingDir {
 
 impl Drop for StagingDir {
     fn drop(&mut self) {
+        live().retain(|(id, _, _)| *id != self.id);
         if let Err(e) = remove_tree(&self.path) {
             // Keep the lock file: the directory is still there, and the next sweep (after this
             // process is gone) retries.
@@ -94,6 +118,86 @@ impl Drop for StagingDir {
             tracing::warn!("could not remove '{}': {e}", self.lock_path.display());
         }
     }
+}
+
+/// What [`remove_own_within`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct OwnRemoval {
+    /// Staging directories removed, with their lock files.
+    pub removed: Vec<PathBuf>,
+    /// Staging directories not removed within the limit (or that could not be): each keeps
+    /// its lock file, so the next sweep after this process has exited removes it.
+    pub left: Vec<PathBuf>,
+}
+
+/// Removes every live staging directory of this process (through descriptors, as
+/// [`remove_tree`]), then its lock file, giving up after `limit`: for a process about to exit
+/// without dropping its [`StagingDir`]s. The locks stay held until the process exits (their
+/// descriptors belong to the `StagingDir`s), so no sweeper touches them meanwhile.
+///
+/// The removal runs on a thread of its own and the caller waits for it at most `limit`: a
+/// large tree cannot hold the caller past its bound, and what is not done by then is left, its
+/// lock file last, for the next sweep. A writer still adding files to a directory (an unpack
+/// the caller no longer feeds) may make one pass fail; it is retried until the limit.
+pub fn remove_own_within(limit: Duration) -> OwnRemoval {
+    let deadline = Instant::now() + limit;
+    // Another thread may hold the registry for a moment (creating or dropping a directory).
+    let entries = loop {
+        if let Ok(g) = LIVE.try_lock() {
+            break g.clone();
+        }
+        if Instant::now() >= deadline {
+            return OwnRemoval::default();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    if entries.is_empty() {
+        return OwnRemoval::default();
+    }
+    let all: Vec<PathBuf> = entries.iter().map(|(_, d, _)| d.clone()).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("staging-removal".into())
+        .spawn(move || {
+            for (_, dir, lock) in entries {
+                let removed = loop {
+                    match remove_tree(&dir) {
+                        Ok(()) => break true,
+                        Err(_) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        Err(e) => {
+                            tracing::warn!("could not remove '{}': {e}", dir.display());
+                            break false;
+                        }
+                    }
+                };
+                if removed {
+                    let _ = fs::remove_file(&lock);
+                }
+                if tx.send((dir, removed)).is_err() {
+                    return;
+                }
+            }
+        });
+    let mut report = OwnRemoval::default();
+    if spawned.is_err() {
+        report.left = all;
+        return report;
+    }
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok((dir, true)) => report.removed.push(dir),
+            Ok((dir, false)) => report.left.push(dir),
+            Err(_) => break,
+        }
+    }
+    for d in all {
+        if !report.removed.contains(&d) && !report.left.contains(&d) {
+            report.left.push(d);
+        }
+    }
+    report
 }
 
 /// Creates `lock_path` (which must not exist) holding an exclusive `flock` from the moment its
@@ -429,6 +533,34 @@ mod tests {
                 ".nixdock-tmp-nolock"
             ]
         );
+    }
+
+    /// A process removes its own live staging directories and their lock files (holding the
+    /// locks until the `StagingDir`s go), and a later drop finds nothing left to remove.
+    #[test]
+    fn remove_own_removes_live_directories() {
+        let t = tempfile::tempdir().unwrap();
+        let a = StagingDir::create(t.path(), "own-a").unwrap();
+        let b = StagingDir::create(t.path(), "own-b").unwrap();
+        fs::create_dir_all(a.path().join("out/sub")).unwrap();
+        fs::write(a.path().join("out/sub/f"), b"x").unwrap();
+        fs::set_permissions(
+            a.path().join("out/sub"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o555),
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        let r = remove_own_within(Duration::from_secs(5));
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        // Other tests' directories may be live in this process too: look at ours only.
+        for d in [a.path(), b.path()] {
+            assert!(r.removed.iter().any(|p| p == d), "{r:?}");
+        }
+        assert!(entries(t.path()).is_empty());
+        drop(a);
+        drop(b);
+        assert!(entries(t.path()).is_empty());
+        assert!(!live().iter().any(|(_, d, _)| d.starts_with(t.path())));
     }
 
     /// At most MAX_SWEPT per sweep; the next one continues.

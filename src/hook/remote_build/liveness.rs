@@ -157,7 +157,26 @@ impl Liveness {
                         self.container, self.engine
                     ));
                 }
-                _ => return None,
+                // The connection broke and the engine does not answer either: the likeliest
+                // cause is the engine stopping or restarting (which stops its containers,
+                // measured with engine 2 restarted under a build), so say that rather than
+                // nothing.
+                Ok(Err(e)) => {
+                    return Some(format!(
+                        "engine {} does not answer about builder container {} either ({e}): \
+                         is the engine stopping or restarting?",
+                        self.engine, self.container
+                    ));
+                }
+                Err(_) => {
+                    return Some(format!(
+                        "engine {} does not answer about builder container {} either (no answer \
+                         within {} s): is the engine stopping or restarting?",
+                        self.engine,
+                        self.container,
+                        ASK_TIMEOUT.as_secs()
+                    ));
+                }
             }
             if t.elapsed() >= EXPLAIN_WITHIN {
                 return None;
