@@ -260,6 +260,36 @@ fn the_fast_path_connects_through_the_checked_descriptor() {
     });
 }
 
+/// A cold start on a local engine (the builder stopped, as its idle timeout does) is ready
+/// through the daemon socket beneath the volume, not over SSH (issue 19: no wait for sshd);
+/// eight builds at once right after it all succeed — those that found the container already
+/// started wait for the socket too (or for sshd), never fail on an sshd still starting.
+#[test]
+fn a_cold_start_is_ready_through_the_local_socket() {
+    if !common::require_bed() {
+        return;
+    }
+    let t = Throwaway::start();
+    docker_ok(["stop", "-t", "5", &t.container()]);
+    let expr = format!(
+        "builtins.genList (i: derivation {{ name = \"cold-${{toString i}}\"; \
+         system = \"x86_64-linux\"; builder = \"/bin/sh\"; \
+         args = [\"-c\" \"echo hello > $out\"]; nonce = \"{}\"; }}) 8",
+        common::unique_name("n")
+    );
+    let o = nix_build(&t, &expr);
+    assert!(o.status.success(), "{}", text(&o));
+    let log = std::fs::read_to_string(t.dir.path().join("state/hook.log")).unwrap_or_default();
+    let ready: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("builder ready") && l.contains("via="))
+        .collect();
+    assert!(
+        ready.iter().any(|l| l.contains("local socket, cold")),
+        "no cold start through the local socket in the hook log:\n{log}"
+    );
+}
+
 /// `nixdock status --json`'s entry for the x86_64-linux builder.
 fn status_of(t: &Throwaway) -> serde_json::Value {
     let mut cmd = Command::new(CLI);

@@ -139,7 +139,7 @@ fn local_socket_and_ssh_transports_both_build() {
     let base = std::fs::read_to_string(&i.config).unwrap();
     std::fs::write(&ssh_config, format!("transport = \"ssh\"\n{base}")).unwrap();
     let log = i.state.join("hook.log");
-    // The local socket is for a running builder; a cold start goes over SSH.
+    // Makes the builder (a cold start, through the local socket too).
     let warm = drv_expr("transport-warm", "x86_64-linux", "echo > $out");
     out_path(&nix_build(&warm, &with_hook(&["--max-jobs", "0"]), &[]));
     for (via, config) in [("local socket", &i.config), ("ssh", &ssh_config)] {

@@ -294,11 +294,17 @@ async fn failed_registration_removes_moved_paths() {
     imp.add(b_info, &b_nar[..]).await.unwrap();
     let err = imp.commit(&nix_store).await.unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, ImportError::NixStore { .. }), "{msg}");
+    assert!(
+        matches!(
+            err,
+            ImportError::CaColumn(CaColumnError::ReferenceNotValid { .. })
+        ),
+        "{msg}"
+    );
     eprintln!("expected failure: {msg}");
     assert!(
         msg.contains(&missing),
-        "nix-store's stderr is in the error: {msg}"
+        "the error names the reference: {msg}"
     );
     for p in [&a, &b] {
         assert!(fs::symlink_metadata(p).is_err(), "{p} was left on disk");
@@ -479,4 +485,191 @@ async fn unknown_schema_registers_nothing() {
     assert!(!is_valid(&nix_store, &p));
     assert!(fs::symlink_metadata(&p).is_err());
     assert!(staging_dirs().is_empty(), "{:?}", staging_dirs());
+}
+
+/// One path's row in the Nix database, as `(hash, deriver, narSize, ultimate, sigs, ca,
+/// registrationTime)`, and its references (the path itself shown as `SELF`).
+type DbRow = (
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    i64,
+);
+
+fn db_row(p: &str) -> (DbRow, BTreeSet<String>) {
+    let db = rusqlite::Connection::open_with_flags(
+        "/nix/var/nix/db/db.sqlite",
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let row: DbRow = db
+        .query_row(
+            "SELECT hash, deriver, narSize, ultimate, sigs, ca, registrationTime \
+             FROM ValidPaths WHERE path = ?1",
+            [p],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            },
+        )
+        .unwrap();
+    let mut stmt = db
+        .prepare(
+            "SELECT b.path FROM Refs r JOIN ValidPaths a ON r.referrer = a.id \
+             JOIN ValidPaths b ON r.reference = b.id WHERE a.path = ?1",
+        )
+        .unwrap();
+    let refs = stmt
+        .query_map([p], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|r| {
+            let r = r.unwrap();
+            if r == p { "SELF".to_string() } else { r }
+        })
+        .collect();
+    (row, refs)
+}
+
+/// The same tree at `root`: a file, an executable, a directory and a symlink.
+fn same_tree(root: &Path) {
+    fs::create_dir(root).unwrap();
+    fs::write(root.join("data"), b"the same content\n").unwrap();
+    fs::create_dir(root.join("bin")).unwrap();
+    fs::write(root.join("bin/tool"), b"#!/bin/sh\necho tool\n").unwrap();
+    fs::set_permissions(root.join("bin/tool"), fs::Permissions::from_mode(0o755)).unwrap();
+    symlink("bin/tool", root.join("link")).unwrap();
+}
+
+/// The importer registers a path with exactly the database rows `nix-store --register-validity
+/// --hash-given` writes for the same tree, deriver and references (it writes them itself, to
+/// save a process per build): the same NAR hash and size, deriver, `ultimate`, `sigs`, `ca`
+/// and references, a current registration time, and a canonical symlink mtime.
+#[tokio::test]
+async fn registration_writes_what_nix_store_register_validity_writes() {
+    let Some(nix_store) = nix_store("registration_writes_what_nix_store_register_validity_writes")
+    else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let t = tempfile::tempdir().unwrap();
+    let lib = fake_store_path("reg-lib");
+    let by_nix = fake_store_path("reg-by-nix-store");
+    let by_hook = fake_store_path("reg-by-hook");
+    let drv = format!("{}.drv", fake_store_path("reg-drv"));
+
+    // A valid path both refer to, registered by nix-store.
+    fs::write(&lib, b"lib").unwrap();
+    let (_, lib_info) = nar_of(Path::new(&lib), &lib).await;
+    let reg = |path: &str, info: &PathInfo, refs: &[&str]| {
+        let mut input = format!(
+            "{path}\nsha256:{}\n{}\n{drv}\n{}\n",
+            info.info.nar_hash.to_base16(),
+            info.info.nar_size,
+            refs.len()
+        );
+        for r in refs {
+            input.push_str(r);
+            input.push('\n');
+        }
+        let mut child = Command::new(&nix_store)
+            .args(["--register-validity", "--hash-given"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success());
+    };
+    reg(&lib, &lib_info, &[]);
+
+    // nix-store's way: the tree written in place, then registered.
+    same_tree(Path::new(&by_nix));
+    let (_, nix_info) = nar_of(Path::new(&by_nix), &by_nix).await;
+    reg(&by_nix, &nix_info, &[&by_nix, &lib]);
+
+    // The hook's way.
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    same_tree(&t.path().join("tree"));
+    let (nar, mut info) = nar_of(&t.path().join("tree"), &by_hook).await;
+    info.info.references = [sp(&by_hook), sp(&lib)].into();
+    info.info.deriver = Some(sp(&drv));
+    let mut imp = OutputImporter::new(Path::new(STORE), false).unwrap();
+    imp.add(info.clone(), &nar[..]).await.unwrap();
+    imp.commit_locked_invalid(&nix_store).await.unwrap();
+
+    let (nix_row, nix_refs) = db_row(&by_nix);
+    let (hook_row, hook_refs) = db_row(&by_hook);
+    assert_eq!(
+        nix_row.0,
+        format!("sha256:{}", info.info.nar_hash.to_base16()),
+        "the same tree has the same NAR hash"
+    );
+    // Everything but the registration time is the same.
+    assert_eq!(
+        (
+            &nix_row.0, &nix_row.1, nix_row.2, nix_row.3, &nix_row.4, &nix_row.5
+        ),
+        (
+            &hook_row.0,
+            &hook_row.1,
+            hook_row.2,
+            hook_row.3,
+            &hook_row.4,
+            &hook_row.5
+        )
+    );
+    assert_eq!(hook_row.1.as_deref(), Some(drv.as_str()));
+    assert!(
+        (t0 - 5..=t0 + 120).contains(&hook_row.6),
+        "registration time {} (started at {t0})",
+        hook_row.6
+    );
+    assert_eq!(nix_refs, hook_refs);
+    assert_eq!(hook_refs, ["SELF".to_string(), lib.clone()].into());
+    for p in [&by_nix, &by_hook] {
+        let link = fs::symlink_metadata(format!("{p}/link")).unwrap();
+        assert_eq!(link.mtime(), 1, "{p}/link has Nix's canonical mtime");
+        ns_ok(&nix_store, &["--verify-path", p]);
+    }
+    delete(&nix_store, &[&by_hook, &by_nix, &lib]);
+}
+
+/// References among the registered paths that form a cycle are refused, as Nix's topological
+/// sort refuses them, and nothing stays registered or on disk.
+#[tokio::test]
+async fn a_reference_cycle_registers_nothing() {
+    let Some(nix_store) = nix_store("a_reference_cycle_registers_nothing") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let t = tempfile::tempdir().unwrap();
+    let a = fake_store_path("cycle-a");
+    let b = fake_store_path("cycle-b");
+    let (a_nar, mut a_info) = make_output(t.path(), "a", &a).await;
+    let (b_nar, mut b_info) = make_output(t.path(), "b", &b).await;
+    a_info.info.references = [sp(&b)].into();
+    b_info.info.references = [sp(&a)].into();
+    let mut imp = OutputImporter::new(Path::new(STORE), false).unwrap();
+    imp.add(a_info, &a_nar[..]).await.unwrap();
+    imp.add(b_info, &b_nar[..]).await.unwrap();
+    let err = imp.commit_locked_invalid(&nix_store).await.unwrap_err();
+    assert!(err.to_string().contains("cycle"), "{err}");
+    for p in [&a, &b] {
+        assert!(fs::symlink_metadata(p).is_err(), "{p} was left on disk");
+        assert!(!is_valid(&nix_store, p), "{p} was left registered");
+    }
+    assert!(staging_dirs().is_empty());
 }

@@ -896,6 +896,37 @@ fn parse_api_version(s: &str) -> Option<bollard::ClientVersion> {
 }
 
 impl Engine {
+    /// Whether the engine [`discover`](Self::discover) would pick is at least listening, without
+    /// asking it anything: the first candidate on a local Unix socket that passes the same
+    /// ownership checks and accepts a connection. `false` when that cannot be told so (no such
+    /// candidate, or one that is not a Unix socket comes first): then the caller discovers it.
+    /// This is what a hook checks before its `# accept`, while Nix's worker waits and every
+    /// build of a `nix-build` queues behind it; the `/version` round trip comes after.
+    pub async fn listening(settings: &EngineSettings) -> bool {
+        for c in candidates(settings.host.as_deref()) {
+            let Some(path) = unix_path(&c.addr) else {
+                return false;
+            };
+            let path = match &c.owners {
+                Some(owners) => match check_socket(Path::new(path), owners) {
+                    Ok(p) => p,
+                    Err(_) if !c.how.is_explicit() => continue,
+                    Err(_) => return false,
+                },
+                None => PathBuf::from(path),
+            };
+            let connected =
+                tokio::time::timeout(PING_TIMEOUT, tokio::net::UnixStream::connect(&path)).await;
+            match connected {
+                Ok(Ok(_)) => return true,
+                // The next candidate, as `discover` would try it.
+                Ok(Err(_)) if !c.how.is_explicit() => continue,
+                _ => return false,
+            }
+        }
+        false
+    }
+
     /// Tries each candidate in turn ([`candidates`]); the first engine that answers wins. An
     /// explicit one (config `docker-host`, `DOCKER_HOST`) is the only candidate, and its
     /// failure is [`EngineError::Explicit`].

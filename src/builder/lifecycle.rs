@@ -200,6 +200,29 @@ pub struct ReadyBuilder {
     pub started: bool,
 }
 
+/// Whether the container started less than 15 s ago (its sshd may not be up yet).
+fn just_started(c: &ContainerInspectResponse) -> bool {
+    c.state
+        .as_ref()
+        .and_then(|s| s.started_at.as_deref())
+        .and_then(|t| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .is_some_and(|t| (time::OffsetDateTime::now_utc() - t).whole_seconds() < 15)
+}
+
+/// How [`Builders::ensure_ready_local`] reached the builder.
+pub enum Ready {
+    /// Through its daemon socket beneath the volume, as [`Builders::connect_local`] does.
+    Local {
+        conn: Box<LocalConnection>,
+        /// Whether this call created or started the container (a cold start).
+        started: bool,
+    },
+    /// Over SSH or the engine's exec.
+    Link(Box<ReadyBuilder>),
+}
+
 /// This installation's builders on one engine.
 pub struct Builders {
     pub engine: Engine,
@@ -288,6 +311,38 @@ impl Builders {
         own_slot: Option<&slots::Slot>,
         pull: &dyn PullObserver,
     ) -> Result<ReadyBuilder, BuilderError> {
+        match self.ensure_ready_inner(spec, own_slot, pull, false).await? {
+            Ready::Link(r) => Ok(*r),
+            Ready::Local { .. } => Err(BuilderError::Broken {
+                container: spec.container_name(),
+                what: "internal error: a local-socket connection nobody asked for".into(),
+            }),
+        }
+    }
+
+    /// [`ensure_ready_with`](Self::ensure_ready_with) for a caller that can use the local
+    /// socket (`transport = "auto"`): when this call starts the container on a local Linux
+    /// engine, readiness is the builder daemon's socket beneath the `/nix` volume answering a
+    /// worker handshake, as [`connect_local`](Self::connect_local) checks it — the daemon is up
+    /// before sshd (the entry script starts it first), and no SSH handshake is made. Where the
+    /// socket cannot be ours (a user-namespaced engine, a non-root hook) or does not answer in
+    /// time, readiness is proved over SSH as before.
+    pub async fn ensure_ready_local(
+        &self,
+        spec: &BuilderSpec,
+        own_slot: Option<&slots::Slot>,
+        pull: &dyn PullObserver,
+    ) -> Result<Ready, BuilderError> {
+        self.ensure_ready_inner(spec, own_slot, pull, true).await
+    }
+
+    async fn ensure_ready_inner(
+        &self,
+        spec: &BuilderSpec,
+        own_slot: Option<&slots::Slot>,
+        pull: &dyn PullObserver,
+        want_local: bool,
+    ) -> Result<Ready, BuilderError> {
         let name = spec.container_name();
         if let Some(why) = sandbox::refusal(spec.sandbox, spec.runs_under_emulation(), &spec.system)
         {
@@ -363,7 +418,19 @@ impl Builders {
             // through the SSH and daemon handshakes would make simultaneous builds queue.
             drop(lock);
         }
-        let ready = self.wait_ready(spec, &name, started).await?;
+        // Also when another process started it a moment ago: that one did not wait for sshd.
+        let local = if want_local {
+            self.wait_local(spec, &name, &c).await
+        } else {
+            None
+        };
+        let ready = match local {
+            Some(conn) => Ready::Local {
+                conn: Box::new(conn),
+                started,
+            },
+            None => Ready::Link(Box::new(self.wait_ready(spec, &name, started).await?)),
+        };
         if started {
             // Still under the builder's lock, so no other process makes a container on one of
             // these volumes meanwhile; a cold start already takes a second or more.
@@ -518,6 +585,87 @@ impl Builders {
             volume: volume.into(),
             daemon,
         })
+    }
+
+    /// Waits after a start for the builder daemon's socket beneath the container's `/nix`
+    /// volume to answer a worker handshake (see [`ensure_ready_local`](Self::ensure_ready_local)).
+    /// `None` (and a debug line saying why) when the socket cannot serve this hook — not a local
+    /// Linux engine, a socket that is not ours — or has not answered within a sixth of the
+    /// readiness limit; the caller then waits over SSH, which also reports a container that
+    /// exited.
+    async fn wait_local(
+        &self,
+        spec: &BuilderSpec,
+        name: &str,
+        c: &ContainerInspectResponse,
+    ) -> Option<LocalConnection> {
+        if !(cfg!(target_os = "linux") && self.engine.addr.starts_with("unix://")) {
+            return None;
+        }
+        let volume = c
+            .mounts
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|m| m.destination.as_deref() == Some("/nix"))
+            .and_then(|m| m.source.clone())?;
+        let rel = provision::REMOTE_DAEMON_SOCKET
+            .strip_prefix("/nix/")
+            .unwrap_or(provision::REMOTE_DAEMON_SOCKET);
+        let t0 = Instant::now();
+        let limit = if spec.runs_under_emulation() {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_secs(10)
+        };
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let why = match checked_volume_socket(std::path::Path::new(&volume), rel) {
+                Ok((socket, fd)) => match open_local_daemon(&socket, name).await {
+                    Ok(daemon) => {
+                        keep_open(fd);
+                        tracing::info!(container = %name, ms = t0.elapsed().as_millis() as u64, attempts, "builder ready (local socket)");
+                        return Some(LocalConnection {
+                            socket,
+                            volume: volume.into(),
+                            daemon,
+                        });
+                    }
+                    // The last start's socket file (refused) until the new daemon replaces it.
+                    Err(e) => e.to_string(),
+                },
+                // Not made yet (the entry script removes the old one first).
+                Err(NoLocalSocket::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    "no socket yet".to_string()
+                }
+                Err(why) => {
+                    tracing::debug!(container = %name, "not waiting for the local socket: {why}");
+                    return None;
+                }
+            };
+            if t0.elapsed() > limit {
+                tracing::debug!(container = %name, "the local socket did not answer within {} s ({why}); waiting over SSH", limit.as_secs());
+                return None;
+            }
+            // A container that exited is reported by the SSH wait, which reads its logs.
+            if attempts.is_multiple_of(20)
+                && !matches!(
+                    self.inspect(name)
+                        .await
+                        .ok()
+                        .flatten()
+                        .as_ref()
+                        .and_then(status),
+                    Some(ContainerStateStatusEnum::RUNNING)
+                )
+            {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// The per-builder lock: held while a container is created, started or recreated, and
@@ -843,6 +991,7 @@ impl Builders {
             Duration::from_secs(60)
         };
         let mut last;
+        let mut patient = false;
         let mut delay = Duration::from_millis(20);
         loop {
             let c = self
@@ -898,33 +1047,40 @@ impl Builders {
                     }
                     // A mismatched host key never gets better by waiting.
                     Err(e @ BuilderError::Ssh { .. }) if e.is_host_key_mismatch() => return Err(e),
-                    Err(e) if !started => {
+                    Err(e) if !started && !patient => {
                         // It may have idled out between our inspect and the connect: start it
                         // again rather than fail the build.
+                        let now = self.inspect(name).await?;
                         let still_running = matches!(
-                            self.inspect(name).await?.as_ref().and_then(status),
+                            now.as_ref().and_then(status),
                             Some(ContainerStateStatusEnum::RUNNING)
                         );
-                        if still_running {
+                        if still_running && now.as_ref().is_some_and(just_started) {
+                            // Started by another process that was ready through the local
+                            // socket, without waiting for sshd: wait for it as after a start.
+                            patient = true;
+                            last = e.to_string();
+                        } else if still_running {
                             return Err(e);
+                        } else {
+                            // Without the lock here (see `ensure_ready`): take it, so only one
+                            // process starts it.
+                            let _lock = self.lock_builder(name).await?;
+                            let running = matches!(
+                                self.inspect(name).await?.as_ref().and_then(status),
+                                Some(ContainerStateStatusEnum::RUNNING)
+                            );
+                            if !running {
+                                tracing::info!(container = %name, "builder stopped meanwhile; starting it again");
+                                self.engine
+                                    .docker
+                                    .start_container(name, None::<StartContainerOptions>)
+                                    .await
+                                    .map_err(self.engine.api_err())?;
+                            }
+                            started = true;
+                            last = e.to_string();
                         }
-                        // Without the lock here (see `ensure_ready`): take it, so only one
-                        // process starts it.
-                        let _lock = self.lock_builder(name).await?;
-                        let running = matches!(
-                            self.inspect(name).await?.as_ref().and_then(status),
-                            Some(ContainerStateStatusEnum::RUNNING)
-                        );
-                        if !running {
-                            tracing::info!(container = %name, "builder stopped meanwhile; starting it again");
-                            self.engine
-                                .docker
-                                .start_container(name, None::<StartContainerOptions>)
-                                .await
-                                .map_err(self.engine.api_err())?;
-                        }
-                        started = true;
-                        last = e.to_string();
                     }
                     Err(e) => last = e.to_string(),
                 }

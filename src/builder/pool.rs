@@ -143,6 +143,23 @@ impl Pool {
         unavailable
     }
 
+    /// Before a hook's `# accept`: whether engine `name` can be used. The local default engine
+    /// on a Unix socket need only be listening ([`Engine::listening`]: a connect, no request,
+    /// so the builds Nix's worker starts one after another do not each wait for the engine's
+    /// answer); anything else is connected to (and asked) as [`builders`](Self::builders) does.
+    pub async fn usable(&mut self, name: &str) -> Result<(), Unavailable> {
+        if !self.connected.contains_key(name)
+            && let Some(s) = self
+                .settings
+                .iter()
+                .find(|s| s.name == name && s.is_local_default())
+            && Engine::listening(s).await
+        {
+            return Ok(());
+        }
+        self.builders(name).await.map(|_| ())
+    }
+
     /// The builders of engine `name`, connecting to it first if need be (the local default
     /// engine is asked only when a build goes there).
     pub async fn builders(&mut self, name: &str) -> Result<&Builders, Unavailable> {

@@ -21,6 +21,7 @@ use hook_protocol::machines::Machine;
 use hook_protocol::store_path::StorePath;
 use tokio::io::BufReader;
 
+use crate::builder::lifecycle::Ready;
 use crate::builder::pool::Pool as EnginePool;
 use crate::builder::systems::{self, EmulationSupport};
 use crate::builder::{BuilderSpec, slots};
@@ -376,10 +377,11 @@ async fn prepare_docker(ctx: &mut Context, i: usize, req: &TryRequest) -> Prepar
         Ok((None, _)) => return Prepared::Full,
         Err(e) => return Prepared::Unusable(format!("nixdock: {e}")),
     };
-    // The engine must answer before we accept (a few ms); everything slow — starting the
-    // container, SSH — happens after `# accept`, because Nix's worker waits for our answer
-    // and would serialise every build behind it.
-    if let Err(e) = ctx.engines.builders(&spec.engine).await {
+    // The engine must be there before we accept; everything slow — asking the engine,
+    // starting the container, SSH — happens after `# accept`, because Nix's worker waits for
+    // our answer and would serialise every build behind it (the local engine is only
+    // connected to here; see `Pool::usable`).
+    if let Err(e) = ctx.engines.usable(&spec.engine).await {
         return Prepared::Unusable(format!(
             "nixdock cannot build '{}' for {}: {e}",
             req.drv_path, spec.system
@@ -527,9 +529,37 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
                 ));
                 // A missing image is pulled first: shown as a download in Nix's progress.
                 let pull = copy_progress::PullProgress::new(parent);
-                let ready = builders.ensure_ready_with(&spec, Some(&slot), &pull).await;
+                let ready = if direct {
+                    builders.ensure_ready_local(&spec, Some(&slot), &pull).await
+                } else {
+                    builders
+                        .ensure_ready_with(&spec, Some(&slot), &pull)
+                        .await
+                        .map(|r| Ready::Link(Box::new(r)))
+                };
                 parent.send(&LogLine::stop(step));
-                let ready = ready?;
+                let ready = match ready? {
+                    Ready::Local { conn, started } => {
+                        let conn = *conn;
+                        return Ok((
+                            RemoteStore {
+                                name: spec.container_name(),
+                                link: None,
+                                daemon: conn.daemon,
+                                reopen: Reopen::LocalSocket {
+                                    socket: conn.socket,
+                                    volume: conn.volume,
+                                },
+                            },
+                            if started {
+                                "local socket, cold"
+                            } else {
+                                "local socket"
+                            },
+                        ));
+                    }
+                    Ready::Link(r) => *r,
+                };
                 let how = match (&ready.link, ready.started) {
                     (crate::transport::Link::Ssh(_), true) => "ssh, cold",
                     (crate::transport::Link::Ssh(_), false) => "ssh",

@@ -1,5 +1,6 @@
-//! Recording a registered path's content address (`ValidPaths.ca`) in the local store's
-//! SQLite database.
+//! Registering paths in the local store's SQLite database (`ValidPaths`, `Refs`, with a fixed
+//! output's content address in `ValidPaths.ca`: [`CaColumn::register`]), and recording the
+//! content address of a path `nix-store --register-validity` registered ([`CaColumn::set`]).
 //!
 //! `nix-store --register-validity` cannot express a content address, and every Nix route that
 //! can (the daemon's `AddToStoreNar`, `nix-store --import`) takes the output locks the calling
@@ -47,6 +48,10 @@ pub enum CaColumnError {
     },
     #[error("the Nix database '{}' has no row for '{store_path}'", path.display())]
     NoRow { path: PathBuf, store_path: String },
+    #[error("cannot register '{referrer}': its reference '{reference}' is not valid")]
+    ReferenceNotValid { referrer: String, reference: String },
+    #[error("cannot register {paths}: their references form a cycle")]
+    Cycle { paths: String },
     #[error(
         "the Nix database '{}' stayed busy or slow for {after:?}; the write was abandoned",
         path.display()
@@ -140,6 +145,9 @@ impl CaColumn {
         )
         .map_err(sql)?;
         conn.busy_timeout(timeout).map_err(sql)?;
+        // What Nix sets on its own connections (with `fsync-metadata`, the default).
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
         // The column must be there (it is in every schema-10 database).
         let has_ca: bool = conn
             .query_row(
@@ -161,6 +169,129 @@ impl CaColumn {
             timeout,
             _big_lock: big_lock,
         })
+    }
+
+    /// Registers `paths` as valid in one transaction, writing exactly the rows
+    /// `nix-store --register-validity --hash-given` writes for them (`LocalStore::
+    /// registerValidPaths` → `addValidPath`, then `AddReference` for each reference) and, for a
+    /// fixed output, its `ca`, which that command cannot express: `ValidPaths (path, hash,
+    /// registrationTime, deriver, narSize, ultimate, sigs, ca)` = the path, `sha256:<base16>`,
+    /// now, the deriver or NULL, the NAR size (NULL if 0), NULL (not ultimate), NULL, the
+    /// content address or NULL; `Refs (referrer, reference)` by row id, `insert or replace` as Nix does. A path
+    /// already valid is left as it is (the command skips those too, without `--reregister`).
+    /// Every reference must be valid or in `paths`, and `paths` may not reference each other in
+    /// a cycle (Nix's topological sort refuses that); otherwise nothing is registered.
+    /// Derivations (`.drv`), whose registration also fills `DerivationOutputs`, are not
+    /// handled here.
+    pub fn register(&mut self, paths: &[NewPath]) -> Result<(), CaColumnError> {
+        let db = self.db.clone();
+        let sql = |source| CaColumnError::Sqlite {
+            path: db.clone(),
+            source,
+        };
+        if let Some(cycle) = find_cycle(paths) {
+            return Err(CaColumnError::Cycle { paths: cycle });
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.guarded(|conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql)?;
+            {
+                let mut id_of = tx
+                    .prepare("SELECT id FROM ValidPaths WHERE path = ?1")
+                    .map_err(sql)?;
+                let mut insert = tx
+                    .prepare(
+                        "INSERT INTO ValidPaths (path, hash, registrationTime, deriver, narSize, \
+                         ultimate, sigs, ca) VALUES (?1, ?2, ?3, ?4, ?5, NULL, NULL, ?6)",
+                    )
+                    .map_err(sql)?;
+                let mut add_ref = tx
+                    .prepare("INSERT OR REPLACE INTO Refs (referrer, reference) VALUES (?1, ?2)")
+                    .map_err(sql)?;
+                let mut added: Vec<(&NewPath, i64)> = Vec::new();
+                for p in paths {
+                    let exists = id_of
+                        .query_row([&p.path], |r| r.get::<_, i64>(0))
+                        .map(Some)
+                        .or_else(|e| match e {
+                            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                            e => Err(e),
+                        })
+                        .map_err(sql)?;
+                    if exists.is_some() {
+                        continue;
+                    }
+                    let size = (p.nar_size != 0).then_some(p.nar_size as i64);
+                    insert
+                        .execute(rusqlite::params![
+                            p.path,
+                            format!("sha256:{}", p.nar_hash_base16),
+                            now,
+                            p.deriver,
+                            size,
+                            p.ca,
+                        ])
+                        .map_err(sql)?;
+                    added.push((p, tx.last_insert_rowid()));
+                }
+                for (p, referrer) in &added {
+                    for r in &p.references {
+                        let reference = id_of.query_row([r], |row| row.get::<_, i64>(0)).map_err(
+                            |e| match e {
+                                rusqlite::Error::QueryReturnedNoRows => {
+                                    CaColumnError::ReferenceNotValid {
+                                        referrer: p.path.clone(),
+                                        reference: r.clone(),
+                                    }
+                                }
+                                e => sql(e),
+                            },
+                        )?;
+                        add_ref.execute([referrer, &reference]).map_err(sql)?;
+                    }
+                }
+            }
+            tx.commit().map_err(sql)
+        })
+    }
+
+    /// Runs `work` on the connection, interrupted if it outlives the deadline (a busy timeout
+    /// covers lock waits only); an interrupted transaction is rolled back.
+    fn guarded(
+        &mut self,
+        work: impl FnOnce(&mut Connection) -> Result<(), CaColumnError>,
+    ) -> Result<(), CaColumnError> {
+        let interrupt = self.conn.get_interrupt_handle();
+        let deadline = self.timeout + Duration::from_secs(5);
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            if done_rx.recv_timeout(deadline).is_err() {
+                interrupt.interrupt();
+            }
+        });
+        let result = work(&mut self.conn);
+        let _ = done_tx.send(());
+        let _ = watchdog.join();
+        match result {
+            Err(CaColumnError::Sqlite {
+                source: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            }) if matches!(
+                e.code,
+                rusqlite::ErrorCode::OperationInterrupted | rusqlite::ErrorCode::DatabaseBusy
+            ) =>
+            {
+                Err(CaColumnError::TimedOut {
+                    path: self.db.clone(),
+                    after: self.timeout,
+                })
+            }
+            r => r,
+        }
     }
 
     /// Sets `ca` for each `(store path, content address)` in one transaction; every path must
@@ -220,6 +351,55 @@ impl CaColumn {
             r => r,
         }
     }
+}
+
+/// One path for [`CaColumn::register`]; paths are absolute.
+pub struct NewPath {
+    pub path: String,
+    /// The SHA-256 of its NAR, base 16.
+    pub nar_hash_base16: String,
+    pub nar_size: u64,
+    pub deriver: Option<String>,
+    pub references: Vec<String>,
+    /// Its content address, rendered (`fixed:r:sha256:…`).
+    pub ca: Option<String>,
+}
+
+/// A cycle among `paths`' references to each other (a self-reference is not one), named.
+fn find_cycle(paths: &[NewPath]) -> Option<String> {
+    use std::collections::BTreeMap;
+    let index: BTreeMap<&str, usize> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.path.as_str(), i))
+        .collect();
+    // 0: not seen, 1: on the current path, 2: done.
+    let mut mark = vec![0u8; paths.len()];
+    fn visit(i: usize, paths: &[NewPath], index: &BTreeMap<&str, usize>, mark: &mut [u8]) -> bool {
+        mark[i] = 1;
+        for r in &paths[i].references {
+            let Some(&j) = index.get(r.as_str()) else {
+                continue;
+            };
+            if j == i {
+                continue;
+            }
+            if mark[j] == 1 || (mark[j] == 0 && visit(j, paths, index, mark)) {
+                return true;
+            }
+        }
+        mark[i] = 2;
+        false
+    }
+    (0..paths.len())
+        .any(|i| mark[i] == 0 && visit(i, paths, &index, &mut mark))
+        .then(|| {
+            paths
+                .iter()
+                .map(|p| format!("'{}'", p.path))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
 }
 
 #[cfg(test)]

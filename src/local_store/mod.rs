@@ -6,8 +6,10 @@
 //! `src/libstore/build/derivation-goal.cc`; `LocalStore::addToStore` waits for the same lock,
 //! `src/libstore/local-store.cc`; both at 2.26.3).
 //! What works on every Nix version is to write the trees into the
-//! store directory ourselves and register them with one
-//! `nix-store --register-validity --hash-given`, which takes no path locks.
+//! store directory ourselves and register them without path locks: the rows
+//! `nix-store --register-validity --hash-given` would write, written into the database in one
+//! transaction ([`ca_column::CaColumn::register`]; a process per build less), or, for a `.drv`
+//! output, that command itself.
 //!
 //! [`OutputImporter::add`] unpacks each NAR into a private staging directory inside the store
 //! directory (same file system, so the final move is a `rename`) and checks its SHA-256 and size
@@ -15,11 +17,12 @@
 //! by and checks it against the `.drv`'s `outputHash` ([`content_address`]), and refuses any
 //! reference. [`OutputImporter::add_streamed`] runs the fetch beside it under the deadlines of
 //! [`deadlines`]. [`OutputImporter::commit`] moves the trees into place and registers them all in
-//! one transaction, with their hashes, derivers and references, then records the fixed outputs'
-//! content addresses ([`ca_column`]). If anything fails before the registration, every path it
+//! one transaction, with their hashes, derivers, references and the fixed outputs' content
+//! addresses ([`ca_column`]). If anything fails before the registration, every path it
 //! moved is removed again and nothing stays registered; dropping an importer removes its staging
-//! directory. If only the content-address write fails, the paths stay registered without it
-//! and the import fails saying so (see [`ImportError::CaNotRecorded`]).
+//! directory. On the `nix-store` route (`.drv` outputs) the content addresses are written after
+//! it; if only that write fails, the paths stay registered without it and the import fails
+//! saying so (see [`ImportError::CaNotRecorded`]).
 //!
 //! If the process is killed in the middle (the parent may SIGKILL the hook), what can remain is
 //! a `.nixdock-tmp-*` staging directory (with its `.nixdock-lock-*` file) and unregistered store
@@ -57,7 +60,7 @@ use hook_protocol::worker::ValidPathInfo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::process::Command;
 
-use ca_column::{CaColumn, CaColumnError};
+use ca_column::{CaColumn, CaColumnError, NewPath};
 use content_address::CaHasher;
 pub use content_address::{CaError, ContentAddress};
 use staging::StagingDir;
@@ -600,22 +603,35 @@ async fn commit_staged(
         return Ok(());
     }
 
-    // Content addresses go into the database after the registration; open it (and check its
-    // schema) first, so that a database the hook cannot write fails with nothing registered.
+    // Registration writes the database directly (`CaColumn::register`: the rows
+    // `nix-store --register-validity` writes, plus a fixed output's `ca`, in one transaction),
+    // which saves starting a nix-store process per build — the most CPU a small build costs
+    // this host. Derivations (their registration also fills `DerivationOutputs`) and a database
+    // that cannot be opened go through `nix-store --register-validity` as before, with the
+    // content addresses written after it. The database is opened (and its schema checked)
+    // first, so that one the hook cannot write fails with nothing registered.
     let ca_rows: Vec<(String, String)> = to_move
         .iter()
         .filter_map(|s| Some((s.path.clone(), s.info.ca?.render())))
         .collect();
-    let mut ca_column = if ca_rows.is_empty() {
+    let direct = to_move.iter().all(|s| !s.path.ends_with(".drv"));
+    let mut ca_column = if ca_rows.is_empty() && !direct {
         None
     } else {
         let dir = state_dir.to_owned();
         let c = tokio::task::spawn_blocking(move || CaColumn::open(&dir, deadlines::CA_WRITE))
             .await
-            .map_err(|e| ImportError::Internal(format!("opening the Nix database: {e}")))?
-            .map_err(ImportError::CaColumn)?;
-        Some(c)
+            .map_err(|e| ImportError::Internal(format!("opening the Nix database: {e}")))?;
+        match c {
+            Ok(c) => Some(c),
+            Err(e) if ca_rows.is_empty() => {
+                tracing::debug!("registering through nix-store: {e}");
+                None
+            }
+            Err(e) => return Err(ImportError::CaColumn(e)),
+        }
     };
+    let direct = direct && ca_column.is_some();
 
     // Move into place.
     let mut moved: Vec<PathBuf> = Vec::new();
@@ -627,6 +643,44 @@ async fn commit_staged(
         }
         moved.push(s.dest.clone());
         to_register.push(s);
+    }
+
+    if direct && let Some(mut c) = ca_column.take() {
+        let rows: Vec<NewPath> = to_register
+            .iter()
+            .map(|s| {
+                let i = &s.info.info;
+                NewPath {
+                    path: s.path.clone(),
+                    nar_hash_base16: i.nar_hash.to_base16(),
+                    nar_size: i.nar_size,
+                    deriver: i.deriver.as_ref().map(|d| abs_in(store_dir, d)),
+                    references: i.references.iter().map(|r| abs_in(store_dir, r)).collect(),
+                    ca: s.info.ca.map(|ca| ca.render()),
+                }
+            })
+            .collect();
+        let dests = moved.clone();
+        let registered = tokio::task::spawn_blocking(move || {
+            // What `--register-validity` canonicalises that the unpacking does not: the
+            // mtime of symbolic links.
+            for d in &dests {
+                canonicalise_symlink_mtimes(d)?;
+            }
+            c.register(&rows).map_err(ImportError::CaColumn)
+        })
+        .await
+        .map_err(|e| ImportError::Internal(format!("registering: {e}")))
+        .and_then(|r| r);
+        let err = match registered {
+            Ok(()) => {
+                tracing::debug!(paths = ?all, "registered store paths");
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        // Nothing of the transaction stays; remove what was moved.
+        return Err(roll_back(nix_store, &to_register, moved, err).await);
     }
 
     // Register them all at once.
@@ -678,7 +732,17 @@ async fn commit_staged(
         Err(e) => e,
     };
 
-    // Roll back. The registration is one SQLite transaction, so normally none of the paths are
+    Err(roll_back(nix_store, &to_register, moved, err).await)
+}
+
+/// After a failed registration: removes the moved paths that are not valid, and returns `err`.
+async fn roll_back(
+    nix_store: &Path,
+    to_register: &[&Staged],
+    moved: Vec<PathBuf>,
+    err: ImportError,
+) -> ImportError {
+    // The registration is one SQLite transaction, so normally none of the paths are
     // valid now; only remove what is confirmed invalid, so as never to leave a valid path
     // without its files.
     let moved_paths: Vec<String> = to_register.iter().map(|s| s.path.clone()).collect();
@@ -698,7 +762,48 @@ async fn commit_staged(
             remove_all(&moved).await;
         }
     }
-    Err(err)
+    err
+}
+
+/// Sets the mtime of every symbolic link in the tree at `root` (itself included) to 1, keeping
+/// its atime, as Nix's `canonicaliseTimestampAndPermissions` does (`lutimes`).
+fn canonicalise_symlink_mtimes(root: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let md = fs::symlink_metadata(root).map_err(io_err("checking", root))?;
+    if md.file_type().is_symlink() {
+        let c = std::ffi::CString::new(root.as_os_str().as_bytes())
+            .map_err(|_| ImportError::Internal(format!("a NUL in {}", root.display())))?;
+        let times = [
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            libc::timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            },
+        ];
+        // SAFETY: a NUL-terminated path and two timespecs, as utimensat requires.
+        let r = unsafe {
+            libc::utimensat(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r != 0 {
+            return Err(io_err("setting the mtime of", root)(
+                io::Error::last_os_error(),
+            ));
+        }
+    } else if md.is_dir() {
+        for e in fs::read_dir(root).map_err(io_err("listing", root))? {
+            let e = e.map_err(io_err("listing", root))?;
+            canonicalise_symlink_mtimes(&e.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// `nix-store --register-validity --hash-given` input (`decodeValidPathInfo` in
