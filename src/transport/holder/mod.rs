@@ -71,8 +71,13 @@ impl Target {
             h.update([0]);
         }
         let digest = h.finalize();
-        let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-        format!("{hex}.sock")
+        let mut name = String::with_capacity(29);
+        for b in &digest[..12] {
+            name.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+            name.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+        }
+        name.push_str(".sock");
+        name
     }
 
     fn hello(&self, pid: u32) -> Hello {
@@ -127,7 +132,7 @@ pub enum HolderError {
     #[error("SSH holder {socket} belongs to uid {uid}, not to us")]
     NotOurs { socket: PathBuf, uid: u32 },
     #[error("SSH holder {socket} holds another session ({got:?})")]
-    Mismatch { socket: PathBuf, got: Hello },
+    Mismatch { socket: PathBuf, got: Box<Hello> },
     #[error("SSH holder {socket}: {why}")]
     Refused { socket: PathBuf, why: String },
     #[error("the state directory: {0}")]
@@ -235,7 +240,7 @@ impl HolderLink {
         if !self.target.matches(&hello) {
             return Err(HolderError::Mismatch {
                 socket: socket.clone(),
-                got: hello,
+                got: Box::new(hello),
             });
         }
         protocol::write_frame(&mut stream, &request.fields())
@@ -416,6 +421,8 @@ pub(crate) const LOCK_FD: i32 = 3;
 /// the build is over), with `params` on its stdin, nothing on its stdout and stderr (Nix
 /// waits for EOF on the hook's stderr), no other descriptor of ours but the start lock as
 /// [`LOCK_FD`], and does not wait for it.
+// Never waited for: the holder outlives this hook, which exits soon after; init reaps it.
+#[allow(clippy::zombie_processes)]
 fn spawn_detached(exe: &Path, params: &[u8], lock: &FileLock) -> Result<(), StartError> {
     use std::io::Write;
     use std::os::unix::process::CommandExt;
