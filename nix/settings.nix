@@ -93,6 +93,13 @@ in
       and ssh:// engines (no sshd exposed); "ssh" always uses SSH (a remote engine's builders
       then publish sshd on its address); "engine-exec" always uses the engine's exec.
     '';
+    ssh-persist = nullable types.ints.unsigned ''
+      Seconds an SSH holder keeps a builder's SSH session open after its last use (nixdock's
+      default: 60): a small process started by the first hook that reaches a builder over SSH,
+      whose session later hooks use instead of connecting themselves (no key exchange or
+      authentication on a warm build). 0: every hook connects itself. It matters only for
+      builders reached over SSH (an engine in a VM, `transport = "ssh"`).
+    '';
     sandbox = nullable (types.either types.bool (types.enum [ "auto" ])) ''
       Nix's sandbox inside the builders (each builder's own `sandbox` overrides it): true,
       false or "auto" (nixdock's default). "auto" turns it on where it costs the host nothing:

@@ -14,6 +14,8 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/nixdock/nixdock.toml";
 /// `build-poll-interval` (5 s), so a builder should rarely be full.
 pub const DEFAULT_MAX_JOBS: u32 = 8;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// How long an SSH holder keeps a builder's session after its last channel, by default.
+pub const DEFAULT_SSH_PERSIST: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -73,6 +75,9 @@ pub struct Config {
     /// How the hook reaches a builder's nix-daemon.
     #[serde(default)]
     pub transport: Transport,
+    /// Seconds an SSH holder keeps a builder's SSH session open after its last use, for the
+    /// next hooks (default 60; 0: every hook connects itself). Only builders reached over SSH.
+    pub ssh_persist: Option<u64>,
     /// `nixdock serve` uses the hook's builders (their containers and stores) instead of its
     /// own: its clients are trusted users of those builders' daemons, so this lets them put
     /// unsigned paths where the hook will import from (see `serve`).
@@ -310,6 +315,12 @@ impl Config {
             ssh_key: self.ssh_key.clone(),
             ssh_host_key: self.ssh_host_key.clone(),
         }
+    }
+
+    /// [`Self::ssh_persist`] or its default.
+    pub fn ssh_persist(&self) -> Duration {
+        self.ssh_persist
+            .map_or(DEFAULT_SSH_PERSIST, Duration::from_secs)
     }
 
     /// The config path from the environment, or the default.
@@ -553,6 +564,18 @@ mod tests {
             Transport::Auto
         );
         assert!(parse("transport = \"tcp\"\n").is_err());
+    }
+
+    #[test]
+    fn ssh_persist_defaults_to_a_minute_and_zero_turns_it_off() {
+        assert_eq!(parse("").unwrap().ssh_persist(), DEFAULT_SSH_PERSIST);
+        assert_eq!(
+            parse("ssh-persist = 5\n").unwrap().ssh_persist(),
+            Duration::from_secs(5)
+        );
+        assert!(parse("ssh-persist = 0\n").unwrap().ssh_persist().is_zero());
+        assert!(parse("ssh-persist = -1\n").is_err());
+        assert!(parse("ssh-persist = \"60s\"\n").is_err());
     }
 
     #[test]

@@ -487,6 +487,14 @@ impl FileLock {
     }
 }
 
+/// The lock's descriptor: a process it is handed to (inherited across exec) holds the lock
+/// with it until it closes it (the SSH holder, until its socket is in place).
+impl AsRawFd for FileLock {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
 /// Creates (or truncates) `path` as a file of ours with mode exactly 0600, not through a
 /// symlink.
 pub fn create_private_file(path: &Path) -> std::io::Result<File> {

@@ -247,8 +247,12 @@ fn nix_volume(c: &ContainerInspectResponse) -> String {
 fn ssh(ready: &ReadyBuilder) -> &SshSession {
     match &ready.link {
         nixdock::transport::Link::Ssh(s) => s,
-        nixdock::transport::Link::Engine(_) => {
-            panic!("{} is not reached over SSH", ready.container)
+        // Builders::new keeps no holder: these tests always connect themselves.
+        nixdock::transport::Link::Engine(_) | nixdock::transport::Link::Holder(_) => {
+            panic!(
+                "{} is not reached over its own SSH session",
+                ready.container
+            )
         }
     }
 }

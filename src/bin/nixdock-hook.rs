@@ -6,6 +6,10 @@ use nixdock::state::StateDir;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // The SSH connection holder a hook started (its parameters come on stdin).
+    if args.get(1).map(String::as_str) == Some("--ssh-holder") {
+        std::process::exit(nixdock::transport::holder::server::main());
+    }
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
             "nixdock-hook: a drop-in replacement for Nix's build hook.\n\n\

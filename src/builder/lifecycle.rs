@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use hook_protocol::worker::WorkerClient;
 
 use crate::state::{FileLock, StateDir, StateError};
+use crate::transport::holder;
 use crate::transport::keys::{self, ClientKey};
 use crate::transport::ssh::{self, SshError};
 use crate::transport::stream_channel::unix_stream_channel;
@@ -52,6 +53,12 @@ pub enum BuilderError {
         container: String,
         #[source]
         source: Box<SshError>,
+    },
+    #[error("builder {container}: {source}")]
+    Holder {
+        container: String,
+        #[source]
+        source: Box<crate::transport::holder::HolderError>,
     },
     #[error("builder {container}: through the engine: {source}")]
     Exec {
@@ -228,6 +235,9 @@ pub struct Builders {
     pub engine: Engine,
     pub state: StateDir,
     pub client_key: ClientKey,
+    /// How long an SSH holder keeps a builder's session after its last channel; zero: no
+    /// holder (see `transport::holder`).
+    pub ssh_persist: Duration,
 }
 
 fn is_not_found(e: &DockerError) -> bool {
@@ -285,7 +295,14 @@ impl Builders {
             engine,
             state,
             client_key,
+            ssh_persist: Duration::ZERO,
         })
+    }
+
+    /// Builders whose SSH sessions an SSH holder keeps for `persist` after use (zero: none).
+    pub fn with_ssh_persist(mut self, persist: Duration) -> Builders {
+        self.ssh_persist = persist;
+        self
     }
 
     /// Makes sure the builder for `spec` runs with its current configuration and answers,
@@ -1029,7 +1046,10 @@ impl Builders {
             let attempt = match &spec.publish {
                 Publish::Nothing => Some(self.connect_exec(name).await),
                 _ => match published_port(&c) {
-                    Some(port) => Some(self.connect_published(name, port, &pinned).await),
+                    Some(port) => Some(
+                        self.connect_published(name, c.id.as_deref(), port, &pinned, started)
+                            .await,
+                    ),
                     None => None,
                 },
             };
@@ -1106,12 +1126,16 @@ impl Builders {
     }
 
     /// SSH to the builder's published port: on loopback for a local engine, on the engine's
-    /// host for a remote one.
+    /// host for a remote one. With `ssh-persist`, through the builder's SSH holder when one
+    /// answers (not for a container just started: no holder can have its session), else
+    /// directly, starting a holder for the next builds.
     async fn connect_published(
         &self,
         name: &str,
+        id: Option<&str>,
         port: u16,
         pinned: &russh::keys::PublicKey,
+        started: bool,
     ) -> Result<(Link, DaemonConnection), BuilderError> {
         let addr = self
             .engine
@@ -1121,7 +1145,49 @@ impl Builders {
                 container: name.to_string(),
                 what: e.to_string(),
             })?;
-        self.connect(name, addr, pinned).await
+        let target = id
+            .filter(|_| !self.ssh_persist.is_zero())
+            .map(|id| holder::Target {
+                container: name.to_string(),
+                container_id: id.to_string(),
+                addr,
+                host_key: pinned.clone(),
+            });
+        if let Some(target) = &target
+            && !started
+        {
+            match self.connect_holder(name, target).await {
+                Ok(ready) => return Ok(ready),
+                Err(e) => tracing::debug!(container = %name, "not through an SSH holder: {e}"),
+            }
+        }
+        let ready = self.connect(name, addr, pinned).await?;
+        if let Some(target) = &target {
+            let settings = holder::Settings {
+                user: "root".into(),
+                daemon_socket: provision::REMOTE_DAEMON_SOCKET.into(),
+                nodelay_subsystem: Some(provision::NODELAY_SUBSYSTEM.into()),
+                persist: self.ssh_persist,
+            };
+            holder::start(&self.state, target, &settings).await;
+        }
+        Ok(ready)
+    }
+
+    /// The daemon connection through the builder's SSH holder.
+    async fn connect_holder(
+        &self,
+        name: &str,
+        target: &holder::Target,
+    ) -> Result<(Link, DaemonConnection), BuilderError> {
+        let err = |source| BuilderError::Holder {
+            container: name.to_string(),
+            source: Box::new(source),
+        };
+        let socket = holder::socket_path(&self.state, target).map_err(err)?;
+        let link = Link::Holder(holder::HolderLink::new(socket, target.clone()));
+        let daemon = open_daemon(&link, name).await?;
+        Ok((link, daemon))
     }
 
     /// Through the engine's exec: a `nix-daemon --stdio` in the container that forwards to
@@ -1209,6 +1275,13 @@ pub async fn open_daemon(link: &Link, name: &str) -> Result<DaemonConnection, Bu
                     source: Box::new(source),
                 })?
         }
+        Link::Holder(h) => h
+            .open_daemon()
+            .await
+            .map_err(|source| BuilderError::Holder {
+                container: name.to_string(),
+                source: Box::new(source),
+            })?,
     };
     handshake(ch, name).await
 }

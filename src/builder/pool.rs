@@ -132,6 +132,7 @@ impl Pool {
                     ));
                     match Builders::new(engine, self.state.clone()) {
                         Ok(b) => {
+                            let b = b.with_ssh_persist(self.config.ssh_persist());
                             self.connected.insert(s.name.clone(), b);
                         }
                         Err(e) => unavailable.push(e.into()),
@@ -177,7 +178,9 @@ impl Pool {
                 let engine = Engine::discover(&settings)
                     .await
                     .map_err(Unavailable::Engine)?;
-                Ok(v.insert(Builders::new(engine, self.state.clone())?))
+                let b = Builders::new(engine, self.state.clone())?
+                    .with_ssh_persist(self.config.ssh_persist());
+                Ok(v.insert(b))
             }
         }
     }

@@ -565,6 +565,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
                     (crate::transport::Link::Ssh(_), false) => "ssh",
                     (crate::transport::Link::Engine(_), true) => "engine exec, cold",
                     (crate::transport::Link::Engine(_), false) => "engine exec",
+                    (crate::transport::Link::Holder(_), _) => "ssh holder",
                 };
                 Ok::<_, crate::builder::BuilderError>((
                     RemoteStore {

@@ -607,11 +607,13 @@ async fn open_duplex(shared: &Shared, place: &Place, slot: &slots::Slot) -> Resu
                 .exec(provision::REMOTE_NIX_DAEMON)
                 .await
                 .map_err(|e| e.to_string()),
+            Link::Holder(h) => h.open_daemon().await.map_err(|e| e.to_string()),
         }
     };
     let via = match &link {
         Link::Ssh(_) => "ssh",
         Link::Engine(_) => "engine exec",
+        Link::Holder(_) => "ssh holder",
     };
     let ch = tokio::time::timeout(Duration::from_secs(30), open)
         .await

@@ -3,6 +3,7 @@
 
 pub mod engine_api;
 pub mod engine_exec;
+pub mod holder;
 pub mod keys;
 pub mod known_hosts;
 pub mod ssh;
@@ -35,10 +36,12 @@ pub struct RemoteStore {
 }
 
 /// How commands reach a remote store: an SSH session (a user's machine, a builder whose sshd
-/// this host reaches), or the engine's exec (a builder on another machine's engine).
+/// this host reaches), the engine's exec (a builder on another machine's engine), or a
+/// builder's SSH session held by an SSH holder process (`holder`).
 pub enum Link {
     Ssh(SshSession),
     Engine(EngineExec),
+    Holder(holder::HolderLink),
 }
 
 impl Link {
@@ -46,7 +49,7 @@ impl Link {
     pub async fn close(self) -> Result<(), LinkError> {
         match self {
             Link::Ssh(s) => Ok(s.close().await?),
-            Link::Engine(_) => Ok(()),
+            Link::Engine(_) | Link::Holder(_) => Ok(()),
         }
     }
 
@@ -55,6 +58,7 @@ impl Link {
         Ok(match self {
             Link::Ssh(s) => s.exec(command).await?,
             Link::Engine(e) => e.exec(command).await?,
+            Link::Holder(h) => h.exec(command).await?,
         })
     }
 }
@@ -65,6 +69,8 @@ pub enum LinkError {
     Ssh(#[from] SshError),
     #[error(transparent)]
     Engine(#[from] EngineExecError),
+    #[error(transparent)]
+    Holder(#[from] holder::HolderError),
 }
 
 /// How a [`RemoteStore`] opens further daemon connections.

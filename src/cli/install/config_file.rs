@@ -44,6 +44,11 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 # then publish sshd on its address); "engine-exec" always uses the engine's exec.
 # transport = "auto"
 
+# Over SSH, the first hook that reaches a builder leaves a small process holding its SSH
+# session for this many seconds after its last use; later hooks open channels on it instead
+# of connecting (no key exchange or authentication on a warm build). 0: every hook connects.
+# ssh-persist = 60
+
 # Nix's sandbox inside the builders (a builder's own `sandbox` overrides it): true, false or
 # "auto". "auto" turns it on where it costs the host nothing: an engine inside a VM (Docker
 # Desktop, OrbStack, colima, Lima) or a user-namespaced one (rootless, userns-remap). It stays

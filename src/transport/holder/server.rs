@@ -1,0 +1,519 @@
+//! The holder process, `nixdock-hook --ssh-holder`: reads its parameters from stdin, connects
+//! (the same pinned host-key check as a hook), puts its socket in place, hands back the start
+//! lock, and serves channels until it has been idle for `ssh-persist` seconds, its session is
+//! lost, its socket is removed or replaced, or it gets SIGTERM.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::protocol::{self, Hello, ProtocolError, Reply, Request};
+use super::{LOCK_FD, Settings, Target, socket_path};
+use crate::state::{FileLock, StateDir};
+use crate::transport::keys;
+use crate::transport::ssh::{self, ExecChannel, SshSession};
+
+/// The SSH connect's deadline, as a hook's.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a hook may take to send its request once connected.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the session, the socket and idleness are checked.
+const TICK: Duration = Duration::from_millis(500);
+/// How long a hook's side may stay open once its channel has ended.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// The holder's parameters, as the starting hook sends them on the holder's stdin (not in
+/// argv or the environment, which other users can read).
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub state_dir: PathBuf,
+    pub target: Target,
+    pub settings: Settings,
+}
+
+impl Params {
+    pub fn fields(&self) -> Vec<String> {
+        let t = &self.target;
+        let s = &self.settings;
+        vec![
+            protocol::VERSION.to_owned(),
+            "params".to_owned(),
+            self.state_dir.to_string_lossy().into_owned(),
+            t.container.clone(),
+            t.container_id.clone(),
+            t.addr.to_string(),
+            t.host_key_line(),
+            s.user.clone(),
+            s.daemon_socket.clone(),
+            s.nodelay_subsystem.clone().unwrap_or_default(),
+            s.persist.as_secs().to_string(),
+        ]
+    }
+
+    pub fn parse(fields: Vec<String>) -> Result<Params, ProtocolError> {
+        let bad = |what: &str| ProtocolError::Unexpected(format!("parameters: {what}"));
+        let Ok(
+            [
+                version,
+                kind,
+                state_dir,
+                container,
+                container_id,
+                addr,
+                host_key,
+                user,
+                daemon_socket,
+                nodelay,
+                persist,
+            ],
+        ) = <[String; 11]>::try_from(fields)
+        else {
+            return Err(bad("wrong number of fields"));
+        };
+        if version != protocol::VERSION || kind != "params" {
+            return Err(bad("another version"));
+        }
+        Ok(Params {
+            state_dir: PathBuf::from(state_dir),
+            target: Target {
+                container,
+                container_id,
+                addr: addr.parse().map_err(|_| bad("address"))?,
+                host_key: keys::parse_public_key(&host_key).map_err(|_| bad("host key"))?,
+            },
+            settings: Settings {
+                user,
+                daemon_socket,
+                nodelay_subsystem: Some(nodelay).filter(|n| !n.is_empty()),
+                persist: Duration::from_secs(persist.parse().map_err(|_| bad("persist"))?),
+            },
+        })
+    }
+}
+
+/// `nixdock-hook --ssh-holder`: the process's exit status.
+pub fn main() -> i32 {
+    // First, before anything opens a file that could get its number: the start lock the hook
+    // handed on, held until the socket is in place.
+    let lock = take_lock_fd();
+    let params = match read_params() {
+        Ok(p) => p,
+        Err(_) => return 2,
+    };
+    let state = match StateDir::open(&params.state_dir) {
+        Ok(s) => s,
+        Err(_) => return 2,
+    };
+    crate::logfile::init(&state.log_path(), "info");
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::warn!("SSH holder: cannot start: {e}");
+            return 1;
+        }
+    };
+    let code = rt.block_on(serve(params, state, lock));
+    rt.shutdown_background();
+    code
+}
+
+fn take_lock_fd() -> Option<OwnedFd> {
+    // SAFETY: F_GETFD only asks whether the descriptor is open.
+    if unsafe { libc::fcntl(LOCK_FD, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: it is open, and nothing else in this process owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(LOCK_FD) };
+    // Not to be inherited by anything we might run.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(LOCK_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Some(fd)
+}
+
+fn read_params() -> Result<Params, ProtocolError> {
+    use std::io::Read;
+    let mut stdin = std::io::stdin().lock();
+    let mut len = [0u8; 4];
+    stdin.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > protocol::MAX_FRAME {
+        return Err(ProtocolError::TooLong(len));
+    }
+    let mut payload = vec![0u8; len];
+    stdin.read_exact(&mut payload)?;
+    Params::parse(protocol::decode(&payload)?)
+}
+
+/// (device, inode) of a path, not following a symlink.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Open channels, and when the last one ended.
+struct Activity {
+    active: AtomicUsize,
+    last: Mutex<Instant>,
+}
+
+impl Activity {
+    fn enter(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        ActiveGuard {
+            activity: self.clone(),
+            used: false,
+        }
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        if self.active.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        Some(
+            self.last
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed(),
+        )
+    }
+}
+
+/// One connection from a hook; a channel it used counts as activity when it ends (a hook
+/// that only read the hello does not keep the holder alive).
+struct ActiveGuard {
+    activity: Arc<Activity>,
+    used: bool,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if self.used {
+            *self.activity.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+        self.activity.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn serve(p: Params, state: StateDir, lock: Option<OwnedFd>) -> i32 {
+    let Params {
+        target, settings, ..
+    } = p;
+    let pid = std::process::id();
+    let container = target.container.clone();
+    let key = match keys::load_or_create_client_key(state.path()) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(%container, holder = pid, "SSH holder: {e}");
+            return 1;
+        }
+    };
+    let t0 = Instant::now();
+    let session = match ssh::connect(
+        target.addr,
+        &settings.user,
+        &key,
+        &target.host_key,
+        CONNECT_TIMEOUT,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(%container, holder = pid, "SSH holder not started: {e}");
+            return 1;
+        }
+    };
+    if let Some(sub) = &settings.nodelay_subsystem
+        && let Err(e) = session.touch_subsystem(sub).await
+    {
+        tracing::debug!(%container, "no nodelay subsystem: {e}");
+    }
+    let socket = match socket_path(&state, &target) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(%container, holder = pid, "SSH holder not started: {e}");
+            return 1;
+        }
+    };
+    let listener = match bind(&socket) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::info!(%container, holder = pid, socket = %socket.display(), "SSH holder cannot listen: {e}");
+            return 1;
+        }
+    };
+    let Some(bound) = file_id(&socket) else {
+        return 1;
+    };
+    drop(lock);
+    // Where tests and `ls -l /proc/<pid>/cwd` find which installation a holder serves; it
+    // also keeps the state's file system from being unmounted under it.
+    if let Some(dir) = socket.parent() {
+        let _ = std::env::set_current_dir(dir);
+    }
+    tracing::info!(%container, addr = %target.addr, holder = pid, persist_s = settings.persist.as_secs(), ms = t0.elapsed().as_millis() as u64, "SSH holder serving");
+
+    let why = run(listener, &socket, bound, session, &target, &settings).await;
+    // Under the start lock, so the socket removed is ours and not a successor's.
+    let lock_path = super::start_lock_path(&state, &target);
+    let mut guard = None;
+    for _ in 0..20 {
+        match FileLock::try_exclusive(&lock_path) {
+            Ok(Some(l)) => {
+                guard = Some(l);
+                break;
+            }
+            Ok(None) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) => break,
+        }
+    }
+    if guard.is_some() && file_id(&socket) == Some(bound) {
+        let _ = std::fs::remove_file(&socket);
+    }
+    tracing::info!(%container, holder = pid, "SSH holder exits: {why}");
+    0
+}
+
+/// Binds at a temporary name, makes it 0600 and renames it into place, so a hook never finds
+/// a socket nobody listens on yet.
+fn bind(socket: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let name = socket
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = socket.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, socket));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+/// Serves until a reason to stop; returns it.
+async fn run(
+    listener: UnixListener,
+    socket: &Path,
+    bound: (u64, u64),
+    session: SshSession,
+    target: &Target,
+    settings: &Settings,
+) -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let session = Arc::new(session);
+    let hello = target.hello(std::process::id());
+    let activity = Arc::new(Activity {
+        active: AtomicUsize::new(0),
+        last: Mutex::new(Instant::now()),
+    });
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return "cannot handle signals";
+    };
+    let mut tick = tokio::time::interval(TICK);
+    let mut listener = Some(listener);
+    let mut draining = None;
+    loop {
+        let accept = async {
+            match &listener {
+                Some(l) => l.accept().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = accept => match r {
+                Ok((stream, _)) => {
+                    let guard = activity.enter();
+                    tokio::spawn(handle(
+                        stream,
+                        session.clone(),
+                        hello.clone(),
+                        settings.daemon_socket.clone(),
+                        guard,
+                    ));
+                }
+                Err(e) => {
+                    tracing::debug!(socket = %socket.display(), "SSH holder: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = term.recv() => return "SIGTERM",
+            _ = int.recv() => return "SIGINT",
+            _ = tick.tick() => {
+                if session.is_closed() {
+                    return "its SSH session ended";
+                }
+                if draining.is_none() && file_id(socket) != Some(bound) {
+                    // A hook took it for stale, or someone removed it: no new channels, but
+                    // the builds using ours finish.
+                    draining = Some("its socket was removed or replaced");
+                    listener = None;
+                }
+                match activity.idle_for() {
+                    Some(_) if draining.is_some() => return draining.unwrap_or_default(),
+                    Some(idle) if idle >= settings.persist => {
+                        return "idle";
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// One hook's connection: our hello, its request, the channel, then bytes both ways.
+async fn handle(
+    mut stream: UnixStream,
+    session: Arc<SshSession>,
+    hello: Hello,
+    daemon_socket: String,
+    mut guard: ActiveGuard,
+) {
+    match stream.peer_cred() {
+        Ok(c) if c.uid() == super::euid() => {}
+        Ok(c) => {
+            tracing::warn!(
+                uid = c.uid(),
+                "SSH holder: refused a connection from another user"
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::debug!("SSH holder: no peer credentials: {e}");
+            return;
+        }
+    }
+    if protocol::write_frame(&mut stream, &hello.fields())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let request =
+        match tokio::time::timeout(REQUEST_TIMEOUT, protocol::read_frame(&mut stream)).await {
+            Ok(Ok(f)) => match Request::parse(f) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!("SSH holder: {e}");
+                    return;
+                }
+            },
+            // Only looked at the hello, or went away.
+            _ => return,
+        };
+    let ch = match &request {
+        Request::Daemon => session.open_unix_socket(&daemon_socket).await,
+        Request::Exec(command) => session.exec(command).await,
+    };
+    let ch = match ch {
+        Ok(ch) => ch,
+        Err(e) => {
+            tracing::debug!(?request, "SSH holder: {e}");
+            let _ = protocol::write_frame(&mut stream, &Reply::Error(e.to_string()).fields()).await;
+            return;
+        }
+    };
+    if protocol::write_frame(&mut stream, &Reply::Ok.fields())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    guard.used = true;
+    bridge(stream, ch).await;
+}
+
+/// The hook's bytes to the channel's input and the channel's output to the hook, each until
+/// its end; the hook's side is given [`LINGER`] once the channel's output has ended.
+async fn bridge(stream: UnixStream, ch: ExecChannel) {
+    let ExecChannel {
+        mut stdin,
+        mut stdout,
+        mut stderr,
+        exit: _exit,
+    } = ch;
+    tokio::spawn(async move {
+        while let Some(Ok(chunk)) = stderr.next_chunk().await {
+            tracing::debug!(
+                "SSH holder: remote stderr: {}",
+                String::from_utf8_lossy(&chunk).trim_end()
+            );
+        }
+    });
+    let (mut rd, mut wr) = stream.into_split();
+    let mut up = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if stdin.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = stdin.shutdown().await;
+    });
+    while let Some(Ok(chunk)) = stdout.next_chunk().await {
+        if wr.write_all(&chunk).await.is_err() {
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+    drop(stdout);
+    if tokio::time::timeout(LINGER, &mut up).await.is_err() {
+        up.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_round_trip() {
+        let p = Params {
+            state_dir: "/var/lib/nixdock".into(),
+            target: Target {
+                container: "nixdock-abcd-x86_64-linux".into(),
+                container_id: "f00d".into(),
+                addr: "127.0.0.1:2222".parse().unwrap(),
+                host_key: keys::generate_host_key().unwrap().public_key().clone(),
+            },
+            settings: Settings {
+                user: "root".into(),
+                daemon_socket: "/nix/var/nix/daemon-socket/socket".into(),
+                nodelay_subsystem: None,
+                persist: Duration::from_secs(60),
+            },
+        };
+        let fields = p.fields();
+        let back = Params::parse(fields.clone()).unwrap();
+        assert_eq!(back.target, p.target);
+        assert_eq!(back.state_dir, p.state_dir);
+        assert_eq!(back.settings.persist, p.settings.persist);
+        assert_eq!(back.settings.nodelay_subsystem, None);
+        let mut short = fields.clone();
+        short.pop();
+        assert!(Params::parse(short).is_err());
+        let mut bad = fields;
+        bad[5] = "not an address".into();
+        assert!(Params::parse(bad).is_err());
+    }
+}
