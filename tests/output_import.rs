@@ -251,6 +251,29 @@ async fn wrong_hash_or_size_leaves_nothing() {
 }
 
 #[tokio::test]
+async fn corrupted_content_of_the_right_size_is_a_mismatch() {
+    let Some(nix_store) = nix_store("corrupted_content_of_the_right_size_is_a_mismatch") else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let t = tempfile::tempdir().unwrap();
+    let p = fake_store_path("corrupt");
+    let (mut nar, info) = make_output(t.path(), "x", &p).await;
+    // One byte in the middle of the 300 kB file's contents: still a well-formed NAR of the
+    // announced size, so only the hash (computed on its own thread beside the unpacking) can
+    // tell.
+    let i = nar.len() / 2;
+    nar[i] ^= 0x55;
+    let mut imp = OutputImporter::new(Path::new(STORE), false).unwrap();
+    let err = imp.add(info, &nar[..]).await.unwrap_err();
+    assert!(matches!(err, ImportError::Mismatch { .. }), "{err}");
+    assert!(staging_dirs().is_empty(), "staging removed at once");
+    imp.commit(&nix_store).await.unwrap();
+    assert!(fs::symlink_metadata(&p).is_err());
+    assert!(!is_valid(&nix_store, &p));
+}
+
+#[tokio::test]
 async fn truncated_nar_leaves_nothing() {
     let Some(nix_store) = nix_store("truncated_nar_leaves_nothing") else {
         return;

@@ -1685,6 +1685,75 @@ async fn fake_nar_from_path_streams_exactly_one_nar() {
 }
 
 #[tokio::test]
+async fn fake_nar_from_path_sized_copies_exactly_nar_size() {
+    let nar = nar_of_file(300_000);
+    let n = nar.len() as u64;
+    // The announced size: copied as it came, and the next reply is read in step.
+    let (mut c, mut d) = fake_pair(38, 38, 4096).await;
+    let sent = nar.clone();
+    let server = tokio::spawn(async move {
+        assert_eq!(d.u64().await, 38);
+        d.string().await;
+        d.send_u64(STDERR_LAST).await;
+        d.send(&sent).await;
+        d.is_valid_path_request().await;
+        d.send_u64(STDERR_LAST).await;
+        d.send_u64(1).await;
+    });
+    let mut out = Vec::new();
+    let got = c
+        .nar_from_path_sized(&p(), n, &mut out, &mut discard_logs)
+        .await
+        .unwrap();
+    assert_eq!(got, n);
+    assert!(out == nar);
+    assert!(c.is_valid_path(&p(), &mut discard_logs).await.unwrap());
+    server.await.unwrap();
+
+    // Announced smaller than the NAR: exactly that many bytes (the caller's check of the NAR
+    // then fails, and it drops the connection).
+    let (mut c, mut d) = fake_pair(38, 38, 4096).await;
+    let sent = nar.clone();
+    let server = tokio::spawn(async move {
+        d.u64().await;
+        d.string().await;
+        d.send_u64(STDERR_LAST).await;
+        d.send(&sent).await;
+    });
+    let mut out = Vec::new();
+    c.nar_from_path_sized(&p(), n - 8, &mut out, &mut discard_logs)
+        .await
+        .unwrap();
+    assert!(out[..] == nar[..nar.len() - 8]);
+    server.await.unwrap();
+
+    // Announced larger, and the daemon closes after the NAR: an error, the client broken.
+    let (mut c, mut d) = fake_pair(38, 38, 4096).await;
+    let sent = nar.clone();
+    let server = tokio::spawn(async move {
+        d.u64().await;
+        d.string().await;
+        d.send_u64(STDERR_LAST).await;
+        d.send(&sent).await;
+    });
+    let err = c
+        .nar_from_path_sized(&p(), n + 8, &mut Vec::new(), &mut discard_logs)
+        .await
+        .unwrap_err();
+    server.await.unwrap();
+    assert!(err.is_connection_closed(), "{err}");
+    assert!(c.is_broken());
+
+    // Too small for any NAR: refused before anything is sent.
+    let (mut c, _d) = fake_pair(38, 38, 4096).await;
+    let err = c
+        .nar_from_path_sized(&p(), 16, &mut Vec::new(), &mut discard_logs)
+        .await
+        .unwrap_err();
+    assert!(!c.is_broken(), "{err}");
+}
+
+#[tokio::test]
 async fn futures_are_send() {
     fn assert_send<T: Send>(_: &T) {}
     let (mut c, _d) = fake_pair(38, 38, 4096).await;

@@ -793,8 +793,11 @@ impl Job<'_> {
                         inner: &mut w,
                         progress: path_progress,
                     };
+                    // Copied as it comes, not parsed: the importer parses, hashes and checks
+                    // every byte against the same path info, and on a mismatch the build fails
+                    // and this connection is not used again.
                     daemon
-                        .nar_from_path(p, &mut counting, &mut |_| {})
+                        .nar_from_path_sized(p, nar_size, &mut counting, &mut |_| {})
                         .await
                         .map(|_| ())
                         .map_err(|source| {

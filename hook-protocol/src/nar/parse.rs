@@ -45,11 +45,11 @@ pub(super) trait NarSink {
     async fn raw(&mut self, bytes: &mut BytesMut, last: bool) -> Result<(), NarError>;
 }
 
-/// Wraps the input: hashes and counts every byte read through it and, while `keep` is set,
-/// appends it to `kept`.
+/// Wraps the input: counts (and, with a hasher, hashes) every byte read through it and, while
+/// `keep` is set, appends it to `kept`.
 struct Tee<'a, R: ?Sized> {
     inner: &'a mut R,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     count: u64,
     keep: bool,
     kept: BytesMut,
@@ -65,7 +65,9 @@ impl<R: AsyncRead + Unpin + ?Sized> AsyncRead for Tee<'_, R> {
         let before = buf.filled().len();
         ready!(Pin::new(&mut *this.inner).poll_read(cx, buf))?;
         let new = &buf.filled()[before..];
-        this.hasher.update(new);
+        if let Some(h) = &mut this.hasher {
+            h.update(new);
+        }
         this.count += new.len() as u64;
         if this.keep {
             this.kept.extend_from_slice(new);
@@ -88,12 +90,14 @@ pub(super) struct Parser<'a, R: ?Sized> {
 }
 
 impl<'a, R: AsyncRead + Unpin + ?Sized> Parser<'a, R> {
-    /// `keep_raw`: hand the structural bytes to [`NarSink::raw`] (for copying).
-    pub(super) fn new(r: &'a mut R, keep_raw: bool) -> Self {
+    /// `keep_raw`: hand the structural bytes to [`NarSink::raw`] (for copying). `hash`: compute
+    /// the SHA-256 here; without it the summary's hash is all zeros, and a sink that needs it
+    /// computes it from what it is handed (`keep_raw` gives it every byte, in order).
+    pub(super) fn new(r: &'a mut R, keep_raw: bool, hash: bool) -> Self {
         Parser {
             src: Tee {
                 inner: r,
-                hasher: Sha256::new(),
+                hasher: hash.then(Sha256::new),
                 count: 0,
                 keep: keep_raw,
                 kept: BytesMut::new(),
@@ -329,7 +333,11 @@ impl<'a, R: AsyncRead + Unpin + ?Sized> Parser<'a, R> {
         self.flush_raw(sink, true).await?;
         Ok(NarSummary {
             nar_size: self.src.count,
-            nar_sha256: self.src.hasher.finalize().into(),
+            nar_sha256: self
+                .src
+                .hasher
+                .map(|h| h.finalize().into())
+                .unwrap_or_default(),
         })
     }
 
@@ -416,5 +424,5 @@ where
     R: AsyncRead + Unpin + ?Sized,
     W: AsyncWrite + Unpin + ?Sized,
 {
-    Parser::new(r, true).run(&mut CopySink { w }).await
+    Parser::new(r, true, true).run(&mut CopySink { w }).await
 }

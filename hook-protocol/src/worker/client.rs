@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use crate::derivation::BasicDerivation;
 use crate::framed::FramedWriter;
@@ -565,6 +565,76 @@ where
                     Err(nar_stream_error(e))
                 }
             }
+        }
+        .await;
+        self.finish(res, Op::NarFromPath, Some(path))
+    }
+
+    /// `NarFromPath` for a path whose NAR size the caller has from `QueryPathInfo`: copies
+    /// exactly `nar_size` bytes of the daemon's dump to `out` (and flushes it), straight from the
+    /// connection's read buffer, without parsing or hashing them. Returns `nar_size`.
+    ///
+    /// For a caller that verifies every byte itself (the hook unpacks the NAR with
+    /// [`unpack_nar`](crate::nar::unpack_nar) and checks its hash and size against the same path
+    /// info) this saves a second parse and a second SHA-256 of the whole NAR. The connection is
+    /// in step afterwards only if the NAR really was `nar_size` bytes long: when the caller's
+    /// check fails, it must not use this connection again. A NAR shorter than announced, followed
+    /// by nothing, shows up here as the daemon closing the connection.
+    pub async fn nar_from_path_sized<O: AsyncWrite + Unpin + Send>(
+        &mut self,
+        path: &StorePath,
+        nar_size: u64,
+        out: &mut O,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<u64, WorkerError> {
+        let res = async {
+            self.check()?;
+            let head_len = NAR_PREFIX.len() as u64 + 8;
+            if nar_size < head_len {
+                return Err(WorkerError::invalid_argument(format!(
+                    "a NAR size of {nar_size} bytes is too small for any NAR"
+                )));
+            }
+            let mut buf = Self::op_buf(Op::NarFromPath);
+            put_store_path(&mut buf, path);
+            self.simple(&buf, logs).await?;
+            // As in `nar_from_path`: an error shows up right after the magic.
+            let mut head = [0u8; 32];
+            self.r
+                .read_exact(&mut head)
+                .await
+                .map_err(WorkerError::conn_io)?;
+            if head[..24] != NAR_PREFIX[..] {
+                let mut got = [0u8; 24];
+                got.copy_from_slice(&head[..24]);
+                return Err(WorkerError::protocol(Violation::NotANar(got)));
+            }
+            let next = u64::from_le_bytes(head[24..].try_into().unwrap_or([0; 8]));
+            if next == STDERR_ERROR {
+                self.broken = true;
+                return Err(read_error(&mut self.r, self.version).await?);
+            }
+            // From here on the stream is inside the NAR: any failure leaves it out of step.
+            self.broken = true;
+            let write_err = |e| WorkerError::local("writing the NAR failed", e);
+            out.write_all(&head).await.map_err(write_err)?;
+            let mut left = nar_size - head_len;
+            while left > 0 {
+                let avail = self.r.fill_buf().await.map_err(WorkerError::conn_io)?;
+                if avail.is_empty() {
+                    return Err(WorkerError::connection_closed(format!(
+                        "in the middle of the NAR ({} of {nar_size} bytes received)",
+                        nar_size - left
+                    )));
+                }
+                let n = avail.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                out.write_all(&avail[..n]).await.map_err(write_err)?;
+                self.r.consume(n);
+                left -= n as u64;
+            }
+            out.flush().await.map_err(write_err)?;
+            self.broken = false;
+            Ok(nar_size)
         }
         .await;
         self.finish(res, Op::NarFromPath, Some(path))
