@@ -325,7 +325,13 @@ fn a_killed_holder_leaves_a_stale_socket_that_the_next_hook_replaces() {
     let i = Install::new(60);
     i.build();
     let (pid, socket) = i.wait_for_holder();
-    let inode = std::fs::symlink_metadata(&socket).unwrap().ino();
+    // A new socket file: inode and change time together (an unlinked socket's inode number
+    // is often given to the next file at once).
+    let identity = |p: &std::path::Path| {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        (m.ino(), m.ctime(), m.ctime_nsec())
+    };
+    let old = identity(&socket);
     kill(pid, "KILL");
     assert!(wait_until(Duration::from_secs(5), || !alive(pid)));
     assert!(socket.exists(), "SIGKILL leaves the socket behind");
@@ -335,7 +341,7 @@ fn a_killed_holder_leaves_a_stale_socket_that_the_next_hook_replaces() {
     let (pid2, socket2) = i.wait_for_holder();
     assert_ne!(pid2, pid);
     assert_eq!(socket2, socket, "same builder, same socket name");
-    assert_ne!(std::fs::symlink_metadata(&socket2).unwrap().ino(), inode);
+    assert_ne!(identity(&socket2), old);
     assert_eq!(i.build(), "ssh holder");
 }
 

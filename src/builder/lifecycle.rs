@@ -1075,9 +1075,14 @@ impl Builders {
                             now.as_ref().and_then(status),
                             Some(ContainerStateStatusEnum::RUNNING)
                         );
-                        if still_running && now.as_ref().is_some_and(just_started) {
+                        if still_running
+                            && matches!(e, BuilderError::Ssh { .. })
+                            && now.as_ref().is_some_and(just_started)
+                        {
                             // Started by another process that was ready through the local
                             // socket, without waiting for sshd: wait for it as after a start.
+                            // Only while SSH itself fails: a daemon that does not answer over
+                            // a working SSH session is not a matter of waiting.
                             patient = true;
                             last = e.to_string();
                         } else if still_running {

@@ -302,19 +302,8 @@ impl CaColumn {
             path: db.clone(),
             source,
         };
-        // Interrupt the write if it outlives its deadline (a busy timeout covers lock waits
-        // only); an interrupted transaction is rolled back.
-        let interrupt = self.conn.get_interrupt_handle();
-        let deadline = self.timeout + Duration::from_secs(5);
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let watchdog = std::thread::spawn(move || {
-            if done_rx.recv_timeout(deadline).is_err() {
-                interrupt.interrupt();
-            }
-        });
-        let result = (|| {
-            let tx = self
-                .conn
+        self.guarded(|conn| {
+            let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sql)?;
             {
@@ -331,25 +320,7 @@ impl CaColumn {
                 }
             }
             tx.commit().map_err(sql)
-        })();
-        let _ = done_tx.send(());
-        let _ = watchdog.join();
-        match result {
-            Err(CaColumnError::Sqlite {
-                source: rusqlite::Error::SqliteFailure(e, _),
-                ..
-            }) if matches!(
-                e.code,
-                rusqlite::ErrorCode::OperationInterrupted | rusqlite::ErrorCode::DatabaseBusy
-            ) =>
-            {
-                Err(CaColumnError::TimedOut {
-                    path: self.db.clone(),
-                    after: self.timeout,
-                })
-            }
-            r => r,
-        }
+        })
     }
 }
 

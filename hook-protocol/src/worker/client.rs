@@ -533,29 +533,7 @@ where
     ) -> Result<NarSummary, WorkerError> {
         let res = async {
             self.check()?;
-            let mut buf = Self::op_buf(Op::NarFromPath);
-            put_store_path(&mut buf, path);
-            self.simple(&buf, logs).await?;
-            // The daemon sends STDERR_LAST before it starts dumping and writes the NAR magic
-            // before it looks at the path, so a path it cannot dump (e.g. one that is not
-            // valid) shows up as STDERR_ERROR right after "nix-archive-1", where the root
-            // node's "(" should be; then the daemon closes the connection. Check for that
-            // before handing the stream to the NAR parser.
-            let mut head = [0u8; 32];
-            self.r
-                .read_exact(&mut head)
-                .await
-                .map_err(WorkerError::conn_io)?;
-            if head[..24] != NAR_PREFIX[..] {
-                let mut got = [0u8; 24];
-                got.copy_from_slice(&head[..24]);
-                return Err(WorkerError::protocol(Violation::NotANar(got)));
-            }
-            let next = u64::from_le_bytes(head[24..].try_into().unwrap_or([0; 8]));
-            if next == STDERR_ERROR {
-                self.broken = true;
-                return Err(read_error(&mut self.r, self.version).await?);
-            }
+            let head = self.start_nar_from_path(path, logs).await?;
             let mut input = (&head[..]).chain(&mut self.r);
             match copy_nar(&mut input, out).await {
                 Ok(summary) => Ok(summary),
@@ -568,6 +546,38 @@ where
         }
         .await;
         self.finish(res, Op::NarFromPath, Some(path))
+    }
+
+    /// Sends `NarFromPath` and reads the NAR's first 32 bytes: its magic and the root node's
+    /// first field. The daemon sends STDERR_LAST before it starts dumping and writes the NAR
+    /// magic before it looks at the path, so a path it cannot dump (e.g. one that is not valid)
+    /// shows up as STDERR_ERROR right after "nix-archive-1", where the root node's "(" should
+    /// be; then the daemon closes the connection. That is checked here, before the stream is
+    /// handed on.
+    async fn start_nar_from_path(
+        &mut self,
+        path: &StorePath,
+        logs: &mut impl FnMut(LogEvent),
+    ) -> Result<[u8; 32], WorkerError> {
+        let mut buf = Self::op_buf(Op::NarFromPath);
+        put_store_path(&mut buf, path);
+        self.simple(&buf, logs).await?;
+        let mut head = [0u8; 32];
+        self.r
+            .read_exact(&mut head)
+            .await
+            .map_err(WorkerError::conn_io)?;
+        if head[..24] != NAR_PREFIX[..] {
+            let mut got = [0u8; 24];
+            got.copy_from_slice(&head[..24]);
+            return Err(WorkerError::protocol(Violation::NotANar(got)));
+        }
+        let next = u64::from_le_bytes(head[24..].try_into().unwrap_or([0; 8]));
+        if next == STDERR_ERROR {
+            self.broken = true;
+            return Err(read_error(&mut self.r, self.version).await?);
+        }
+        Ok(head)
     }
 
     /// `NarFromPath` for a path whose NAR size the caller has from `QueryPathInfo`: copies
@@ -595,25 +605,7 @@ where
                     "a NAR size of {nar_size} bytes is too small for any NAR"
                 )));
             }
-            let mut buf = Self::op_buf(Op::NarFromPath);
-            put_store_path(&mut buf, path);
-            self.simple(&buf, logs).await?;
-            // As in `nar_from_path`: an error shows up right after the magic.
-            let mut head = [0u8; 32];
-            self.r
-                .read_exact(&mut head)
-                .await
-                .map_err(WorkerError::conn_io)?;
-            if head[..24] != NAR_PREFIX[..] {
-                let mut got = [0u8; 24];
-                got.copy_from_slice(&head[..24]);
-                return Err(WorkerError::protocol(Violation::NotANar(got)));
-            }
-            let next = u64::from_le_bytes(head[24..].try_into().unwrap_or([0; 8]));
-            if next == STDERR_ERROR {
-                self.broken = true;
-                return Err(read_error(&mut self.r, self.version).await?);
-            }
+            let head = self.start_nar_from_path(path, logs).await?;
             // From here on the stream is inside the NAR: any failure leaves it out of step.
             self.broken = true;
             let write_err = |e| WorkerError::local("writing the NAR failed", e);

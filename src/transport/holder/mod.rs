@@ -420,9 +420,7 @@ pub(crate) const LOCK_FD: i32 = 3;
 /// Runs `exe --ssh-holder` in a session of its own (Nix kills the hook's process group when
 /// the build is over), with `params` on its stdin, nothing on its stdout and stderr (Nix
 /// waits for EOF on the hook's stderr), no other descriptor of ours but the start lock as
-/// [`LOCK_FD`], and does not wait for it.
-// Never waited for: the holder outlives this hook, which exits soon after; init reaps it.
-#[allow(clippy::zombie_processes)]
+/// [`LOCK_FD`]; never waits for it.
 fn spawn_detached(exe: &Path, params: &[u8], lock: &FileLock) -> Result<(), StartError> {
     use std::io::Write;
     use std::os::unix::process::CommandExt;
@@ -462,8 +460,17 @@ fn spawn_detached(exe: &Path, params: &[u8], lock: &FileLock) -> Result<(), Star
             source,
         })?;
     }
-    // Not waited for: it outlives this hook (and is reaped by init once we exit).
-    drop(child);
+    // The holder outlives this hook, which does not wait for it; a thread reaps it should it
+    // end first (a holder that fails at its start), so it is no zombie while the hook runs.
+    // After the hook exits, init does.
+    let reaper = std::thread::Builder::new()
+        .name("ssh-holder-reaper".into())
+        .spawn(move || {
+            let _ = child.wait();
+        });
+    if let Err(e) = reaper {
+        tracing::debug!("no thread to reap the SSH holder ({e}); init will once the hook exits");
+    }
     Ok(())
 }
 
