@@ -44,6 +44,10 @@ struct Install {
     state: PathBuf,
     config: PathBuf,
     ssh_config: PathBuf,
+    /// An installation of its own (its builders publish no port, so they are other
+    /// containers): every command through the engine's exec.
+    exec_config: PathBuf,
+    exec_state: PathBuf,
 }
 
 /// The same installation as `hook_e2e`, so a warm builder is reused.
@@ -57,10 +61,16 @@ fn install() -> &'static Install {
             format!("transport = \"ssh\"\n{}", common::e2e_config()),
         )
         .unwrap();
+        let exec = common::SuiteInstall::new(
+            "build-log-exec",
+            &format!("transport = \"engine-exec\"\n{}", common::e2e_config()),
+        );
         Install {
             state: base.state,
             config: base.config,
             ssh_config,
+            exec_config: exec.config,
+            exec_state: exec.state,
         }
     })
 }
@@ -87,7 +97,14 @@ fn nix_build(e: &str, extra: &[&str], config: &Path) -> Output {
     cmd.args(["--no-out-link", "--log-format", "internal-json", "-E", e])
         .args(extra)
         .env("NIXDOCK_CONFIG", config)
-        .env("NIXDOCK_STATE_DIR", &i.state);
+        .env(
+            "NIXDOCK_STATE_DIR",
+            if config == i.exec_config {
+                &i.exec_state
+            } else {
+                &i.state
+            },
+        );
     common::run_with_timeout(cmd, Duration::from_secs(600)).expect("nix-build ran")
 }
 
@@ -178,6 +195,8 @@ fn remote_log_is_what_a_local_build_logs() {
     for (via, config) in [
         ("local socket", &i.config),
         ("ssh", &i.ssh_config),
+        // The end read started beside the build, waiting for its offset.
+        ("engine exec", &i.exec_config),
         // Warm again: the local socket after the SSH start.
         ("local socket, warm", &i.config),
     ] {

@@ -622,7 +622,11 @@ async fn ready_needs_the_pinned_host_key_and_an_answering_daemon() {
     // Another key than the pinned one is refused at the SSH layer.
     let other = nixdock::transport::generate_host_key().unwrap();
     let other_pub = nixdock::transport::parse_public_key(&other.public_openssh()).unwrap();
-    match inst.builders.connect(&name, addr, &other_pub).await {
+    match inst
+        .builders
+        .connect(&name, addr, &other_pub, Duration::ZERO)
+        .await
+    {
         Err(e) => assert!(
             e.is_host_key_mismatch(),
             "expected a host key mismatch: {e}"
@@ -841,6 +845,17 @@ async fn nix_volume_survives_a_stop() {
     eprintln!("restart of a stopped builder: {:?}", t.elapsed());
     assert!(ready.started, "starting a stopped builder is a cold start");
     assert_eq!(inst.container_id(&spec).await, id1, "stopped ≠ outdated");
+    // A restart serves before its set-up reruns, and the hook waits for the daemon's socket
+    // rather than starting a `nix-daemon --stdio` beside it.
+    let out = docker(["logs", &name]);
+    let logs = String::from_utf8_lossy(&out.stderr); // the entry script logs to stderr
+    assert_eq!(
+        logs.matches("restart: sshd and nix-daemon started before the set-up")
+            .count(),
+        1,
+        "{logs}"
+    );
+    assert_uses_persistent_daemon(&ready).await;
     assert_eq!(
         sh(ssh(&ready), "cat /nix/nixdock-marker").await.trim(),
         marker

@@ -261,19 +261,7 @@ fn access_of(a: &EngineAccess) -> Access {
 impl Engine {
     /// What the builders on this engine take from it and from the config.
     pub fn place(&self, cfg: &Config) -> EnginePlace {
-        let publish = match self.remote_host() {
-            None => Publish::Loopback,
-            Some(host) => match cfg.transport {
-                // On the engine's own address when it is one; a name may resolve to any of
-                // its host's addresses, so then on all of them (sshd takes only our key).
-                Transport::Ssh => Publish::Address(if host.parse::<std::net::IpAddr>().is_ok() {
-                    host
-                } else {
-                    "0.0.0.0".into()
-                }),
-                Transport::Auto | Transport::EngineExec => Publish::Nothing,
-            },
-        };
+        let publish = publish_for(self.remote_host(), cfg.transport);
         let table = cfg.engines.get(&self.name);
         EnginePlace {
             name: self.name.clone(),
@@ -322,6 +310,26 @@ impl Engine {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot resolve {0}")]
 pub struct UnresolvedHost(pub String);
+
+/// Where a builder's sshd is published: on loopback on a local engine, on the engine's own
+/// address for a remote one with `transport = "ssh"`, nowhere where commands go through the
+/// engine's exec (`engine-exec` on any engine, `auto` on a remote one).
+pub fn publish_for(remote_host: Option<String>, transport: Transport) -> Publish {
+    match (remote_host, transport) {
+        (_, Transport::EngineExec) => Publish::Nothing,
+        (None, Transport::Auto | Transport::Ssh) => Publish::Loopback,
+        // On the engine's own address when it is one; a name may resolve to any of its host's
+        // addresses, so then on all of them (sshd takes only our key).
+        (Some(host), Transport::Ssh) => {
+            Publish::Address(if host.parse::<std::net::IpAddr>().is_ok() {
+                host
+            } else {
+                "0.0.0.0".into()
+            })
+        }
+        (Some(_), Transport::Auto) => Publish::Nothing,
+    }
+}
 
 /// The host part of a `tcp://`, `http://`, `https://` or `ssh://` address.
 pub fn remote_host(addr: &str) -> Option<String> {
@@ -1073,6 +1081,27 @@ pub fn normalize_arch(a: &str) -> String {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn publish_follows_engine_and_transport() {
+        let remote = || Some("10.0.0.2".to_string());
+        assert_eq!(publish_for(None, Transport::Auto), Publish::Loopback);
+        assert_eq!(publish_for(None, Transport::Ssh), Publish::Loopback);
+        assert_eq!(publish_for(None, Transport::EngineExec), Publish::Nothing);
+        assert_eq!(publish_for(remote(), Transport::Auto), Publish::Nothing);
+        assert_eq!(
+            publish_for(remote(), Transport::EngineExec),
+            Publish::Nothing
+        );
+        assert_eq!(
+            publish_for(remote(), Transport::Ssh),
+            Publish::Address("10.0.0.2".into())
+        );
+        assert_eq!(
+            publish_for(Some("builder.example".into()), Transport::Ssh),
+            Publish::Address("0.0.0.0".into())
+        );
+    }
 
     #[test]
     fn api_versions_parse_and_compare() {

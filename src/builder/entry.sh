@@ -15,6 +15,44 @@ case "$NIXDOCK_BUILD_UID_BASE" in
 esac
 log() { echo "nixdock-entry: $*" >&2; }
 
+# A persistent nix-daemon: the hook reaches its socket through an SSH streamlocal channel, and
+# the daemon forks a worker per connection, so a build starts no process but its builder.
+launch_daemon() {
+    rm -f /nix/var/nix/daemon-socket/socket
+    "$ND/bin/nix-daemon" --daemon &
+    daemon_pid=$!
+}
+await_daemon() {
+    i=0
+    while [ ! -S /nix/var/nix/daemon-socket/socket ] && [ "$i" -lt 200 ]; do
+        if ! kill -0 "$daemon_pid" 2>/dev/null; then
+            log "nix-daemon exited at start; connections fall back to nix-daemon --stdio"
+            return 0
+        fi
+        sleep 0.05 2>/dev/null || sleep 1
+        i=$((i + 1))
+    done
+}
+start_daemon() { launch_daemon; await_daemon; }
+# sshd starts beside the daemon, not after it: an SSH cold start needs both, and a session that
+# comes before the daemon's socket runs `nix-daemon --stdio` instead (the hook's fallback).
+serve() {
+    launch_daemon
+    "$ND/bin/sshd" -D -e -f "$ND/sshd_config" &
+    sshd_pid=$!
+    serving=1
+}
+# A restart (the idle stop, `docker start`): the files nixdock uploads come only with the
+# container's creation, and the environment is the container's, so the first start's setup below
+# (links to the image's programs, users, nix.conf, sshd's needs) is in place and gives the same
+# result again: serve before anything else and redo it behind (a cold start waits for neither;
+# the architecture check below still ends the container if the binaries cannot run).
+serving=
+if [ -e "$ND/set-up" ]; then
+    serve
+    log "restart: sshd and nix-daemon started before the set-up"
+fi
+
 # `key = value` of the last line setting key in a nix.conf-like file ($1: file, $2: key).
 conf_value() {
     v=
@@ -46,12 +84,18 @@ fi
 
 nix_daemon=$(find_bin nix-daemon) || { log "FATAL: no nix-daemon in this image (Nix 2.8 or newer is required)"; exit 65; }
 sshd=$(find_bin sshd) || { log "FATAL: no sshd in this image (OpenSSH's sshd is required)"; exit 66; }
-mkdir -p "$ND/bin"
-ln -sf "$nix_daemon" "$ND/bin/nix-daemon"
 nix_bin_dir=$(dirname "$nix_daemon")
-for tool in nix-store nix nix-collect-garbage; do
-    if [ -x "$nix_bin_dir/$tool" ]; then ln -sf "$nix_bin_dir/$tool" "$ND/bin/$tool"; fi
-done
+# Made by the first start; a restart's daemon and sessions already run through them (a link
+# replaced under them could be missing for a moment), and an image is a container's for life.
+if [ -z "$serving" ]; then
+    mkdir -p "$ND/bin"
+    ln -sf "$nix_daemon" "$ND/bin/nix-daemon"
+    ln -sf "$sshd" "$ND/bin/sshd"
+    for tool in nix-store nix nix-collect-garbage; do
+        if [ -x "$nix_bin_dir/$tool" ]; then ln -sf "$nix_bin_dir/$tool" "$ND/bin/$tool"; fi
+    done
+fi
+
 
 # Builds always run as unprivileged build users, never as root: a build as root would own this
 # shared builder (replace its nix-daemon, rewrite its store) and so every later build of this
@@ -265,26 +309,10 @@ echo "PATH=${PATH:-/usr/bin:/bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/
 chmod 0600 "$ND/ssh_host_ed25519_key" "$ND/authorized_keys"
 echo "$arch" > "$ND/arch"
 
-# A persistent nix-daemon: the hook reaches its socket through an SSH streamlocal channel, and
-# the daemon forks a worker per connection, so a build starts no process but its builder.
-start_daemon() {
-    rm -f /nix/var/nix/daemon-socket/socket
-    "$nix_daemon" --daemon &
-    daemon_pid=$!
-    i=0
-    while [ ! -S /nix/var/nix/daemon-socket/socket ] && [ "$i" -lt 200 ]; do
-        if ! kill -0 "$daemon_pid" 2>/dev/null; then
-            log "nix-daemon exited at start; connections fall back to nix-daemon --stdio"
-            return 0
-        fi
-        sleep 0.05 2>/dev/null || sleep 1
-        i=$((i + 1))
-    done
-}
-start_daemon
-
-"$sshd" -D -e -f "$ND/sshd_config" &
-sshd_pid=$!
+# A first start serves once the setup above is done; a restart already did (see the top).
+if [ -z "$serving" ]; then serve; fi
+: > "$ND/set-up"
+await_daemon
 log "sshd started ($sshd), nix-daemon at $nix_daemon (pid $daemon_pid), arch $arch, build-users-group '$build_users_group', $(echo "$sandbox_conf" | tr '\n' ' ')"
 
 # max-store-size: when the store holds more than NIXDOCK_MAX_STORE_KB (du's KiB; 0: no limit),

@@ -18,7 +18,7 @@ use hook_protocol::worker::WorkerClient;
 use crate::state::{FileLock, StateDir, StateError};
 use crate::transport::holder;
 use crate::transport::keys::{self, ClientKey};
-use crate::transport::ssh::{self, SshError};
+use crate::transport::ssh::{self, SshError, SshSession};
 use crate::transport::stream_channel::unix_stream_channel;
 use crate::transport::{EngineExec, EngineExecError, Link};
 
@@ -1010,15 +1010,24 @@ impl Builders {
         let mut last;
         let mut patient = false;
         let mut delay = Duration::from_millis(20);
+        // The container's state, asked again at most every 100 ms: polls after a start come
+        // every 10 ms, and each inspect is a round trip to the engine.
+        let mut seen: Option<(Instant, ContainerInspectResponse)> = None;
         loop {
-            let c = self
-                .inspect(name)
-                .await?
-                .ok_or_else(|| BuilderError::Broken {
-                    container: name.to_string(),
-                    what: "the container disappeared".into(),
-                })?;
-            match status(&c) {
+            let c = match seen.take() {
+                Some((at, c)) if at.elapsed() < Duration::from_millis(100) => (at, c),
+                _ => (
+                    Instant::now(),
+                    self.inspect(name)
+                        .await?
+                        .ok_or_else(|| BuilderError::Broken {
+                            container: name.to_string(),
+                            what: "the container disappeared".into(),
+                        })?,
+                ),
+            };
+            let c = &seen.insert(c).1;
+            match status(c) {
                 Some(ContainerStateStatusEnum::RUNNING) => {}
                 other => {
                     let exit = c.state.as_ref().and_then(|s| s.exit_code).unwrap_or(-1);
@@ -1032,7 +1041,7 @@ impl Builders {
                     });
                 }
             }
-            let pinned = label(&c, provision::LABEL_HOST_KEY)
+            let pinned = label(c, provision::LABEL_HOST_KEY)
                 .ok_or_else(|| BuilderError::Broken {
                     container: name.to_string(),
                     what: "no pinned host key label; remove the container".into(),
@@ -1045,7 +1054,7 @@ impl Builders {
                 })?;
             let attempt = match &spec.publish {
                 Publish::Nothing => Some(self.connect_exec(name).await),
-                _ => match published_port(&c) {
+                _ => match published_port(c) {
                     Some(port) => Some(
                         self.connect_published(name, c.id.as_deref(), port, &pinned, started)
                             .await,
@@ -1104,6 +1113,7 @@ impl Builders {
                                     .map_err(self.engine.api_err())?;
                             }
                             started = true;
+                            seen = None; // its port may have changed
                             last = e.to_string();
                         }
                     }
@@ -1123,7 +1133,11 @@ impl Builders {
             // sshd is usually up within a second of the start: poll closely until then (a
             // doubling back-off overshot it by up to its last step), then back off.
             delay = if t0.elapsed() < Duration::from_secs(2) {
-                Duration::from_millis(25)
+                // An exec attempt costs the engine a process start: not every 10 ms.
+                match spec.publish {
+                    Publish::Nothing => Duration::from_millis(25),
+                    _ => Duration::from_millis(10),
+                }
             } else {
                 (delay * 2).min(Duration::from_millis(250))
             };
@@ -1166,7 +1180,14 @@ impl Builders {
                 Err(e) => tracing::debug!(container = %name, "not through an SSH holder: {e}"),
             }
         }
-        let ready = self.connect(name, addr, pinned).await?;
+        // A container just started serves SSH before its daemon's socket: wait for the socket
+        // rather than start a second daemon (`--stdio`) beside the one starting.
+        let patience = if started {
+            Duration::from_secs(1)
+        } else {
+            Duration::ZERO
+        };
+        let ready = self.connect(name, addr, pinned, patience).await?;
         if let Some(target) = &target {
             let settings = holder::Settings {
                 user: "root".into(),
@@ -1195,14 +1216,16 @@ impl Builders {
         Ok((link, daemon))
     }
 
-    /// Through the engine's exec: a `nix-daemon --stdio` in the container that forwards to
-    /// its persistent daemon, started only once that daemon's socket is there (before, the
-    /// command exits and the handshake fails, so the caller polls again).
+    /// Through the engine's exec: a `nix-daemon --stdio` in the container (as root it serves
+    /// the store itself), started only once the entry script's first set-up is done (before,
+    /// the command exits and the handshake fails, so the caller polls again). Not the daemon's
+    /// socket: a recreated container keeps its `/nix` volume, and with it the old container's
+    /// socket file, while its own nix.conf (build users, `filter-syscalls`) is not written yet.
     async fn connect_exec(&self, name: &str) -> Result<(Link, DaemonConnection), BuilderError> {
         let exec = EngineExec::new(self.engine.docker.clone(), name.to_string());
         let command = format!(
-            "[ -S {sock} ] || exit 75; exec {REMOTE_NIX_DAEMON}",
-            sock = provision::REMOTE_DAEMON_SOCKET
+            "[ -e {done} ] || exit 75; exec {REMOTE_NIX_DAEMON}",
+            done = provision::SET_UP_MARKER
         );
         let ch = exec
             .exec(&command)
@@ -1216,11 +1239,14 @@ impl Builders {
     }
 
     /// One SSH connection plus a `nix-daemon --stdio` handshake on it.
+    /// `patience`: how long the daemon's socket may be missing before a `nix-daemon --stdio`
+    /// is started instead.
     pub async fn connect(
         &self,
         name: &str,
         addr: SocketAddr,
         pinned: &russh::keys::PublicKey,
+        patience: Duration,
     ) -> Result<(Link, DaemonConnection), BuilderError> {
         let ssh_err = |source| BuilderError::Ssh {
             container: name.to_string(),
@@ -1235,12 +1261,17 @@ impl Builders {
         )
         .await
         .map_err(ssh_err)?;
-        if let Err(e) = session.touch_subsystem(provision::NODELAY_SUBSYSTEM).await {
+        // The subsystem (sshd then sets TCP_NODELAY) and the daemon's channel open side by
+        // side: neither waits for the other's round trips.
+        let (nodelay, daemon) = tokio::join!(
+            session.touch_subsystem(provision::NODELAY_SUBSYSTEM),
+            open_daemon_over_ssh(&session, name, patience)
+        );
+        if let Err(e) = nodelay {
             tracing::debug!(container = %name, "no nodelay subsystem: {e}");
         }
-        let link = Link::Ssh(session);
-        let daemon = open_daemon(&link, name).await?;
-        Ok((link, daemon))
+        let daemon = daemon?;
+        Ok((Link::Ssh(session), daemon))
     }
 }
 
@@ -1250,28 +1281,7 @@ impl Builders {
 /// `nix-daemon --stdio`.
 pub async fn open_daemon(link: &Link, name: &str) -> Result<DaemonConnection, BuilderError> {
     let ch = match link {
-        Link::Ssh(session) => match session
-            .open_unix_socket(provision::REMOTE_DAEMON_SOCKET)
-            .await
-        {
-            Ok(ch) => ch,
-            Err(e @ SshError::ConnectionLost { .. }) => {
-                return Err(BuilderError::Ssh {
-                    container: name.to_string(),
-                    source: Box::new(e),
-                });
-            }
-            Err(e) => {
-                tracing::debug!(container = %name, "no daemon socket ({e}); starting nix-daemon --stdio");
-                session
-                    .exec(REMOTE_NIX_DAEMON)
-                    .await
-                    .map_err(|source| BuilderError::Ssh {
-                        container: name.to_string(),
-                        source: Box::new(source),
-                    })?
-            }
-        },
+        Link::Ssh(session) => return open_daemon_over_ssh(session, name, Duration::ZERO).await,
         Link::Engine(exec) => {
             exec.exec(REMOTE_NIX_DAEMON)
                 .await
@@ -1287,6 +1297,43 @@ pub async fn open_daemon(link: &Link, name: &str) -> Result<DaemonConnection, Bu
                 container: name.to_string(),
                 source: Box::new(source),
             })?,
+    };
+    handshake(ch, name).await
+}
+
+/// [`open_daemon`] on an SSH session of our own, trying the daemon's socket for up to
+/// `patience` (every 10 ms).
+async fn open_daemon_over_ssh(
+    session: &SshSession,
+    name: &str,
+    patience: Duration,
+) -> Result<DaemonConnection, BuilderError> {
+    let t0 = Instant::now();
+    let ch = loop {
+        match session
+            .open_unix_socket(provision::REMOTE_DAEMON_SOCKET)
+            .await
+        {
+            Ok(ch) => break ch,
+            Err(e @ SshError::ConnectionLost { .. }) => {
+                return Err(BuilderError::Ssh {
+                    container: name.to_string(),
+                    source: Box::new(e),
+                });
+            }
+            Err(_) if t0.elapsed() < patience => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => {
+                tracing::debug!(container = %name, "no daemon socket ({e}); starting nix-daemon --stdio");
+                break session.exec(REMOTE_NIX_DAEMON).await.map_err(|source| {
+                    BuilderError::Ssh {
+                        container: name.to_string(),
+                        source: Box::new(source),
+                    }
+                })?;
+            }
+        }
     };
     handshake(ch, name).await
 }

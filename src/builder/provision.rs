@@ -24,6 +24,9 @@ pub const SSH_PORT: &str = "22/tcp";
 pub const REMOTE_NIX_DAEMON: &str = "/etc/nixdock/bin/nix-daemon --stdio";
 /// The sshd subsystem started once per connection so that sshd sets `TCP_NODELAY`.
 pub const NODELAY_SUBSYSTEM: &str = "nixdock-nodelay";
+/// Made by `entry.sh` (`$ND/set-up`) once its first set-up is done and the container serves;
+/// outside `/nix`, so a recreated container on a kept volume starts without it.
+pub const SET_UP_MARKER: &str = "/etc/nixdock/set-up";
 /// The socket of the persistent `nix-daemon` that `entry.sh` starts in every builder.
 pub const REMOTE_DAEMON_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
 
@@ -96,12 +99,12 @@ pub struct EnginePlace {
 impl EnginePlace {
     /// The top-level engine when it is a local socket (or discovered): decided without asking
     /// it, from this host's architecture.
-    pub fn local_default() -> EnginePlace {
+    pub fn local_default(cfg: &Config) -> EnginePlace {
         EnginePlace {
             name: crate::config::DEFAULT_ENGINE_NAME.to_string(),
             arch: systems::host_arch().to_string(),
             local: systems::ENGINE_IS_LOCAL,
-            publish: Publish::Loopback,
+            publish: super::engine::publish_for(None, cfg.transport),
             max_jobs: None,
             speed_factor: None,
             systems: None,
@@ -209,7 +212,7 @@ impl BuilderSpec {
 
     /// The builders the hook serves on the local default engine, decided without asking it.
     pub fn served(cfg: &Config, instance: &str) -> Vec<BuilderSpec> {
-        Self::on_engine(cfg, instance, &EnginePlace::local_default())
+        Self::on_engine(cfg, instance, &EnginePlace::local_default(cfg))
     }
 
     /// The builders `place` serves: the `[builders]` tables' systems (or, without any, the
@@ -663,6 +666,15 @@ fn sanitize(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hook's exec waits for the marker the entry script makes: the same path.
+    #[test]
+    fn set_up_marker_is_the_entry_scripts() {
+        let nd = SET_UP_MARKER.strip_suffix("/set-up").unwrap();
+        assert!(ENTRY_SCRIPT.contains(&format!("\nND={nd}\n")));
+        assert!(ENTRY_SCRIPT.contains(": > \"$ND/set-up\""));
+        assert!(ENTRY_SCRIPT.contains("[ -e \"$ND/set-up\" ]"));
+    }
 
     #[test]
     fn default_image_is_kept_under_a_tag_per_platform() {

@@ -42,7 +42,7 @@ impl PoolEngine {
     /// What the hook takes from the engine for its builders (the local default without asking).
     pub fn place(&self, cfg: &Config) -> Option<EnginePlace> {
         match &self.engine {
-            _ if self.settings.is_local_default() => Some(EnginePlace::local_default()),
+            _ if self.settings.is_local_default() => Some(EnginePlace::local_default(cfg)),
             Ok(e) => Some(e.place(cfg)),
             Err(_) => None,
         }

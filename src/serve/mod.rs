@@ -91,7 +91,7 @@ impl Served {
             };
             // The local default engine's builders as the hook knows them, without asking it.
             let place = if s.is_local_default() {
-                EnginePlace::local_default()
+                EnginePlace::local_default(config)
             } else {
                 engine.place(config)
             };

@@ -155,7 +155,7 @@ pub(super) async fn check_ssh(c: &mut Checks, engine: &Engine, env: &Env, instan
         let t = Instant::now();
         match tokio::time::timeout(
             Duration::from_secs(30),
-            builders.connect(&ex.name, addr, &pinned),
+            builders.connect(&ex.name, addr, &pinned, std::time::Duration::ZERO),
         )
         .await
         {

@@ -59,11 +59,11 @@ use std::time::Duration;
 
 use hook_protocol::store_path::StorePath;
 use hook_protocol::worker::{ActivityType, Code, Field, LogEvent, ResultType};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::hook::parent::Parent;
-use crate::transport::ssh::{ExecChannel, ExecOutput, ExitStatus, ExitWaiter, SshError};
-use crate::transport::{Link, LinkError, Reopen};
+use crate::transport::ssh::{ExecChannel, ExitStatus, SshError};
+use crate::transport::{EngineExecError, Link, LinkError, Reopen};
 
 /// Lines kept from the daemon's events for when the raw log cannot be read.
 const FALLBACK_BYTES: usize = 4 << 20;
@@ -159,6 +159,16 @@ enum Source {
 
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Reads the log file at `path` from a 1-based offset given as the first line of its standard
+/// input: its size (one line), then the bytes from there. Started before the offset is known
+/// (on an engine's exec, beside the build); no offset, no reading.
+fn rest_command(path: &str) -> String {
+    let q = shell_quote(path);
+    format!(
+        "IFS= read -r n || exit 0; case $n in ''|*[!0-9]*) exit 64 ;; esac; wc -c < {q} && tail -c +\"$n\" -- {q}"
+    )
 }
 
 /// The log file's components beneath the builder's `/nix`.
@@ -269,6 +279,10 @@ pub(super) struct Live<'a> {
     /// `(dev, ino)` of the file followed in a local builder's volume, to notice at the end
     /// that the path now names another file.
     followed: Option<(u64, u64)>,
+    /// Through an engine's exec, where each command is a process start in the container
+    /// (~50 ms on a remote engine): the end read's command, started beside the build and
+    /// waiting for its offset on standard input ([`rest_command`]).
+    rest_reader: Option<tokio::task::JoinHandle<Result<ExecChannel, EngineExecError>>>,
 }
 
 impl<'a> Live<'a> {
@@ -279,14 +293,25 @@ impl<'a> Live<'a> {
         builder: &'a str,
         drv: &'a StorePath,
     ) -> Self {
+        let source = source_for(reopen, drv);
+        let rest_reader = match (session, &source) {
+            (Some(Link::Engine(exec)), Some(Source::Container(path))) => {
+                let (exec, command) = (exec.clone(), rest_command(path));
+                // Dropped unused (no build started, the build failed), its input ends and so
+                // does the command, before it read anything.
+                Some(tokio::spawn(async move { exec.exec(&command).await }))
+            }
+            _ => None,
+        };
         Live {
             parent,
             session,
             builder,
             drv,
-            source: source_for(reopen, drv),
+            source,
             forwarded: 0,
             followed: None,
+            rest_reader,
         }
     }
 
@@ -441,13 +466,20 @@ impl<'a> Live<'a> {
             }
             Some(Source::Container(path)) => {
                 // Its size first (one line), then the bytes not shown yet.
-                let q = shell_quote(&path);
-                let command = format!(
-                    "wc -c < {q} && tail -c +{} -- {q}",
-                    self.forwarded.saturating_add(1)
-                );
+                let command = rest_command(&path);
+                let from = self.forwarded.saturating_add(1);
                 // Its exit status tells nothing more: the bytes are counted.
-                let (mut out, _) = self.exec_output(&command).await?;
+                let ch = match self.rest_reader.take() {
+                    Some(started) => started.await?.map_err(|e| LogError::Exec {
+                        command: command.clone(),
+                        source: e.into(),
+                    })?,
+                    None => self.exec_channel(&command).await?,
+                };
+                let mut stdin = ch.stdin;
+                stdin.write_all(format!("{from}\n").as_bytes()).await?;
+                stdin.shutdown().await?;
+                let mut out = tokio::io::BufReader::new(ch.stdout);
                 let mut line = Vec::new();
                 tokio::time::timeout(READ_IDLE, (&mut out).take(32).read_until(b'\n', &mut line))
                     .await
@@ -465,7 +497,8 @@ impl<'a> Live<'a> {
                 self.copy_exact(&mut out, size).await
             }
             Some(Source::ReadLog(command)) => {
-                let (mut out, exit) = self.exec_output(&command).await?;
+                let ch = self.exec_channel(&command).await?;
+                let (mut out, exit) = (tokio::io::BufReader::new(ch.stdout), ch.exit);
                 self.copy_exact(&mut out, u64::MAX).await?;
                 // No log there prints nothing: only the status tells.
                 drop(out);
@@ -479,19 +512,15 @@ impl<'a> Live<'a> {
         }
     }
 
-    async fn exec_output(
-        &self,
-        command: &str,
-    ) -> Result<(tokio::io::BufReader<ExecOutput>, ExitWaiter), LogError> {
+    async fn exec_channel(&self, command: &str) -> Result<ExecChannel, LogError> {
         let session = self.session.ok_or(LogError::NoSession)?;
-        let ch = session
+        session
             .exec(command)
             .await
             .map_err(|source| LogError::Exec {
                 command: command.to_string(),
                 source,
-            })?;
-        Ok((tokio::io::BufReader::new(ch.stdout), ch.exit))
+            })
     }
 
     /// Copies from `r` until the forwarded offset reaches `end` (or `r` ends, when `end` is
@@ -635,6 +664,34 @@ mod tests {
             hook_protocol::log::build_log_rel_path(&drv).join("/"),
             "drvs/84/kq5j53z5m4p7w8fckf5b810ys083ig-x.drv"
         );
+    }
+
+    /// The end read's command, run by the `sh` builders run it with: size, then the bytes from
+    /// the offset it is given; nothing read without an offset; no number, no reading.
+    #[cfg(unix)]
+    #[test]
+    fn rest_command_reads_from_the_offset_it_is_given() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("it's a log");
+        std::fs::write(&log, b"0123\r\n@nix x").unwrap();
+        let run = |stdin: &[u8]| {
+            let mut c = std::process::Command::new("/bin/sh")
+                .args(["-c", &rest_command(log.to_str().unwrap())])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            c.stdin.take().unwrap().write_all(stdin).unwrap();
+            let o = c.wait_with_output().unwrap();
+            (o.status.code(), o.stdout)
+        };
+        assert_eq!(run(b"1\n"), (Some(0), b"12\n0123\r\n@nix x".to_vec()));
+        assert_eq!(run(b"5\n"), (Some(0), b"12\n\r\n@nix x".to_vec()));
+        assert_eq!(run(b"13\n"), (Some(0), b"12\n".to_vec()));
+        assert_eq!(run(b""), (Some(0), Vec::new()));
+        assert_eq!(run(b"1; cat /etc/passwd\n"), (Some(64), Vec::new()));
     }
 
     #[cfg(unix)]
