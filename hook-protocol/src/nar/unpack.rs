@@ -94,14 +94,8 @@ pub async fn unpack_nar<R: AsyncRead + Unpin + ?Sized>(
     let hasher = tokio::task::spawn_blocking(move || hash_all(hash_rx));
 
     let mut sink = UnpackSink {
-        tx,
-        batch: Vec::new(),
-        batch_bytes: 0,
-        hash: HashFeed {
-            tx: Some(hash_tx),
-            batch: Vec::new(),
-            batch_bytes: 0,
-        },
+        ops: Batcher::new(tx, "the unpacking thread stopped"),
+        hash: Batcher::new(hash_tx, "the hashing thread stopped"),
     };
     // The parser hands every byte of the NAR, in order, to the sink (structure through `raw`,
     // contents through `file_data`), which passes them to the hashing thread.
@@ -109,7 +103,7 @@ pub async fn unpack_nar<R: AsyncRead + Unpin + ?Sized>(
     let parsed = match parsed {
         Ok(summary) => async {
             sink.push(Op::Finish).await?;
-            sink.flush().await?;
+            sink.ops.flush().await?;
             sink.hash.finish().await
         }
         .await
@@ -152,22 +146,32 @@ fn hash_all(mut rx: mpsc::Receiver<Vec<Bytes>>) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// The NAR's bytes on their way to the hashing thread, batched like the writer's commands.
-struct HashFeed {
+/// Items on their way to a blocking thread, sent in batches of up to `BATCH_OPS` items or
+/// `BATCH_BYTES` bytes, so the channel is crossed once per batch rather than per item.
+struct Batcher<T> {
     /// `None` once finished.
-    tx: Option<mpsc::Sender<Vec<Bytes>>>,
-    batch: Vec<Bytes>,
-    batch_bytes: usize,
+    tx: Option<mpsc::Sender<Vec<T>>>,
+    batch: Vec<T>,
+    bytes: usize,
+    /// What the thread does, for the error when it stopped listening.
+    thread: &'static str,
 }
 
-impl HashFeed {
-    async fn push(&mut self, piece: Bytes) -> Result<(), NarError> {
-        if piece.is_empty() {
-            return Ok(());
+impl<T> Batcher<T> {
+    fn new(tx: mpsc::Sender<Vec<T>>, thread: &'static str) -> Self {
+        Batcher {
+            tx: Some(tx),
+            batch: Vec::new(),
+            bytes: 0,
+            thread,
         }
-        self.batch_bytes += piece.len();
-        self.batch.push(piece);
-        if self.batch.len() >= BATCH_OPS || self.batch_bytes >= BATCH_BYTES {
+    }
+
+    /// Queues `item`, which counts `bytes` towards the batch's size.
+    async fn push(&mut self, item: T, bytes: usize) -> Result<(), NarError> {
+        self.bytes += bytes;
+        self.batch.push(item);
+        if self.batch.len() >= BATCH_OPS || self.bytes >= BATCH_BYTES {
             self.flush().await?;
         }
         Ok(())
@@ -178,17 +182,17 @@ impl HashFeed {
             return Ok(());
         }
         let batch = std::mem::take(&mut self.batch);
-        self.batch_bytes = 0;
+        self.bytes = 0;
         let tx = self
             .tx
             .as_ref()
-            .ok_or(NarError::Internal("the NAR was hashed already"))?;
+            .ok_or(NarError::Internal("a batch after the end"))?;
         tx.send(batch)
             .await
-            .map_err(|_| NarError::Internal("the hashing thread stopped"))
+            .map_err(|_| NarError::Internal(self.thread))
     }
 
-    /// Sends what is left and closes the channel, which ends the hashing thread.
+    /// Sends what is left and closes the channel, which ends the thread's loop.
     async fn finish(&mut self) -> Result<(), NarError> {
         self.flush().await?;
         self.tx = None;
@@ -196,35 +200,27 @@ impl HashFeed {
     }
 }
 
+/// Structure and contents to the writing thread, every byte of the NAR to the hashing thread.
 struct UnpackSink {
-    tx: mpsc::Sender<Vec<Op>>,
-    batch: Vec<Op>,
-    batch_bytes: usize,
-    hash: HashFeed,
+    ops: Batcher<Op>,
+    hash: Batcher<Bytes>,
 }
 
 impl UnpackSink {
     async fn push(&mut self, op: Op) -> Result<(), NarError> {
-        if let Op::Data(d) = &op {
-            self.batch_bytes += d.len();
-        }
-        self.batch.push(op);
-        if self.batch.len() >= BATCH_OPS || self.batch_bytes >= BATCH_BYTES {
-            self.flush().await?;
-        }
-        Ok(())
+        let bytes = match &op {
+            Op::Data(d) => d.len(),
+            _ => 0,
+        };
+        self.ops.push(op, bytes).await
     }
 
-    async fn flush(&mut self) -> Result<(), NarError> {
-        if self.batch.is_empty() {
+    async fn hash(&mut self, piece: Bytes) -> Result<(), NarError> {
+        if piece.is_empty() {
             return Ok(());
         }
-        let batch = std::mem::take(&mut self.batch);
-        self.batch_bytes = 0;
-        self.tx
-            .send(batch)
-            .await
-            .map_err(|_| NarError::Internal("the unpacking thread stopped"))
+        let n = piece.len();
+        self.hash.push(piece, n).await
     }
 }
 
@@ -249,7 +245,7 @@ impl NarSink for UnpackSink {
     }
     async fn file_data(&mut self, data: Bytes) -> Result<(), NarError> {
         // The same bytes, shared: one for the hash, one for the file.
-        self.hash.push(data.clone()).await?;
+        self.hash(data.clone()).await?;
         self.push(Op::Data(data)).await
     }
     async fn file_end(&mut self) -> Result<(), NarError> {
@@ -263,7 +259,7 @@ impl NarSink for UnpackSink {
         .await
     }
     async fn raw(&mut self, bytes: &mut BytesMut, _last: bool) -> Result<(), NarError> {
-        self.hash.push(bytes.split().freeze()).await
+        self.hash(bytes.split().freeze()).await
     }
 }
 
