@@ -23,9 +23,9 @@ struct Install {
     container: String,
 }
 
-fn config_text(persist: u64, idle_timeout: u64, extra: &str) -> String {
+fn config_text(transport: &str, persist: u64, idle_timeout: u64, extra: &str) -> String {
     format!(
-        "transport = \"ssh\"\nssh-persist = {persist}\n[builders.\"x86_64-linux\"]\nimage = \"{}\"\n\
+        "transport = \"{transport}\"\nssh-persist = {persist}\n[builders.\"x86_64-linux\"]\nimage = \"{}\"\n\
          idle-timeout = {idle_timeout}\n{extra}",
         image("bookworm-amd64")
     )
@@ -37,9 +37,13 @@ impl Install {
     }
 
     fn with(persist: u64, idle_timeout: u64) -> Install {
+        Install::over("ssh", persist, idle_timeout)
+    }
+
+    fn over(transport: &str, persist: u64, idle_timeout: u64) -> Install {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("nixdock.toml");
-        std::fs::write(&config, config_text(persist, idle_timeout, "")).unwrap();
+        std::fs::write(&config, config_text(transport, persist, idle_timeout, "")).unwrap();
         let state = dir.path().join("state");
         let id = StateDir::open(&state).unwrap().instance_id().unwrap();
         Install {
@@ -254,6 +258,64 @@ fn later_builds_go_through_the_holder_over_one_ssh_session() {
     );
 }
 
+/// Through the engine's exec (here `transport = "engine-exec"` on this host's engine, the way
+/// to a remote engine's builders): the holder keeps a `nix-daemon --stdio` started ahead, so a
+/// warm build's daemon connection costs no exec; a killed holder leaves the hooks their own
+/// way, and an idle one ends with its spare daemon gone from the container.
+#[test]
+fn engine_exec_builds_take_a_daemon_the_holder_started_ahead() {
+    if !common::require_bed() {
+        return;
+    }
+    let i = Install::over("engine-exec", 3, 600);
+    let spares = || {
+        let o = docker([
+            "exec",
+            &i.container,
+            "sh",
+            "-c",
+            "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done",
+        ]);
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.contains("nix-daemon --stdio"))
+            .count()
+    };
+    assert_eq!(i.build(), "engine exec, cold");
+    let (pid, _) = i.wait_for_holder();
+    assert!(
+        wait_until(Duration::from_secs(10), || spares() == 1),
+        "no daemon started ahead: {} running",
+        spares()
+    );
+    for _ in 0..2 {
+        assert_eq!(i.build(), "engine exec holder", "{}", i.log());
+        // The next one is started once the build's connection ended.
+        assert!(
+            wait_until(Duration::from_secs(10), || spares() == 1),
+            "{} daemons --stdio running between builds",
+            spares()
+        );
+    }
+    assert_eq!(i.holders(), vec![pid]);
+
+    kill(pid, "KILL");
+    assert_eq!(i.build(), "engine exec", "{}", i.log());
+    // The killed holder's spare ended with its connection; the build started a new holder,
+    // which exits idle after 3 s and takes its spare with it.
+    let (pid2, socket2) = i.wait_for_holder();
+    assert_ne!(pid2, pid);
+    assert!(
+        wait_until(Duration::from_secs(20), || !alive(pid2)
+            && !socket2.exists()
+            && spares() == 0),
+        "holder {pid2} alive {}, socket there {}, {} daemons --stdio in the container",
+        alive(pid2),
+        socket2.exists(),
+        spares()
+    );
+}
+
 #[test]
 fn an_idle_holder_exits_and_removes_its_socket() {
     if !common::require_bed() {
@@ -297,7 +359,7 @@ fn a_recreated_container_never_reaches_the_old_holder() {
     let (old_pid, old_socket) = i.wait_for_holder();
     let old_id = common::docker_ok(["inspect", "-f", "{{.Id}}", &i.container]);
     // A configuration change recreates the container (new id, new host key, new port).
-    std::fs::write(&i.config, config_text(60, 600, "cpus = 1.5\n")).unwrap();
+    std::fs::write(&i.config, config_text("ssh", 60, 600, "cpus = 1.5\n")).unwrap();
     assert_eq!(i.build(), "ssh, cold");
     assert_ne!(
         common::docker_ok(["inspect", "-f", "{{.Id}}", &i.container]),
@@ -399,7 +461,7 @@ fn eight_simultaneous_builds_start_one_holder() {
     // A warm builder with no holder: start it with persist off, then turn persist on.
     let i = Install::new(0);
     i.build();
-    std::fs::write(&i.config, config_text(60, 600, "")).unwrap();
+    std::fs::write(&i.config, config_text("ssh", 60, 600, "")).unwrap();
     assert!(i.holders().is_empty());
     let scripts: Vec<String> = (0..8)
         .map(|n| format!("echo par-{n}; sleep 1; echo {n} > $out"))

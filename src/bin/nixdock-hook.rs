@@ -8,7 +8,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     // The SSH connection holder a hook started (its parameters come on stdin).
     if args.get(1).map(String::as_str) == Some("--ssh-holder") {
-        std::process::exit(nixdock::transport::holder::server::main());
+        std::process::exit(nixdock::transport::holder::server::main(holder_engine));
     }
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
@@ -65,4 +65,24 @@ fn main() {
     // stderr as the end of the build, so exit now with the status we mean.
     rt.shutdown_background();
     std::process::exit(code);
+}
+
+/// An engine holder's engine, found as a hook finds it: by its name in the config (the
+/// holder inherits the hook's environment, so the same config file).
+fn holder_engine(
+    name: String,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bollard::Docker, String>>>> {
+    use nixdock::builder::engine::{Engine, EngineSettings};
+    use nixdock::config::Config;
+    Box::pin(async move {
+        let cfg = Config::load(&Config::path_from_env()).map_err(|e| e.to_string())?;
+        let settings = EngineSettings::pool(&cfg)
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| format!("no engine named {name} in the config"))?;
+        let engine = Engine::discover(&settings)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(engine.docker)
+    })
 }

@@ -1053,7 +1053,10 @@ impl Builders {
                     })
                 })?;
             let attempt = match &spec.publish {
-                Publish::Nothing => Some(self.connect_exec(name).await),
+                Publish::Nothing => Some(
+                    self.connect_exec_or_held(name, c.id.as_deref(), started)
+                        .await,
+                ),
                 _ => match published_port(c) {
                     Some(port) => Some(
                         self.connect_published(name, c.id.as_deref(), port, &pinned, started)
@@ -1166,12 +1169,7 @@ impl Builders {
             })?;
         let target = id
             .filter(|_| !self.ssh_persist.is_zero())
-            .map(|id| holder::Target {
-                container: name.to_string(),
-                container_id: id.to_string(),
-                addr,
-                host_key: pinned.clone(),
-            });
+            .map(|id| holder::Target::ssh(name, id, addr, pinned.clone()));
         if let Some(target) = &target
             && !started
         {
@@ -1189,13 +1187,53 @@ impl Builders {
         };
         let ready = self.connect(name, addr, pinned, patience).await?;
         if let Some(target) = &target {
-            let settings = holder::Settings {
-                user: "root".into(),
-                daemon_socket: provision::REMOTE_DAEMON_SOCKET.into(),
-                nodelay_subsystem: Some(provision::NODELAY_SUBSYSTEM.into()),
-                persist: self.ssh_persist,
-            };
-            holder::start(&self.state, target, &settings).await;
+            holder::start(&self.state, target, &self.holder_settings()).await;
+        }
+        Ok(ready)
+    }
+
+    /// What a holder for one of these builders is started with.
+    fn holder_settings(&self) -> holder::Settings {
+        holder::Settings {
+            user: "root".into(),
+            daemon_socket: provision::REMOTE_DAEMON_SOCKET.into(),
+            nodelay_subsystem: Some(provision::NODELAY_SUBSYSTEM.into()),
+            persist: self.ssh_persist,
+            daemon_command: exec_daemon_command(),
+        }
+    }
+
+    /// Through the engine's exec, by way of the builder's holder when one answers (not for a
+    /// container just started: no holder can serve it yet), else directly, starting a holder
+    /// for the next builds: it keeps a daemon connection started ahead, so a warm build pays
+    /// no exec of its own for it.
+    async fn connect_exec_or_held(
+        &self,
+        name: &str,
+        id: Option<&str>,
+        started: bool,
+    ) -> Result<(Link, DaemonConnection), BuilderError> {
+        let target = id
+            .filter(|_| !self.ssh_persist.is_zero())
+            .map(|id| holder::Target {
+                container: name.to_string(),
+                container_id: id.to_string(),
+                via: holder::Via::Engine {
+                    engine: self.engine.name.clone(),
+                    host: self.engine.addr.clone(),
+                },
+            });
+        if let Some(target) = &target
+            && !started
+        {
+            match self.connect_holder(name, target).await {
+                Ok(ready) => return Ok(ready),
+                Err(e) => tracing::debug!(container = %name, "not through a holder: {e}"),
+            }
+        }
+        let ready = self.connect_exec(name).await?;
+        if let Some(target) = &target {
+            holder::start(&self.state, target, &self.holder_settings()).await;
         }
         Ok(ready)
     }
@@ -1223,12 +1261,8 @@ impl Builders {
     /// socket file, while its own nix.conf (build users, `filter-syscalls`) is not written yet.
     async fn connect_exec(&self, name: &str) -> Result<(Link, DaemonConnection), BuilderError> {
         let exec = EngineExec::new(self.engine.docker.clone(), name.to_string());
-        let command = format!(
-            "[ -e {done} ] || exit 75; exec {REMOTE_NIX_DAEMON}",
-            done = provision::SET_UP_MARKER
-        );
         let ch = exec
-            .exec(&command)
+            .exec(&exec_daemon_command())
             .await
             .map_err(|source| BuilderError::Exec {
                 container: name.to_string(),
@@ -1273,6 +1307,14 @@ impl Builders {
         let daemon = daemon?;
         Ok((Link::Ssh(session), daemon))
     }
+}
+
+/// The daemon connection through an engine's exec (see `connect_exec`).
+fn exec_daemon_command() -> String {
+    format!(
+        "[ -e {done} ] || exit 75; exec {REMOTE_NIX_DAEMON}",
+        done = provision::SET_UP_MARKER
+    )
 }
 
 /// Opens a store connection on an existing session: to the builder's persistent

@@ -565,7 +565,10 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
                     (crate::transport::Link::Ssh(_), false) => "ssh",
                     (crate::transport::Link::Engine(_), true) => "engine exec, cold",
                     (crate::transport::Link::Engine(_), false) => "engine exec",
-                    (crate::transport::Link::Holder(_), _) => "ssh holder",
+                    (crate::transport::Link::Holder(h), _) => match h.via() {
+                        crate::transport::holder::Via::Ssh { .. } => "ssh holder",
+                        crate::transport::holder::Via::Engine { .. } => "engine exec holder",
+                    },
                 };
                 Ok::<_, crate::builder::BuilderError>((
                     RemoteStore {

@@ -62,8 +62,9 @@ use hook_protocol::worker::{ActivityType, Code, Field, LogEvent, ResultType};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::hook::parent::Parent;
+use crate::transport::holder::Via;
 use crate::transport::ssh::{ExecChannel, ExitStatus, SshError};
-use crate::transport::{EngineExecError, Link, LinkError, Reopen};
+use crate::transport::{Link, LinkError, Reopen};
 
 /// Lines kept from the daemon's events for when the raw log cannot be read.
 const FALLBACK_BYTES: usize = 4 << 20;
@@ -279,10 +280,11 @@ pub(super) struct Live<'a> {
     /// `(dev, ino)` of the file followed in a local builder's volume, to notice at the end
     /// that the path now names another file.
     followed: Option<(u64, u64)>,
-    /// Through an engine's exec, where each command is a process start in the container
-    /// (~50 ms on a remote engine): the end read's command, started beside the build and
-    /// waiting for its offset on standard input ([`rest_command`]).
-    rest_reader: Option<tokio::task::JoinHandle<Result<ExecChannel, EngineExecError>>>,
+    /// Through an engine's exec (directly or through its holder), where each command is a
+    /// process start in the container (~50 ms on a remote engine): the end read's command,
+    /// started beside the build and waiting for its offset on standard input
+    /// ([`rest_command`]).
+    rest_reader: Option<tokio::task::JoinHandle<Result<ExecChannel, LinkError>>>,
 }
 
 impl<'a> Live<'a> {
@@ -294,12 +296,22 @@ impl<'a> Live<'a> {
         drv: &'a StorePath,
     ) -> Self {
         let source = source_for(reopen, drv);
+        // Dropped unused (no build started, the build failed), its input ends and so does the
+        // command, before it read anything.
         let rest_reader = match (session, &source) {
             (Some(Link::Engine(exec)), Some(Source::Container(path))) => {
                 let (exec, command) = (exec.clone(), rest_command(path));
-                // Dropped unused (no build started, the build failed), its input ends and so
-                // does the command, before it read anything.
-                Some(tokio::spawn(async move { exec.exec(&command).await }))
+                Some(tokio::spawn(async move {
+                    exec.exec(&command).await.map_err(LinkError::from)
+                }))
+            }
+            (Some(Link::Holder(held)), Some(Source::Container(path)))
+                if matches!(held.via(), Via::Engine { .. }) =>
+            {
+                let (held, command) = (held.clone(), rest_command(path));
+                Some(tokio::spawn(async move {
+                    held.exec(&command).await.map_err(LinkError::from)
+                }))
             }
             _ => None,
         };
@@ -470,9 +482,9 @@ impl<'a> Live<'a> {
                 let from = self.forwarded.saturating_add(1);
                 // Its exit status tells nothing more: the bytes are counted.
                 let ch = match self.rest_reader.take() {
-                    Some(started) => started.await?.map_err(|e| LogError::Exec {
+                    Some(started) => started.await?.map_err(|source| LogError::Exec {
                         command: command.clone(),
-                        source: e.into(),
+                        source,
                     })?,
                     None => self.exec_channel(&command).await?,
                 };

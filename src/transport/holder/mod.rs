@@ -46,15 +46,60 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Target {
     pub container: String,
     pub container_id: String,
-    pub addr: SocketAddr,
-    pub host_key: russh::keys::PublicKey,
+    pub via: Via,
+}
+
+/// How a holder reaches its builder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// One SSH session to the sshd at `addr`, which must prove `host_key`.
+    Ssh {
+        addr: SocketAddr,
+        host_key: russh::keys::PublicKey,
+    },
+    /// The engine's exec: `engine` as the config names it, at `host` (its address). The
+    /// holder keeps one `nix-daemon --stdio` started ahead, so a hook's daemon connection
+    /// costs no process start in the container.
+    Engine { engine: String, host: String },
 }
 
 impl Target {
+    /// The SSH target of `container` (`id`) at `addr` with `host_key`.
+    pub fn ssh(
+        container: &str,
+        id: &str,
+        addr: SocketAddr,
+        host_key: russh::keys::PublicKey,
+    ) -> Target {
+        Target {
+            container: container.to_owned(),
+            container_id: id.to_owned(),
+            via: Via::Ssh { addr, host_key },
+        }
+    }
+
+    /// Where its channels go, as the hello and the socket's name say it.
+    fn addr_line(&self) -> String {
+        match &self.via {
+            Via::Ssh { addr, .. } => addr.to_string(),
+            Via::Engine { engine, host } => format!("engine {engine} {host}"),
+        }
+    }
+
     fn host_key_line(&self) -> String {
-        self.host_key
-            .to_openssh()
-            .unwrap_or_else(|_| keys::fingerprint(&self.host_key))
+        match &self.via {
+            Via::Ssh { host_key, .. } => host_key
+                .to_openssh()
+                .unwrap_or_else(|_| keys::fingerprint(host_key)),
+            Via::Engine { .. } => "-".to_owned(),
+        }
+    }
+
+    fn host_key_fingerprint(&self) -> String {
+        match &self.via {
+            Via::Ssh { host_key, .. } => keys::fingerprint(host_key),
+            Via::Engine { .. } => "-".to_owned(),
+        }
     }
 
     /// The socket's file name: a hash of everything the session depends on.
@@ -64,7 +109,7 @@ impl Target {
             protocol::VERSION,
             &self.container,
             &self.container_id,
-            &self.addr.to_string(),
+            &self.addr_line(),
             &self.host_key_line(),
         ] {
             h.update(part.as_bytes());
@@ -84,8 +129,8 @@ impl Target {
         Hello {
             container: self.container.clone(),
             container_id: self.container_id.clone(),
-            addr: self.addr.to_string(),
-            host_key: keys::fingerprint(&self.host_key),
+            addr: self.addr_line(),
+            host_key: self.host_key_fingerprint(),
             pid,
         }
     }
@@ -94,8 +139,8 @@ impl Target {
     fn matches(&self, h: &Hello) -> bool {
         h.container == self.container
             && h.container_id == self.container_id
-            && h.addr == self.addr.to_string()
-            && h.host_key == keys::fingerprint(&self.host_key)
+            && h.addr == self.addr_line()
+            && h.host_key == self.host_key_fingerprint()
     }
 }
 
@@ -110,6 +155,8 @@ pub struct Settings {
     pub nodelay_subsystem: Option<String>,
     /// Idle time after which the holder exits.
     pub persist: Duration,
+    /// Through an engine's exec: the command a `daemon` request runs.
+    pub daemon_command: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -198,9 +245,9 @@ impl HolderLink {
         &self.socket
     }
 
-    /// The builder's address (what its session went to).
-    pub fn addr(&self) -> SocketAddr {
-        self.target.addr
+    /// How the holder reaches the builder.
+    pub fn via(&self) -> &Via {
+        &self.target.via
     }
 
     /// A connection to the builder's daemon socket.
@@ -516,12 +563,16 @@ mod tests {
 
     fn target() -> Target {
         let key = keys::generate_host_key().unwrap();
-        Target {
-            container: "nixdock-abcd1234-x86_64-linux".into(),
-            container_id: "f00d".into(),
-            addr: "127.0.0.1:32768".parse().unwrap(),
-            host_key: key.public_key().clone(),
-        }
+        Target::ssh(
+            "nixdock-abcd1234-x86_64-linux",
+            "f00d",
+            "127.0.0.1:32768".parse().unwrap(),
+            key.public_key().clone(),
+        )
+    }
+
+    fn with_via(t: &Target, via: Via) -> Target {
+        Target { via, ..t.clone() }
     }
 
     #[test]
@@ -533,12 +584,43 @@ mod tests {
         let mut other = t.clone();
         other.container_id = "f00e".into();
         assert_ne!(other.socket_name(), name);
-        let mut other = t.clone();
-        other.addr = "127.0.0.1:32769".parse().unwrap();
+        let Via::Ssh { addr, host_key } = t.via.clone() else {
+            unreachable!()
+        };
+        let other = with_via(
+            &t,
+            Via::Ssh {
+                addr: "127.0.0.1:32769".parse().unwrap(),
+                host_key: host_key.clone(),
+            },
+        );
         assert_ne!(other.socket_name(), name);
-        let mut other = t.clone();
-        other.host_key = keys::generate_host_key().unwrap().public_key().clone();
+        let other = with_via(
+            &t,
+            Via::Ssh {
+                addr,
+                host_key: keys::generate_host_key().unwrap().public_key().clone(),
+            },
+        );
         assert_ne!(other.socket_name(), name);
+        // Through an engine: another holder, one per engine.
+        let engine = |e: &str| {
+            with_via(
+                &t,
+                Via::Engine {
+                    engine: e.into(),
+                    host: "tcp://10.0.0.2:2376".into(),
+                },
+            )
+        };
+        assert_ne!(engine("remote").socket_name(), name);
+        assert_ne!(
+            engine("remote").socket_name(),
+            engine("other").socket_name()
+        );
+        assert!(engine("remote").matches(&engine("remote").hello(1)));
+        assert!(!engine("remote").matches(&engine("other").hello(1)));
+        assert!(!t.matches(&engine("remote").hello(1)));
         let mut other = t.clone();
         other.container = "nixdock-abcd1234-aarch64-linux".into();
         assert_ne!(other.socket_name(), name);

@@ -14,10 +14,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::protocol::{self, Hello, ProtocolError, Reply, Request};
-use super::{LOCK_FD, Settings, Target, socket_path};
+use super::{LOCK_FD, Settings, Target, Via, socket_path};
 use crate::state::{FileLock, StateDir};
 use crate::transport::keys;
 use crate::transport::ssh::{self, ExecChannel, SshSession};
+use crate::transport::{EngineExec, EngineExecError};
+use bollard::Docker;
 
 /// The SSH connect's deadline, as a hook's.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,13 +49,20 @@ impl Params {
             self.state_dir.to_string_lossy().into_owned(),
             t.container.clone(),
             t.container_id.clone(),
-            t.addr.to_string(),
-            t.host_key_line(),
+        ]
+        .into_iter()
+        .chain(match &t.via {
+            Via::Ssh { addr, .. } => ["ssh".to_owned(), addr.to_string(), t.host_key_line()],
+            Via::Engine { engine, host } => ["engine".to_owned(), engine.clone(), host.clone()],
+        })
+        .chain([
             s.user.clone(),
             s.daemon_socket.clone(),
             s.nodelay_subsystem.clone().unwrap_or_default(),
             s.persist.as_secs().to_string(),
-        ]
+            s.daemon_command.clone(),
+        ])
+        .collect()
     }
 
     pub fn parse(fields: Vec<String>) -> Result<Params, ProtocolError> {
@@ -65,14 +74,16 @@ impl Params {
                 state_dir,
                 container,
                 container_id,
-                addr,
-                host_key,
+                via,
+                a,
+                b,
                 user,
                 daemon_socket,
                 nodelay,
                 persist,
+                daemon_command,
             ],
-        ) = <[String; 11]>::try_from(fields)
+        ) = <[String; 13]>::try_from(fields)
         else {
             return Err(bad("wrong number of fields"));
         };
@@ -84,21 +95,28 @@ impl Params {
             target: Target {
                 container,
                 container_id,
-                addr: addr.parse().map_err(|_| bad("address"))?,
-                host_key: keys::parse_public_key(&host_key).map_err(|_| bad("host key"))?,
+                via: match via.as_str() {
+                    "ssh" => Via::Ssh {
+                        addr: a.parse().map_err(|_| bad("address"))?,
+                        host_key: keys::parse_public_key(&b).map_err(|_| bad("host key"))?,
+                    },
+                    "engine" => Via::Engine { engine: a, host: b },
+                    _ => return Err(bad("the way to the builder")),
+                },
             },
             settings: Settings {
                 user,
                 daemon_socket,
                 nodelay_subsystem: Some(nodelay).filter(|n| !n.is_empty()),
                 persist: Duration::from_secs(persist.parse().map_err(|_| bad("persist"))?),
+                daemon_command,
             },
         })
     }
 }
 
 /// `nixdock-hook --ssh-holder`: the process's exit status.
-pub fn main() -> i32 {
+pub fn main(connect_engine: ConnectEngine) -> i32 {
     // First, before anything opens a file that could get its number: the start lock the hook
     // handed on, held until the socket is in place.
     let lock = take_lock_fd();
@@ -121,7 +139,7 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    let code = rt.block_on(serve(params, state, lock));
+    let code = rt.block_on(serve(params, state, lock, connect_engine));
     rt.shutdown_background();
     code
 }
@@ -204,40 +222,70 @@ impl Drop for ActiveGuard {
     }
 }
 
-async fn serve(p: Params, state: StateDir, lock: Option<OwnedFd>) -> i32 {
+/// Connects to an engine by the name the config gives it. The hook binary passes the builder
+/// layer's discovery (the same checks as a hook's); the holder itself reads no config.
+pub type ConnectEngine =
+    fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Docker, String>>>>;
+
+async fn serve(
+    p: Params,
+    state: StateDir,
+    lock: Option<OwnedFd>,
+    connect_engine: ConnectEngine,
+) -> i32 {
     let Params {
         target, settings, ..
     } = p;
     let pid = std::process::id();
     let container = target.container.clone();
-    let key = match keys::load_or_create_client_key(state.path()) {
-        Ok(k) => k,
-        Err(e) => {
-            tracing::warn!(%container, holder = pid, "SSH holder: {e}");
-            return 1;
-        }
-    };
     let t0 = Instant::now();
-    let session = match ssh::connect(
-        target.addr,
-        &settings.user,
-        &key,
-        &target.host_key,
-        CONNECT_TIMEOUT,
-    )
-    .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::info!(%container, holder = pid, "SSH holder not started: {e}");
-            return 1;
+    let held = match &target.via {
+        Via::Ssh { addr, host_key } => {
+            let key = match keys::load_or_create_client_key(state.path()) {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!(%container, holder = pid, "SSH holder: {e}");
+                    return 1;
+                }
+            };
+            let session =
+                match ssh::connect(*addr, &settings.user, &key, host_key, CONNECT_TIMEOUT).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::info!(%container, holder = pid, "SSH holder not started: {e}");
+                        return 1;
+                    }
+                };
+            if let Some(sub) = &settings.nodelay_subsystem
+                && let Err(e) = session.touch_subsystem(sub).await
+            {
+                tracing::debug!(%container, "no nodelay subsystem: {e}");
+            }
+            Held::Ssh(session)
+        }
+        Via::Engine { engine, .. } => {
+            let docker = match tokio::time::timeout(CONNECT_TIMEOUT, connect_engine(engine.clone()))
+                .await
+            {
+                Ok(Ok(d)) => d,
+                Ok(Err(e)) => {
+                    tracing::info!(%container, holder = pid, "holder not started: engine {engine}: {e}");
+                    return 1;
+                }
+                Err(_) => {
+                    tracing::info!(%container, holder = pid, "holder not started: engine {engine} did not answer");
+                    return 1;
+                }
+            };
+            let held = EngineHeld::new(docker, &target, &settings);
+            if let Some(why) = held.gone().await {
+                tracing::info!(%container, holder = pid, "holder not started: {why}");
+                return 1;
+            }
+            held.refill();
+            Held::Engine(held)
         }
     };
-    if let Some(sub) = &settings.nodelay_subsystem
-        && let Err(e) = session.touch_subsystem(sub).await
-    {
-        tracing::debug!(%container, "no nodelay subsystem: {e}");
-    }
     let socket = match socket_path(&state, &target) {
         Ok(s) => s,
         Err(e) => {
@@ -261,9 +309,9 @@ async fn serve(p: Params, state: StateDir, lock: Option<OwnedFd>) -> i32 {
     if let Some(dir) = socket.parent() {
         let _ = std::env::set_current_dir(dir);
     }
-    tracing::info!(%container, addr = %target.addr, holder = pid, persist_s = settings.persist.as_secs(), ms = t0.elapsed().as_millis() as u64, "SSH holder serving");
+    tracing::info!(%container, addr = %target.addr_line(), holder = pid, persist_s = settings.persist.as_secs(), ms = t0.elapsed().as_millis() as u64, "SSH holder serving");
 
-    let why = run(listener, &socket, bound, session, &target, &settings).await;
+    let why = run(listener, &socket, bound, held, &target, &settings).await;
     // Under the start lock, so the socket removed is ours and not a successor's.
     let lock_path = super::start_lock_path(&state, &target);
     let mut guard = None;
@@ -309,12 +357,12 @@ async fn run(
     listener: UnixListener,
     socket: &Path,
     bound: (u64, u64),
-    session: SshSession,
+    held: Held,
     target: &Target,
     settings: &Settings,
 ) -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let session = Arc::new(session);
+    let held = Arc::new(held);
     let hello = target.hello(std::process::id());
     let activity = Arc::new(Activity {
         active: AtomicUsize::new(0),
@@ -342,7 +390,7 @@ async fn run(
                     let guard = activity.enter();
                     tokio::spawn(handle(
                         stream,
-                        session.clone(),
+                        held.clone(),
                         hello.clone(),
                         settings.daemon_socket.clone(),
                         guard,
@@ -356,8 +404,8 @@ async fn run(
             _ = term.recv() => return "SIGTERM",
             _ = int.recv() => return "SIGINT",
             _ = tick.tick() => {
-                if session.is_closed() {
-                    return "its SSH session ended";
+                if let Some(why) = held.gone().await {
+                    return why;
                 }
                 if draining.is_none() && file_id(socket) != Some(bound) {
                     // A hook took it for stale, or someone removed it: no new channels, but
@@ -380,7 +428,7 @@ async fn run(
 /// One hook's connection: our hello, its request, the channel, then bytes both ways.
 async fn handle(
     mut stream: UnixStream,
-    session: Arc<SshSession>,
+    held: Arc<Held>,
     hello: Hello,
     daemon_socket: String,
     mut guard: ActiveGuard,
@@ -417,10 +465,7 @@ async fn handle(
             // Only looked at the hello, or went away.
             _ => return,
         };
-    let ch = match &request {
-        Request::Daemon => session.open_unix_socket(&daemon_socket).await,
-        Request::Exec(command) => session.exec(command).await,
-    };
+    let ch = held.open(&request, &daemon_socket).await;
     let ch = match ch {
         Ok(ch) => ch,
         Err(e) => {
@@ -437,6 +482,126 @@ async fn handle(
     }
     guard.used = true;
     bridge(stream, ch).await;
+    if let (Held::Engine(e), Request::Daemon) = (&*held, &request) {
+        e.refill_if_empty();
+    }
+}
+
+/// What a holder holds: one SSH session, or an engine connection with a daemon started ahead.
+enum Held {
+    Ssh(SshSession),
+    Engine(EngineHeld),
+}
+
+impl Held {
+    async fn open(&self, request: &Request, daemon_socket: &str) -> Result<ExecChannel, String> {
+        match (self, request) {
+            (Held::Ssh(s), Request::Daemon) => s
+                .open_unix_socket(daemon_socket)
+                .await
+                .map_err(|e| e.to_string()),
+            (Held::Ssh(s), Request::Exec(command)) => {
+                s.exec(command).await.map_err(|e| e.to_string())
+            }
+            (Held::Engine(e), Request::Daemon) => e.daemon().await,
+            (Held::Engine(e), Request::Exec(command)) => {
+                e.exec.exec(command).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Why it can serve no more, if so (asked every [`TICK`]).
+    async fn gone(&self) -> Option<&'static str> {
+        match self {
+            Held::Ssh(s) => s.is_closed().then_some("its SSH session ended"),
+            Held::Engine(e) => e.gone().await,
+        }
+    }
+}
+
+/// How often an engine holder asks whether its container still runs.
+const CONTAINER_CHECK: Duration = Duration::from_secs(2);
+
+/// A builder through its engine's exec, with one daemon connection (`daemon_command`, a
+/// `nix-daemon --stdio`) started ahead: a hook's request takes it and another is started.
+struct EngineHeld {
+    docker: Docker,
+    exec: EngineExec,
+    container_id: String,
+    daemon_command: String,
+    spare: Mutex<Option<tokio::task::JoinHandle<Result<ExecChannel, EngineExecError>>>>,
+    checked: Mutex<Option<Instant>>,
+}
+
+impl EngineHeld {
+    fn new(docker: Docker, target: &Target, settings: &Settings) -> EngineHeld {
+        EngineHeld {
+            exec: EngineExec::new(docker.clone(), target.container.clone()),
+            docker,
+            container_id: target.container_id.clone(),
+            daemon_command: settings.daemon_command.clone(),
+            spare: Mutex::new(None),
+            checked: Mutex::new(None),
+        }
+    }
+
+    /// Starts the next daemon connection (its input stays open until a hook takes it, or the
+    /// holder exits: then it ends without having served anything).
+    fn refill(&self) {
+        let (exec, command) = (self.exec.clone(), self.daemon_command.clone());
+        let next = tokio::spawn(async move { exec.exec(&command).await });
+        *self.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(next);
+    }
+
+    /// A daemon connection: the one started ahead, else one of its own. The next is started
+    /// once this one ends ([`Self::refill_if_empty`]), not beside the build it serves.
+    async fn daemon(&self) -> Result<ExecChannel, String> {
+        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(Ok(Ok(ch))) = match spare {
+            Some(started) => Some(started.await),
+            None => None,
+        } {
+            return Ok(ch);
+        }
+        // None ready (it failed, or two hooks came at once): one of this hook's own.
+        self.exec
+            .exec(&self.daemon_command)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn refill_if_empty(&self) {
+        if self
+            .spare
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+        {
+            self.refill();
+        }
+    }
+
+    async fn gone(&self) -> Option<&'static str> {
+        {
+            let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+            if checked.is_some_and(|t| t.elapsed() < CONTAINER_CHECK) {
+                return None;
+            }
+            *checked = Some(Instant::now());
+        }
+        match self
+            .docker
+            .inspect_container(self.exec.container(), None)
+            .await
+        {
+            Ok(c) if c.id.as_deref() != Some(self.container_id.as_str()) => {
+                Some("its container was replaced")
+            }
+            Ok(c) if c.state.as_ref().and_then(|s| s.running) == Some(true) => None,
+            Ok(_) => Some("its container stopped"),
+            Err(_) => Some("its engine does not answer about its container"),
+        }
+    }
 }
 
 /// The hook's bytes to the channel's input and the channel's output to the hook, each until
@@ -490,17 +655,18 @@ mod tests {
     fn parameters_round_trip() {
         let p = Params {
             state_dir: "/var/lib/nixdock".into(),
-            target: Target {
-                container: "nixdock-abcd-x86_64-linux".into(),
-                container_id: "f00d".into(),
-                addr: "127.0.0.1:2222".parse().unwrap(),
-                host_key: keys::generate_host_key().unwrap().public_key().clone(),
-            },
+            target: Target::ssh(
+                "nixdock-abcd-x86_64-linux",
+                "f00d",
+                "127.0.0.1:2222".parse().unwrap(),
+                keys::generate_host_key().unwrap().public_key().clone(),
+            ),
             settings: Settings {
                 user: "root".into(),
                 daemon_socket: "/nix/var/nix/daemon-socket/socket".into(),
                 nodelay_subsystem: None,
                 persist: Duration::from_secs(60),
+                daemon_command: "exec nix-daemon --stdio".into(),
             },
         };
         let fields = p.fields();
@@ -513,7 +679,20 @@ mod tests {
         short.pop();
         assert!(Params::parse(short).is_err());
         let mut bad = fields;
-        bad[5] = "not an address".into();
+        bad[6] = "not an address".into();
         assert!(Params::parse(bad).is_err());
+        let engine = Params {
+            target: Target {
+                via: Via::Engine {
+                    engine: "remote".into(),
+                    host: "tcp://10.0.0.2:2376".into(),
+                },
+                ..p.target.clone()
+            },
+            ..p.clone()
+        };
+        let back = Params::parse(engine.fields()).unwrap();
+        assert_eq!(back.target, engine.target);
+        assert_eq!(back.settings.daemon_command, "exec nix-daemon --stdio");
     }
 }
