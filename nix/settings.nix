@@ -94,11 +94,13 @@ in
       then publish sshd on its address); "engine-exec" always uses the engine's exec.
     '';
     ssh-persist = nullable types.ints.unsigned ''
-      Seconds an SSH holder keeps a builder's SSH session open after its last use (nixdock's
-      default: 60): a small process started by the first hook that reaches a builder over SSH,
-      whose session later hooks use instead of connecting themselves (no key exchange or
-      authentication on a warm build). 0: every hook connects itself. It matters only for
-      builders reached over SSH (an engine in a VM, `transport = "ssh"`).
+      Seconds a holder keeps a builder's connection after its last use (nixdock's default: 60):
+      a small process started by the first hook that reaches a builder over SSH or through the
+      engine's exec. Over SSH it keeps the SSH session, which later hooks use instead of
+      connecting themselves (no key exchange or authentication on a warm build); through the
+      engine's exec (a remote engine's builders) it keeps one nix-daemon started ahead, so a
+      warm build starts no process in the container for its store connection. 0: every hook
+      connects itself. Unused on the local-socket path (a local Linux engine's default).
     '';
     sandbox = nullable (types.either types.bool (types.enum [ "auto" ])) ''
       Nix's sandbox inside the builders (each builder's own `sandbox` overrides it): true,

@@ -618,7 +618,10 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
                 "builder ready"
             );
             liveness = Some(Liveness {
-                engine_carries_link: matches!(remote.link, Some(crate::transport::Link::Engine(_))),
+                engine_carries_link: remote
+                    .link
+                    .as_ref()
+                    .is_some_and(crate::transport::Link::is_carried_by_engine),
                 ..watch
             });
             remote

@@ -53,6 +53,16 @@ impl Link {
         }
     }
 
+    /// Whether its bytes go through the engine's API (an exec stream, directly or through a
+    /// holder), so that an engine that stops answering has taken the link with it.
+    pub fn is_carried_by_engine(&self) -> bool {
+        match self {
+            Link::Ssh(_) => false,
+            Link::Engine(_) => true,
+            Link::Holder(h) => matches!(h.via(), holder::Via::Engine { .. }),
+        }
+    }
+
     /// Runs `command` there, its parts separately owned.
     pub async fn exec(&self, command: &str) -> Result<ExecChannel, LinkError> {
         Ok(match self {

@@ -44,9 +44,10 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 # then publish sshd on its address); "engine-exec" always uses the engine's exec.
 # transport = "auto"
 
-# Over SSH, the first hook that reaches a builder leaves a small process holding its SSH
-# session for this many seconds after its last use; later hooks open channels on it instead
-# of connecting (no key exchange or authentication on a warm build). 0: every hook connects.
+# Over SSH or the engine's exec, the first hook that reaches a builder leaves a small process
+# holding the way there for this many seconds after its last use: the SSH session (later hooks
+# open channels on it: no key exchange or authentication on a warm build), or a nix-daemon
+# started ahead in the container (no exec on a warm build). 0: every hook connects itself.
 # ssh-persist = 60
 
 # Nix's sandbox inside the builders (a builder's own `sandbox` overrides it): true, false or

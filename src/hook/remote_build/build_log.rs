@@ -62,7 +62,6 @@ use hook_protocol::worker::{ActivityType, Code, Field, LogEvent, ResultType};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::hook::parent::Parent;
-use crate::transport::holder::Via;
 use crate::transport::ssh::{ExecChannel, ExitStatus, SshError};
 use crate::transport::{Link, LinkError, Reopen};
 
@@ -280,10 +279,9 @@ pub(super) struct Live<'a> {
     /// `(dev, ino)` of the file followed in a local builder's volume, to notice at the end
     /// that the path now names another file.
     followed: Option<(u64, u64)>,
-    /// Through an engine's exec (directly or through its holder), where each command is a
-    /// process start in the container (~50 ms on a remote engine): the end read's command,
-    /// started beside the build and waiting for its offset on standard input
-    /// ([`rest_command`]).
+    /// Through an engine's exec (each command a process start in the container, ~50 ms on a
+    /// remote engine) or a holder (a round trip more): the end read's command, started beside
+    /// the build and waiting for its offset on standard input ([`rest_command`]).
     rest_reader: Option<tokio::task::JoinHandle<Result<ExecChannel, LinkError>>>,
 }
 
@@ -305,9 +303,7 @@ impl<'a> Live<'a> {
                     exec.exec(&command).await.map_err(LinkError::from)
                 }))
             }
-            (Some(Link::Holder(held)), Some(Source::Container(path)))
-                if matches!(held.via(), Via::Engine { .. }) =>
-            {
+            (Some(Link::Holder(held)), Some(Source::Container(path))) => {
                 let (held, command) = (held.clone(), rest_command(path));
                 Some(tokio::spawn(async move {
                     held.exec(&command).await.map_err(LinkError::from)

@@ -405,7 +405,18 @@ async fn run(
             _ = int.recv() => return "SIGINT",
             _ = tick.tick() => {
                 if let Some(why) = held.gone().await {
-                    return why;
+                    match &*held {
+                        // Its channels ended with the session.
+                        Held::Ssh(_) => return why,
+                        // An engine that does not answer now may again: the builds using
+                        // ours go on (or fail by their own watch); no new channels.
+                        Held::Engine(_) => {
+                            if draining.is_none() {
+                                draining = Some(why);
+                                listener = None;
+                            }
+                        }
+                    }
                 }
                 if draining.is_none() && file_id(socket) != Some(bound) {
                     // A hook took it for stale, or someone removed it: no new channels, but
@@ -589,11 +600,15 @@ impl EngineHeld {
             }
             *checked = Some(Instant::now());
         }
-        match self
-            .docker
-            .inspect_container(self.exec.container(), None)
-            .await
-        {
+        let asked = tokio::time::timeout(
+            CONTAINER_CHECK,
+            self.docker.inspect_container(self.exec.container(), None),
+        );
+        match asked.await.unwrap_or_else(|_| {
+            Err(bollard::errors::Error::IOError {
+                err: std::io::ErrorKind::TimedOut.into(),
+            })
+        }) {
             Ok(c) if c.id.as_deref() != Some(self.container_id.as_str()) => {
                 Some("its container was replaced")
             }
