@@ -263,6 +263,7 @@ fn later_builds_go_through_the_holder_over_one_ssh_session() {
 /// warm build's daemon connection costs no exec; a killed holder leaves the hooks their own
 /// way, and an idle one ends with its spare daemon gone from the container.
 #[test]
+#[ignore = "the engine holder is off (ENGINE_HOLDER in src/builder/lifecycle.rs)"]
 fn engine_exec_builds_take_a_daemon_the_holder_started_ahead() {
     if !common::require_bed() {
         return;

@@ -410,7 +410,8 @@ async fn run(
                         Held::Ssh(_) => return why,
                         // An engine that does not answer now may again: the builds using
                         // ours go on (or fail by their own watch); no new channels.
-                        Held::Engine(_) => {
+                        Held::Engine(e) => {
+                            e.closing.store(true, Ordering::SeqCst);
                             if draining.is_none() {
                                 draining = Some(why);
                                 listener = None;
@@ -423,6 +424,9 @@ async fn run(
                     // the builds using ours finish.
                     draining = Some("its socket was removed or replaced");
                     listener = None;
+                    if let Held::Engine(e) = &*held {
+                        e.closing.store(true, Ordering::SeqCst);
+                    }
                 }
                 match activity.idle_for() {
                     Some(_) if draining.is_some() => return draining.unwrap_or_default(),
@@ -542,6 +546,9 @@ struct EngineHeld {
     daemon_command: String,
     spare: Mutex<Option<tokio::task::JoinHandle<Result<ExecChannel, EngineExecError>>>>,
     checked: Mutex<Option<Instant>>,
+    /// Set once the holder stops taking hooks: no daemon is started ahead any more (one
+    /// started by a holder that is going away could outlive it in the container).
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl EngineHeld {
@@ -553,12 +560,16 @@ impl EngineHeld {
             daemon_command: settings.daemon_command.clone(),
             spare: Mutex::new(None),
             checked: Mutex::new(None),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// Starts the next daemon connection (its input stays open until a hook takes it, or the
     /// holder exits: then it ends without having served anything).
     fn refill(&self) {
+        if self.closing.load(Ordering::SeqCst) {
+            return;
+        }
         let (exec, command) = (self.exec.clone(), self.daemon_command.clone());
         let next = tokio::spawn(async move { exec.exec(&command).await });
         *self.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(next);
