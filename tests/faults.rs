@@ -503,17 +503,20 @@ fn wait_build_running(b: &mut Build, tag: &str) {
 
 /// Pids of running `nixdock-hook` processes whose environment holds `NIXDOCK_TEST_MARK=mark`.
 fn hooks_with_mark(mark: &str) -> Vec<i32> {
-    processes_with_mark(mark, false)
+    hook_processes(&format!("NIXDOCK_TEST_MARK={mark}"), false)
 }
 
-/// The connection holders (`nixdock-hook --ssh-holder`) the hooks carrying `mark` started
-/// (they inherit its environment).
-fn holders_with_mark(mark: &str) -> Vec<i32> {
-    processes_with_mark(mark, true)
+/// The connection holders (`nixdock-hook --ssh-holder`) any of the case's hooks started (they
+/// inherit its environment, the state dir among it): one started by an earlier build of the
+/// case may serve the later ones.
+fn holders_of(case: &Case) -> Vec<i32> {
+    hook_processes(&format!("NIXDOCK_STATE_DIR={}", case.state.display()), true)
 }
 
-fn processes_with_mark(mark: &str, holders: bool) -> Vec<i32> {
-    let want = format!("NIXDOCK_TEST_MARK={mark}");
+/// `nixdock-hook` processes with `env` (`NAME=value`) in their environment: the holders, or
+/// the hooks.
+fn hook_processes(env: &str, holders: bool) -> Vec<i32> {
+    let want = env.as_bytes();
     let hook = fs::canonicalize(HOOK).unwrap();
     let Ok(procs) = fs::read_dir("/proc") else {
         return Vec::new();
@@ -523,7 +526,7 @@ fn processes_with_mark(mark: &str, holders: bool) -> Vec<i32> {
         .filter(|pid| {
             fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == hook)
                 && fs::read(format!("/proc/{pid}/environ"))
-                    .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == want.as_bytes()))
+                    .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == want))
                 && !fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z"))
                 && fs::read(format!("/proc/{pid}/cmdline"))
                     .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(&b"--ssh-holder"[..]))
@@ -1011,15 +1014,15 @@ fn check_no_leaks_within(case: &Case, mark: &str, staging: &[PathBuf], settle: D
     // SIGTERM, it must go at once and take what it holds with it (a daemon started ahead in
     // the builder: counted below).
     let t = Instant::now();
-    for pid in holders_with_mark(mark) {
+    for pid in holders_of(case) {
         signal(pid, libc::SIGTERM);
     }
-    while !holders_with_mark(mark).is_empty() {
+    while !holders_of(case).is_empty() {
         assert!(
             t.elapsed() < Duration::from_secs(5),
             "{}: holders still running 5 s after SIGTERM: {:?}",
             case.name,
-            holders_with_mark(mark)
+            holders_of(case)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -1040,10 +1043,13 @@ fn check_no_leaks_within(case: &Case, mark: &str, staging: &[PathBuf], settle: D
     if case.status_of_builder() == "running" {
         let t = Instant::now();
         loop {
-            // nix-daemons, and processes of build users (any uid but root's).
+            // nix-daemons (and a holder's spare, a shell waiting to become one), and processes
+            // of build users (any uid but root's). The pattern's brackets keep this shell from
+            // matching itself.
             let o = case.in_builder(
                 "n=0; s=0; for d in /proc/[0-9]*; do read -r c < $d/comm 2>/dev/null || continue; \
-                 [ $c = nix-daemon ] && n=$((n+1)); \
+                 if [ $c = nix-daemon ]; then n=$((n+1)); \
+                 elif tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q 'nix-daemon[ ]--stdio'; then n=$((n+1)); fi; \
                  while read -r k u r; do [ $k = Uid: ] && [ $u != 0 ] && s=$((s+1)); done < $d/status; \
                  done; echo $n $s",
             );
@@ -1058,12 +1064,17 @@ fn check_no_leaks_within(case: &Case, mark: &str, staging: &[PathBuf], settle: D
                 }
                 break;
             }
-            assert!(
-                t.elapsed() < settle,
-                "{}: processes left in the builder (nix-daemons, build processes): {counts} {}",
-                case.name,
-                text(&o)
-            );
+            if t.elapsed() >= settle {
+                let ps = case.in_builder(
+                    "for d in /proc/[0-9]*; do echo \"${d#/proc/} $(tr '\\0' ' ' < $d/cmdline)\"; done",
+                );
+                panic!(
+                    "{}: processes left in the builder (nix-daemons, build processes): {counts} {}\n{}",
+                    case.name,
+                    text(&o),
+                    String::from_utf8_lossy(&ps.stdout)
+                );
+            }
             std::thread::sleep(Duration::from_millis(250));
         }
     }

@@ -1214,7 +1214,7 @@ impl Builders {
         started: bool,
     ) -> Result<(Link, DaemonConnection), BuilderError> {
         let target = id
-            .filter(|_| ENGINE_HOLDER && !self.ssh_persist.is_zero())
+            .filter(|_| !self.ssh_persist.is_zero())
             .map(|id| holder::Target {
                 container: name.to_string(),
                 container_id: id.to_string(),
@@ -1308,12 +1308,6 @@ impl Builders {
         Ok((Link::Ssh(session), daemon))
     }
 }
-
-/// Whether builders reached through an engine's exec get a holder with a daemon started ahead.
-/// Off: after an engine restart, a daemon started ahead was seen still running in the builder
-/// 20 s after its holder ended (`tests/faults.rs`, `engine_restarted_in_each_phase`, one run
-/// in three); on again once that is understood and fixed.
-const ENGINE_HOLDER: bool = false;
 
 /// The daemon connection through an engine's exec (see `connect_exec`).
 fn exec_daemon_command() -> String {

@@ -15,6 +15,7 @@
 //! `ssh-persist` seconds, when its session is lost, when its socket is removed or replaced,
 //! and on SIGTERM.
 
+mod engine_held;
 pub mod protocol;
 pub mod server;
 

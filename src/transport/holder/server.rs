@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
+use super::engine_held::EngineHeld;
 use super::protocol::{self, Hello, ProtocolError, Reply, Request};
 use super::{LOCK_FD, Settings, Target, Via, socket_path};
 use crate::state::{FileLock, StateDir};
 use crate::transport::keys;
 use crate::transport::ssh::{self, ExecChannel, SshSession};
-use crate::transport::{EngineExec, EngineExecError};
 use bollard::Docker;
 
 /// The SSH connect's deadline, as a hook's.
@@ -411,7 +411,7 @@ async fn run(
                         // An engine that does not answer now may again: the builds using
                         // ours go on (or fail by their own watch); no new channels.
                         Held::Engine(e) => {
-                            e.closing.store(true, Ordering::SeqCst);
+                            e.close();
                             if draining.is_none() {
                                 draining = Some(why);
                                 listener = None;
@@ -425,7 +425,7 @@ async fn run(
                     draining = Some("its socket was removed or replaced");
                     listener = None;
                     if let Held::Engine(e) = &*held {
-                        e.closing.store(true, Ordering::SeqCst);
+                        e.close();
                     }
                 }
                 match activity.idle_for() {
@@ -530,102 +530,6 @@ impl Held {
         match self {
             Held::Ssh(s) => s.is_closed().then_some("its SSH session ended"),
             Held::Engine(e) => e.gone().await,
-        }
-    }
-}
-
-/// How often an engine holder asks whether its container still runs.
-const CONTAINER_CHECK: Duration = Duration::from_secs(2);
-
-/// A builder through its engine's exec, with one daemon connection (`daemon_command`, a
-/// `nix-daemon --stdio`) started ahead: a hook's request takes it and another is started.
-struct EngineHeld {
-    docker: Docker,
-    exec: EngineExec,
-    container_id: String,
-    daemon_command: String,
-    spare: Mutex<Option<tokio::task::JoinHandle<Result<ExecChannel, EngineExecError>>>>,
-    checked: Mutex<Option<Instant>>,
-    /// Set once the holder stops taking hooks: no daemon is started ahead any more (one
-    /// started by a holder that is going away could outlive it in the container).
-    closing: std::sync::atomic::AtomicBool,
-}
-
-impl EngineHeld {
-    fn new(docker: Docker, target: &Target, settings: &Settings) -> EngineHeld {
-        EngineHeld {
-            exec: EngineExec::new(docker.clone(), target.container.clone()),
-            docker,
-            container_id: target.container_id.clone(),
-            daemon_command: settings.daemon_command.clone(),
-            spare: Mutex::new(None),
-            checked: Mutex::new(None),
-            closing: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    /// Starts the next daemon connection (its input stays open until a hook takes it, or the
-    /// holder exits: then it ends without having served anything).
-    fn refill(&self) {
-        if self.closing.load(Ordering::SeqCst) {
-            return;
-        }
-        let (exec, command) = (self.exec.clone(), self.daemon_command.clone());
-        let next = tokio::spawn(async move { exec.exec(&command).await });
-        *self.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(next);
-    }
-
-    /// A daemon connection: the one started ahead, else one of its own. The next is started
-    /// once this one ends ([`Self::refill_if_empty`]), not beside the build it serves.
-    async fn daemon(&self) -> Result<ExecChannel, String> {
-        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(Ok(Ok(ch))) = match spare {
-            Some(started) => Some(started.await),
-            None => None,
-        } {
-            return Ok(ch);
-        }
-        // None ready (it failed, or two hooks came at once): one of this hook's own.
-        self.exec
-            .exec(&self.daemon_command)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    fn refill_if_empty(&self) {
-        if self
-            .spare
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
-        {
-            self.refill();
-        }
-    }
-
-    async fn gone(&self) -> Option<&'static str> {
-        {
-            let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
-            if checked.is_some_and(|t| t.elapsed() < CONTAINER_CHECK) {
-                return None;
-            }
-            *checked = Some(Instant::now());
-        }
-        let asked = tokio::time::timeout(
-            CONTAINER_CHECK,
-            self.docker.inspect_container(self.exec.container(), None),
-        );
-        match asked.await.unwrap_or_else(|_| {
-            Err(bollard::errors::Error::IOError {
-                err: std::io::ErrorKind::TimedOut.into(),
-            })
-        }) {
-            Ok(c) if c.id.as_deref() != Some(self.container_id.as_str()) => {
-                Some("its container was replaced")
-            }
-            Ok(c) if c.state.as_ref().and_then(|s| s.running) == Some(true) => None,
-            Ok(_) => Some("its container stopped"),
-            Err(_) => Some("its engine does not answer about its container"),
         }
     }
 }
