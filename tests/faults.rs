@@ -1040,16 +1040,18 @@ fn check_no_leaks_within(case: &Case, mark: &str, staging: &[PathBuf], settle: D
     }
     // In the builder: only the listening nix-daemon, and no build's process (a worker the
     // build's connection no longer needs has ended, and killed its build).
+    // The pattern below looks for this.
+    assert!(nixdock::transport::holder::SPARE_MARK.contains("nixdock-spare"));
     if case.status_of_builder() == "running" {
         let t = Instant::now();
         loop {
-            // nix-daemons (and a holder's spare, a shell waiting to become one), and processes
-            // of build users (any uid but root's). The pattern's brackets keep this shell from
-            // matching itself.
+            // nix-daemons and an engine holder's spares (`SPARE_MARK`), and processes of build
+            // users (any uid but root's). The pattern's brackets keep this shell from matching
+            // itself.
             let o = case.in_builder(
                 "n=0; s=0; for d in /proc/[0-9]*; do read -r c < $d/comm 2>/dev/null || continue; \
                  if [ $c = nix-daemon ]; then n=$((n+1)); \
-                 elif tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q 'nix-daemon[ ]--stdio'; then n=$((n+1)); fi; \
+                 elif tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q 'nixdock-[s]pare'; then n=$((n+1)); fi; \
                  while read -r k u r; do [ $k = Uid: ] && [ $u != 0 ] && s=$((s+1)); done < $d/status; \
                  done; echo $n $s",
             );

@@ -16,6 +16,7 @@
 //! and on SIGTERM.
 
 mod engine_held;
+pub use engine_held::SPARE_MARK;
 pub mod protocol;
 pub mod server;
 

@@ -283,6 +283,7 @@ async fn serve(
                 return 1;
             }
             held.refill();
+            held.refill_shells();
             Held::Engine(held)
         }
     };
@@ -497,8 +498,10 @@ async fn handle(
     }
     guard.used = true;
     bridge(stream, ch).await;
-    if let (Held::Engine(e), Request::Daemon) = (&*held, &request) {
-        e.refill_if_empty();
+    match (&*held, &request) {
+        (Held::Engine(e), Request::Daemon) => e.refill_if_empty(),
+        (Held::Engine(e), Request::Exec(_)) => e.refill_shells(),
+        _ => {}
     }
 }
 
@@ -519,9 +522,7 @@ impl Held {
                 s.exec(command).await.map_err(|e| e.to_string())
             }
             (Held::Engine(e), Request::Daemon) => e.daemon().await,
-            (Held::Engine(e), Request::Exec(command)) => {
-                e.exec.exec(command).await.map_err(|e| e.to_string())
-            }
+            (Held::Engine(e), Request::Exec(command)) => e.command(command).await,
         }
     }
 
@@ -559,7 +560,10 @@ async fn bridge(stream: UnixStream, ch: ExecChannel) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if stdin.write_all(&buf[..n]).await.is_err() {
+            // Flushed at once: an engine exec's input is a TLS stream that keeps what it
+            // could not send yet until the next write or flush, and the hook may write
+            // nothing more until it has an answer.
+            if stdin.write_all(&buf[..n]).await.is_err() || stdin.flush().await.is_err() {
                 break;
             }
         }
