@@ -674,6 +674,10 @@ enum Fault {
     DaemonKilled,
     /// The builder's sshd SIGKILLed (the container's entry script then stops it).
     SshdKilled,
+    /// Every nix-daemon in the builder SIGSTOPped: the connection stays open and silent while
+    /// the container runs and its engine answers (nothing but the hook's own deadlines can
+    /// notice). The case's hooks stand still for at most [`STALL_SECS`].
+    DaemonStopped,
     /// The hook sent SIGTERM.
     HookTerm,
     /// The hook sent SIGKILL.
@@ -688,6 +692,8 @@ enum Fault {
 enum Phase {
     Ready,
     Inputs,
+    /// The input copy itself, once the builder has said which inputs it lacks.
+    InputCopy,
     Build,
     Outputs,
     Register,
@@ -698,6 +704,7 @@ impl Phase {
         match self {
             Phase::Ready => "ready",
             Phase::Inputs => "inputs",
+            Phase::InputCopy => "input-copy",
             Phase::Build => "build",
             Phase::Outputs => "outputs",
             Phase::Register => "register",
@@ -709,7 +716,7 @@ impl Phase {
 fn phase_words(phase: Phase) -> &'static str {
     match phase {
         Phase::Ready => "getting the builder ready for",
-        Phase::Inputs => "copying the inputs of",
+        Phase::Inputs | Phase::InputCopy => "copying the inputs of",
         Phase::Build => "building",
         Phase::Outputs => "copying the outputs of",
         Phase::Register => "registering the outputs of",
@@ -745,6 +752,14 @@ fn expect(fault: Fault, phase: Phase) -> Expect {
         (Kill | SshdKilled, _) => Fails {
             bound: secs(15),
             cause: &["is no longer running"],
+        },
+        (DaemonStopped, _) => Fails {
+            bound: Duration::from_secs(STALL_SECS + 25),
+            cause: &[
+                "without a byte moving",
+                "did not answer within",
+                "no data for",
+            ],
         },
         (DaemonKilled, _) => Fails {
             bound: secs(15),
@@ -815,14 +830,7 @@ fn build_processes_in_builder(case: &Case) -> Option<usize> {
 /// Injects `fault` now. For the SIGTERM faults, returns how long the hook took to be gone.
 fn inject(case: &Case, build: &Build, fault: Fault) -> Option<Duration> {
     let c = case.container();
-    let kill_in_builder = |comm: &str| {
-        let script = format!(
-            "for d in /proc/[0-9]*; do read -r n < $d/comm 2>/dev/null || continue; \
-             [ \"$n\" = {comm} ] && kill -9 ${{d#/proc/}}; done; true"
-        );
-        let o = case.in_builder(&script);
-        assert!(o.status.success(), "killing {comm}: {}", text(&o));
-    };
+    let kill_in_builder = |comm: &str| signal_in_builder(case, comm, "KILL");
     let hooks = || {
         let h = build.hooks();
         assert!(!h.is_empty(), "{}: no hook process to signal", case.name);
@@ -836,6 +844,7 @@ fn inject(case: &Case, build: &Build, fault: Fault) -> Option<Duration> {
             case.docker_ok(&["pause", &c]);
         }
         Fault::DaemonKilled => kill_in_builder("nix-daemon"),
+        Fault::DaemonStopped => signal_in_builder(case, "nix-daemon", "STOP"),
         Fault::SshdKilled => {
             kill_in_builder("sshd");
             // The entry script stops the container when its sshd is gone (checked every 5 s).
@@ -928,10 +937,28 @@ fn check_stopped_by_sigterm(
 /// Brings the builder back to where the next build can use it: a paused container is unpaused
 /// (the operator's part; a killed one the hook starts again itself).
 fn undo(case: &Case, fault: Fault) {
-    if fault == Fault::Pause {
-        case.docker(&["unpause", &case.container()]);
+    match fault {
+        Fault::Pause => {
+            case.docker(&["unpause", &case.container()]);
+        }
+        Fault::DaemonStopped => signal_in_builder(case, "nix-daemon", "CONT"),
+        _ => {}
     }
 }
+
+/// `kill -<signal>` to every process in the builder named `comm`.
+fn signal_in_builder(case: &Case, comm: &str, signal: &str) {
+    let script = format!(
+        "for d in /proc/[0-9]*; do read -r n < $d/comm 2>/dev/null || continue; \
+         [ \"$n\" = {comm} ] && kill -{signal} ${{d#/proc/}}; done; true"
+    );
+    let o = case.in_builder(&script);
+    assert!(o.status.success(), "kill -{signal} {comm}: {}", text(&o));
+}
+
+/// How long a [`Fault::DaemonStopped`] case's hooks let a copy (or a question before it)
+/// stand still (`copy-stall-secs` in the fault directory; 120 s otherwise).
+const STALL_SECS: u64 = 5;
 
 // ------------------------------------------------------------------------------------------
 // What every case checks afterwards.
@@ -1140,14 +1167,20 @@ fn fault_case_as(name: &str, fault: Fault, phase: Phase, next_mb: u32) -> CaseSt
     };
     let expr = drv(&case, &name, sleep, out_mb);
     let drv_path = instantiate(&expr);
-    let held = matches!(phase, Phase::Ready | Phase::Inputs | Phase::Register);
+    let held = matches!(
+        phase,
+        Phase::Ready | Phase::Inputs | Phase::InputCopy | Phase::Register
+    );
     if held {
         case.hold(phase.point());
+    }
+    if fault == Fault::DaemonStopped {
+        fs::write(case.points.join("copy-stall-secs"), STALL_SECS.to_string()).unwrap();
     }
     let mut b = case.start(&expr);
     let mut staging = Vec::new();
     match phase {
-        Phase::Ready | Phase::Inputs | Phase::Register => {
+        Phase::Ready | Phase::Inputs | Phase::InputCopy | Phase::Register => {
             case.wait_phase(&mut b, phase.point(), Duration::from_secs(120));
         }
         Phase::Build => wait_build_running(&mut b, &name),
@@ -1321,6 +1354,16 @@ fn builder_daemon_or_sshd_killed_in_each_phase() {
     matrix(
         &[Fault::SshdKilled],
         &[Phase::Ready, Phase::Inputs, Phase::Build, Phase::Register],
+    );
+}
+
+/// A builder daemon that stops reading or answering mid-copy (or before the copy, while asked
+/// which inputs it has): the hook gives up by its own deadline, leaving nothing behind.
+#[test]
+fn builder_daemon_stopped_while_copying() {
+    matrix(
+        &[Fault::DaemonStopped],
+        &[Phase::Inputs, Phase::InputCopy, Phase::Outputs],
     );
 }
 

@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use hook_protocol::log::{ActivityType, LogLine};
 use tokio::io::AsyncWrite;
@@ -27,6 +28,9 @@ pub struct CopyProgress<'a> {
     to: String,
     paths: u64,
     paths_done: AtomicU64,
+    started: Instant,
+    /// When a byte last moved or a path was last finished, in ms since `started`.
+    moved_ms: AtomicU64,
 }
 
 impl<'a> CopyProgress<'a> {
@@ -54,6 +58,27 @@ impl<'a> CopyProgress<'a> {
             to: to.to_string(),
             paths,
             paths_done: AtomicU64::new(0),
+            started: Instant::now(),
+            moved_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn moved(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.moved_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `limit` (no byte of any path, no path finished):
+    /// a copy whose other end stopped reading or answering without closing (nothing else
+    /// notices: the container runs, the engine answers).
+    pub async fn stalled(&self, limit: Duration) {
+        loop {
+            let last = Duration::from_millis(self.moved_ms.load(Ordering::Relaxed));
+            let quiet = self.started.elapsed().saturating_sub(last);
+            if quiet >= limit {
+                return;
+            }
+            tokio::time::sleep(limit - quiet).await;
         }
     }
 
@@ -96,6 +121,7 @@ pub struct PathProgress<'c> {
 impl PathProgress<'_> {
     /// `n` more bytes of this path went out.
     pub fn advance(&mut self, n: u64) {
+        self.copy.moved();
         self.done += n;
         if self.done - self.reported >= PROGRESS_STEP {
             self.reported = self.done;
@@ -113,6 +139,7 @@ impl PathProgress<'_> {
     pub fn finish(mut self) {
         self.finished = true;
         let p = self.copy;
+        p.moved();
         p.parent.send(&LogLine::result_progress(
             self.id,
             self.nar_size,

@@ -36,3 +36,12 @@ pub async fn reached(phase: &str) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// How long a copy may stand still before it is given up: `default`, or (tests only) the
+/// seconds in `DIR/copy-stall-secs`.
+pub fn copy_stall(default: Duration) -> Duration {
+    dir()
+        .and_then(|d| std::fs::read_to_string(d.join("copy-stall-secs")).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .map_or(default, Duration::from_secs)
+}

@@ -22,7 +22,7 @@ use tokio::io::AsyncWrite;
 use crate::builder::lifecycle::{self, DaemonConnection};
 use crate::local_daemon::LazyLocalDaemon;
 use crate::local_store::content_address::check_references;
-use crate::local_store::{ContentAddress, OutputImporter, PathInfo};
+use crate::local_store::{ContentAddress, OutputImporter, PathInfo, deadlines};
 use crate::transport::{RemoteStore, Reopen};
 
 mod build_log;
@@ -113,6 +113,13 @@ impl NarSource for FsNarSource<'_> {
 /// Deadline of one metadata query during the output copy (local validity, the builder's
 /// QueryPathInfo).
 const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an input copy may stand still (no byte either way, no path finished) before it is
+/// given up: as long as an output's NAR may (the daemon hashes and writes as it reads, so it
+/// only ever lags by what the connection buffers).
+const COPY_STALL: Duration = deadlines::NAR_IDLE;
+/// How long a builder may take to say which inputs it has when it may substitute them first
+/// (`builders-use-substitutes`: it downloads them meanwhile).
+const SUBSTITUTE_PATIENCE: Duration = Duration::from_secs(3600);
 
 /// Total input size from which a copy uses two streams.
 const PARALLEL_COPY_MIN_BYTES: u64 = 16 << 20;
@@ -363,26 +370,51 @@ impl Job<'_> {
         if inputs.is_empty() {
             return Ok(());
         }
+        // The builder's answers before the copy get the copy's patience, at most.
+        let stall = fault_points::copy_stall(COPY_STALL);
+        let patience = QUERY_TIMEOUT.min(stall);
+        let silent = |what: &str| {
+            fail(format!(
+                "'{}' did not answer within {} s ({what})",
+                self.machine,
+                patience.as_secs()
+            ))
+        };
         if self.root_inputs {
             for p in inputs {
-                builder
-                    .daemon
-                    .add_temp_root(p, &mut |_| {})
+                let what = "keeping the inputs from the builder's garbage collection";
+                tokio::time::timeout(patience, builder.daemon.add_temp_root(p, &mut |_| {}))
                     .await
-                    .map_err(|e| {
-                        remote_err(
-                            "keeping the inputs from the builder's garbage collection",
-                            e,
-                        )
-                    })?;
+                    .map_err(|_| silent(what))?
+                    .map_err(|e| remote_err(what, e))?;
             }
         }
         let substitute = self.settings.builders_use_substitutes();
-        let valid = builder
-            .daemon
-            .query_valid_paths(inputs, substitute, &mut |_| {})
-            .await
-            .map_err(|e| remote_err("asking the builder which inputs it has", e))?;
+        let what = "asking the builder which inputs it has";
+        // With builders-use-substitutes the builder downloads what it can first.
+        let valid = tokio::time::timeout(
+            if substitute {
+                SUBSTITUTE_PATIENCE
+            } else {
+                patience
+            },
+            builder
+                .daemon
+                .query_valid_paths(inputs, substitute, &mut |_| {}),
+        )
+        .await
+        .map_err(|_| {
+            if substitute {
+                fail(format!(
+                    "'{}' did not answer within {} s ({what}, substituting)",
+                    self.machine,
+                    SUBSTITUTE_PATIENCE.as_secs()
+                ))
+            } else {
+                silent(what)
+            }
+        })?
+        .map_err(|e| remote_err(what, e))?;
         let missing: Vec<StorePath> = inputs.difference(&valid).cloned().collect();
         if missing.is_empty() {
             return Ok(());
@@ -402,6 +434,8 @@ impl Job<'_> {
         }
         let ordered = topo_sort(infos);
         let bytes: u64 = ordered.iter().map(|i| i.nar_size).sum();
+        // Test-only: the copy itself, after the questions before it.
+        fault_points::reached("input-copy").await;
         let progress = CopyProgress::start(
             self.parent,
             format!(
@@ -421,10 +455,12 @@ impl Job<'_> {
         };
         let t = Instant::now();
         let what = format!("copying inputs to '{}'", self.machine);
-        let r = if builder.daemon.version().minor() >= 32 {
-            self.add_in_waves(builder, &ordered, bytes, source, &what)
-                .await
-        } else {
+        let copy = async {
+            if builder.daemon.version().minor() >= 32 {
+                return self
+                    .add_in_waves(builder, &ordered, bytes, source, &what)
+                    .await;
+            }
             let daemon = &mut builder.daemon;
             // Before 1.32 there is no AddMultipleToStore: one AddToStoreNar per path.
             let mut r = Ok(());
@@ -453,6 +489,10 @@ impl Job<'_> {
                 }
             }
             r
+        };
+        let r = tokio::select! {
+            r = copy => r,
+            () = progress.stalled(stall) => Err(stalled(&what, stall)),
         };
         drop(progress);
         if let Err(Outcome::Failed { exit, message }) = r {
@@ -774,6 +814,22 @@ impl Job<'_> {
             infos.len() as u64,
             infos.iter().map(|(_, i, _)| i.nar_size).sum(),
         );
+        self.fetch_outputs(infos, daemon, &mut importer, &progress)
+            .await?;
+        // `missing` was read just now, under the calling Nix's output locks: the caller
+        // registers them without checking their validity again.
+        Ok(Some((importer, progress)))
+    }
+
+    /// Streams each output's NAR from the builder into the importer, each under the
+    /// importer's deadlines (no byte for `NAR_IDLE`, too slow for its size).
+    async fn fetch_outputs(
+        &self,
+        infos: Vec<(&StorePath, ValidPathInfo, Option<ContentAddress>)>,
+        daemon: &mut DaemonConnection,
+        importer: &mut OutputImporter,
+        progress: &CopyProgress<'_>,
+    ) -> Result<(), Outcome> {
         for (p, mut info, ca) in infos {
             if info.nar_hash.algo() != HashAlgo::Sha256 {
                 return Err(fail(format!(
@@ -809,18 +865,30 @@ impl Job<'_> {
                         })
                 }
             };
-            importer.add_streamed(pi, fetch).await.map_err(|e| {
-                fail(format!(
-                    "writing output {p} of '{}' into the local store: {e}",
-                    self.drv_path
-                ))
-            })?;
+            let idle = fault_points::copy_stall(deadlines::NAR_IDLE);
+            let overall = deadlines::nar_overall(nar_size);
+            importer
+                .add_streamed_within(pi, idle, overall, fetch)
+                .await
+                .map_err(|e| {
+                    fail(format!(
+                        "writing output {p} of '{}' into the local store: {e}",
+                        self.drv_path
+                    ))
+                })?;
             path_progress.finish();
         }
-        // `missing` was read just now, under the calling Nix's output locks: the caller
-        // registers them without checking their validity again.
-        Ok(Some((importer, progress)))
+        Ok(())
     }
+}
+
+/// The error of a copy that stood still for `limit`.
+fn stalled(what: &str, limit: Duration) -> Outcome {
+    fail(format!(
+        "{what}: given up after {} s without a byte moving either way (the builder's daemon \
+         stopped reading or answering; the container runs and its engine answers)",
+        limit.as_secs()
+    ))
 }
 
 /// A NAR fetch from a builder that failed (the importer's error names the path).

@@ -440,7 +440,8 @@ impl OutputImporter {
             .await
     }
 
-    async fn add_streamed_within<F, Fut>(
+    /// [`add_streamed`](Self::add_streamed) with the deadlines given.
+    pub async fn add_streamed_within<F, Fut>(
         &mut self,
         info: PathInfo,
         idle: Duration,
