@@ -60,8 +60,9 @@ pub enum Via {
         host_key: russh::keys::PublicKey,
     },
     /// The engine's exec: `engine` as the config names it, at `host` (its address). The
-    /// holder keeps one `nix-daemon --stdio` started ahead, so a hook's daemon connection
-    /// costs no process start in the container.
+    /// holder keeps a `nix-daemon --stdio` and two shells started ahead (`engine_held.rs`), so
+    /// a hook's daemon connection and its log's commands cost no process start in the
+    /// container.
     Engine { engine: String, host: String },
 }
 
