@@ -283,20 +283,39 @@ fn engine_exec_builds_take_a_daemon_the_holder_started_ahead() {
             .filter(|l| l.contains("--stdio"))
             .count()
     };
+    // The shells started ahead for the build log's commands (`: nixdock-spare`, no daemon).
+    let shells = || {
+        let o = docker([
+            "exec",
+            &i.container,
+            "sh",
+            "-c",
+            // A spare's command has lines of its own: one line per process.
+            "for p in /proc/[0-9]*; do tr '\\0\\n' '  ' < $p/cmdline 2>/dev/null; echo; done",
+        ]);
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| {
+                l.contains(nixdock::transport::holder::SPARE_MARK) && !l.contains("nix-daemon")
+            })
+            .count()
+    };
     assert_eq!(i.build(), "engine exec, cold");
     let (pid, _) = i.wait_for_holder();
     assert!(
-        wait_until(Duration::from_secs(10), || spares() == 1),
-        "no daemon started ahead: {} running",
-        spares()
+        wait_until(Duration::from_secs(10), || spares() == 1 && shells() == 2),
+        "not a daemon and two shells started ahead: {} daemons --stdio, {} shells",
+        spares(),
+        shells()
     );
     for _ in 0..2 {
         assert_eq!(i.build(), "engine exec holder", "{}", i.log());
-        // The next one is started once the build's connection ended.
+        // The next ones are started once the build's connections ended.
         assert!(
-            wait_until(Duration::from_secs(10), || spares() == 1),
-            "{} daemons --stdio running between builds",
-            spares()
+            wait_until(Duration::from_secs(10), || spares() == 1 && shells() == 2),
+            "{} daemons --stdio and {} shells started ahead between builds",
+            spares(),
+            shells()
         );
     }
     assert_eq!(i.holders(), vec![pid]);
@@ -305,9 +324,10 @@ fn engine_exec_builds_take_a_daemon_the_holder_started_ahead() {
     // wild, its exec's input left open) loses it: the spare ends by itself.
     kill(pid, "STOP");
     assert!(
-        wait_until(Duration::from_secs(12), || spares() == 0),
-        "{} daemons --stdio left in the container with their holder stopped",
-        spares()
+        wait_until(Duration::from_secs(12), || spares() == 0 && shells() == 0),
+        "{} daemons --stdio and {} shells left in the container with their holder stopped",
+        spares(),
+        shells()
     );
     kill(pid, "KILL");
     assert_eq!(i.build(), "engine exec", "{}", i.log());
