@@ -98,9 +98,9 @@ in
       a small process started by the first hook that reaches a builder over SSH or through the
       engine's exec. Over SSH it keeps the SSH session, which later hooks use instead of
       connecting themselves (no key exchange or authentication on a warm build); through the
-      engine's exec (a remote engine's builders) it keeps one nix-daemon and two shells started
-      ahead, so a warm build starts no process in the container for its store connection and
-      its log. 0: every hook
+      engine's exec (a remote engine's builders) it keeps an SSH session with the builder's sshd,
+      run by one exec (`sshd -i`), so a warm build starts no process in the container through
+      the engine for its store connection and its log. 0: every hook
       connects itself. Unused on the local-socket path (a local Linux engine's default).
     '';
     sandbox = nullable (types.either types.bool (types.enum [ "auto" ])) ''

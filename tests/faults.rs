@@ -1038,8 +1038,8 @@ fn check_no_leaks_within(case: &Case, mark: &str, staging: &[PathBuf], settle: D
         std::thread::sleep(Duration::from_millis(50));
     }
     // A holder the case's hooks started outlives them by design (`ssh-persist`); ended with
-    // SIGTERM, it must go at once and take what it holds with it (a daemon started ahead in
-    // the builder: counted below).
+    // SIGTERM, it must go at once and take what it holds with it (an SSH session in the
+    // builder, an `sshd -i` through the engine's exec: counted below).
     let t = Instant::now();
     for pid in holders_of(case) {
         signal(pid, libc::SIGTERM);
@@ -1067,18 +1067,17 @@ fn check_no_leaks_within(case: &Case, mark: &str, staging: &[PathBuf], settle: D
     }
     // In the builder: only the listening nix-daemon, and no build's process (a worker the
     // build's connection no longer needs has ended, and killed its build).
-    // The pattern below looks for this.
-    assert!(nixdock::transport::holder::SPARE_MARK.contains("nixdock-spare"));
     if case.status_of_builder() == "running" {
         let t = Instant::now();
         loop {
-            // nix-daemons and an engine holder's spares (`SPARE_MARK`), and processes of build
-            // users (any uid but root's). The pattern's brackets keep this shell from matching
-            // itself.
+            // nix-daemons and SSH sessions (an engine holder's `sshd -i`, its privilege-separated
+            // processes, named `sshd: root…` or `sshd-session: root…` once authenticated), and
+            // processes of build users (any uid but root's). The pattern's brackets keep this
+            // shell from matching itself.
             let o = case.in_builder(
                 "n=0; s=0; for d in /proc/[0-9]*; do read -r c < $d/comm 2>/dev/null || continue; \
                  if [ $c = nix-daemon ]; then n=$((n+1)); \
-                 elif tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -q 'nixdock-[s]pare'; then n=$((n+1)); fi; \
+                 elif tr '\\0' ' ' < $d/cmdline 2>/dev/null | grep -Eq 'ssh[d] -i|ssh[d](-session)?: root'; then n=$((n+1)); fi; \
                  while read -r k u r; do [ $k = Uid: ] && [ $u != 0 ] && s=$((s+1)); done < $d/status; \
                  done; echo $n $s",
             );
@@ -1098,7 +1097,7 @@ fn check_no_leaks_within(case: &Case, mark: &str, staging: &[PathBuf], settle: D
                     "for d in /proc/[0-9]*; do echo \"${d#/proc/} $(tr '\\0' ' ' < $d/cmdline)\"; done",
                 );
                 panic!(
-                    "{}: processes left in the builder (nix-daemons, build processes): {counts} {}\n{}",
+                    "{}: processes left in the builder (nix-daemons and SSH sessions, build processes): {counts} {}\n{}",
                     case.name,
                     text(&o),
                     String::from_utf8_lossy(&ps.stdout)

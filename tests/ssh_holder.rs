@@ -259,90 +259,85 @@ fn later_builds_go_through_the_holder_over_one_ssh_session() {
 }
 
 /// Through the engine's exec (here `transport = "engine-exec"` on this host's engine, the way
-/// to a remote engine's builders): the holder keeps a `nix-daemon --stdio` started ahead, so a
-/// warm build's daemon connection costs no exec; a killed holder leaves the hooks their own
-/// way, and an idle one ends with its spare daemon gone from the container.
+/// to a remote engine's builders): the holder keeps one SSH session with the builder's sshd run
+/// by an exec (`sshd -i`), so a warm build's daemon connection and its log's commands are
+/// channels of it (no `nix-daemon --stdio`, no exec of their own); a stopped holder's sshd ends
+/// by its keepalives, a killed holder leaves the hooks their own way, and an idle one ends with
+/// its sshd gone from the container.
 #[test]
-fn engine_exec_builds_take_a_daemon_the_holder_started_ahead() {
+fn engine_exec_builds_go_through_one_sshd_the_holder_runs_by_exec() {
     if !common::require_bed() {
         return;
     }
     let i = Install::over("engine-exec", 3, 600);
-    let spares = || {
+    let processes = || {
         let o = docker([
             "exec",
             &i.container,
             "sh",
             "-c",
-            "for p in /proc/[0-9]*; do read -r c < $p/comm 2>/dev/null || continue; \
-             [ \"$c\" = nix-daemon ] || continue; tr '\\0' ' ' < $p/cmdline; echo; done",
+            "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done",
         ]);
-        // The daemons' own processes (a spare's is started ahead, behind its waiting relay).
-        String::from_utf8_lossy(&o.stdout)
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    // Held sessions: one authenticated sshd each, titled `sshd: root` (`sshd-session: root`
+    // from OpenSSH 9.8), `…@notty` while a channel runs a command.
+    let sessions = || {
+        processes()
             .lines()
-            .filter(|l| l.contains("--stdio"))
+            .filter(|l| l.starts_with("sshd: root") || l.starts_with("sshd-session: root"))
             .count()
     };
-    // The shells started ahead for the build log's commands (`: nixdock-spare`, no daemon).
-    let shells = || {
-        let o = docker([
-            "exec",
-            &i.container,
-            "sh",
-            "-c",
-            // A spare's command has lines of its own: one line per process.
-            "for p in /proc/[0-9]*; do tr '\\0\\n' '  ' < $p/cmdline 2>/dev/null; echo; done",
-        ]);
-        String::from_utf8_lossy(&o.stdout)
+    let stdio_daemons = || {
+        processes()
             .lines()
-            .filter(|l| {
-                l.contains(nixdock::transport::holder::SPARE_MARK) && !l.contains("nix-daemon")
-            })
+            .filter(|l| l.contains("nix-daemon") && l.contains("--stdio"))
             .count()
     };
     assert_eq!(i.build(), "engine exec, cold");
     let (pid, _) = i.wait_for_holder();
     assert!(
-        wait_until(Duration::from_secs(10), || spares() == 1 && shells() == 2),
-        "not a daemon and two shells started ahead: {} daemons --stdio, {} shells",
-        spares(),
-        shells()
+        wait_until(Duration::from_secs(10), || sessions() == 1),
+        "not one SSH session held in the container: {}\n{}",
+        processes(),
+        i.log()
     );
     for _ in 0..2 {
         assert_eq!(i.build(), "engine exec holder", "{}", i.log());
-        // The next ones are started once the build's connections ended.
+        assert_eq!(sessions(), 1, "{}", processes());
+        // The build's daemon connection was a channel to the daemon's socket, and the cold
+        // build's own `nix-daemon --stdio` has ended.
         assert!(
-            wait_until(Duration::from_secs(10), || spares() == 1 && shells() == 2),
-            "{} daemons --stdio and {} shells started ahead between builds",
-            spares(),
-            shells()
+            wait_until(Duration::from_secs(5), || stdio_daemons() == 0),
+            "{}",
+            processes()
         );
     }
     assert_eq!(i.holders(), vec![pid]);
 
-    // A holder that stops pinging its spare (stopped here; lost to an engine restart in the
-    // wild, its exec's input left open) loses it: the spare ends by itself.
+    // A holder that stops answering (stopped here; lost with its engine connection in the
+    // wild, the exec's input left open) loses its session: sshd's keepalives (three
+    // unanswered, ~8 s) end it.
     kill(pid, "STOP");
     assert!(
-        wait_until(Duration::from_secs(12), || spares() == 0 && shells() == 0),
-        "{} daemons --stdio and {} shells left in the container with their holder stopped",
-        spares(),
-        shells()
+        wait_until(Duration::from_secs(15), || sessions() == 0),
+        "an SSH session left in the container with its holder stopped: {}",
+        processes()
     );
     kill(pid, "KILL");
     assert_eq!(i.build(), "engine exec", "{}", i.log());
-    // The killed holder's spare ended with its connection; the build started a new holder,
-    // which exits idle after 3 s and takes its spare with it.
+    // The build started a new holder, which exits idle after 3 s and takes its sshd with it.
     let (pid2, socket2) = i.wait_for_holder();
     assert_ne!(pid2, pid);
     assert!(
         wait_until(Duration::from_secs(20), || !alive(pid2)
             && !socket2.exists()
-            && spares() == 0),
-        "holder {pid2} alive {}, socket there {}, {} daemons --stdio in the container",
+            && sessions() == 0
+            && !processes().contains("sshd -i")),
+        "holder {pid2} alive {}, socket there {}, in the container: {}",
         alive(pid2),
         socket2.exists(),
-        spares()
+        processes()
     );
 }
 

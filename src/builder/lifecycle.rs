@@ -1054,7 +1054,7 @@ impl Builders {
                 })?;
             let attempt = match &spec.publish {
                 Publish::Nothing => Some(
-                    self.connect_exec_or_held(name, c.id.as_deref(), started)
+                    self.connect_exec_or_held(name, c.id.as_deref(), &pinned, started)
                         .await,
                 ),
                 _ => match published_port(c) {
@@ -1199,7 +1199,7 @@ impl Builders {
             daemon_socket: provision::REMOTE_DAEMON_SOCKET.into(),
             nodelay_subsystem: Some(provision::NODELAY_SUBSYSTEM.into()),
             persist: self.ssh_persist,
-            daemon_command: exec_daemon_command(),
+            session_command: exec_sshd_command(),
         }
     }
 
@@ -1211,6 +1211,7 @@ impl Builders {
         &self,
         name: &str,
         id: Option<&str>,
+        pinned: &russh::keys::PublicKey,
         started: bool,
     ) -> Result<(Link, DaemonConnection), BuilderError> {
         let target = id
@@ -1221,6 +1222,7 @@ impl Builders {
                 via: holder::Via::Engine {
                     engine: self.engine.name.clone(),
                     host: self.engine.addr.clone(),
+                    host_key: pinned.clone(),
                 },
             });
         if let Some(target) = &target
@@ -1310,6 +1312,21 @@ impl Builders {
 }
 
 /// The daemon connection through an engine's exec (see `connect_exec`).
+/// The builder's sshd serving one SSH session on the exec's stdin and stdout (inetd mode),
+/// once the set-up is done. It logs to the exec's stderr (`-e`), and ends when its client has
+/// answered none of its keepalives, one a second after a second of silence, three times (a
+/// holder stopped, or its engine connection gone without an EOF reaching the exec): measured,
+/// within ~8 s, so it cannot outlive the holder for long. A live holder answers them; they cost
+/// a few bytes a second while it is idle.
+fn exec_sshd_command() -> String {
+    format!(
+        "[ -e {done} ] || exit 75; exec {sshd} -i -e -f {config} -o ClientAliveInterval=1 -o ClientAliveCountMax=3",
+        done = provision::SET_UP_MARKER,
+        sshd = provision::SSHD,
+        config = provision::SSHD_CONFIG,
+    )
+}
+
 fn exec_daemon_command() -> String {
     format!(
         "[ -e {done} ] || exit 75; exec {REMOTE_NIX_DAEMON}",

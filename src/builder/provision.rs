@@ -23,6 +23,9 @@ pub const SSH_PORT: &str = "22/tcp";
 /// The command the hook runs over SSH; the entry script links it to the image's nix-daemon.
 pub const REMOTE_NIX_DAEMON: &str = "/etc/nixdock/bin/nix-daemon --stdio";
 /// The sshd subsystem started once per connection so that sshd sets `TCP_NODELAY`.
+/// The builder's sshd in the container, and its configuration (both put in place by `entry.sh`).
+pub const SSHD: &str = "/etc/nixdock/bin/sshd";
+pub const SSHD_CONFIG: &str = "/etc/nixdock/sshd_config";
 pub const NODELAY_SUBSYSTEM: &str = "nixdock-nodelay";
 /// Made by `entry.sh` (`$ND/set-up`) once its first set-up is done and the container serves;
 /// outside `/nix`, so a recreated container on a kept volume starts without it.

@@ -46,9 +46,9 @@ pub const DEFAULT_CONFIG: &str = r#"# nixdock configuration, read by nixdock-hoo
 
 # Over SSH or the engine's exec, the first hook that reaches a builder leaves a small process
 # holding the way there for this many seconds after its last use: the SSH session (later hooks
-# open channels on it: no key exchange or authentication on a warm build), or a nix-daemon
-# and two shells started ahead in the container (no exec on a warm build). 0: every hook
-# connects itself.
+# open channels on it: no key exchange or authentication on a warm build), through the
+# engine's exec an SSH session with the builder's sshd run by one exec (no exec on a warm
+# build). 0: every hook connects itself.
 # ssh-persist = 60
 
 # Nix's sandbox inside the builders (a builder's own `sandbox` overrides it): true, false or

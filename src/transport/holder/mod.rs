@@ -15,8 +15,6 @@
 //! `ssh-persist` seconds, when its session is lost, when its socket is removed or replaced,
 //! and on SIGTERM.
 
-mod engine_held;
-pub use engine_held::SPARE_MARK;
 pub mod protocol;
 pub mod server;
 
@@ -59,11 +57,16 @@ pub enum Via {
         addr: SocketAddr,
         host_key: russh::keys::PublicKey,
     },
-    /// The engine's exec: `engine` as the config names it, at `host` (its address). The
-    /// holder keeps a `nix-daemon --stdio` and two shells started ahead (`engine_held.rs`), so
-    /// a hook's daemon connection and its log's commands cost no process start in the
-    /// container.
-    Engine { engine: String, host: String },
+    /// One SSH session over the engine's exec: `engine` as the config names it, at `host` (its
+    /// address), runs the builder's sshd on the exec's stdin and stdout (`sshd -i`), which
+    /// must prove `host_key`. Every daemon connection and command of a hook is then a channel
+    /// of that session (no process start in the container through the engine's runtime, which
+    /// costs ~50–100 ms an exec), and nothing is published on any network.
+    Engine {
+        engine: String,
+        host: String,
+        host_key: russh::keys::PublicKey,
+    },
 }
 
 impl Target {
@@ -85,24 +88,24 @@ impl Target {
     fn addr_line(&self) -> String {
         match &self.via {
             Via::Ssh { addr, .. } => addr.to_string(),
-            Via::Engine { engine, host } => format!("engine {engine} {host}"),
+            Via::Engine { engine, host, .. } => format!("engine {engine} {host}"),
+        }
+    }
+
+    /// The public key the builder's sshd must prove.
+    pub fn host_key(&self) -> &russh::keys::PublicKey {
+        match &self.via {
+            Via::Ssh { host_key, .. } | Via::Engine { host_key, .. } => host_key,
         }
     }
 
     fn host_key_line(&self) -> String {
-        match &self.via {
-            Via::Ssh { host_key, .. } => host_key
-                .to_openssh()
-                .unwrap_or_else(|_| keys::fingerprint(host_key)),
-            Via::Engine { .. } => "-".to_owned(),
-        }
+        let key = self.host_key();
+        key.to_openssh().unwrap_or_else(|_| keys::fingerprint(key))
     }
 
     fn host_key_fingerprint(&self) -> String {
-        match &self.via {
-            Via::Ssh { host_key, .. } => keys::fingerprint(host_key),
-            Via::Engine { .. } => "-".to_owned(),
-        }
+        keys::fingerprint(self.host_key())
     }
 
     /// The socket's file name: a hash of everything the session depends on.
@@ -158,8 +161,9 @@ pub struct Settings {
     pub nodelay_subsystem: Option<String>,
     /// Idle time after which the holder exits.
     pub persist: Duration,
-    /// Through an engine's exec: the command a `daemon` request runs.
-    pub daemon_command: String,
+    /// Through an engine's exec: the command that runs the builder's sshd on the exec's stdin
+    /// and stdout.
+    pub session_command: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -613,6 +617,7 @@ mod tests {
                 Via::Engine {
                     engine: e.into(),
                     host: "tcp://10.0.0.2:2376".into(),
+                    host_key: t.host_key().clone(),
                 },
             )
         };

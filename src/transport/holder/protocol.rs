@@ -15,7 +15,7 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// What both ends speak; a holder of another version is not used.
-pub const VERSION: &str = "nixdock-ssh-holder/1";
+pub const VERSION: &str = "nixdock-ssh-holder/2";
 
 /// The largest frame either side accepts (a command line is the longest field).
 pub const MAX_FRAME: usize = 16 * 1024;
@@ -272,7 +272,7 @@ mod tests {
         };
         assert_eq!(Hello::parse(hello.fields()).unwrap(), hello);
         let mut other = hello.fields();
-        other[0] = "nixdock-ssh-holder/2".into();
+        other[0] = "nixdock-ssh-holder/1".into();
         assert!(Hello::parse(other).is_err());
         let mut short = hello.fields();
         short.pop();

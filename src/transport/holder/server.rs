@@ -3,6 +3,7 @@
 //! lock, and serves channels until it has been idle for `ssh-persist` seconds, its session is
 //! lost, its socket is removed or replaced, or it gets SIGTERM.
 
+use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -13,13 +14,14 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-use super::engine_held::EngineHeld;
 use super::protocol::{self, Hello, ProtocolError, Reply, Request};
 use super::{LOCK_FD, Settings, Target, Via, socket_path};
 use crate::state::{FileLock, StateDir};
 use crate::transport::keys;
 use crate::transport::ssh::{self, ExecChannel, SshSession};
 use bollard::Docker;
+
+use crate::transport::EngineExec;
 
 /// The SSH connect's deadline, as a hook's.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,15 +54,16 @@ impl Params {
         ]
         .into_iter()
         .chain(match &t.via {
-            Via::Ssh { addr, .. } => ["ssh".to_owned(), addr.to_string(), t.host_key_line()],
-            Via::Engine { engine, host } => ["engine".to_owned(), engine.clone(), host.clone()],
+            Via::Ssh { addr, .. } => ["ssh".to_owned(), addr.to_string(), "-".to_owned()],
+            Via::Engine { engine, host, .. } => ["engine".to_owned(), engine.clone(), host.clone()],
         })
         .chain([
+            t.host_key_line(),
             s.user.clone(),
             s.daemon_socket.clone(),
             s.nodelay_subsystem.clone().unwrap_or_default(),
             s.persist.as_secs().to_string(),
-            s.daemon_command.clone(),
+            s.session_command.clone(),
         ])
         .collect()
     }
@@ -77,30 +80,36 @@ impl Params {
                 via,
                 a,
                 b,
+                host_key,
                 user,
                 daemon_socket,
                 nodelay,
                 persist,
-                daemon_command,
+                session_command,
             ],
-        ) = <[String; 13]>::try_from(fields)
+        ) = <[String; 14]>::try_from(fields)
         else {
             return Err(bad("wrong number of fields"));
         };
         if version != protocol::VERSION || kind != "params" {
             return Err(bad("another version"));
         }
+        let host_key = keys::parse_public_key(&host_key).map_err(|_| bad("host key"))?;
         Ok(Params {
             state_dir: PathBuf::from(state_dir),
             target: Target {
                 container,
                 container_id,
                 via: match via.as_str() {
-                    "ssh" => Via::Ssh {
+                    "ssh" if b == "-" => Via::Ssh {
                         addr: a.parse().map_err(|_| bad("address"))?,
-                        host_key: keys::parse_public_key(&b).map_err(|_| bad("host key"))?,
+                        host_key,
                     },
-                    "engine" => Via::Engine { engine: a, host: b },
+                    "engine" => Via::Engine {
+                        engine: a,
+                        host: b,
+                        host_key,
+                    },
                     _ => return Err(bad("the way to the builder")),
                 },
             },
@@ -109,7 +118,7 @@ impl Params {
                 daemon_socket,
                 nodelay_subsystem: Some(nodelay).filter(|n| !n.is_empty()),
                 persist: Duration::from_secs(persist.parse().map_err(|_| bad("persist"))?),
-                daemon_command,
+                session_command,
             },
         })
     }
@@ -239,15 +248,15 @@ async fn serve(
     let pid = std::process::id();
     let container = target.container.clone();
     let t0 = Instant::now();
-    let held = match &target.via {
+    let key = match keys::load_or_create_client_key(state.path()) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(%container, holder = pid, "SSH holder: {e}");
+            return 1;
+        }
+    };
+    let session = match &target.via {
         Via::Ssh { addr, host_key } => {
-            let key = match keys::load_or_create_client_key(state.path()) {
-                Ok(k) => k,
-                Err(e) => {
-                    tracing::warn!(%container, holder = pid, "SSH holder: {e}");
-                    return 1;
-                }
-            };
             let session =
                 match ssh::connect(*addr, &settings.user, &key, host_key, CONNECT_TIMEOUT).await {
                     Ok(s) => s,
@@ -261,30 +270,27 @@ async fn serve(
             {
                 tracing::debug!(%container, "no nodelay subsystem: {e}");
             }
-            Held::Ssh(session)
+            session
         }
-        Via::Engine { engine, .. } => {
-            let docker = match tokio::time::timeout(CONNECT_TIMEOUT, connect_engine(engine.clone()))
-                .await
+        Via::Engine {
+            engine, host_key, ..
+        } => {
+            match session_over_exec(
+                engine,
+                &container,
+                host_key,
+                &key,
+                &settings,
+                connect_engine,
+            )
+            .await
             {
-                Ok(Ok(d)) => d,
-                Ok(Err(e)) => {
-                    tracing::info!(%container, holder = pid, "holder not started: engine {engine}: {e}");
+                Ok(s) => s,
+                Err(why) => {
+                    tracing::info!(%container, holder = pid, "holder not started: {why}");
                     return 1;
                 }
-                Err(_) => {
-                    tracing::info!(%container, holder = pid, "holder not started: engine {engine} did not answer");
-                    return 1;
-                }
-            };
-            let held = EngineHeld::new(docker, &target, &settings);
-            if let Some(why) = held.gone().await {
-                tracing::info!(%container, holder = pid, "holder not started: {why}");
-                return 1;
             }
-            held.refill();
-            held.refill_shells();
-            Held::Engine(held)
         }
     };
     let socket = match socket_path(&state, &target) {
@@ -312,7 +318,7 @@ async fn serve(
     }
     tracing::info!(%container, addr = %target.addr_line(), holder = pid, persist_s = settings.persist.as_secs(), ms = t0.elapsed().as_millis() as u64, "SSH holder serving");
 
-    let why = run(listener, &socket, bound, held, &target, &settings).await;
+    let why = run(listener, &socket, bound, session, &target, &settings).await;
     // Under the start lock, so the socket removed is ours and not a successor's.
     let lock_path = super::start_lock_path(&state, &target);
     let mut guard = None;
@@ -358,12 +364,12 @@ async fn run(
     listener: UnixListener,
     socket: &Path,
     bound: (u64, u64),
-    held: Held,
+    session: SshSession,
     target: &Target,
     settings: &Settings,
 ) -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let held = Arc::new(held);
+    let session = Arc::new(session);
     let hello = target.hello(std::process::id());
     let activity = Arc::new(Activity {
         active: AtomicUsize::new(0),
@@ -391,7 +397,7 @@ async fn run(
                     let guard = activity.enter();
                     tokio::spawn(handle(
                         stream,
-                        held.clone(),
+                        session.clone(),
                         hello.clone(),
                         settings.daemon_socket.clone(),
                         guard,
@@ -405,29 +411,15 @@ async fn run(
             _ = term.recv() => return "SIGTERM",
             _ = int.recv() => return "SIGINT",
             _ = tick.tick() => {
-                if let Some(why) = held.gone().await {
-                    match &*held {
-                        // Its channels ended with the session.
-                        Held::Ssh(_) => return why,
-                        // An engine that does not answer now may again: the builds using
-                        // ours go on (or fail by their own watch); no new channels.
-                        Held::Engine(e) => {
-                            e.close();
-                            if draining.is_none() {
-                                draining = Some(why);
-                                listener = None;
-                            }
-                        }
-                    }
+                if session.is_closed() {
+                    // Its channels ended with it.
+                    return "its SSH session ended";
                 }
                 if draining.is_none() && file_id(socket) != Some(bound) {
                     // A hook took it for stale, or someone removed it: no new channels, but
                     // the builds using ours finish.
                     draining = Some("its socket was removed or replaced");
                     listener = None;
-                    if let Held::Engine(e) = &*held {
-                        e.close();
-                    }
                 }
                 match activity.idle_for() {
                     Some(_) if draining.is_some() => return draining.unwrap_or_default(),
@@ -444,7 +436,7 @@ async fn run(
 /// One hook's connection: our hello, its request, the channel, then bytes both ways.
 async fn handle(
     mut stream: UnixStream,
-    held: Arc<Held>,
+    session: Arc<SshSession>,
     hello: Hello,
     daemon_socket: String,
     mut guard: ActiveGuard,
@@ -481,8 +473,11 @@ async fn handle(
             // Only looked at the hello, or went away.
             _ => return,
         };
-    let ch = held.open(&request, &daemon_socket).await;
-    let ch = match ch {
+    let ch = match &request {
+        Request::Daemon => session.open_unix_socket(&daemon_socket).await,
+        Request::Exec(command) => session.exec(command).await,
+    };
+    let ch = match ch.map_err(|e| e.to_string()) {
         Ok(ch) => ch,
         Err(e) => {
             tracing::debug!(?request, "SSH holder: {e}");
@@ -498,41 +493,56 @@ async fn handle(
     }
     guard.used = true;
     bridge(stream, ch).await;
-    match (&*held, &request) {
-        (Held::Engine(e), Request::Daemon) => e.refill_if_empty(),
-        (Held::Engine(e), Request::Exec(_)) => e.refill_shells(),
-        _ => {}
-    }
 }
 
-/// What a holder holds: one SSH session, or an engine connection with a daemon started ahead.
-enum Held {
-    Ssh(SshSession),
-    Engine(EngineHeld),
-}
+/// The peer an SSH session over an exec is named by in its errors: it has no address.
+const EXEC_PEER: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
-impl Held {
-    async fn open(&self, request: &Request, daemon_socket: &str) -> Result<ExecChannel, String> {
-        match (self, request) {
-            (Held::Ssh(s), Request::Daemon) => s
-                .open_unix_socket(daemon_socket)
-                .await
-                .map_err(|e| e.to_string()),
-            (Held::Ssh(s), Request::Exec(command)) => {
-                s.exec(command).await.map_err(|e| e.to_string())
-            }
-            (Held::Engine(e), Request::Daemon) => e.daemon().await,
-            (Held::Engine(e), Request::Exec(command)) => e.command(command).await,
+/// An SSH session with the builder's sshd, which the engine's exec runs on the exec's stdin
+/// and stdout (`settings.session_command`): the exec is the session's byte stream, and the
+/// sshd proves the container's pinned host key as a published one would.
+async fn session_over_exec(
+    engine: &str,
+    container: &str,
+    host_key: &russh::keys::PublicKey,
+    key: &keys::ClientKey,
+    settings: &Settings,
+    connect_engine: ConnectEngine,
+) -> Result<SshSession, String> {
+    let docker =
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect_engine(engine.to_owned())).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => return Err(format!("engine {engine}: {e}")),
+            Err(_) => return Err(format!("engine {engine} did not answer")),
+        };
+    let exec = EngineExec::new(docker, container.to_owned());
+    let ch = tokio::time::timeout(CONNECT_TIMEOUT, exec.exec(&settings.session_command))
+        .await
+        .map_err(|_| format!("engine {engine}: the exec of sshd did not start"))?
+        .map_err(|e| e.to_string())?;
+    let ExecChannel {
+        stdin,
+        stdout,
+        mut stderr,
+        exit: _,
+    } = ch;
+    let name = container.to_owned();
+    tokio::spawn(async move {
+        while let Some(Ok(chunk)) = stderr.next_chunk().await {
+            tracing::debug!(container = %name, "the builder's sshd: {}", String::from_utf8_lossy(&chunk).trim_end());
         }
-    }
-
-    /// Why it can serve no more, if so (asked every [`TICK`]).
-    async fn gone(&self) -> Option<&'static str> {
-        match self {
-            Held::Ssh(s) => s.is_closed().then_some("its SSH session ended"),
-            Held::Engine(e) => e.gone().await,
-        }
-    }
+    });
+    ssh::connect_stream(
+        tokio::io::join(stdout, stdin),
+        EXEC_PEER,
+        &settings.user,
+        key,
+        host_key,
+        CONNECT_TIMEOUT,
+    )
+    .await
+    .map_err(|e| format!("SSH over the exec of sshd on engine {engine}: {e}"))
 }
 
 /// The hook's bytes to the channel's input and the channel's output to the hook, each until
@@ -600,7 +610,7 @@ mod tests {
                 daemon_socket: "/nix/var/nix/daemon-socket/socket".into(),
                 nodelay_subsystem: None,
                 persist: Duration::from_secs(60),
-                daemon_command: "exec nix-daemon --stdio".into(),
+                session_command: "exec sshd -i".into(),
             },
         };
         let fields = p.fields();
@@ -620,6 +630,7 @@ mod tests {
                 via: Via::Engine {
                     engine: "remote".into(),
                     host: "tcp://10.0.0.2:2376".into(),
+                    host_key: p.target.host_key().clone(),
                 },
                 ..p.target.clone()
             },
@@ -627,6 +638,6 @@ mod tests {
         };
         let back = Params::parse(engine.fields()).unwrap();
         assert_eq!(back.target, engine.target);
-        assert_eq!(back.settings.daemon_command, "exec nix-daemon --stdio");
+        assert_eq!(back.settings.session_command, "exec sshd -i");
     }
 }

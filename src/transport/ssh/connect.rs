@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use russh::client;
 use russh::keys::{PrivateKeyWithHashAlg, PublicKey};
 use russh::{Preferred, compression};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::cipher::preferred_ciphers;
@@ -104,7 +105,64 @@ pub async fn connect_with(
         .map_err(|source| SshError::Connect { addr, source })?;
     let tcp = QuickAckStream::new(tcp).map_err(|source| SshError::Connect { addr, source })?;
     let tcp_time = start.elapsed();
+    handshake(
+        tcp, addr, user, client_key, host_keys, deadline, timeout, start, tcp_time,
+    )
+    .await
+}
 
+/// An SSH session over a byte stream that is already connected to an sshd (one running as
+/// `sshd -i` at the other end of a container exec, say): key exchange with the pinned host key
+/// check and authentication as in [`connect`], under `timeout`. `label` names the peer in
+/// errors and logs (a stream has no address of its own).
+pub async fn connect_stream<S>(
+    stream: S,
+    label: SocketAddr,
+    user: &str,
+    client_key: &ClientKey,
+    pinned_host_key: &PublicKey,
+    timeout: Duration,
+) -> Result<SshSession, SshError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let host_keys = HostKeys::pinned(pinned_host_key.clone());
+    handshake(
+        stream,
+        label,
+        user,
+        client_key,
+        &host_keys,
+        deadline,
+        timeout,
+        Instant::now(),
+        Duration::ZERO,
+    )
+    .await
+}
+
+/// Key exchange and authentication on a connected stream.
+#[allow(clippy::too_many_arguments)]
+async fn handshake<S>(
+    stream: S,
+    addr: SocketAddr,
+    user: &str,
+    client_key: &ClientKey,
+    host_keys: &HostKeys,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    start: Instant,
+    tcp_time: Duration,
+) -> Result<SshSession, SshError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let timed_out = |phase| SshError::Timeout {
+        addr,
+        phase,
+        limit: timeout,
+    };
     let verdict = Arc::new(Mutex::new(HostKeyVerdict::default()));
     let handler = ClientHandler {
         host_keys: host_keys.clone(),
@@ -112,9 +170,10 @@ pub async fn connect_with(
     };
     let config = Arc::new(client_config(host_keys));
     let kex_start = Instant::now();
-    let handshake = tokio::time::timeout_at(deadline, client::connect_stream(config, tcp, handler))
-        .await
-        .map_err(|_| timed_out(ConnectPhase::KeyExchange))?;
+    let handshake =
+        tokio::time::timeout_at(deadline, client::connect_stream(config, stream, handler))
+            .await
+            .map_err(|_| timed_out(ConnectPhase::KeyExchange))?;
     let mut handle = match handshake {
         Ok(handle) => handle,
         Err(source) => {

@@ -32,7 +32,8 @@ use std::time::Duration;
 pub(crate) use channel::{ClosedSignal, STDOUT_QUEUE};
 pub use channel::{ExecChannel, ExecOutput, ExecStdin, ExitStatus, ExitWaiter};
 pub use connect::{
-    CHANNEL_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_MAX, MAX_PACKET, connect, connect_with,
+    CHANNEL_WINDOW, KEEPALIVE_INTERVAL, KEEPALIVE_MAX, MAX_PACKET, connect, connect_stream,
+    connect_with,
 };
 pub use error::{ConnectPhase, SshError};
 pub use host_keys::HostKeys;
