@@ -399,6 +399,7 @@ pub async fn connect(m: &Machine, home: Option<&Path>) -> Result<RemoteStore, St
         link: Some(link),
         daemon,
         reopen: Reopen::Exec(command),
+        bulk: None,
     })
 }
 

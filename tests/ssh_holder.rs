@@ -313,6 +313,21 @@ fn engine_exec_builds_go_through_one_sshd_the_holder_runs_by_exec() {
             processes()
         );
     }
+    // Large outputs come around the holder, over an exec of their own (no SSH inside the
+    // engine connection's TLS), still checked and registered as any.
+    let (o, drvs) = i.build_many(&["/usr/bin/head -c 70000000 /dev/urandom > $out"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(i.via(&drvs[0]), "engine exec holder");
+    assert!(i.log().contains("around the holder"), "{}", i.log());
+    let out = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), 70_000_000);
+    assert!(
+        Command::new("nix-store")
+            .args(["--verify-path", &out])
+            .status()
+            .unwrap()
+            .success()
+    );
     assert_eq!(i.holders(), vec![pid]);
 
     // A holder that stops answering (stopped here; lost with its engine connection in the

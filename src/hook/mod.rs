@@ -517,6 +517,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
                                 socket: local.socket,
                                 volume: local.volume,
                             },
+                            bulk: None,
                         },
                         "local socket",
                     ));
@@ -550,6 +551,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
                                     socket: conn.socket,
                                     volume: conn.volume,
                                 },
+                                bulk: None,
                             },
                             if started {
                                 "local socket, cold"
@@ -570,12 +572,26 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
                         crate::transport::holder::Via::Engine { .. } => "engine exec holder",
                     },
                 };
+                let bulk = match &ready.link {
+                    crate::transport::Link::Holder(h)
+                        if matches!(h.via(), crate::transport::holder::Via::Engine { .. }) =>
+                    {
+                        Some(crate::transport::Link::Engine(
+                            crate::transport::EngineExec::new(
+                                builders.engine.docker.clone(),
+                                ready.container.clone(),
+                            ),
+                        ))
+                    }
+                    _ => None,
+                };
                 Ok::<_, crate::builder::BuilderError>((
                     RemoteStore {
                         name: ready.container,
                         link: Some(ready.link),
                         daemon: ready.daemon,
                         reopen: Reopen::Builder,
+                        bulk,
                     },
                     how,
                 ))
@@ -583,7 +599,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
             fault_points::reached("ready").await;
             let watch = Liveness {
                 docker: builders.engine.docker.clone(),
-                engine: spec.engine.clone(),
+                engine: format!("{} ({})", spec.engine, builders.engine.addr),
                 container: spec.container_name(),
                 to_discard: Default::default(),
                 // Getting ready is asking the engine (and, on a remote one, reaching the

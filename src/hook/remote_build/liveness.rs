@@ -36,6 +36,7 @@ pub enum Expect {
 #[derive(Clone)]
 pub struct Liveness {
     pub docker: Docker,
+    /// The engine as messages name it: its name and address (`default (tcp://…)`).
     pub engine: String,
     pub container: String,
     /// The build's daemon connection goes through this engine (its exec): when the engine is
