@@ -1297,21 +1297,20 @@ impl Builders {
         )
         .await
         .map_err(ssh_err)?;
-        // The subsystem (sshd then sets TCP_NODELAY) and the daemon's channel open side by
-        // side: neither waits for the other's round trips.
-        let (nodelay, daemon) = tokio::join!(
-            session.touch_subsystem(provision::NODELAY_SUBSYSTEM),
-            open_daemon_over_ssh(&session, name, patience)
-        );
-        if let Err(e) = nodelay {
+        // The subsystem first, the daemon's channel after it: sshd keeps Nagle's algorithm on
+        // until it starts a command or subsystem, and right after authentication it has sent
+        // a packet of its own (the host-key announcement), so replies to channels opened side
+        // by side waited for a proxy's delayed ACK (Docker's userland proxy: the daemon's
+        // channel opened in ~45 ms, as against ~2 ms after the subsystem).
+        if let Err(e) = session.touch_subsystem(provision::NODELAY_SUBSYSTEM).await {
             tracing::debug!(container = %name, "no nodelay subsystem: {e}");
         }
+        let daemon = open_daemon_over_ssh(&session, name, patience).await;
         let daemon = daemon?;
         Ok((Link::Ssh(session), daemon))
     }
 }
 
-/// The daemon connection through an engine's exec (see `connect_exec`).
 /// The builder's sshd serving one SSH session on the exec's stdin and stdout (inetd mode),
 /// once the set-up is done. It logs to the exec's stderr (`-e`), and ends when its client has
 /// answered none of its keepalives, one a second after a second of silence, three times (a
@@ -1327,6 +1326,7 @@ fn exec_sshd_command() -> String {
     )
 }
 
+/// The daemon connection through an engine's exec (see `connect_exec`).
 fn exec_daemon_command() -> String {
     format!(
         "[ -e {done} ] || exit 75; exec {REMOTE_NIX_DAEMON}",
