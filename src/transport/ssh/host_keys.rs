@@ -137,19 +137,4 @@ impl client::Handler for ClientHandler {
         );
         Ok(())
     }
-
-    /// Answers sshd's unsolicited host-key announcement, which it sends right after
-    /// authentication and which asks for no reply, with a packet that asks for none either (a
-    /// keepalive without want-reply, which sshd ignores). sshd keeps Nagle's algorithm on, so
-    /// its answer to our first channel open waits until that announcement is acknowledged; our
-    /// own socket acknowledges at once (`quick_ack.rs`), but a proxy between us (Docker's
-    /// userland proxy for a published port) delays its ACK by 40 ms. Data we send carries
-    /// the ACK at once: the first channel after connecting opened in ~45 ms without this.
-    async fn openssh_ext_host_keys_announced(
-        &mut self,
-        _keys: Vec<PublicKey>,
-        session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        session.send_keepalive(false)
-    }
 }
