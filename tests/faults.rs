@@ -1025,34 +1025,41 @@ fn check_no_leaks(case: &Case, mark: &str, staging: &[PathBuf]) {
     check_no_leaks_within(case, mark, staging, Duration::from_secs(20));
 }
 
-/// [`check_no_leaks`], giving the builder's processes `settle` to end.
-fn check_no_leaks_within(case: &Case, mark: &str, staging: &[PathBuf], settle: Duration) {
+/// Waits until `left` finds no process, failing the case with `what` and the ones still there
+/// after `limit`.
+fn wait_gone(case: &Case, what: &str, limit: Duration, left: impl Fn() -> Vec<i32>) {
     let t = Instant::now();
-    while !hooks_with_mark(mark).is_empty() {
+    loop {
+        let pids = left();
+        if pids.is_empty() {
+            return;
+        }
         assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "{}: hook processes left: {:?}",
-            case.name,
-            hooks_with_mark(mark)
+            t.elapsed() < limit,
+            "{}: {what} ({limit:?}): {pids:?}",
+            case.name
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// [`check_no_leaks`], giving the builder's processes `settle` to end.
+fn check_no_leaks_within(case: &Case, mark: &str, staging: &[PathBuf], settle: Duration) {
+    wait_gone(case, "hook processes left", Duration::from_secs(10), || {
+        hooks_with_mark(mark)
+    });
     // A holder the case's hooks started outlives them by design (`ssh-persist`); ended with
     // SIGTERM, it must go at once and take what it holds with it (an SSH session in the
     // builder, an `sshd -i` through the engine's exec: counted below).
-    let t = Instant::now();
     for pid in holders_of(case) {
         signal(pid, libc::SIGTERM);
     }
-    while !holders_of(case).is_empty() {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "{}: holders still running 5 s after SIGTERM: {:?}",
-            case.name,
-            holders_of(case)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_gone(
+        case,
+        "holders still running after SIGTERM",
+        Duration::from_secs(5),
+        || holders_of(case),
+    );
     let load = case.state.join("current-load");
     let busy =
         nixdock::builder::slots::busy_count(&load, &case.container(), case.max_jobs).unwrap();
@@ -1223,8 +1230,32 @@ fn fault_case_as(name: &str, fault: Fault, phase: Phase, next_mb: u32) -> CaseSt
         }));
     }
     let mark = b.mark.clone();
+    // Mid-copy, a fault on the builder's side goes in with the hooks stopped, so the copy is
+    // still under way when it lands: under load, a fast copy (200 MiB through the local
+    // socket) could end in the time the fault took to go in, and the build succeeded. The
+    // builder's daemon then waits mid-NAR on the full socket; the hooks go on at once after.
+    let stopped_hooks = if phase == Phase::Outputs
+        && matches!(
+            fault,
+            Fault::Kill
+                | Fault::Pause
+                | Fault::DaemonKilled
+                | Fault::SshdKilled
+                | Fault::DaemonStopped
+        ) {
+        let hooks = b.hooks();
+        for &pid in &hooks {
+            signal(pid, libc::SIGSTOP);
+        }
+        hooks
+    } else {
+        Vec::new()
+    };
     let injected = Instant::now();
     let hook_gone = inject(&case, &b, fault);
+    for pid in stopped_hooks {
+        signal(pid, libc::SIGCONT);
+    }
     if matches!(fault, Fault::HookTerm | Fault::HookTermKill) {
         check_stopped_by_sigterm(&case, phase, hook_gone, &staging);
     }
