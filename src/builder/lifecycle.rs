@@ -1305,8 +1305,7 @@ impl Builders {
         if let Err(e) = session.touch_subsystem(provision::NODELAY_SUBSYSTEM).await {
             tracing::debug!(container = %name, "no nodelay subsystem: {e}");
         }
-        let daemon = open_daemon_over_ssh(&session, name, patience).await;
-        let daemon = daemon?;
+        let daemon = open_daemon_over_ssh(&session, name, patience).await?;
         Ok((Link::Ssh(session), daemon))
     }
 }

@@ -865,6 +865,7 @@ impl Job<'_> {
         importer: &mut OutputImporter,
         progress: &CopyProgress<'_>,
     ) -> Result<(), Outcome> {
+        let idle = fault_points::copy_stall(deadlines::NAR_IDLE);
         for (p, mut info, ca) in infos {
             if info.nar_hash.algo() != HashAlgo::Sha256 {
                 return Err(fail(format!(
@@ -900,7 +901,6 @@ impl Job<'_> {
                         })
                 }
             };
-            let idle = fault_points::copy_stall(deadlines::NAR_IDLE);
             let overall = deadlines::nar_overall(nar_size);
             importer
                 .add_streamed_within(pi, idle, overall, fetch)
