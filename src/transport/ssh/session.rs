@@ -19,6 +19,9 @@ use super::{SshError, ms};
 
 /// How often [`SshSession::touch_subsystem`] sends a packet while it waits for sshd.
 const NUDGE: Duration = Duration::from_millis(3);
+/// How long [`SshSession::touch_subsystem`] waits for sshd at most (a server that keeps the
+/// connection alive but never answers would otherwise hold it, nudged, for ever).
+const SUBSYSTEM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An authenticated SSH connection to one builder. Share it (e.g. in an `Arc`)
 /// to run several commands at once. Dropping it leaves running channels working;
@@ -142,9 +145,17 @@ impl SshSession {
     pub async fn touch_subsystem(&self, name: &str) -> Result<(), SshError> {
         let start = self.start_subsystem(name);
         tokio::pin!(start);
+        let deadline = tokio::time::sleep(SUBSYSTEM_TIMEOUT);
+        tokio::pin!(deadline);
         loop {
             tokio::select! {
                 r = &mut start => return r,
+                () = &mut deadline => {
+                    return Err(SshError::ConnectionLost {
+                        addr: self.addr,
+                        context: "(no answer within 10 s while starting a subsystem)",
+                    });
+                }
                 () = tokio::time::sleep(NUDGE) => {
                     // A lost connection fails the subsystem's own wait as well.
                     let _ = self.handle.send_keepalive(false).await;
