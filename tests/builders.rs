@@ -1393,6 +1393,7 @@ async fn unreachable_engine() {
         arch: e.arch.clone(),
         os: e.os.clone(),
         podman: false,
+        api: e.api.clone(),
     };
     let state = StateDir::open(dir.path().join("state")).unwrap();
     let id = state.instance_id().unwrap();

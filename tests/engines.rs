@@ -122,13 +122,34 @@ fn drvs(tag: &str, n: usize, secs: u32) -> String {
 }
 
 fn nix_build(i: &Install, expr: &str, extra: &[&str]) -> Output {
+    nix_build_env(i, expr, extra, &[])
+}
+
+fn nix_build_env(i: &Install, expr: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new("nix-build");
     cmd.args(["--no-out-link", "-E", expr])
         .args(["--option", "build-hook", HOOK, "--max-jobs", "0"])
         .args(extra)
         .env("NIXDOCK_CONFIG", &i.inner.config)
-        .env("NIXDOCK_STATE_DIR", &i.inner.state);
+        .env("NIXDOCK_STATE_DIR", &i.inner.state)
+        .envs(env.iter().copied());
     common::run_with_timeout(cmd, Duration::from_secs(600)).expect("nix-build ran")
+}
+
+/// A build whose hooks log at debug level (the Engine API's requests among it); returns the
+/// build and what its hooks added to the hook log.
+fn nix_build_logged(i: &Install, expr: &str) -> (Output, String) {
+    let log = i.inner.state.join("hook.log");
+    let before = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
+    let o = nix_build_env(i, expr, &[], &[("NIXDOCK_LOG", "debug,rustls=info")]);
+    let all = std::fs::read(&log).unwrap_or_default();
+    let added = String::from_utf8_lossy(all.get(before..).unwrap_or_default()).into_owned();
+    (o, added)
+}
+
+/// What the hooks remembered of engine `name`'s last answer.
+fn known_engine(i: &Install, name: &str) -> Option<String> {
+    std::fs::read_to_string(i.inner.state.join(format!("engines/{name}.known"))).ok()
 }
 
 fn instance(i: &Install) -> String {
@@ -205,15 +226,51 @@ fn a_tls_engine_builds_through_its_exec_with_no_port_published() {
         containers_on(LOCAL, &i).is_empty(),
         "nothing on the host's engine"
     );
-    // Warm: the same builder again, and the output verified locally.
-    let o = nix_build(&i, &drvs("tls-warm", 1, 0), &[]);
+    // The engine's answer is remembered for the next hooks, with the API version it gave.
+    let api = common::docker_on_ok(&engine2(), ["version", "-f", "{{.Server.APIVersion}}"]);
+    let known = known_engine(&i, "default").expect("the engine's answer is remembered");
+    assert!(
+        known.contains(&format!("addr=tcp://{ENGINE2_ADDR}:2376\n"))
+            && known.contains(&format!("api={}\n", api.trim()))
+            && known.contains("arch=x86_64\n"),
+        "{known}"
+    );
+    // Warm: the same builder again, and the output verified locally. The hook does not ask
+    // the engine's `/version` before accepting: it served the last hook a moment ago (said
+    // so here, as a loaded machine may take longer than that window between the builds).
+    let at = known.lines().find(|l| l.starts_with("at=")).unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    std::fs::write(
+        i.inner.state.join("engines/default.known"),
+        known.replace(at, &format!("at={now_ms}")),
+    )
+    .unwrap();
+    let (o, log) = nix_build_logged(&i, &drvs("tls-warm", 1, 0));
     assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        log.contains("not asked again before accepting") && !log.contains(":2376/version"),
+        "{log}"
+    );
     assert_eq!(containers_on(&engine2(), &i).len(), 1);
     let v = Command::new("nix-store")
         .args(["--verify-path", &out_path(&o)])
         .output()
         .unwrap();
     assert!(v.status.success(), "{}", text(&v));
+    // An engine that served longer ago than that is asked again, and remembered anew.
+    let stale = known.replace(at, "at=1000");
+    std::fs::write(i.inner.state.join("engines/default.known"), stale).unwrap();
+    let (o, log) = nix_build_logged(&i, &drvs("tls-stale", 1, 0));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        log.contains(":2376/version") && !log.contains("not asked again"),
+        "{log}"
+    );
+    let known = known_engine(&i, "default").unwrap();
+    assert!(!known.contains("at=1000\n"), "{known}");
 }
 
 #[test]
@@ -402,12 +459,20 @@ fn an_engine_off_the_network_is_skipped_with_a_warning_and_no_long_wait() {
         return;
     }
     let i = install("engines-link-down", &pool_config(4), &[LOCAL, &engine2()]);
+    // Every hook asks the pool's engines: this one remembers e2's answer, which must not
+    // make the next hooks wait for (or build on) it once it is gone.
+    let o = nix_build(&i, &drvs("link-up", 1, 0), &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(known_engine(&i, "e2").is_some());
     let _up = LinkUp;
     let down = Command::new("ip")
         .args(["link", "set", common::ENGINE2_HOST_IF, "down"])
         .status()
         .unwrap();
     assert!(down.success());
+    // Within `known_engines::FRESH` of its last answer a hook would take a TCP connection as
+    // the engine's (this test bed's network accepts connections to the gone address).
+    std::thread::sleep(nixdock::builder::known_engines::FRESH);
     let t = Instant::now();
     let o = nix_build(&i, &drvs("link-down", 4, 0), &[]);
     let took = t.elapsed();
@@ -429,6 +494,7 @@ fn an_engine_off_the_network_is_skipped_with_a_warning_and_no_long_wait() {
             out
         ));
     }
+    assert!(known_engine(&i, "e2").is_none(), "forgotten once it failed");
     // The next hook does not even try for a while (the back-off is shared through the state
     // dir): its warning says it skipped the engine.
     let o = nix_build(&i, &drvs("link-down-2", 1, 0), &[]);

@@ -28,6 +28,7 @@ use bollard::Docker;
 use crate::config::{Config, EngineAccess, Transport};
 use crate::transport::engine_api::{self, EngineApiError, TlsFiles};
 
+use super::known_engines::{self, Known};
 use super::provision::{EnginePlace, Publish};
 use super::systems;
 use crate::transport::ssh::{self, HostKeys, SshError};
@@ -172,6 +173,8 @@ pub struct Engine {
     pub os: String,
     /// Podman's Docker API (it applies default ulimits the engine may not be allowed to grant).
     pub podman: bool,
+    /// The API version it gave ("1.41"; bollard's own when it gave none).
+    pub api: String,
 }
 
 /// The name of the engine the top-level `docker-host` (or discovery) gives.
@@ -894,6 +897,33 @@ async fn ssh_session(rest: &str, access: &SshAccess) -> Result<ssh::SshSession, 
     .map_err(|e| CandidateError::Ssh(Box::new(e)))
 }
 
+/// The API version a client speaks to an engine that gave `api`: that one, or bollard's own
+/// when it is older (or when the engine gave none).
+fn client_version(api: Option<&str>) -> bollard::ClientVersion {
+    match api.and_then(parse_api_version) {
+        Some(v) if v < *bollard::API_DEFAULT_VERSION => v,
+        _ => *bollard::API_DEFAULT_VERSION,
+    }
+}
+
+fn api_text(v: &bollard::ClientVersion) -> String {
+    format!("{}.{}", v.major_version, v.minor_version)
+}
+
+/// The `host:port` of a `tcp://` (`http://`, `https://`) address that names its port.
+fn tcp_hostport(addr: &str) -> Option<&str> {
+    let rest = ["tcp://", "http://", "https://"]
+        .iter()
+        .find_map(|p| addr.strip_prefix(p))?;
+    let hostport = rest.split('/').next()?;
+    let port = match hostport.rsplit_once("]:") {
+        Some((_, port)) => port,
+        None if hostport.starts_with('[') => return None,
+        None => hostport.rsplit_once(':')?.1,
+    };
+    port.parse::<u16>().ok().map(|_| hostport)
+}
+
 /// An engine's API version, "1.41".
 fn parse_api_version(s: &str) -> Option<bollard::ClientVersion> {
     let (major, minor) = s.split_once('.')?;
@@ -939,6 +969,15 @@ impl Engine {
     /// explicit one (config `docker-host`, `DOCKER_HOST`) is the only candidate, and its
     /// failure is [`EngineError::Explicit`].
     pub async fn discover(settings: &EngineSettings) -> Result<Engine, EngineError> {
+        Self::discover_hinted(settings, None).await
+    }
+
+    /// [`discover`](Self::discover), asking in API version `hint` first (see
+    /// [`try_one_hinted`](Self::try_one_hinted)).
+    pub async fn discover_hinted(
+        settings: &EngineSettings,
+        hint: Option<&str>,
+    ) -> Result<Engine, EngineError> {
         let mut tried = Vec::new();
         let mut cands = candidates(settings.host.as_deref());
         if settings.host.is_some()
@@ -947,7 +986,7 @@ impl Engine {
             c.access = settings.access.clone();
         }
         for c in cands {
-            match Self::try_one(&c).await {
+            match Self::try_one_hinted(&c, hint).await {
                 Ok(mut e) => {
                     e.name = settings.name.clone();
                     tracing::info!(engine = %e.name, addr = %e.addr, how = %e.how_found, arch = %e.arch, "docker engine found");
@@ -989,6 +1028,12 @@ impl Engine {
     /// Connects to one candidate: its ownership checked first when it has `owners`, then
     /// connected through the path that was checked.
     pub async fn try_one(c: &Candidate) -> Result<Engine, CandidateError> {
+        Self::try_one_hinted(c, None).await
+    }
+
+    /// [`try_one`](Self::try_one), first asking in API version `hint` (what the engine gave
+    /// last time), so an engine older than bollard's API needs no second connection.
+    async fn try_one_hinted(c: &Candidate, hint: Option<&str>) -> Result<Engine, CandidateError> {
         let addr = match &c.owners {
             Some(owners) => {
                 let path = unix_path(&c.addr).ok_or(CandidateError::NotUnix)?;
@@ -1010,16 +1055,21 @@ impl Engine {
                 })?;
         }
         let route = Route::open(&addr, &c.access).await?;
-        let docker = route.docker(bollard::API_DEFAULT_VERSION)?;
+        let asked = client_version(hint);
+        let docker = route.docker(&asked)?;
         // One `/version` answers everything: that the engine is up, its API version (what
         // bollard's `negotiate_version` would ask again), its architecture and OS. Every hook
-        // asks it before its `# accept`, while Nix's worker waits.
+        // asks it before its `# accept`, while Nix's worker waits, unless another hook had
+        // the answer a moment ago (`known_engines`).
         let info = tokio::time::timeout(PING_TIMEOUT, docker.version())
             .await
             .map_err(|_| CandidateError::TimedOut)??;
-        let docker = match info.api_version.as_deref().and_then(parse_api_version) {
-            Some(v) if v < *bollard::API_DEFAULT_VERSION => route.docker(&v)?,
-            _ => docker,
+        let api = info.api_version.clone();
+        let wanted = client_version(api.as_deref());
+        let docker = if wanted == asked {
+            docker
+        } else {
+            route.docker(&wanted)?
         };
         let podman = info
             .components
@@ -1034,7 +1084,53 @@ impl Engine {
             how_found: c.how,
             arch: normalize_arch(info.arch.as_deref().unwrap_or("unknown")),
             os: info.os.unwrap_or_else(|| "linux".into()),
+            api: api.unwrap_or_else(|| api_text(bollard::API_DEFAULT_VERSION)),
         })
+    }
+
+    /// The engine `settings` names, as it answered at `known.at`, without asking it again: only
+    /// a `tcp://` engine (TLS or not) that still accepts a TCP connection. A Unix socket's
+    /// `/version` costs no handshake, and an `ssh://` engine's route is its SSH session.
+    pub async fn from_known(
+        settings: &EngineSettings,
+        known: &Known,
+    ) -> Result<Engine, CandidateError> {
+        let addr = settings
+            .host
+            .as_deref()
+            .ok_or(CandidateError::Unsupported)?;
+        let hostport = tcp_hostport(addr).ok_or(CandidateError::Unsupported)?;
+        tokio::time::timeout(PING_TIMEOUT, tokio::net::TcpStream::connect(hostport))
+            .await
+            .map_err(|_| CandidateError::TimedOut)?
+            .map_err(CandidateError::Connect)?;
+        let route = Route::open(addr, &settings.access).await?;
+        let docker = route.docker(&client_version(Some(&known.api)))?;
+        let how = candidates(Some(addr))
+            .first()
+            .map_or(HowFound::ConfigDockerHost, |c| c.how);
+        Ok(Engine {
+            name: settings.name.clone(),
+            docker,
+            addr: addr.to_string(),
+            how_found: how,
+            arch: known.arch.clone(),
+            os: known.os.clone(),
+            podman: known.podman,
+            api: known.api.clone(),
+        })
+    }
+
+    /// What to remember of its answer, as serving now.
+    pub fn known(&self) -> Known {
+        Known {
+            addr: self.addr.clone(),
+            at: known_engines::now_ms(),
+            api: self.api.clone(),
+            arch: self.arch.clone(),
+            os: self.os.clone(),
+            podman: self.podman,
+        }
     }
 
     pub fn api_err(&self) -> impl FnOnce(bollard::errors::Error) -> EngineError + '_ {
@@ -1110,6 +1206,70 @@ mod tests {
         assert!(v < *bollard::API_DEFAULT_VERSION);
         assert!(parse_api_version("1").is_none());
         assert!(parse_api_version("x.y").is_none());
+    }
+
+    #[test]
+    fn the_client_speaks_the_older_of_the_two_api_versions() {
+        let v = client_version(Some("1.41"));
+        assert_eq!(api_text(&v), "1.41");
+        assert_eq!(client_version(Some("9.99")), *bollard::API_DEFAULT_VERSION);
+        assert_eq!(client_version(None), *bollard::API_DEFAULT_VERSION);
+        assert_eq!(client_version(Some("junk")), *bollard::API_DEFAULT_VERSION);
+    }
+
+    #[test]
+    fn only_a_tcp_address_with_its_port_has_a_hostport() {
+        assert_eq!(tcp_hostport("tcp://10.0.0.2:2376"), Some("10.0.0.2:2376"));
+        assert_eq!(
+            tcp_hostport("https://h.example:2376/"),
+            Some("h.example:2376")
+        );
+        assert_eq!(tcp_hostport("tcp://[fd00::2]:2376"), Some("[fd00::2]:2376"));
+        assert_eq!(tcp_hostport("tcp://h.example"), None);
+        assert_eq!(tcp_hostport("tcp://[fd00::2]"), None);
+        assert_eq!(tcp_hostport("tcp://h:port"), None);
+        assert_eq!(tcp_hostport("ssh://u@h:22"), None);
+        assert_eq!(tcp_hostport("unix:///run/docker.sock"), None);
+    }
+
+    /// An answer remembered for a `tcp://` engine whose port no longer accepts connections is
+    /// not used (the hook then asks, and backs off), and an `ssh://` engine is always asked.
+    #[tokio::test]
+    async fn a_remembered_answer_needs_someone_listening() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("tcp://{}", listener.local_addr().unwrap());
+        let settings = EngineSettings {
+            name: "e".into(),
+            host: Some(addr.clone()),
+            access: Access::default(),
+        };
+        let known = Known {
+            addr: addr.clone(),
+            at: known_engines::now_ms(),
+            api: "1.41".into(),
+            arch: "aarch64".into(),
+            os: "linux".into(),
+            podman: false,
+        };
+        let e = Engine::from_known(&settings, &known).await.unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.arch.as_str(), e.api.as_str()),
+            ("e", "aarch64", "1.41")
+        );
+        assert_eq!(e.addr, addr);
+        drop(listener);
+        assert!(matches!(
+            Engine::from_known(&settings, &known).await,
+            Err(CandidateError::Connect(_))
+        ));
+        let ssh = EngineSettings {
+            host: Some("ssh://u@127.0.0.1:22".into()),
+            ..settings
+        };
+        assert!(matches!(
+            Engine::from_known(&ssh, &known).await,
+            Err(CandidateError::Unsupported)
+        ));
     }
 
     #[test]

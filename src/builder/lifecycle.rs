@@ -446,7 +446,11 @@ impl Builders {
                 conn: Box::new(conn),
                 started,
             },
-            None => Ready::Link(Box::new(self.wait_ready(spec, &name, started).await?)),
+            // A running container just inspected needs no second inspect to be connected to.
+            None => Ready::Link(Box::new(
+                self.wait_ready(spec, &name, started, (!started).then(|| c.clone()))
+                    .await?,
+            )),
         };
         if started {
             // Still under the builder's lock, so no other process makes a container on one of
@@ -1000,6 +1004,7 @@ impl Builders {
         spec: &BuilderSpec,
         name: &str,
         mut started: bool,
+        inspected: Option<ContainerInspectResponse>,
     ) -> Result<ReadyBuilder, BuilderError> {
         let t0 = Instant::now();
         let limit = if spec.runs_under_emulation() {
@@ -1012,7 +1017,8 @@ impl Builders {
         let mut delay = Duration::from_millis(20);
         // The container's state, asked again at most every 100 ms: polls after a start come
         // every 10 ms, and each inspect is a round trip to the engine.
-        let mut seen: Option<(Instant, ContainerInspectResponse)> = None;
+        let mut seen: Option<(Instant, ContainerInspectResponse)> =
+            inspected.map(|c| (Instant::now(), c));
         loop {
             let c = match seen.take() {
                 Some((at, c)) if at.elapsed() < Duration::from_millis(100) => (at, c),

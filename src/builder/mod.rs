@@ -3,6 +3,7 @@
 //! it ready over SSH.
 
 pub mod engine;
+pub mod known_engines;
 pub mod lifecycle;
 pub mod pool;
 pub mod provision;

@@ -6,12 +6,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::config::Config;
 use crate::state::StateDir;
 
-use super::engine::{Engine, EngineError, EngineSettings};
+use super::engine::{CandidateError, Engine, EngineError, EngineSettings, HowFound};
+use super::known_engines;
 use super::lifecycle::{BuilderError, Builders};
 use super::provision::BuilderSpec;
 
@@ -103,20 +104,21 @@ impl Pool {
                 if let Some(why) = dir.as_deref().and_then(|d| backing_off(d, &s.name)) {
                     return (s, Err(why));
                 }
-                let r = match tokio::time::timeout(CONNECT_DEADLINE, Engine::discover(&s)).await {
-                    Ok(Ok(e)) => Ok(e),
-                    Ok(Err(source)) => Err(Unavailable::Failed {
-                        name: s.name.clone(),
-                        source,
-                    }),
-                    Err(_) => Err(Unavailable::TimedOut {
-                        name: s.name.clone(),
-                    }),
-                };
+                let known = dir.as_deref().and_then(|d| {
+                    known_engines::read(d, &s.name, s.host.as_deref().unwrap_or_default())
+                });
+                let r = ask(&s, known.as_ref()).await;
                 if let Some(d) = dir.as_deref() {
                     record(d, &s.name, r.is_ok());
+                    match &r {
+                        // Only a real answer is remembered, so what is known is at most
+                        // `FRESH` old however many hooks use it.
+                        Ok((e, true)) => known_engines::write(d, &s.name, &e.known()),
+                        Ok((_, false)) => {}
+                        Err(_) => known_engines::forget(d, &s.name),
+                    }
                 }
-                (s, r)
+                (s, r.map(|(e, _)| e))
             }
         });
         let mut unavailable = Vec::new();
@@ -161,6 +163,28 @@ impl Pool {
         self.builders(name).await.map(|_| ())
     }
 
+    /// After engine `name` got a builder ready: the next hooks may accept without asking it
+    /// for a moment ([`known_engines`]). Only for an engine that is asked before accepting.
+    pub fn engine_served(&self, name: &str) {
+        let Some(b) = self.connected.get(name) else {
+            return;
+        };
+        if self.is_local(name) {
+            return;
+        }
+        if let Ok(dir) = self.state.private_subdir("engines") {
+            known_engines::write(&dir, name, &b.engine.known());
+        }
+    }
+
+    /// After engine `name` failed to get a builder ready: its remembered answer is not trusted
+    /// any more, so the next hook asks it before accepting ([`known_engines`]).
+    pub fn distrust(&self, name: &str) {
+        if let Ok(dir) = self.state.private_subdir("engines") {
+            known_engines::forget(&dir, name);
+        }
+    }
+
     /// The builders of engine `name`, connecting to it first if need be (the local default
     /// engine is asked only when a build goes there).
     pub async fn builders(&mut self, name: &str) -> Result<&Builders, Unavailable> {
@@ -186,10 +210,51 @@ impl Pool {
     }
 }
 
+/// Engine `s` as it answers now (`true`) or, when it served a hook a moment ago (`known`) and
+/// still accepts a connection, as it answered then (`false`; [`known_engines`]).
+async fn ask(
+    s: &EngineSettings,
+    known: Option<&known_engines::Known>,
+) -> Result<(Engine, bool), Unavailable> {
+    let failed = |source| Unavailable::Failed {
+        name: s.name.clone(),
+        source,
+    };
+    if let Some(k) = known.filter(|k| k.fresh()) {
+        match tokio::time::timeout(CONNECT_DEADLINE, Engine::from_known(s, k)).await {
+            Ok(Ok(e)) => {
+                tracing::debug!(engine = %s.name, ago_ms = known_engines::now_ms().saturating_sub(k.at), "the engine served a moment ago; not asked again before accepting");
+                return Ok((e, false));
+            }
+            // An `ssh://` engine: its route is its SSH session, asked below.
+            Ok(Err(CandidateError::Unsupported)) => {}
+            // Nothing listens where it answered: asking would fail the same way, later.
+            Ok(Err(why)) => {
+                return Err(failed(EngineError::Explicit {
+                    addr: k.addr.clone(),
+                    how: HowFound::ConfigDockerHost,
+                    why,
+                }));
+            }
+            Err(_) => {
+                return Err(Unavailable::TimedOut {
+                    name: s.name.clone(),
+                });
+            }
+        }
+    }
+    let hint = known.map(|k| k.api.as_str());
+    match tokio::time::timeout(CONNECT_DEADLINE, Engine::discover_hinted(s, hint)).await {
+        Ok(Ok(e)) => Ok((e, true)),
+        Ok(Err(source)) => Err(failed(source)),
+        Err(_) => Err(Unavailable::TimedOut {
+            name: s.name.clone(),
+        }),
+    }
+}
+
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    known_engines::now_ms() / 1000
 }
 
 fn backoff_file(dir: &Path, name: &str) -> PathBuf {
@@ -227,6 +292,37 @@ fn record(dir: &Path, name: &str, answered: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::builder::engine::Access;
+
+    /// A fresh answer from an engine whose address now refuses connections is a failure at
+    /// once (backed off as any), not a wait for the whole connect deadline, nor an engine.
+    #[tokio::test]
+    async fn a_fresh_answer_from_an_engine_that_is_gone_fails_at_once() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("tcp://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let s = EngineSettings {
+            name: "gone".into(),
+            host: Some(addr.clone()),
+            access: Access::default(),
+        };
+        let known = known_engines::Known {
+            addr,
+            at: known_engines::now_ms(),
+            api: "1.41".into(),
+            arch: "x86_64".into(),
+            os: "linux".into(),
+            podman: false,
+        };
+        let t = std::time::Instant::now();
+        let r = ask(&s, Some(&known)).await;
+        assert!(
+            matches!(&r, Err(Unavailable::Failed { name, .. }) if name == "gone"),
+            "{:?}",
+            r.map(|(e, fresh)| (e.addr, fresh))
+        );
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
 
     #[test]
     fn a_failed_engine_is_skipped_until_its_backoff_ends_and_forgotten_once_it_answers() {

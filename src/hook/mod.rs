@@ -616,8 +616,12 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
                 }),
             };
             let (remote, how) = match ready {
-                Ok(r) => r,
+                Ok(r) => {
+                    ctx.engines.engine_served(&spec.engine);
+                    r
+                }
                 Err(e) => {
+                    ctx.engines.distrust(&spec.engine);
                     parent.error(&format!(
                         "nixdock could not start the {} builder for '{}': {e}",
                         spec.system, req.drv_path
