@@ -2,7 +2,8 @@
 //! `[engines.<name>]`. A remote engine that does not answer within [`CONNECT_DEADLINE`] is
 //! skipped with a warning naming it, and every hook skips it for [`BACKOFF`] after that
 //! (a file in the state dir says until when), so a host that dropped off the network costs one
-//! hook a few seconds, not every build a connect timeout.
+//! hook a few seconds, not every build a connect timeout. What an engine answered, and when it
+//! last served a hook, is remembered beside that ([`known_engines`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -111,8 +112,8 @@ impl Pool {
                 if let Some(d) = dir.as_deref() {
                     record(d, &s.name, r.is_ok());
                     match &r {
-                        // Only a real answer is remembered, so what is known is at most
-                        // `FRESH` old however many hooks use it.
+                        // Taking it as known renews nothing: only an answer, or a builder
+                        // made ready through it (`engine_served`), does.
                         Ok((e, true)) => known_engines::write(d, &s.name, &e.known()),
                         Ok((_, false)) => {}
                         Err(_) => known_engines::forget(d, &s.name),
