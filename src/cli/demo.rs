@@ -159,7 +159,16 @@ async fn demo_one(
         Err(e) => return fail(format!("cannot inspect {}: {e}", spec.image)),
     };
     let row = loaded.rows.iter().find(|r| r.system == system);
-    let mut running = row.is_some_and(Row::running);
+    // Asked now, not taken from the rows read at the start: a system served by another
+    // system's builder may have started that container a moment ago.
+    let mut running = match engine
+        .docker
+        .inspect_container(&spec.container_name(), None)
+        .await
+    {
+        Ok(c) => c.state.and_then(|s| s.running).unwrap_or(false),
+        Err(_) => row.is_some_and(Row::running),
+    };
     if args.cold && running {
         let name = spec.container_name();
         let t = Instant::now();
@@ -206,8 +215,14 @@ async fn demo_one(
                 let host = field("host");
                 let machine = field("machine");
                 let remote = host.starts_with("nixdock-");
+                // The derivation's builder is the container's own /bin/sh: in another system's
+                // builder that is a program of that system, whatever this derivation's system.
+                let shell = match &spec.served_by {
+                    Some(by) => format!("its /bin/sh is the {by} builder's: uname -m = {machine}"),
+                    None => format!("uname -m = {machine}"),
+                };
                 lines.push(format!(
-                    "  {label} {secs:6.1} s  ({when}) ran on {host}, uname -m = {machine}{}",
+                    "  {label} {secs:5.2} s  ({when}) ran on {host}, {shell}{}",
                     if remote {
                         ""
                     } else {
@@ -219,7 +234,7 @@ async fn demo_one(
                 }
             }
             Err(e) => {
-                lines.push(format!("  {label} {secs:6.1} s  FAILED:"));
+                lines.push(format!("  {label} {secs:5.2} s  FAILED:"));
                 lines.extend(format!("{e:#}").lines().map(|l| format!("      {l}")));
                 ok = false;
                 break;
