@@ -519,6 +519,16 @@ pub fn ensure_mode(file: &File, mode: u32) -> std::io::Result<()> {
 
 /// Writes `contents` to `path` with `mode`, atomically (temp file + rename).
 pub fn write_private(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    replace_private(path, contents, mode, true)
+}
+
+/// [`write_private`] without the fsync, for a file that only spares work when it is there (a
+/// hook writes one on every build; after a crash it may be empty, which its reader ignores).
+pub fn write_private_cache(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    replace_private(path, contents, mode, false)
+}
+
+fn replace_private(path: &Path, contents: &[u8], mode: u32, durable: bool) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     {
         let mut f = OpenOptions::new()
@@ -530,7 +540,9 @@ pub fn write_private(path: &Path, contents: &[u8], mode: u32) -> std::io::Result
             .open(&tmp)?;
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(contents)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
     }
     fs::rename(&tmp, path)
 }

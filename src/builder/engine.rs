@@ -1106,14 +1106,12 @@ impl Engine {
             .map_err(CandidateError::Connect)?;
         let route = Route::open(addr, &settings.access).await?;
         let docker = route.docker(&client_version(Some(&known.api)))?;
-        let how = candidates(Some(addr))
-            .first()
-            .map_or(HowFound::ConfigDockerHost, |c| c.how);
         Ok(Engine {
             name: settings.name.clone(),
             docker,
             addr: addr.to_string(),
-            how_found: how,
+            // What `candidates` says of a configured `docker-host`.
+            how_found: HowFound::ConfigDockerHost,
             arch: known.arch.clone(),
             os: known.os.clone(),
             podman: known.podman,

@@ -86,10 +86,11 @@ pub fn read(dir: &Path, name: &str, addr: &str) -> Option<Known> {
     Known::parse(&text).filter(|k| k.addr == addr)
 }
 
-/// Remembers `known` for engine `name` (the state dir is the hook user's own, 0700).
+/// Remembers `known` for engine `name` (the state dir is the hook user's own, 0700); not
+/// synced to disk: a lost answer only means the next hook asks.
 pub fn write(dir: &Path, name: &str, known: &Known) {
     let f = file(dir, name);
-    if let Err(e) = crate::state::write_private(&f, known.to_text().as_bytes(), 0o600) {
+    if let Err(e) = crate::state::write_private_cache(&f, known.to_text().as_bytes(), 0o600) {
         tracing::warn!(engine = %name, "cannot remember the engine's answer in {}: {e}", f.display());
     }
 }
