@@ -111,19 +111,28 @@ impl Install {
 
     /// The `via` of the hook's "builder ready" line for `drv`.
     fn via(&self, drv: &str) -> String {
-        let log = self.log();
-        let line = log
+        let vias = self.vias(drv);
+        vias.into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no 'builder ready' line for {drv}:\n{}", self.log()))
+    }
+
+    /// The `via` of every "builder ready" line for `drv`, in order.
+    fn vias(&self, drv: &str) -> Vec<String> {
+        self.log()
             .lines()
-            .find(|l| l.contains("builder ready") && l.contains(drv))
-            .unwrap_or_else(|| panic!("no 'builder ready' line for {drv}:\n{log}"));
-        let via = line
-            .split("via=")
-            .nth(1)
-            .unwrap_or_else(|| panic!("{line}"));
-        via.strip_prefix('"')
-            .and_then(|v| v.split('"').next())
-            .unwrap_or_else(|| via.split_whitespace().next().unwrap_or(""))
-            .to_string()
+            .filter(|l| l.contains("builder ready") && l.contains(drv))
+            .map(|line| {
+                let via = line
+                    .split("via=")
+                    .nth(1)
+                    .unwrap_or_else(|| panic!("{line}"));
+                via.strip_prefix('"')
+                    .and_then(|v| v.split('"').next())
+                    .unwrap_or_else(|| via.split_whitespace().next().unwrap_or(""))
+                    .to_string()
+            })
+            .collect()
     }
 
     /// The live holder processes serving this installation: `nixdock-hook --ssh-holder` whose
@@ -445,6 +454,62 @@ fn a_killed_holder_leaves_a_stale_socket_that_the_next_hook_replaces() {
     assert_eq!(socket2, socket, "same builder, same socket name");
     assert_ne!(identity(&socket2), old);
     assert_eq!(i.build(), "ssh holder");
+}
+
+/// A holder that ends during a build while the builder runs on (killed here; in the wild also
+/// one that went with the container of the Nix client that started it, which other clients
+/// sharing the state directory were using): the hook builds again over a connection of its
+/// own, says so, and the build succeeds; the next build starts a new holder. Both ways a
+/// holder reaches a builder.
+#[test]
+fn a_build_outlives_its_holder() {
+    if !common::require_bed() {
+        return;
+    }
+    for (transport, held, own) in [
+        ("ssh", "ssh holder", "ssh"),
+        ("engine-exec", "engine exec holder", "engine exec"),
+    ] {
+        let i = Install::over(transport, 60, 600);
+        i.build();
+        let (pid, _) = i.wait_for_holder();
+        let readies = || i.log().matches("builder ready").count();
+        let before = readies();
+        let (o, drvs) = std::thread::scope(|s| {
+            let build = s.spawn(|| {
+                i.build_many(&[
+                    "echo attempt; /usr/bin/sleep 3; echo built-remotely; echo ok > $out",
+                ])
+            });
+            assert!(
+                wait_until(Duration::from_secs(60), || readies() > before),
+                "{transport}: the build never got its builder ready:\n{}",
+                i.log()
+            );
+            // Inside the build's sleep: its connections go through the holder.
+            std::thread::sleep(Duration::from_millis(1500));
+            kill(pid, "KILL");
+            build.join().unwrap()
+        });
+        let t = text(&o);
+        assert!(o.status.success(), "{transport}: {t}\n{}", i.log());
+        assert!(
+            t.contains("ended during the build") && t.contains("building it again"),
+            "{transport}: {t}"
+        );
+        assert_eq!(t.matches("attempt").count(), 2, "{transport}: {t}");
+        let out = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "ok\n");
+        assert_eq!(
+            i.vias(&drvs[0]),
+            vec![held.to_string(), own.to_string()],
+            "{transport}: {}",
+            i.log()
+        );
+        let (pid2, _) = i.wait_for_holder();
+        assert_ne!(pid2, pid);
+        assert_eq!(i.build(), held, "{}", i.log());
+    }
 }
 
 #[test]

@@ -436,6 +436,168 @@ pub fn builder_name(spec: &BuilderSpec, pool: bool) -> String {
     }
 }
 
+/// The Docker builder for `spec` made ready (started or recreated as needed) and connected,
+/// with the watch on its container; on failure the user has been told why.
+async fn connect_docker(
+    ctx: &mut Context,
+    parent: &Parent,
+    req: &TryRequest,
+    spec: &BuilderSpec,
+    slot: &slots::Slot,
+) -> Result<(RemoteStore, Liveness), TryEnd> {
+    let t = Instant::now();
+    let direct = ctx.config.transport == Transport::Auto;
+    let builders = match ctx.engines.builders(&spec.engine).await {
+        Ok(b) => b,
+        Err(e) => {
+            parent.error(&format!(
+                "nixdock cannot build '{}' for {}: {e}",
+                req.drv_path, spec.system
+            ));
+            return Err(TryEnd::Exit(1));
+        }
+    };
+    let ready = async {
+        if direct && let Some(local) = builders.connect_local(spec).await {
+            return Ok((
+                RemoteStore {
+                    name: spec.container_name(),
+                    link: None,
+                    daemon: local.daemon,
+                    reopen: Reopen::LocalSocket {
+                        socket: local.socket,
+                        volume: local.volume,
+                    },
+                    bulk: None,
+                },
+                "local socket",
+            ));
+        }
+        // Starting a builder takes a second or more: say so in Nix's progress.
+        let step = parent.ids.next_id();
+        parent.send(&LogLine::start_step(
+            step,
+            format!("getting the {} builder ready", spec.system),
+        ));
+        // A missing image is pulled first: shown as a download in Nix's progress.
+        let pull = copy_progress::PullProgress::new(parent);
+        let ready = if direct {
+            builders.ensure_ready_local(spec, Some(slot), &pull).await
+        } else {
+            builders
+                .ensure_ready_with(spec, Some(slot), &pull)
+                .await
+                .map(|r| Ready::Link(Box::new(r)))
+        };
+        parent.send(&LogLine::stop(step));
+        let ready = match ready? {
+            Ready::Local { conn, started } => {
+                let conn = *conn;
+                return Ok((
+                    RemoteStore {
+                        name: spec.container_name(),
+                        link: None,
+                        daemon: conn.daemon,
+                        reopen: Reopen::LocalSocket {
+                            socket: conn.socket,
+                            volume: conn.volume,
+                        },
+                        bulk: None,
+                    },
+                    if started {
+                        "local socket, cold"
+                    } else {
+                        "local socket"
+                    },
+                ));
+            }
+            Ready::Link(r) => *r,
+        };
+        let how = match (&ready.link, ready.started) {
+            (crate::transport::Link::Ssh(_), true) => "ssh, cold",
+            (crate::transport::Link::Ssh(_), false) => "ssh",
+            (crate::transport::Link::Engine(_), true) => "engine exec, cold",
+            (crate::transport::Link::Engine(_), false) => "engine exec",
+            (crate::transport::Link::Holder(h), _) => match h.via() {
+                crate::transport::holder::Via::Ssh { .. } => "ssh holder",
+                crate::transport::holder::Via::Engine { .. } => "engine exec holder",
+            },
+        };
+        let bulk = match &ready.link {
+            crate::transport::Link::Holder(h)
+                if matches!(h.via(), crate::transport::holder::Via::Engine { .. }) =>
+            {
+                Some(crate::transport::Link::Engine(
+                    crate::transport::EngineExec::new(
+                        builders.engine.docker.clone(),
+                        ready.container.clone(),
+                    ),
+                ))
+            }
+            _ => None,
+        };
+        Ok::<_, crate::builder::BuilderError>((
+            RemoteStore {
+                name: ready.container,
+                link: Some(ready.link),
+                daemon: ready.daemon,
+                reopen: Reopen::Builder,
+                bulk,
+            },
+            how,
+        ))
+    };
+    fault_points::reached("ready").await;
+    let watch = Liveness {
+        docker: builders.engine.docker.clone(),
+        engine: format!("{} ({})", spec.engine, builders.engine.addr),
+        container: spec.container_name(),
+        to_discard: Default::default(),
+        // Getting ready is asking the engine (and, on a remote one, reaching the
+        // builder through it): a silent engine holds it whatever the transport.
+        engine_carries_link: true,
+    };
+    // A paused builder (or a silent engine) would hold the readiness checks until
+    // their own limits; the watch ends it within seconds.
+    let ready = tokio::select! {
+        r = ready => r,
+        why = watch.watch(Expect::Starting) => Err(crate::builder::BuilderError::Broken {
+            container: spec.container_name(),
+            what: why,
+        }),
+    };
+    let (remote, how) = match ready {
+        Ok(r) => {
+            ctx.engines.engine_served(&spec.engine);
+            r
+        }
+        Err(e) => {
+            ctx.engines.distrust(&spec.engine);
+            parent.error(&format!(
+                "nixdock could not start the {} builder for '{}': {e}",
+                spec.system, req.drv_path
+            ));
+            return Err(TryEnd::Exit(1));
+        }
+    };
+    tracing::info!(
+        system = %spec.system,
+        slot = slot.index,
+        ms = t.elapsed().as_millis() as u64,
+        via = how,
+        drv = %req.drv_path,
+        "builder ready"
+    );
+    let watch = Liveness {
+        engine_carries_link: remote
+            .link
+            .as_ref()
+            .is_some_and(crate::transport::Link::is_carried_by_engine),
+        ..watch
+    };
+    Ok((remote, watch))
+}
+
 /// A `try` about to be accepted: the request, the slot taken, where it will run and the
 /// derivation already read.
 struct Accepted<'a, R> {
@@ -485,167 +647,21 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
         }
     };
     let store = settings.store().unwrap_or("auto").to_string();
-    let t = Instant::now();
     let root_inputs = matches!(&remote, Remote::Docker { spec } if spec.max_store_bytes.is_some());
     let docker_place = match &remote {
         Remote::Docker { spec } => Some((spec.system.clone(), spec.engine.clone())),
         Remote::Static(_) => None,
     };
     let mut liveness = None;
-    let mut remote = match remote {
-        Remote::Static(r) => *r,
-        Remote::Docker { spec } => {
-            let direct = ctx.config.transport == Transport::Auto;
-            let builders = match ctx.engines.builders(&spec.engine).await {
-                Ok(b) => b,
-                Err(e) => {
-                    parent.error(&format!(
-                        "nixdock cannot build '{}' for {}: {e}",
-                        req.drv_path, spec.system
-                    ));
-                    return TryEnd::Exit(1);
-                }
-            };
-            let ready = async {
-                if direct && let Some(local) = builders.connect_local(&spec).await {
-                    return Ok((
-                        RemoteStore {
-                            name: spec.container_name(),
-                            link: None,
-                            daemon: local.daemon,
-                            reopen: Reopen::LocalSocket {
-                                socket: local.socket,
-                                volume: local.volume,
-                            },
-                            bulk: None,
-                        },
-                        "local socket",
-                    ));
-                }
-                // Starting a builder takes a second or more: say so in Nix's progress.
-                let step = parent.ids.next_id();
-                parent.send(&LogLine::start_step(
-                    step,
-                    format!("getting the {} builder ready", spec.system),
-                ));
-                // A missing image is pulled first: shown as a download in Nix's progress.
-                let pull = copy_progress::PullProgress::new(parent);
-                let ready = if direct {
-                    builders.ensure_ready_local(&spec, Some(&slot), &pull).await
-                } else {
-                    builders
-                        .ensure_ready_with(&spec, Some(&slot), &pull)
-                        .await
-                        .map(|r| Ready::Link(Box::new(r)))
-                };
-                parent.send(&LogLine::stop(step));
-                let ready = match ready? {
-                    Ready::Local { conn, started } => {
-                        let conn = *conn;
-                        return Ok((
-                            RemoteStore {
-                                name: spec.container_name(),
-                                link: None,
-                                daemon: conn.daemon,
-                                reopen: Reopen::LocalSocket {
-                                    socket: conn.socket,
-                                    volume: conn.volume,
-                                },
-                                bulk: None,
-                            },
-                            if started {
-                                "local socket, cold"
-                            } else {
-                                "local socket"
-                            },
-                        ));
-                    }
-                    Ready::Link(r) => *r,
-                };
-                let how = match (&ready.link, ready.started) {
-                    (crate::transport::Link::Ssh(_), true) => "ssh, cold",
-                    (crate::transport::Link::Ssh(_), false) => "ssh",
-                    (crate::transport::Link::Engine(_), true) => "engine exec, cold",
-                    (crate::transport::Link::Engine(_), false) => "engine exec",
-                    (crate::transport::Link::Holder(h), _) => match h.via() {
-                        crate::transport::holder::Via::Ssh { .. } => "ssh holder",
-                        crate::transport::holder::Via::Engine { .. } => "engine exec holder",
-                    },
-                };
-                let bulk = match &ready.link {
-                    crate::transport::Link::Holder(h)
-                        if matches!(h.via(), crate::transport::holder::Via::Engine { .. }) =>
-                    {
-                        Some(crate::transport::Link::Engine(
-                            crate::transport::EngineExec::new(
-                                builders.engine.docker.clone(),
-                                ready.container.clone(),
-                            ),
-                        ))
-                    }
-                    _ => None,
-                };
-                Ok::<_, crate::builder::BuilderError>((
-                    RemoteStore {
-                        name: ready.container,
-                        link: Some(ready.link),
-                        daemon: ready.daemon,
-                        reopen: Reopen::Builder,
-                        bulk,
-                    },
-                    how,
-                ))
-            };
-            fault_points::reached("ready").await;
-            let watch = Liveness {
-                docker: builders.engine.docker.clone(),
-                engine: format!("{} ({})", spec.engine, builders.engine.addr),
-                container: spec.container_name(),
-                to_discard: Default::default(),
-                // Getting ready is asking the engine (and, on a remote one, reaching the
-                // builder through it): a silent engine holds it whatever the transport.
-                engine_carries_link: true,
-            };
-            // A paused builder (or a silent engine) would hold the readiness checks until
-            // their own limits; the watch ends it within seconds.
-            let ready = tokio::select! {
-                r = ready => r,
-                why = watch.watch(Expect::Starting) => Err(crate::builder::BuilderError::Broken {
-                    container: spec.container_name(),
-                    what: why,
-                }),
-            };
-            let (remote, how) = match ready {
-                Ok(r) => {
-                    ctx.engines.engine_served(&spec.engine);
-                    r
-                }
-                Err(e) => {
-                    ctx.engines.distrust(&spec.engine);
-                    parent.error(&format!(
-                        "nixdock could not start the {} builder for '{}': {e}",
-                        spec.system, req.drv_path
-                    ));
-                    return TryEnd::Exit(1);
-                }
-            };
-            tracing::info!(
-                system = %spec.system,
-                slot = slot.index,
-                ms = t.elapsed().as_millis() as u64,
-                via = how,
-                drv = %req.drv_path,
-                "builder ready"
-            );
-            liveness = Some(Liveness {
-                engine_carries_link: remote
-                    .link
-                    .as_ref()
-                    .is_some_and(crate::transport::Link::is_carried_by_engine),
-                ..watch
-            });
-            remote
-        }
+    let (mut remote, docker_spec) = match remote {
+        Remote::Static(r) => (*r, None),
+        Remote::Docker { spec } => match connect_docker(ctx, parent, req, &spec, &slot).await {
+            Ok((remote, watch)) => {
+                liveness = Some(watch);
+                (remote, Some(spec))
+            }
+            Err(end) => return end,
+        },
     };
     // SAFETY: geteuid has no preconditions.
     let as_root = unsafe { libc::geteuid() } == 0;
@@ -658,7 +674,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
         as_root,
     });
     let mut local = crate::local_daemon::LazyLocalDaemon::new(&store);
-    let job = Job {
+    let mut job = Job {
         parent,
         settings,
         drv_path: req.drv_path.clone(),
@@ -669,22 +685,25 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
         root_inputs,
         liveness: liveness.clone(),
     };
-    let outcome = job.run(&mut remote, &mut local, nix_store).await;
-    // Closes the builder's connection first: its daemon worker holds the locks of what it was
-    // writing.
-    drop(remote);
-    if let Some(l) = &liveness {
-        let paths = std::mem::take(&mut *l.to_discard.lock().unwrap_or_else(|p| p.into_inner()));
-        match l.discard_invalid(&paths).await {
-            Ok(said) if !paths.is_empty() => {
-                tracing::info!(container = %l.container, "removed partial inputs: {}", said.trim())
-            }
-            Ok(_) => {}
-            Err(e) => parent.warn(&format!(
-                "nixdock: could not remove the partial inputs from builder container {}: {e}",
-                l.container
-            )),
-        }
+    let mut outcome = job.run(&mut remote, &mut local, nix_store).await;
+    end_connection(parent, remote, &liveness).await;
+    // Once: a holder that ends again is not worked around a second time.
+    if let (Outcome::HolderGone { message }, Some(spec)) = (&outcome, &docker_spec) {
+        tracing::warn!(drv = %req.drv_path, "the connection holder ended under the build: {message}");
+        parent.warn(&format!(
+            "nixdock: the connection holder of builder container {} ended during the build of \
+             '{}' (the builder still runs): building it again over a connection of its own",
+            spec.container_name(),
+            req.drv_path
+        ));
+        let (mut again, watch) = match connect_docker(ctx, parent, req, spec, &slot).await {
+            Ok(r) => r,
+            Err(end) => return end,
+        };
+        job.liveness = Some(watch.clone());
+        liveness = Some(watch);
+        outcome = job.run(&mut again, &mut local, nix_store).await;
+        end_connection(parent, again, &liveness).await;
     }
     drop(slot);
     TryEnd::Exit(match outcome {
@@ -693,5 +712,29 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
             parent.error(&message);
             exit
         }
+        Outcome::HolderGone { message } => {
+            parent.error(&message);
+            1
+        }
     })
+}
+
+/// Closes the builder's connection, then removes the partial inputs a full store left there
+/// (its daemon worker holds the locks of what it was writing until the connection closes).
+async fn end_connection(parent: &Parent, remote: RemoteStore, liveness: &Option<Liveness>) {
+    drop(remote);
+    let Some(l) = liveness else {
+        return;
+    };
+    let paths = std::mem::take(&mut *l.to_discard.lock().unwrap_or_else(|p| p.into_inner()));
+    match l.discard_invalid(&paths).await {
+        Ok(said) if !paths.is_empty() => {
+            tracing::info!(container = %l.container, "removed partial inputs: {}", said.trim())
+        }
+        Ok(_) => {}
+        Err(e) => parent.warn(&format!(
+            "nixdock: could not remove the partial inputs from builder container {}: {e}",
+            l.container
+        )),
+    }
 }

@@ -38,7 +38,16 @@ use liveness::{Expect, Liveness};
 #[derive(Debug)]
 pub enum Outcome {
     Built,
-    Failed { exit: i32, message: String },
+    Failed {
+        exit: i32,
+        message: String,
+    },
+    /// The failure was the connection holder's, not the builder's: the holder that carried the
+    /// job's connections ended (killed, or gone with the container it ran in) while the builder
+    /// still runs. Nothing was registered; the job may run again on connections of its own.
+    HolderGone {
+        message: String,
+    },
 }
 
 pub const EXIT_PERMANENT: i32 = 100;
@@ -276,7 +285,37 @@ enum SecondDaemonError {
 
 impl Job<'_> {
     pub async fn run(
-        self,
+        &self,
+        builder: &mut RemoteStore,
+        local: &mut LazyLocalDaemon,
+        nix_store: &Path,
+    ) -> Outcome {
+        match self.run_once(builder, local, nix_store).await {
+            Outcome::Failed { exit: 1, message } if self.holder_ended(builder).await => {
+                Outcome::HolderGone { message }
+            }
+            o => o,
+        }
+    }
+
+    /// Whether the builder's connection holder ended under this job while the builder itself
+    /// still runs (a builder that stopped takes its holder with it: that failure is the
+    /// builder's, and stays one).
+    async fn holder_ended(&self, builder: &RemoteStore) -> bool {
+        let Some(Link::Holder(h)) = &builder.link else {
+            return false;
+        };
+        if h.still_serving().await {
+            return false;
+        }
+        match &self.liveness {
+            Some(l) => l.is_running().await,
+            None => false,
+        }
+    }
+
+    async fn run_once(
+        &self,
         builder: &mut RemoteStore,
         local: &mut LazyLocalDaemon,
         nix_store: &Path,

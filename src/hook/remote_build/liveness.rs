@@ -130,6 +130,17 @@ impl Liveness {
         }
     }
 
+    /// Whether the engine says the container runs (one question, within [`ASK_TIMEOUT`]).
+    pub async fn is_running(&self) -> bool {
+        let opts = None::<InspectContainerOptions>;
+        let asked = tokio::time::timeout(
+            ASK_TIMEOUT,
+            self.docker.inspect_container(&self.container, opts),
+        )
+        .await;
+        matches!(asked, Ok(Ok(c)) if c.state.as_ref().and_then(|s| s.status) == Some(ContainerStateStatusEnum::RUNNING))
+    }
+
     /// For the error of a phase that failed on its own (a connection that broke): what became
     /// of the container, if anything did (`None` when it still runs or the engine cannot say).
     /// A killed container's connections close a moment before the engine records its exit, so

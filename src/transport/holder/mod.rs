@@ -20,7 +20,9 @@ pub mod server;
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -241,11 +243,32 @@ fn euid() -> u32 {
 pub struct HolderLink {
     socket: PathBuf,
     target: Target,
+    /// The holder that opened this link's first channel: its socket file (inode) and its pid.
+    served_by: Arc<OnceLock<(u64, u32)>>,
 }
 
 impl HolderLink {
     pub fn new(socket: PathBuf, target: Target) -> HolderLink {
-        HolderLink { socket, target }
+        HolderLink {
+            socket,
+            target,
+            served_by: Arc::default(),
+        }
+    }
+
+    /// Whether the holder that served this link's channels still does: the same socket file,
+    /// and a hello from the same process on it. False once it has exited (killed, or gone
+    /// with the container or session it ran in) or was replaced by another, so that channels
+    /// it carried ended without the builder having ended them. True when it served nothing.
+    pub async fn still_serving(&self) -> bool {
+        let Some(&(ino, pid)) = self.served_by.get() else {
+            return true;
+        };
+        let same_file = std::fs::metadata(&self.socket).is_ok_and(|m| m.ino() == ino);
+        same_file
+            && hello_at(&self.socket, &self.target)
+                .await
+                .is_some_and(|h| h.pid == pid)
     }
 
     pub fn socket(&self) -> &Path {
@@ -278,6 +301,9 @@ impl HolderLink {
             socket: socket.clone(),
             secs: d.as_secs(),
         };
+        // Read before connecting: a socket replaced in between makes `still_serving` say no,
+        // never yes wrongly.
+        let ino = std::fs::metadata(socket).ok().map(|m| m.ino());
         let mut stream = UnixStream::connect(socket)
             .await
             .map_err(|source| HolderError::Io {
@@ -306,6 +332,9 @@ impl HolderLink {
             .map_err(proto)?;
         match Reply::parse(reply).map_err(proto)? {
             Reply::Ok => {
+                if let Some(ino) = ino {
+                    let _ = self.served_by.set((ino, hello.pid));
+                }
                 tracing::debug!(socket = %socket.display(), holder = hello.pid, ?request, "channel through the SSH holder");
                 Ok(unix_stream_channel(stream))
             }
@@ -317,18 +346,18 @@ impl HolderLink {
     }
 }
 
-/// Whether a holder answers at `socket` as `target`'s (its hello read, nothing asked).
-async fn answers(socket: &Path, target: &Target) -> bool {
+/// The hello of the holder answering at `socket` as `target`'s, if one does (nothing asked).
+async fn hello_at(socket: &Path, target: &Target) -> Option<Hello> {
     let check = async {
         let mut stream = UnixStream::connect(socket).await.ok()?;
         check_peer(&stream, socket).ok()?;
         let hello = protocol::read_frame(&mut stream).await.ok()?;
         Hello::parse(hello).ok().filter(|h| target.matches(h))
     };
-    matches!(
-        tokio::time::timeout(HELLO_TIMEOUT, check).await,
-        Ok(Some(_))
-    )
+    tokio::time::timeout(HELLO_TIMEOUT, check)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Starts a holder for `target` unless one is starting or answering: under the lock
@@ -352,7 +381,7 @@ async fn try_start(
     else {
         return Ok(());
     };
-    if std::fs::symlink_metadata(&socket).is_ok() && answers(&socket, target).await {
+    if std::fs::symlink_metadata(&socket).is_ok() && hello_at(&socket, target).await.is_some() {
         return Ok(());
     }
     sweep_stale(&socket);
