@@ -1882,6 +1882,78 @@ fn two_hooks_race_the_cold_start_of_one_builder() {
     verify_store();
 }
 
+/// A daemon worker that dies under a build while its container runs on (an emulator's crash in
+/// the wild; a SIGKILL here, after the container wrote a line to its log): the error names the
+/// lost connection and quotes what the container's log says since the build started, printable
+/// (no escape sequence reaches the terminal) and without the routine connection lines.
+#[test]
+fn a_worker_that_dies_under_a_build_is_explained_by_the_containers_log() {
+    if !common::require_bed() {
+        return;
+    }
+    let _t = ticket();
+    let case = Case::new("worker-dies", Setup::default());
+    case.build_ok(&drv(&case, "warm", 0, 0));
+    let expr = drv(&case, "dies", 30, 0);
+    let drv_path = instantiate(&expr);
+    let b = case.start(&expr);
+    let mark = b.mark.clone();
+    // The worker is the parent of the build's shell (its command line holds the mark).
+    let find = "for p in /proc/[0-9]*; do \
+                  if grep -q 'FAULT-BUILD-MARK-[d]ies' $p/cmdline 2>/dev/null; then \
+                    read -r _ _ _ ppid _ < $p/stat && echo $ppid && exit 0; \
+                  fi; \
+                done; exit 1";
+    let t = Instant::now();
+    let worker = loop {
+        let o = case.in_builder(find);
+        if o.status.success() {
+            break String::from_utf8_lossy(&o.stdout).trim().to_string();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the build never ran: {}",
+            b.stderr_now()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let o = case.in_builder(&format!(
+        "printf 'worker crash: \\033[31mred\\033[0m\\n' > /proc/1/fd/2 && kill -KILL {worker}"
+    ));
+    assert!(o.status.success(), "{}", common::output_text(&o));
+    let done = b.finish(BUILD_LIMIT);
+    let all = done.all();
+    assert!(!done.success, "{all}");
+    assert!(all.contains("lost the connection"), "{all}");
+    assert!(
+        all.contains("since the build started:\n  worker crash: red"),
+        "{all}"
+    );
+    assert!(
+        !all.contains("\x1b[31m"),
+        "an escape sequence passed: {all:?}"
+    );
+    let quoted = &all[all.find("since the build started").unwrap_or(0)..];
+    assert!(!quoted.contains("accepted connection"), "{all}");
+    assert_eq!(case.status_of_builder(), "running");
+    // The hook is gone and nothing is registered; the build's own processes are the builder
+    // Nix's (2.8 leaves them running when their worker dies, as it would for a local build).
+    wait_gone(
+        &case,
+        "hook processes left",
+        Duration::from_secs(10),
+        || hooks_with_mark(&mark),
+    );
+    for out in outputs_of(&drv_path) {
+        assert!(
+            fs::symlink_metadata(&out).is_err(),
+            "{out} is on disk after a lost build"
+        );
+    }
+    drop(case);
+    verify_store();
+}
+
 /// The container's id.
 fn container_id(case: &Case) -> String {
     case.docker_ok(&["inspect", "-f", "{{.Id}}", &case.container()])

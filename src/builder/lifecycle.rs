@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, VolumeCreateRequest};
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, LogsOptions,
-    RemoveContainerOptions, StartContainerOptions, StopContainerOptions, UploadToContainerOptions,
+    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, RemoveContainerOptions,
+    StartContainerOptions, StopContainerOptions, UploadToContainerOptions,
 };
 use futures_util::StreamExt;
 use hook_protocol::worker::WorkerClient;
@@ -24,7 +24,7 @@ use crate::transport::{EngineExec, EngineExecError, Link};
 
 use super::engine::{Engine, EngineError};
 use super::provision::{self, BuilderSpec, Publish, REMOTE_NIX_DAEMON, SSH_PORT};
-use super::{sandbox, slots};
+use super::{container_log, sandbox, slots};
 
 pub use crate::transport::DaemonConnection;
 
@@ -985,18 +985,15 @@ impl Builders {
     }
 
     async fn logs_tail(&self, name: &str, lines: usize) -> String {
-        let opts = LogsOptions {
-            stdout: true,
-            stderr: true,
-            tail: lines.to_string(),
-            ..Default::default()
-        };
-        let mut s = self.engine.docker.logs(name, Some(opts));
-        let mut out = String::new();
-        while let Some(Ok(chunk)) = s.next().await {
-            out.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
-        }
-        out.trim_end().to_string()
+        container_log::tail(
+            &self.engine.docker,
+            name,
+            lines,
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .join("\n")
     }
 
     async fn wait_ready(

@@ -2,6 +2,7 @@
 //! like, creating/reusing/recreating it, counting its build slots across processes, and proving
 //! it ready over SSH.
 
+pub mod container_log;
 pub mod engine;
 pub mod known_engines;
 pub mod lifecycle;

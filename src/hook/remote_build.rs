@@ -72,6 +72,12 @@ pub struct Job<'a> {
     pub liveness: Option<Liveness>,
 }
 
+/// Why a build's wait ended without a result.
+enum Stop {
+    Daemon(WorkerError),
+    Watchdog(String),
+}
+
 fn fail(message: String) -> Outcome {
     Outcome::Failed { exit: 1, message }
 }
@@ -706,6 +712,7 @@ impl Job<'_> {
         let basic = self.drv.to_basic(srcs);
         // The daemon's events only say that the builder ran; its raw output is relayed from
         // its log file, followed while the build runs (see `build_log`).
+        let started = std::time::SystemTime::now();
         let capture = std::sync::Mutex::new(build_log::Capture::default());
         let last_output = std::sync::Mutex::new(Instant::now());
         let mut relay = |ev: LogEvent| {
@@ -746,17 +753,8 @@ impl Job<'_> {
         let follow = live.follow(&capture);
         let result = tokio::select! {
             never = follow => match never {},
-            r = build => r.map_err(|e| {
-                if e.is_connection_closed() {
-                    fail(format!("lost the connection to '{}' during the build of '{}' (was the container stopped?): {e}", self.machine, self.drv_path))
-                } else {
-                    remote_err(&format!("building '{}' on '{}'", self.drv_path, self.machine), e)
-                }
-            }),
-            why = watchdog => Err(Outcome::Failed {
-                exit: EXIT_TIMEOUT,
-                message: format!("build of '{}' on '{}' {why}", self.drv_path, self.machine),
-            }),
+            r = build => r.map_err(Stop::Daemon),
+            why = watchdog => Err(Stop::Watchdog(why)),
         };
         let capture = capture.into_inner().unwrap_or_else(|p| p.into_inner());
         let kept_dir = capture.kept_dir.clone();
@@ -765,7 +763,32 @@ impl Job<'_> {
             Err(_) => live.abandon(capture),
             Ok(_) => live.finish(capture).await,
         }
-        result.map(|r| (r, kept_dir))
+        match result {
+            Ok(r) => Ok((r, kept_dir)),
+            Err(Stop::Watchdog(why)) => Err(Outcome::Failed {
+                exit: EXIT_TIMEOUT,
+                message: format!("build of '{}' on '{}' {why}", self.drv_path, self.machine),
+            }),
+            Err(Stop::Daemon(e)) if e.is_connection_closed() => {
+                let mut message = format!(
+                    "lost the connection to '{}' during the build of '{}': {e}",
+                    self.machine, self.drv_path
+                );
+                // What the container said meanwhile: a daemon worker that died (an emulator's
+                // crash, say) leaves the container running and nothing else to go on.
+                if let Some(l) = &self.liveness
+                    && let Some(log) = l.log_since(started).await
+                {
+                    message.push('\n');
+                    message.push_str(&log);
+                }
+                Err(fail(message))
+            }
+            Err(Stop::Daemon(e)) => Err(remote_err(
+                &format!("building '{}' on '{}'", self.drv_path, self.machine),
+                e,
+            )),
+        }
     }
 
     /// What each output must be: its path and, for a fixed output, the content address its

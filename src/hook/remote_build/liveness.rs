@@ -6,11 +6,13 @@
 //! [`CHECK_EVERY`] and ends the phase, naming the cause, when the container is paused, stopped
 //! or gone, or when the engine that carries the build's connection stops answering.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bollard::Docker;
 use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum};
 use bollard::query_parameters::InspectContainerOptions;
+
+use crate::builder::container_log;
 
 /// How often the engine is asked about the container.
 pub const CHECK_EVERY: Duration = Duration::from_secs(2);
@@ -19,6 +21,8 @@ pub const ASK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an engine that carries the build's connection (a remote engine's exec) may leave
 /// every question unanswered before the build is given up.
 pub const ENGINE_SILENCE: Duration = Duration::from_secs(30);
+/// Deadline of reading the container's log for an error message.
+pub const LOG_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a failed phase waits for the engine to record what became of the container.
 pub const EXPLAIN_WITHIN: Duration = Duration::from_secs(1);
 
@@ -128,6 +132,21 @@ impl Liveness {
                 ))
             }
         }
+    }
+
+    /// What the container's log says since `since`, routine lines left out, for an error about
+    /// a connection that ended under a build; `None` when it says nothing (or the engine cannot
+    /// say within [`LOG_TIMEOUT`]).
+    pub async fn log_since(&self, since: SystemTime) -> Option<String> {
+        let lines =
+            container_log::tail(&self.docker, &self.container, 10, Some(since), LOG_TIMEOUT).await;
+        (!lines.is_empty()).then(|| {
+            format!(
+                "the log of builder container {} since the build started:\n  {}",
+                self.container,
+                lines.join("\n  ")
+            )
+        })
     }
 
     /// Whether the engine says the container runs (one question, within [`ASK_TIMEOUT`]).
