@@ -209,6 +209,20 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+/// Whether a build's `/usr/bin/sleep` runs in `container` (the bracket keeps the search from
+/// finding itself).
+fn sleeping(container: &str) -> bool {
+    docker([
+        "exec",
+        container,
+        "sh",
+        "-c",
+        "grep -qs '/usr/bin/slee[p]' /proc/[0-9]*/cmdline",
+    ])
+    .status
+    .success()
+}
+
 fn alive(pid: u32) -> bool {
     // A zombie has no working directory left; only a running holder counts.
     Path::new(&format!("/proc/{pid}/cwd")).read_link().is_ok()
@@ -487,7 +501,11 @@ fn a_build_outlives_its_holder() {
                 i.log()
             );
             // Inside the build's sleep: its connections go through the holder.
-            std::thread::sleep(Duration::from_millis(1500));
+            assert!(
+                wait_until(Duration::from_secs(30), || sleeping(&i.container)),
+                "{transport}: the build's sleep never ran:\n{}",
+                i.log()
+            );
             kill(pid, "KILL");
             build.join().unwrap()
         });
@@ -510,6 +528,46 @@ fn a_build_outlives_its_holder() {
         assert_ne!(pid2, pid);
         assert_eq!(i.build(), held, "{}", i.log());
     }
+}
+
+/// The other side of the above: a builder killed under a build through its holder takes the
+/// holder with it, and that failure is the builder's — no second try, the cause named.
+#[test]
+fn a_builder_killed_under_a_held_build_is_not_built_again() {
+    if !common::require_bed() {
+        return;
+    }
+    let i = Install::new(60);
+    i.build();
+    i.wait_for_holder();
+    let readies = || i.log().matches("builder ready").count();
+    let before = readies();
+    let (o, drvs) = std::thread::scope(|s| {
+        let build = s.spawn(|| i.build_many(&["echo attempt; /usr/bin/sleep 5; echo ok > $out"]));
+        assert!(
+            wait_until(Duration::from_secs(60), || readies() > before),
+            "the build never got its builder ready:\n{}",
+            i.log()
+        );
+        assert!(
+            wait_until(Duration::from_secs(30), || sleeping(&i.container)),
+            "the build's sleep never ran:\n{}",
+            i.log()
+        );
+        common::docker_ok(["kill", &i.container]);
+        build.join().unwrap()
+    });
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("is no longer running"), "{t}");
+    assert!(!t.contains("building it again"), "{t}");
+    assert_eq!(t.matches("attempt").count(), 1, "{t}");
+    assert_eq!(
+        i.vias(&drvs[0]),
+        vec!["ssh holder".to_string()],
+        "{}",
+        i.log()
+    );
 }
 
 #[test]

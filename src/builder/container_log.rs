@@ -27,8 +27,14 @@ fn routine(line: &str) -> bool {
         .any(|p| line.starts_with(p))
 }
 
-/// `line` made printable: escape sequences dropped, every other control character a `?`,
-/// cut at [`MAX_LINE_CHARS`].
+/// Invisible characters that change how the text around them reads: bidirectional
+/// overrides and isolates, zero-width characters, the byte-order mark.
+fn reorders(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
+/// `line` made printable: escape sequences dropped, every other control character (and every
+/// character that reorders or hides text) a `?`, cut at [`MAX_LINE_CHARS`].
 pub fn printable(line: &str) -> String {
     let mut out = String::new();
     let mut chars = line.chars().peekable();
@@ -51,7 +57,11 @@ pub fn printable(line: &str) -> String {
             }
             continue;
         }
-        out.push(if c.is_control() && c != '\t' { '?' } else { c });
+        out.push(if (c.is_control() && c != '\t') || reorders(c) {
+            '?'
+        } else {
+            c
+        });
         kept += 1;
     }
     out
@@ -73,24 +83,31 @@ pub async fn tail(
         stderr: true,
         tail: ASKED_LINES.to_string(),
         // The engine takes whole seconds; each line's timestamp says the rest.
-        since: since.map_or(0, |d| d.as_secs() as i32),
+        since: since.map_or(0, |d| i32::try_from(d.as_secs()).unwrap_or(0)),
         timestamps: true,
         ..Default::default()
     };
+    // The engine sends the oldest first: the newest MAX_BYTES are kept.
     let mut bytes = Vec::new();
+    let mut cut = false;
     let read = async {
         let mut s = docker.logs(container, Some(opts));
         while let Some(Ok(chunk)) = s.next().await {
-            let chunk = chunk.into_bytes();
-            let room = MAX_BYTES.saturating_sub(bytes.len());
-            bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            if bytes.len() >= MAX_BYTES {
-                break;
+            bytes.extend_from_slice(&chunk.into_bytes());
+            if bytes.len() > MAX_BYTES {
+                bytes.drain(..bytes.len() - MAX_BYTES);
+                cut = true;
             }
         }
     };
     let _ = tokio::time::timeout(deadline, read).await;
-    excerpt(&bytes, lines, since)
+    // A line cut at its start is left out.
+    let whole = match (cut, bytes.iter().position(|b| *b == b'\n')) {
+        (true, Some(nl)) => &bytes[nl + 1..],
+        (true, None) => &[][..],
+        (false, _) => &bytes[..],
+    };
+    excerpt(whole, lines, since)
 }
 
 /// A log line's engine timestamp (RFC 3339, before the first space) and the rest; a line
@@ -140,6 +157,7 @@ mod tests {
             "bell? cr? nul? tab\tend"
         );
         assert_eq!(printable("\u{9b}31m"), "?31m");
+        assert_eq!(printable("abc\u{202e}fed\u{200b}"), "abc?fed?");
     }
 
     #[test]

@@ -684,6 +684,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
         place,
         root_inputs,
         liveness: liveness.clone(),
+        lost: Default::default(),
     };
     let mut outcome = job.run(&mut remote, &mut local, nix_store).await;
     end_connection(parent, remote, &liveness).await;
@@ -692,7 +693,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
         tracing::warn!(drv = %req.drv_path, "the connection holder ended under the build: {message}");
         parent.warn(&format!(
             "nixdock: the connection holder of builder container {} ended during the build of \
-             '{}' (the builder still runs): building it again over a connection of its own",
+             '{}' (the builder still runs): building it again",
             spec.container_name(),
             req.drv_path
         ));
@@ -701,6 +702,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
             Err(end) => return end,
         };
         job.liveness = Some(watch.clone());
+        job.lost = Default::default();
         liveness = Some(watch);
         outcome = job.run(&mut again, &mut local, nix_store).await;
         end_connection(parent, again, &liveness).await;
@@ -713,7 +715,9 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
             exit
         }
         Outcome::HolderGone { message } => {
-            parent.error(&message);
+            parent.error(&format!(
+                "{message}\n(the builder's connection holder ended under the build again)"
+            ));
             1
         }
     })

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hook_protocol::derivation::Derivation;
@@ -70,6 +71,9 @@ pub struct Job<'a> {
     /// The Docker builder's container, watched while the build uses it (none for a user's
     /// machine, whose SSH keepalives serve instead).
     pub liveness: Option<Liveness>,
+    /// A connection to the builder closed under the job (set where that is seen): only such
+    /// a failure can be its connection holder's.
+    pub lost: AtomicBool,
 }
 
 /// Why a build's wait ended without a result.
@@ -297,11 +301,21 @@ impl Job<'_> {
         nix_store: &Path,
     ) -> Outcome {
         match self.run_once(builder, local, nix_store).await {
-            Outcome::Failed { exit: 1, message } if self.holder_ended(builder).await => {
+            Outcome::Failed { exit: 1, message }
+                if self.lost.load(Ordering::Relaxed) && self.holder_ended(builder).await =>
+            {
                 Outcome::HolderGone { message }
             }
             o => o,
         }
+    }
+
+    /// A daemon's error as the job's failure, noting a closed connection.
+    fn remote_err(&self, what: &str, e: WorkerError) -> Outcome {
+        if e.is_connection_closed() {
+            self.lost.store(true, Ordering::Relaxed);
+        }
+        remote_err(what, e)
     }
 
     /// Whether the builder's connection holder ended under this job while the builder itself
@@ -454,7 +468,7 @@ impl Job<'_> {
                 tokio::time::timeout(patience, builder.daemon.add_temp_root(p, &mut |_| {}))
                     .await
                     .map_err(|_| silent(what))?
-                    .map_err(|e| remote_err(what, e))?;
+                    .map_err(|e| self.remote_err(what, e))?;
             }
         }
         let substitute = self.settings.builders_use_substitutes();
@@ -482,7 +496,7 @@ impl Job<'_> {
                 silent(what)
             }
         })?
-        .map_err(|e| remote_err(what, e))?;
+        .map_err(|e| self.remote_err(what, e))?;
         let missing: Vec<StorePath> = inputs.difference(&valid).cloned().collect();
         if missing.is_empty() {
             return Ok(());
@@ -552,7 +566,7 @@ impl Job<'_> {
                     break;
                 }
                 if let Err(e) = a {
-                    r = Err(remote_err(&what, e));
+                    r = Err(self.remote_err(&what, e));
                     break;
                 }
             }
@@ -623,7 +637,7 @@ impl Job<'_> {
                 .daemon
                 .add_multiple_to_store(ordered, &mut source(), false, true, &mut |_| {})
                 .await
-                .map_err(|e| remote_err(what, e));
+                .map_err(|e| self.remote_err(what, e));
         };
         for wave in waves(ordered) {
             let (a, b) = halves(wave);
@@ -646,7 +660,7 @@ impl Job<'_> {
                     .await
             };
             let (r1, r2) = tokio::join!(one, two);
-            r1.and(r2).map_err(|e| remote_err(what, e))?;
+            r1.and(r2).map_err(|e| self.remote_err(what, e))?;
         }
         Ok(())
     }
@@ -700,7 +714,7 @@ impl Job<'_> {
             .daemon
             .set_options(&opts, &mut |_| {})
             .await
-            .map_err(|e| remote_err("setting the builder's options", e))?;
+            .map_err(|e| self.remote_err("setting the builder's options", e))?;
 
         // As Nix's own hook: with input derivations, the whole input closure becomes inputSrcs
         // (the builder does not have the .drv files).
@@ -770,6 +784,7 @@ impl Job<'_> {
                 message: format!("build of '{}' on '{}' {why}", self.drv_path, self.machine),
             }),
             Err(Stop::Daemon(e)) if e.is_connection_closed() => {
+                self.lost.store(true, Ordering::Relaxed);
                 let mut message = format!(
                     "lost the connection to '{}' during the build of '{}': {e}",
                     self.machine, self.drv_path
@@ -784,7 +799,7 @@ impl Job<'_> {
                 }
                 Err(fail(message))
             }
-            Err(Stop::Daemon(e)) => Err(remote_err(
+            Err(Stop::Daemon(e)) => Err(self.remote_err(
                 &format!("building '{}' on '{}'", self.drv_path, self.machine),
                 e,
             )),
@@ -876,7 +891,7 @@ impl Job<'_> {
                         self.machine
                     ))
                 })?
-                .map_err(|e| remote_err(&format!("reading output {p} on the builder"), e))?
+                .map_err(|e| self.remote_err(&format!("reading output {p} on the builder"), e))?
                 .ok_or_else(|| {
                     fail(format!(
                         "the builder says output {p} is not valid after a successful build"
@@ -940,6 +955,7 @@ impl Job<'_> {
             let mut path_progress = progress.path(&p.to_absolute(), nar_size);
             let daemon = &mut *daemon;
             let machine = &self.machine;
+            let lost = &self.lost;
             let fetch = |mut w: tokio::io::DuplexStream| {
                 let path_progress = &mut path_progress;
                 async move {
@@ -955,6 +971,9 @@ impl Job<'_> {
                         .await
                         .map(|_| ())
                         .map_err(|source| {
+                            if source.is_connection_closed() {
+                                lost.store(true, Ordering::Relaxed);
+                            }
                             FetchFailed {
                                 machine: machine.clone(),
                                 source,

@@ -256,19 +256,25 @@ impl HolderLink {
         }
     }
 
-    /// Whether the holder that served this link's channels still does: the same socket file,
-    /// and a hello from the same process on it. False once it has exited (killed, or gone
-    /// with the container or session it ran in) or was replaced by another, so that channels
-    /// it carried ended without the builder having ended them. True when it served nothing.
+    /// Whether the holder that served this link's channels still does, or left in order.
+    /// False when it died under them — its socket left behind and refusing (killed, or gone
+    /// with the container it ran in), or replaced by another's (a hook replaces only a socket
+    /// that refuses) —, so that the channels it carried ended without the builder ending them.
+    /// True when its socket is the same and the same process answers there, when the socket
+    /// is gone (a holder removes it when it exits idle — possible once a crashed worker closed
+    /// the last channel — or with its session), and when it served nothing.
     pub async fn still_serving(&self) -> bool {
         let Some(&(ino, pid)) = self.served_by.get() else {
             return true;
         };
-        let same_file = std::fs::metadata(&self.socket).is_ok_and(|m| m.ino() == ino);
-        same_file
-            && hello_at(&self.socket, &self.target)
+        match std::fs::symlink_metadata(&self.socket) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(_) => false,
+            Ok(m) if m.ino() != ino => false,
+            Ok(_) => hello_at(&self.socket, &self.target)
                 .await
-                .is_some_and(|h| h.pid == pid)
+                .is_some_and(|h| h.pid == pid),
+        }
     }
 
     pub fn socket(&self) -> &Path {
@@ -303,7 +309,7 @@ impl HolderLink {
         };
         // Read before connecting: a socket replaced in between makes `still_serving` say no,
         // never yes wrongly.
-        let ino = std::fs::metadata(socket).ok().map(|m| m.ino());
+        let ino = std::fs::symlink_metadata(socket).ok().map(|m| m.ino());
         let mut stream = UnixStream::connect(socket)
             .await
             .map_err(|source| HolderError::Io {
