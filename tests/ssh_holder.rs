@@ -105,6 +105,28 @@ impl Install {
         self.via(&drvs[0])
     }
 
+    /// One build of `script` (which must run `/usr/bin/sleep`), `during` done while its sleep
+    /// runs in the builder, the build's connections by then set up.
+    fn build_and_during_sleep(&self, script: &str, during: impl FnOnce()) -> (Output, Vec<String>) {
+        let readies = || self.log().matches("builder ready").count();
+        let before = readies();
+        std::thread::scope(|s| {
+            let build = s.spawn(|| self.build_many(&[script]));
+            assert!(
+                wait_until(Duration::from_secs(60), || readies() > before),
+                "the build never got its builder ready:\n{}",
+                self.log()
+            );
+            assert!(
+                wait_until(Duration::from_secs(30), || sleeping(&self.container)),
+                "the build's sleep never ran:\n{}",
+                self.log()
+            );
+            during();
+            build.join().unwrap()
+        })
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.state.join("hook.log")).unwrap_or_default()
     }
@@ -487,28 +509,11 @@ fn a_build_outlives_its_holder() {
         let i = Install::over(transport, 60, 600);
         i.build();
         let (pid, _) = i.wait_for_holder();
-        let readies = || i.log().matches("builder ready").count();
-        let before = readies();
-        let (o, drvs) = std::thread::scope(|s| {
-            let build = s.spawn(|| {
-                i.build_many(&[
-                    "echo attempt; /usr/bin/sleep 3; echo built-remotely; echo ok > $out",
-                ])
-            });
-            assert!(
-                wait_until(Duration::from_secs(60), || readies() > before),
-                "{transport}: the build never got its builder ready:\n{}",
-                i.log()
-            );
-            // Inside the build's sleep: its connections go through the holder.
-            assert!(
-                wait_until(Duration::from_secs(30), || sleeping(&i.container)),
-                "{transport}: the build's sleep never ran:\n{}",
-                i.log()
-            );
-            kill(pid, "KILL");
-            build.join().unwrap()
-        });
+        // Inside the build's sleep: its connections go through the holder.
+        let (o, drvs) = i.build_and_during_sleep(
+            "echo attempt; /usr/bin/sleep 3; echo built-remotely; echo ok > $out",
+            || kill(pid, "KILL"),
+        );
         let t = text(&o);
         assert!(o.status.success(), "{transport}: {t}\n{}", i.log());
         assert!(
@@ -540,23 +545,10 @@ fn a_builder_killed_under_a_held_build_is_not_built_again() {
     let i = Install::new(60);
     i.build();
     i.wait_for_holder();
-    let readies = || i.log().matches("builder ready").count();
-    let before = readies();
-    let (o, drvs) = std::thread::scope(|s| {
-        let build = s.spawn(|| i.build_many(&["echo attempt; /usr/bin/sleep 5; echo ok > $out"]));
-        assert!(
-            wait_until(Duration::from_secs(60), || readies() > before),
-            "the build never got its builder ready:\n{}",
-            i.log()
-        );
-        assert!(
-            wait_until(Duration::from_secs(30), || sleeping(&i.container)),
-            "the build's sleep never ran:\n{}",
-            i.log()
-        );
-        common::docker_ok(["kill", &i.container]);
-        build.join().unwrap()
-    });
+    let (o, drvs) =
+        i.build_and_during_sleep("echo attempt; /usr/bin/sleep 5; echo ok > $out", || {
+            common::docker_ok(["kill", &i.container]);
+        });
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
     assert!(t.contains("is no longer running"), "{t}");

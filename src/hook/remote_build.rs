@@ -239,10 +239,6 @@ pub fn remote_failure_summary(msg: &str) -> String {
     plain[..cut].trim_end().to_string()
 }
 
-fn remote_err(what: &str, e: WorkerError) -> Outcome {
-    fail(format!("{what}: {e}"))
-}
-
 /// Another daemon connection to the same remote store, over the same SSH session (for
 /// parallel copies): a builder container's way, or a static machine's command.
 async fn open_second_daemon(
@@ -315,7 +311,7 @@ impl Job<'_> {
         if e.is_connection_closed() {
             self.lost.store(true, Ordering::Relaxed);
         }
-        remote_err(what, e)
+        fail(format!("{what}: {e}"))
     }
 
     /// Whether the builder's connection holder ended under this job while the builder itself

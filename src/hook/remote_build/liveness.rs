@@ -53,18 +53,25 @@ pub struct Liveness {
 }
 
 impl Liveness {
+    /// One question to the engine about the container, within [`ASK_TIMEOUT`].
+    async fn ask(
+        &self,
+    ) -> Result<Result<ContainerInspectResponse, bollard::errors::Error>, tokio::time::error::Elapsed>
+    {
+        let opts = None::<InspectContainerOptions>;
+        tokio::time::timeout(
+            ASK_TIMEOUT,
+            self.docker.inspect_container(&self.container, opts),
+        )
+        .await
+    }
+
     /// Resolves only when the builder cannot serve the phase any more, with why.
     pub async fn watch(&self, expect: Expect) -> String {
         let mut silent_since: Option<tokio::time::Instant> = None;
         loop {
             tokio::time::sleep(CHECK_EVERY).await;
-            let opts = None::<InspectContainerOptions>;
-            let asked = tokio::time::timeout(
-                ASK_TIMEOUT,
-                self.docker.inspect_container(&self.container, opts),
-            )
-            .await;
-            let problem = match asked {
+            let problem = match self.ask().await {
                 Ok(Ok(c)) => {
                     silent_since = None;
                     self.judge(&c, expect)
@@ -151,13 +158,7 @@ impl Liveness {
 
     /// Whether the engine says the container runs (one question, within [`ASK_TIMEOUT`]).
     pub async fn is_running(&self) -> bool {
-        let opts = None::<InspectContainerOptions>;
-        let asked = tokio::time::timeout(
-            ASK_TIMEOUT,
-            self.docker.inspect_container(&self.container, opts),
-        )
-        .await;
-        matches!(asked, Ok(Ok(c)) if c.state.as_ref().and_then(|s| s.status) == Some(ContainerStateStatusEnum::RUNNING))
+        matches!(self.ask().await, Ok(Ok(c)) if c.state.as_ref().and_then(|s| s.status) == Some(ContainerStateStatusEnum::RUNNING))
     }
 
     /// For the error of a phase that failed on its own (a connection that broke): what became
@@ -167,13 +168,7 @@ impl Liveness {
     pub async fn explain(&self) -> Option<String> {
         let t = tokio::time::Instant::now();
         loop {
-            let opts = None::<InspectContainerOptions>;
-            match tokio::time::timeout(
-                ASK_TIMEOUT,
-                self.docker.inspect_container(&self.container, opts),
-            )
-            .await
-            {
+            match self.ask().await {
                 Ok(Ok(c)) => {
                     if let Some(why) = self.judge(&c, Expect::Running) {
                         return Some(why);
