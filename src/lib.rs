@@ -9,6 +9,7 @@ pub mod local_store;
 pub mod logfile;
 pub mod nix_tools;
 pub mod policy;
+pub mod printable;
 pub mod serve;
 pub mod state;
 pub mod static_machines;

@@ -641,3 +641,51 @@ fn eight_simultaneous_builds_start_one_holder() {
         assert!(via == "ssh" || via == "ssh holder", "{d}: {via}");
     }
 }
+
+/// A hook that goes away while the builder keeps its channel open and silent (here a command
+/// that ignores its input and never ends; a hostile builder's sshd can do that with any
+/// channel) no longer holds its task in the holder, which then exits when idle as always.
+#[test]
+fn a_channel_the_builder_never_closes_does_not_keep_the_holder() {
+    use nixdock::transport::holder::protocol::{self, Reply, Request};
+    if !common::require_bed() {
+        return;
+    }
+    let i = Install::new(3);
+    i.build();
+    let (pid, socket) = i.wait_for_holder();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut s = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        protocol::read_frame(&mut s).await.unwrap();
+        let never = Request::Exec("exec /usr/bin/sleep 300 </dev/null".into());
+        protocol::write_frame(&mut s, &never.fields())
+            .await
+            .unwrap();
+        let reply = protocol::read_frame(&mut s).await.unwrap();
+        assert!(matches!(Reply::parse(reply).unwrap(), Reply::Ok));
+        assert!(
+            wait_until(Duration::from_secs(20), || sleeping(&i.container)),
+            "the channel's command never ran"
+        );
+        // The hook's connection closes here, the channel's command runs on.
+    });
+    assert!(sleeping(&i.container));
+    assert!(
+        wait_until(Duration::from_secs(30), || !alive(pid) && !socket.exists()),
+        "holder {pid} alive {}, socket there {}; hook log:\n{}",
+        alive(pid),
+        socket.exists(),
+        i.log()
+    );
+    assert!(i.log().contains("SSH holder exits: idle"), "{}", i.log());
+    assert!(
+        i.log()
+            .contains("the hook went away and the builder kept its channel open"),
+        "{}",
+        i.log()
+    );
+}

@@ -14,6 +14,11 @@ use time::format_description::well_known::Rfc3339;
 
 /// Characters kept of one line.
 pub const MAX_LINE_CHARS: usize = 300;
+
+/// `line` as it may be shown: see [`crate::printable::line`].
+pub fn printable(line: &str) -> String {
+    crate::printable::line(line, MAX_LINE_CHARS)
+}
 /// Bytes read of the log at most (the engine is asked for its last lines only, but a line can
 /// be of any length).
 const MAX_BYTES: usize = 64 << 10;
@@ -27,49 +32,9 @@ fn routine(line: &str) -> bool {
         .any(|p| line.starts_with(p))
 }
 
-/// Invisible characters that change how the text around them reads: bidirectional
-/// overrides and isolates, zero-width characters, the byte-order mark.
-fn reorders(c: char) -> bool {
-    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
-}
-
-/// `line` made printable: escape sequences dropped, every other control character (and every
-/// character that reorders or hides text) a `?`, cut at [`MAX_LINE_CHARS`].
-pub fn printable(line: &str) -> String {
-    let mut out = String::new();
-    let mut chars = line.chars().peekable();
-    let mut kept = 0;
-    while let Some(c) = chars.next() {
-        if kept == MAX_LINE_CHARS {
-            out.push('…');
-            break;
-        }
-        if c == '\x1b' {
-            // CSI (`ESC [` … final byte) and two-character escapes alike.
-            if chars.next_if_eq(&'[').is_some() {
-                for d in chars.by_ref() {
-                    if ('\x40'..='\x7e').contains(&d) {
-                        break;
-                    }
-                }
-            } else {
-                chars.next();
-            }
-            continue;
-        }
-        out.push(if (c.is_control() && c != '\t') || reorders(c) {
-            '?'
-        } else {
-            c
-        });
-        kept += 1;
-    }
-    out
-}
-
-/// The last `lines` lines of the container's log that are not routine, since `since` when
-/// given, each [`printable`]; read within `deadline` (what arrived by then). Empty when the
-/// engine cannot say.
+/// The last `lines` lines of the container's log that are not routine, since `since` (this
+/// host's time, moved onto the engine's clock) when given, each [`printable`]; read within
+/// `deadline` (what arrived by then). Empty when the engine cannot say.
 pub async fn tail(
     docker: &Docker,
     container: &str,
@@ -77,7 +42,15 @@ pub async fn tail(
     since: Option<SystemTime>,
     deadline: Duration,
 ) -> Vec<String> {
-    let since = since.and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+    let asked = tokio::time::Instant::now();
+    let since = match since {
+        Some(t) => {
+            let ahead = engine_clock_ahead(docker, CLOCK_TIMEOUT.min(deadline)).await;
+            on_engine_clock(t, ahead.unwrap_or(0))
+        }
+        None => None,
+    };
+    let deadline = deadline.saturating_sub(asked.elapsed());
     let opts = LogsOptions {
         stdout: true,
         stderr: true,
@@ -108,6 +81,34 @@ pub async fn tail(
         (false, _) => &bytes[..],
     };
     excerpt(whole, lines, since)
+}
+
+/// How long the engine's clock may take to answer, of a [`tail`]'s deadline.
+const CLOCK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How far the engine's clock is ahead of this host's, in nanoseconds (negative: behind), by
+/// its `/info`; `None` when it does not say within `deadline`. A build's start is this host's
+/// time and the log's stamps are the engine's: a remote engine's clock, or a laptop's Docker VM
+/// after a sleep, can be minutes off. Measured against the answer's arrival, so the estimate
+/// errs towards showing a line from before the build, never towards hiding one after it.
+async fn engine_clock_ahead(docker: &Docker, deadline: Duration) -> Option<i128> {
+    let info = tokio::time::timeout(deadline, docker.info())
+        .await
+        .ok()?
+        .ok()?;
+    let arrived = nanos_since_epoch(SystemTime::now())?;
+    let engine = OffsetDateTime::parse(info.system_time.as_deref()?, &Rfc3339).ok()?;
+    Some(engine.unix_timestamp_nanos() - arrived)
+}
+
+fn nanos_since_epoch(t: SystemTime) -> Option<i128> {
+    Some(t.duration_since(UNIX_EPOCH).ok()?.as_nanos() as i128)
+}
+
+/// This host's `t` on a clock `ahead` nanoseconds ahead of it, as a time since the epoch.
+fn on_engine_clock(t: SystemTime, ahead: i128) -> Option<Duration> {
+    let nanos = nanos_since_epoch(t)?.checked_add(ahead)?;
+    u64::try_from(nanos).ok().map(Duration::from_nanos)
 }
 
 /// A log line's engine timestamp (RFC 3339, before the first space) and the rest; a line
@@ -149,26 +150,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn escape_sequences_and_control_characters_do_not_pass() {
-        assert_eq!(printable("\x1b[31mred\x1b[0m plain"), "red plain");
-        assert_eq!(printable("a\x1b]0;title\x07b"), "a0;title?b");
-        assert_eq!(
-            printable("bell\x07 cr\r nul\0 tab\tend"),
-            "bell? cr? nul? tab\tend"
-        );
-        assert_eq!(printable("\u{9b}31m"), "?31m");
-        assert_eq!(printable("abc\u{202e}fed\u{200b}"), "abc?fed?");
-    }
-
-    #[test]
-    fn long_lines_are_cut() {
-        let long = "x".repeat(MAX_LINE_CHARS * 3);
-        let p = printable(&long);
-        assert_eq!(p.chars().count(), MAX_LINE_CHARS + 1);
-        assert!(p.ends_with('…'));
-    }
-
-    #[test]
     fn the_excerpt_is_the_last_lines_without_routine_ones() {
         let log = b"2026-12-06T21:49:50.9Z nixdock-entry: sshd started\n\
             2026-12-06T21:49:51.1Z accepted connection from pid 0, user root (trusted)\n\
@@ -192,6 +173,14 @@ mod tests {
             excerpt(log, 5, Some(since)),
             vec!["qemu: uncaught target signal 11 (Segmentation fault) - core dumped".to_string()]
         );
+        // The build's start on a clock that is behind the engine's by a minute.
+        let host = UNIX_EPOCH + since - Duration::from_secs(60);
+        assert_eq!(on_engine_clock(host, 60_000_000_000), Some(since));
+        assert_eq!(
+            on_engine_clock(host + Duration::from_secs(120), -60_000_000_000),
+            Some(since)
+        );
+        assert_eq!(on_engine_clock(UNIX_EPOCH, -1), None);
         // No timestamp, or invalid UTF-8: kept whole, replaced, never passed through.
         assert_eq!(
             excerpt(b"bad \xff byte\n", 5, Some(since)),

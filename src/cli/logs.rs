@@ -1,7 +1,7 @@
 //! `nixdock logs`: a builder container's log (through the Engine API), or the hook's own log
 //! file in the state directory.
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -73,18 +73,16 @@ pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
     }
     // In a pool, a header names the engine of each builder (like `tail` with several files).
     let headers = loaded.is_pool();
-    let mut out = std::io::stdout().lock();
+    let mut out = Shown::stdout();
     for (i, (row, ex)) in found.iter().enumerate() {
         let engine = loaded.engine_of(row)?;
         if headers {
             let sep = if i > 0 { "\n" } else { "" };
-            if writeln!(
-                out,
-                "{sep}==> {system} on engine {} ({}): {} <==",
+            let header = format!(
+                "{sep}==> {system} on engine {} ({}): {} <==\n",
                 engine.name, engine.addr, ex.name
-            )
-            .is_err()
-            {
+            );
+            if out.put(header.as_bytes()).is_err() {
                 return Ok(0);
             }
         }
@@ -98,7 +96,7 @@ pub async fn run(env: &Env, args: Args) -> anyhow::Result<i32> {
 
 /// Copies one container's log to `out`; false when `out` was closed.
 async fn print_container_log(
-    out: &mut impl Write,
+    out: &mut Shown<impl Write>,
     engine: &Engine,
     container: &str,
     lines: Option<usize>,
@@ -115,18 +113,87 @@ async fn print_container_log(
     while let Some(item) = stream.next().await {
         match item {
             Ok(LogOutput::StdErr { message }) | Ok(LogOutput::StdOut { message }) => {
-                if out.write_all(&message).is_err() {
+                if out.put(&message).is_err() {
                     return Ok(false);
                 }
             }
             Ok(other) => {
-                let _ = out.write_all(&other.into_bytes());
+                let _ = out.put(&other.into_bytes());
             }
             Err(e) => anyhow::bail!("{container} on engine {}: {e}", engine.name),
         }
         let _ = out.flush();
     }
-    Ok(true)
+    Ok(out.finish().is_ok())
+}
+
+/// Characters of one line shown on a terminal.
+const TERMINAL_LINE_CHARS: usize = 4096;
+
+/// Standard output for logs that others wrote (a container's; the hook's, which quotes
+/// builders): a terminal gets each line made printable (no escape sequence, control or format
+/// character; cut at [`TERMINAL_LINE_CHARS`]), a pipe or file the bytes as they are.
+struct Shown<W: Write> {
+    out: W,
+    terminal: bool,
+    /// A terminal's line not ended yet.
+    partial: Vec<u8>,
+}
+
+impl Shown<std::io::StdoutLock<'static>> {
+    fn stdout() -> Self {
+        let out = std::io::stdout().lock();
+        let terminal = out.is_terminal();
+        Shown::new(out, terminal)
+    }
+}
+
+impl<W: Write> Shown<W> {
+    fn new(out: W, terminal: bool) -> Self {
+        Shown {
+            out,
+            terminal,
+            partial: Vec::new(),
+        }
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if !self.terminal {
+            return self.out.write_all(bytes);
+        }
+        self.partial.extend_from_slice(bytes);
+        while let Some(nl) = self.partial.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=nl).collect();
+            self.line(&line[..nl])?;
+            self.out.write_all(b"\n")?;
+        }
+        // A line that never ends is shown cut, not kept whole.
+        if self.partial.len() > 4 * TERMINAL_LINE_CHARS {
+            let line = std::mem::take(&mut self.partial);
+            self.line(&line)?;
+            self.out.write_all(b"\n")?;
+        }
+        Ok(())
+    }
+
+    fn line(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let text = String::from_utf8_lossy(bytes);
+        let shown = crate::printable::line(&text, TERMINAL_LINE_CHARS);
+        self.out.write_all(shown.as_bytes())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+
+    /// Shows what is left of an unended line.
+    fn finish(&mut self) -> std::io::Result<()> {
+        if !self.partial.is_empty() {
+            let line = std::mem::take(&mut self.partial);
+            self.line(&line)?;
+        }
+        self.out.flush()
+    }
 }
 
 /// The last `n` lines of `text` (all of it when `n` is `None`), and how many lines were
@@ -167,23 +234,23 @@ async fn hook_log(state_dir: &Path, lines: Option<usize>, follow: bool) -> anyho
     };
     let text = String::from_utf8_lossy(&current);
     let (tail, missing) = last_lines(&text, lines);
-    let mut out = std::io::stdout().lock();
+    let mut out = Shown::stdout();
     // Lines before the last rotation, when more are asked for than the current file holds.
     if (lines.is_none() || missing > 0)
         && let Ok(old) = std::fs::read(&rotated)
     {
         let old = String::from_utf8_lossy(&old);
         let (old_tail, _) = last_lines(&old, lines.map(|_| missing));
-        let _ = out.write_all(old_tail.as_bytes());
+        let _ = out.put(old_tail.as_bytes());
     }
-    if out.write_all(tail.as_bytes()).is_err() {
+    if out.put(tail.as_bytes()).is_err() {
         return Ok(0);
     }
     let _ = out.flush();
     if !follow {
+        let _ = out.finish();
         return Ok(0);
     }
-    drop(out);
     let mut pos = current.len() as u64;
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -203,8 +270,7 @@ async fn hook_log(state_dir: &Path, lines: Option<usize>, follow: bool) -> anyho
         let mut buf = Vec::new();
         if f.read_to_end(&mut buf).is_ok() {
             pos += buf.len() as u64;
-            let mut out = std::io::stdout().lock();
-            if out.write_all(&buf).is_err() {
+            if out.put(&buf).is_err() {
                 return Ok(0);
             }
             let _ = out.flush();
@@ -215,6 +281,33 @@ async fn hook_log(state_dir: &Path, lines: Option<usize>, follow: bool) -> anyho
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_terminal_is_shown_printable_lines_and_a_pipe_the_bytes() {
+        let raw = b"\x1b]0;owned\x07title\nred \x1b[31mtext\x1b[0m\r\npart";
+        let mut t = Shown::new(Vec::new(), true);
+        // Split inside an escape sequence and a line.
+        t.put(&raw[..12]).unwrap();
+        t.put(&raw[12..]).unwrap();
+        t.finish().unwrap();
+        assert_eq!(
+            String::from_utf8(t.out).unwrap(),
+            "0;owned?title\nred text?\npart"
+        );
+        let mut p = Shown::new(Vec::new(), false);
+        p.put(raw).unwrap();
+        p.finish().unwrap();
+        assert_eq!(p.out, raw);
+        let mut long = Shown::new(Vec::new(), true);
+        long.put(&vec![b'x'; 5 * TERMINAL_LINE_CHARS]).unwrap();
+        long.finish().unwrap();
+        let shown = String::from_utf8(long.out).unwrap();
+        assert!(
+            shown
+                .lines()
+                .all(|l| l.chars().count() <= TERMINAL_LINE_CHARS + 1)
+        );
+    }
 
     #[test]
     fn tails() {

@@ -652,14 +652,10 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
         Remote::Docker { spec } => Some((spec.system.clone(), spec.engine.clone())),
         Remote::Static(_) => None,
     };
-    let mut liveness = None;
-    let (mut remote, docker_spec) = match remote {
-        Remote::Static(r) => (*r, None),
+    let (mut remote, liveness, docker_spec) = match remote {
+        Remote::Static(r) => (*r, None, None),
         Remote::Docker { spec } => match connect_docker(ctx, parent, req, &spec, &slot).await {
-            Ok((remote, watch)) => {
-                liveness = Some(watch);
-                (remote, Some(spec))
-            }
+            Ok((remote, watch)) => (remote, Some(watch), Some(spec)),
             Err(end) => return end,
         },
     };
@@ -683,11 +679,12 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
         machine,
         place,
         root_inputs,
-        liveness: liveness.clone(),
+        liveness,
         lost: Default::default(),
+        first_started: Default::default(),
     };
     let mut outcome = job.run(&mut remote, &mut local, nix_store).await;
-    end_connection(parent, remote, &liveness).await;
+    end_connection(parent, remote, &job.liveness).await;
     // Once: a holder that ends again is not worked around a second time.
     if let (Outcome::HolderGone { message }, Some(spec)) = (&outcome, &docker_spec) {
         tracing::warn!(drv = %req.drv_path, "the connection holder ended under the build: {message}");
@@ -701,11 +698,10 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
             Ok(r) => r,
             Err(end) => return end,
         };
-        job.liveness = Some(watch.clone());
+        job.liveness = Some(watch);
         job.lost = Default::default();
-        liveness = Some(watch);
         outcome = job.run(&mut again, &mut local, nix_store).await;
-        end_connection(parent, again, &liveness).await;
+        end_connection(parent, again, &job.liveness).await;
     }
     drop(slot);
     TryEnd::Exit(match outcome {

@@ -79,19 +79,25 @@ impl Parent {
         }
     }
 
+    // Messages carry text a builder, an engine or a remote machine wrote (a build's error, an
+    // engine's answer): made printable and bounded before they reach the user's terminal.
+
     pub fn warn(&self, msg: &str) {
+        let msg = crate::printable::message(msg);
         tracing::warn!("{msg}");
-        self.send(&LogLine::warn(msg));
+        self.send(&LogLine::warn(&msg));
     }
 
     pub fn error(&self, msg: &str) {
+        let msg = crate::printable::message(msg);
         tracing::error!("{msg}");
-        self.send(&LogLine::error(msg));
+        self.send(&LogLine::error(&msg));
     }
 
     pub fn info(&self, msg: &str) {
+        let msg = crate::printable::message(msg);
         tracing::info!("{msg}");
-        self.send(&LogLine::msg(hook_protocol::log::Verbosity::Info, msg));
+        self.send(&LogLine::msg(hook_protocol::log::Verbosity::Info, &msg));
     }
 
     /// One build log line (without its newline) to fd 4, where Nix shows it under the

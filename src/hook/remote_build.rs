@@ -74,6 +74,9 @@ pub struct Job<'a> {
     /// A connection to the builder closed under the job (set where that is seen): only such
     /// a failure can be its connection holder's.
     pub lost: AtomicBool,
+    /// When the first attempt's build started: a second attempt (after its connection holder
+    /// ended) gets what is left of the caller's `timeout`, not all of it again.
+    pub first_started: std::sync::OnceLock<Instant>,
 }
 
 /// Why a build's wait ended without a result.
@@ -672,6 +675,8 @@ impl Job<'_> {
             ),
             (None, None) => return,
         };
+        // The directory's name is the builder's to say.
+        let msg = crate::printable::message(&msg);
         tracing::info!("{msg}");
         // Error level, as Nix prints its own note, so it shows at every verbosity.
         self.parent
@@ -702,9 +707,24 @@ impl Job<'_> {
             opts.overrides
                 .insert("max-build-log-size".into(), n.to_string());
         }
-        if let Some(t) = self.settings.timeout() {
-            opts.overrides
-                .insert("timeout".into(), t.as_secs().to_string());
+        let first_started = *self.first_started.get_or_init(Instant::now);
+        let timeout = self.settings.timeout();
+        if let Some(t) = timeout {
+            let left = t.saturating_sub(first_started.elapsed());
+            if left.is_zero() {
+                return Err(Outcome::Failed {
+                    exit: EXIT_TIMEOUT,
+                    message: format!(
+                        "build of '{}' on '{}' timed out after {} seconds",
+                        self.drv_path,
+                        self.machine,
+                        t.as_secs()
+                    ),
+                });
+            }
+            // Whole seconds, rounded up: never less than what is left.
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            opts.overrides.insert("timeout".into(), secs.to_string());
         }
         builder
             .daemon
@@ -734,14 +754,12 @@ impl Job<'_> {
                 .daemon
                 .build_derivation(&self.drv_path, &basic, BuildMode::Normal, &mut relay);
         let max_silent = self.settings.max_silent_time();
-        let timeout = self.settings.timeout();
         // Nix's parent does not enforce these for hook builds, so the hook does.
         let watchdog = async {
-            let start = Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 if let Some(t) = timeout
-                    && start.elapsed() > t
+                    && first_started.elapsed() > t
                 {
                     return format!("timed out after {} seconds", t.as_secs());
                 }

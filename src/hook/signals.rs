@@ -145,7 +145,7 @@ pub fn stop(sig: Stop) -> ! {
         .unwrap_or("");
     let build = BUILD.try_lock().ok().and_then(|g| g.clone());
     if let Some((drv, machine)) = build {
-        let msg = message(sig, phase, &drv, &machine, &removal);
+        let msg = crate::printable::message(&message(sig, phase, &drv, &machine, &removal));
         tracing::warn!("{msg}");
         write_line_now(&LogLine::error(msg.as_str()).to_line());
     } else {

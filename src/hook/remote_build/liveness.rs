@@ -23,6 +23,8 @@ pub const ASK_TIMEOUT: Duration = Duration::from_secs(10);
 pub const ENGINE_SILENCE: Duration = Duration::from_secs(30);
 /// Deadline of reading the container's log for an error message.
 pub const LOG_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bytes kept of what removing partial inputs says.
+const SAID_BYTES: usize = 8 << 10;
 /// How long a failed phase waits for the engine to record what became of the container.
 pub const EXPLAIN_WITHIN: Duration = Duration::from_secs(1);
 
@@ -252,7 +254,9 @@ impl Liveness {
                 )
                 .await
                 .map_err(|e| e.to_string())?;
-            let mut said = String::new();
+            // What it says is the container's to write: the first SAID_BYTES are kept, the
+            // rest read and dropped, and all of it made printable.
+            let mut said = Vec::new();
             if let StartExecResults::Attached { mut output, .. } = self
                 .docker
                 .start_exec(&created.id, None)
@@ -260,11 +264,12 @@ impl Liveness {
                 .map_err(|e| e.to_string())?
             {
                 while let Some(item) = output.next().await {
-                    let chunk = item.map_err(|e| e.to_string())?;
-                    said.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+                    let chunk = item.map_err(|e| e.to_string())?.into_bytes();
+                    let room = SAID_BYTES.saturating_sub(said.len());
+                    said.extend_from_slice(&chunk[..chunk.len().min(room)]);
                 }
             }
-            Ok(said)
+            Ok(crate::printable::message(&String::from_utf8_lossy(&said)))
         };
         tokio::time::timeout(DISCARD_TIMEOUT, run)
             .await

@@ -381,6 +381,10 @@ async fn try_start(
     target: &Target,
     settings: &Settings,
 ) -> Result<(), StartError> {
+    // The holder is told the state directory as text: another path would be another directory.
+    if state.path().to_str().is_none() {
+        return Err(StartError::StateNotUtf8(state.path().to_owned()));
+    }
     let socket = socket_path(state, target)?;
     let Some(lock) =
         FileLock::try_exclusive(&start_lock_path(state, target)).map_err(HolderError::from)?
@@ -390,7 +394,7 @@ async fn try_start(
     if std::fs::symlink_metadata(&socket).is_ok() && hello_at(&socket, target).await.is_some() {
         return Ok(());
     }
-    sweep_stale(&socket);
+    sweep_stale(&socket).await;
     let exe = hook_binary()?;
     let params = server::Params {
         state_dir: state.path().to_owned(),
@@ -407,6 +411,8 @@ async fn try_start(
 enum StartError {
     #[error(transparent)]
     Holder(#[from] HolderError),
+    #[error("the state directory {0:?} is not named in UTF-8, as a holder's parameters must be")]
+    StateNotUtf8(PathBuf),
     #[error("encoding its parameters: {0}")]
     Params(ProtocolError),
     #[error("{what}: {source}")]
@@ -426,7 +432,9 @@ pub(crate) fn start_lock_path(state: &StateDir, target: &Target) -> PathBuf {
 /// Removes the sockets in `socket`'s directory that nobody listens on (`ECONNREFUSED`: their
 /// holder was killed before it could remove them), this one included: a recreated container's
 /// holder never comes back for its old name. Only a hook about to start a holder does it.
-fn sweep_stale(socket: &Path) {
+/// A holder's temporary name (bound, not yet listening, renamed into place once it is) is
+/// left alone, and a socket whose backlog is full is not waited for.
+async fn sweep_stale(socket: &Path) {
     let Some(dir) = socket.parent() else {
         return;
     };
@@ -439,11 +447,16 @@ fn sweep_stale(socket: &Path) {
             use std::os::unix::fs::FileTypeExt;
             t.is_socket()
         });
-        if !is_socket {
+        if !is_socket || path.extension().is_none_or(|x| x != "sock") {
             continue;
         }
-        match std::os::unix::net::UnixStream::connect(&path) {
-            Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => {
+        let tried = tokio::time::timeout(
+            SWEEP_CONNECT_TIMEOUT,
+            tokio::net::UnixStream::connect(&path),
+        )
+        .await;
+        match tried {
+            Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionRefused => {
                 match remove_in_dir(&path) {
                     Ok(()) => {
                         tracing::debug!(socket = %path.display(), "removed a stale SSH holder socket")
@@ -455,6 +468,9 @@ fn sweep_stale(socket: &Path) {
         }
     }
 }
+
+/// How long the sweep waits to learn whether a socket is listened on.
+const SWEEP_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// Removes `path` from its directory (`unlinkat` through the directory's descriptor, opened
 /// without following a symlink), so nothing outside the checked directory is touched.

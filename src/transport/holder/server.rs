@@ -31,6 +31,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_millis(500);
 /// How long a hook's side may stay open once its channel has ended.
 const LINGER: Duration = Duration::from_secs(5);
+/// How long the builder may take to open a channel (the hook waits as long for the reply).
+const CHANNEL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a bridge whose hook has sent its last byte looks whether the hook has gone.
+const HANGUP_CHECK: Duration = Duration::from_secs(1);
 
 /// The holder's parameters, as the starting hook sends them on the holder's stdin (not in
 /// argv or the environment, which other users can read).
@@ -473,11 +477,23 @@ async fn handle(
             // Only looked at the hello, or went away.
             _ => return,
         };
-    let ch = match &request {
-        Request::Daemon => session.open_unix_socket(&daemon_socket).await,
-        Request::Exec(command) => session.exec(command).await,
-    };
-    let ch = match ch.map_err(|e| e.to_string()) {
+    // A builder whose sshd keeps the session alive but never answers must not hold this task
+    // (and keep the holder from ever going idle).
+    let ch = tokio::time::timeout(CHANNEL_TIMEOUT, async {
+        match &request {
+            Request::Daemon => session.open_unix_socket(&daemon_socket).await,
+            Request::Exec(command) => session.exec(command).await,
+        }
+        .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(format!(
+            "the builder did not open the channel within {} s",
+            CHANNEL_TIMEOUT.as_secs()
+        ))
+    });
+    let ch = match ch {
         Ok(ch) => ch,
         Err(e) => {
             tracing::debug!(?request, "SSH holder: {e}");
@@ -545,8 +561,24 @@ async fn session_over_exec(
     .map_err(|e| format!("SSH over the exec of sshd on engine {engine}: {e}"))
 }
 
+/// Whether the peer of a Unix stream socket has closed it entirely (not only its sending
+/// side): `poll` reports a hang-up, without waiting.
+fn hung_up(stream: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the call's duration; a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0
+}
+
 /// The hook's bytes to the channel's input and the channel's output to the hook, each until
-/// its end; the hook's side is given [`LINGER`] once the channel's output has ended.
+/// its end; the hook's side is given [`LINGER`] once the channel's output has ended. A hook
+/// that has gone ends the bridge although the channel's output has not (a builder that never
+/// closes it would otherwise hold the task, and the holder, for ever).
 async fn bridge(stream: UnixStream, ch: ExecChannel) {
     let ExecChannel {
         mut stdin,
@@ -579,9 +611,24 @@ async fn bridge(stream: UnixStream, ch: ExecChannel) {
         }
         let _ = stdin.shutdown().await;
     });
-    while let Some(Ok(chunk)) = stdout.next_chunk().await {
-        if wr.write_all(&chunk).await.is_err() {
-            break;
+    let mut check = tokio::time::interval(HANGUP_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            chunk = stdout.next_chunk() => match chunk {
+                Some(Ok(chunk)) => {
+                    if wr.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+                _ => break,
+            },
+            _ = check.tick() => {
+                if up.is_finished() && hung_up(wr.as_ref()) {
+                    tracing::info!("SSH holder: the hook went away and the builder kept its channel open: closed it");
+                    break;
+                }
+            }
         }
     }
     let _ = wr.shutdown().await;
@@ -594,6 +641,19 @@ async fn bridge(stream: UnixStream, ch: ExecChannel) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_hook_that_has_gone_is_seen_and_one_that_only_stopped_sending_is_not() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        assert!(!hung_up(&ours));
+        let (theirs_rd, mut theirs_wr) = theirs.into_split();
+        theirs_wr.shutdown().await.unwrap();
+        drop(theirs_wr);
+        // Its sending side is shut: it may still read what the channel says.
+        assert!(!hung_up(&ours));
+        drop(theirs_rd);
+        assert!(hung_up(&ours));
+    }
 
     #[test]
     fn parameters_round_trip() {

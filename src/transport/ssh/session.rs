@@ -22,6 +22,8 @@ const NUDGE: Duration = Duration::from_millis(3);
 /// How long [`SshSession::touch_subsystem`] waits for sshd at most (a server that keeps the
 /// connection alive but never answers would otherwise hold it, nudged, for ever).
 const SUBSYSTEM_TIMEOUT: Duration = Duration::from_secs(10);
+// The error of a subsystem that does not start names this deadline as text.
+const _: () = assert!(SUBSYSTEM_TIMEOUT.as_secs() == 10);
 
 /// An authenticated SSH connection to one builder. Share it (e.g. in an `Arc`)
 /// to run several commands at once. Dropping it leaves running channels working;
