@@ -609,3 +609,75 @@ fn image_build_on_a_pool_engine_puts_the_image_there() {
         "the image went to engine 2, not to the host's"
     );
 }
+
+/// A command run through an engine's exec whose channel is dropped without closing its input
+/// (a log follower once its build is over, an end read never used) sees the end of its input
+/// and ends: the input's half of the exec connection is shut down on drop, on the local
+/// engine's socket and on the second engine over TLS alike.
+#[test]
+fn an_exec_dropped_unclosed_ends_its_commands_input() {
+    use nixdock::transport::EngineExec;
+    use nixdock::transport::engine_api::{TlsFiles, tls_docker};
+    if !common::require_bed() {
+        return;
+    }
+    let _link = engine2_shared();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let engines = [
+        ("local", LOCAL.to_string(), None),
+        (
+            "engine 2 (TLS)",
+            engine2(),
+            Some(
+                tls_docker(
+                    common::ENGINE2_TLS,
+                    &TlsFiles {
+                        ca: ENGINE2_TLS_CA.into(),
+                        cert: ENGINE2_TLS_CERT.into(),
+                        key: ENGINE2_TLS_KEY.into(),
+                    },
+                    30,
+                    bollard::API_DEFAULT_VERSION,
+                )
+                .unwrap(),
+            ),
+        ),
+    ];
+    for (what, cli_host, api) in engines {
+        let name = common::unique_name("nixdock-test-exec-drop");
+        let docker_cli = |args: &[&str]| {
+            let o = Command::new("docker")
+                .args(["-H", &cli_host])
+                .args(args)
+                .output()
+                .unwrap();
+            (o.status.success(), text(&o))
+        };
+        let (ok, out) = docker_cli(&[
+            "run",
+            "-d",
+            "--rm",
+            "--name",
+            &name,
+            &common::image("bookworm-amd64"),
+            "sleep",
+            "120",
+        ]);
+        assert!(ok, "{what}: {out}");
+        let docker = api.unwrap_or_else(|| bollard::Docker::connect_with_local_defaults().unwrap());
+        let exec = EngineExec::new(docker, name.clone());
+        rt.block_on(async {
+            let ch = exec
+                .exec("cat >/dev/null; touch /tmp/input-ended")
+                .await
+                .unwrap();
+            drop(ch);
+        });
+        let ended = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            docker_cli(&["exec", &name, "test", "-e", "/tmp/input-ended"]).0
+        });
+        docker_cli(&["rm", "-f", &name]);
+        assert!(ended, "{what}: the command never saw the end of its input");
+    }
+}

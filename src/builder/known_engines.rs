@@ -37,6 +37,26 @@ impl Known {
         self.at <= now && now - self.at < FRESH.as_millis() as u64
     }
 
+    /// Whether every value is one an engine gives and the file can carry: the API version as
+    /// digits and dots, architecture and OS short words. Anything else is not remembered (an
+    /// engine's answer is its own to write, and a newline in it would add lines to the file).
+    fn plausible(&self) -> bool {
+        let word = |v: &str, max: usize| {
+            !v.is_empty()
+                && v.len() <= max
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        };
+        let api = self.api.split('.').collect::<Vec<_>>();
+        api.len() == 2
+            && api
+                .iter()
+                .all(|n| !n.is_empty() && n.len() <= 4 && n.bytes().all(|b| b.is_ascii_digit()))
+            && word(&self.arch, 32)
+            && (self.os.is_empty() || word(&self.os, 32))
+            && !self.addr.contains(['\n', '\r'])
+    }
+
     fn to_text(&self) -> String {
         format!(
             "addr={}\nat={}\napi={}\narch={}\nos={}\npodman={}\n",
@@ -53,8 +73,12 @@ impl Known {
             os: String::new(),
             podman: false,
         };
+        let mut seen = std::collections::BTreeSet::new();
         for line in text.lines() {
             let (key, value) = line.split_once('=')?;
+            if !seen.insert(key) {
+                return None;
+            }
             match key {
                 "addr" => k.addr = value.to_string(),
                 "at" => k.at = value.parse().ok()?,
@@ -65,7 +89,7 @@ impl Known {
                 _ => return None,
             }
         }
-        (!k.addr.is_empty() && !k.api.is_empty() && !k.arch.is_empty()).then_some(k)
+        (!k.addr.is_empty() && k.plausible()).then_some(k)
     }
 }
 
@@ -82,13 +106,27 @@ fn file(dir: &Path, name: &str) -> PathBuf {
 /// What engine `name` answered when it was at `addr`; `None` when nothing (readable) was
 /// remembered, or it was about another address.
 pub fn read(dir: &Path, name: &str, addr: &str) -> Option<Known> {
-    let text = std::fs::read_to_string(file(dir, name)).ok()?;
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(file(dir, name))
+        .ok()?
+        .take(MAX_FILE_BYTES)
+        .read_to_string(&mut text)
+        .ok()?;
     Known::parse(&text).filter(|k| k.addr == addr)
 }
+
+/// A remembered answer is a few short lines.
+const MAX_FILE_BYTES: u64 = 4096;
 
 /// Remembers `known` for engine `name` (the state dir is the hook user's own, 0700); not
 /// synced to disk: a lost answer only means the next hook asks.
 pub fn write(dir: &Path, name: &str, known: &Known) {
+    if !known.plausible() {
+        tracing::debug!(engine = %name, ?known, "not remembered: not an answer an engine gives");
+        forget(dir, name);
+        return;
+    }
     let f = file(dir, name);
     if let Err(e) = crate::state::write_private_cache(&f, known.to_text().as_bytes(), 0o600) {
         tracing::warn!(engine = %name, "cannot remember the engine's answer in {}: {e}", f.display());
@@ -146,6 +184,38 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_no_engine_gives_is_not_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = "tcp://10.0.0.1:2376";
+        write(dir.path(), "e", &known(addr, now_ms()));
+        for bad in [
+            Known {
+                os: "linux\nat=99999999999999\napi=1.12".into(),
+                ..known(addr, now_ms())
+            },
+            Known {
+                arch: "x".repeat(1 << 20),
+                ..known(addr, now_ms())
+            },
+            Known {
+                api: "1.41.0".into(),
+                ..known(addr, now_ms())
+            },
+        ] {
+            write(dir.path(), "e", &bad);
+            // Not written, and what was remembered before is forgotten.
+            assert_eq!(read(dir.path(), "e", addr), None);
+        }
+        // A file past any answer's size is not read whole (its end, and so the answer, is
+        // not there).
+        let long = format!("tcp://{}:2376", "h".repeat(5000));
+        let big = known(&long, now_ms()).to_text();
+        std::fs::write(file(dir.path(), "e"), &big).unwrap();
+        assert_eq!(read(dir.path(), "e", &long), None);
+        assert!(Known::parse(&big).is_some());
+    }
+
+    #[test]
     fn a_damaged_file_is_not_an_answer() {
         let dir = tempfile::tempdir().unwrap();
         for text in [
@@ -154,6 +224,9 @@ mod tests {
             "addr=tcp://h:1\nat=x\napi=1.41\narch=x86_64\n",
             "addr=tcp://h:1\nat=1\napi=1.41\narch=x86_64\nextra=1\n",
             "garbage",
+            // A later line may not overrule an earlier one.
+            "addr=tcp://h:1\nat=1\napi=1.41\narch=x86_64\napi=1.12\n",
+            "addr=tcp://h:1\nat=1\napi=1.41 x\narch=x86_64\n",
         ] {
             std::fs::write(file(dir.path(), "e"), text).unwrap();
             assert_eq!(read(dir.path(), "e", "tcp://h:1"), None, "{text:?}");

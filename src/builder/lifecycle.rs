@@ -140,6 +140,9 @@ pub const PULL_STALL: Duration = Duration::from_secs(120);
 /// The longest a whole pull may take.
 pub const PULL_LIMIT: Duration = Duration::from_secs(3600);
 
+/// Layers a pull's tally follows at most.
+const MAX_LAYERS: usize = 1024;
+
 /// A pull's bytes, from the engine's progress messages: each layer's `Downloading` progress
 /// (current/total), complete at `Download complete`/`Pull complete`. Layers the engine already
 /// has (`Already exists`) count for nothing.
@@ -164,7 +167,12 @@ impl PullTally {
         let n = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
         match status {
             "Downloading" => {
-                if let Some(total) = n(total).filter(|t| *t > 0) {
+                // An image has a few dozen layers; the engine's messages are its own to write.
+                let known = self.layers.contains_key(id);
+                if let Some(total) = n(total).filter(|t| *t > 0)
+                    && (known || self.layers.len() < MAX_LAYERS)
+                    && id.len() <= 128
+                {
                     let cur = n(current).unwrap_or(0).min(total);
                     self.layers.insert(id.to_string(), (cur, total));
                 }
@@ -181,9 +189,9 @@ impl PullTally {
 
     /// (done, expected) over all layers seen downloading.
     pub fn totals(&self) -> (u64, u64) {
-        self.layers
-            .values()
-            .fold((0, 0), |(d, e), (ld, le)| (d + ld, e + le))
+        self.layers.values().fold((0u64, 0u64), |(d, e), (ld, le)| {
+            (d.saturating_add(*ld), e.saturating_add(*le))
+        })
     }
 }
 
@@ -1638,5 +1646,37 @@ mod tests {
         assert!(!t.update(Some("b"), Some("Pull complete"), None, None));
         // Negative sizes (never sent, but not ours to trust) are ignored.
         assert!(!t.update(Some("d"), Some("Downloading"), Some(-1), Some(-5)));
+        // Sizes that would overflow a sum stay at the largest total, and the layers followed
+        // are bounded.
+        let mut big = PullTally::default();
+        big.update(
+            Some("x"),
+            Some("Downloading"),
+            Some(i64::MAX),
+            Some(i64::MAX),
+        );
+        big.update(
+            Some("y"),
+            Some("Downloading"),
+            Some(i64::MAX),
+            Some(i64::MAX),
+        );
+        big.update(
+            Some("z"),
+            Some("Downloading"),
+            Some(i64::MAX),
+            Some(i64::MAX),
+        );
+        assert_eq!(big.totals(), (u64::MAX, u64::MAX));
+        let mut many = PullTally::default();
+        for i in 0..5000 {
+            many.update(
+                Some(&format!("l{i}")),
+                Some("Downloading"),
+                Some(1),
+                Some(1),
+            );
+        }
+        assert_eq!(many.totals(), (MAX_LAYERS as u64, MAX_LAYERS as u64));
     }
 }

@@ -264,9 +264,16 @@ fn backoff_file(dir: &Path, name: &str) -> PathBuf {
 
 /// Why engine `name` is skipped now: it failed less than [`BACKOFF`] ago.
 fn backing_off(dir: &Path, name: &str) -> Option<Unavailable> {
-    let text = std::fs::read_to_string(backoff_file(dir, name)).ok()?;
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(backoff_file(dir, name))
+        .ok()?
+        .take(64)
+        .read_to_string(&mut text)
+        .ok()?;
     let since: u64 = text.trim().parse().ok()?;
-    let ago = now_secs().saturating_sub(since);
+    // A failure in the future (a clock set back since) says nothing about now.
+    let ago = now_secs().checked_sub(since)?;
     (ago < BACKOFF.as_secs()).then(|| Unavailable::BackingOff {
         name: name.to_string(),
         ago,
@@ -340,6 +347,13 @@ mod tests {
         std::fs::write(
             backoff_file(dir.path(), "arm"),
             (now_secs() - BACKOFF.as_secs() - 1).to_string(),
+        )
+        .unwrap();
+        assert!(backing_off(dir.path(), "arm").is_none());
+        // Nor one in the future (the clock set back since): it would back off for hours.
+        std::fs::write(
+            backoff_file(dir.path(), "arm"),
+            (now_secs() + 3600).to_string(),
         )
         .unwrap();
         assert!(backing_off(dir.path(), "arm").is_none());

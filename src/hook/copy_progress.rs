@@ -229,7 +229,10 @@ impl crate::builder::PullObserver for PullProgress<'_> {
         };
         // At most one line per PROGRESS_STEP bytes, but always when more layers are expected
         // and at the end.
-        if expected != *last_expected || done >= *last_done + PROGRESS_STEP || done == expected {
+        if expected != *last_expected
+            || done >= last_done.saturating_add(PROGRESS_STEP)
+            || done == expected
+        {
             *last_done = done;
             *last_expected = expected;
             self.parent

@@ -20,6 +20,8 @@ use super::ssh::{
 
 /// The engine's frame buffer: large enough that a NAR stream arrives in few, large chunks.
 const FRAME_CAPACITY: usize = 256 * 1024;
+/// How long the engine may take to say how a command ended.
+const INSPECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Stderr chunks queued before further stderr is dropped (as for SSH channels).
 const STDERR_QUEUE: usize = 256;
 
@@ -144,20 +146,27 @@ impl EngineExec {
             drop(stderr_tx);
             reader_closed.close();
             // The exit code is the engine's to tell, once the process has gone.
-            let status = match docker.inspect_exec(&id).await {
-                Ok(r) => match (r.running, r.exit_code) {
-                    (Some(false), Some(code)) => ExitStatus::Exited(code as u32),
+            let asked = tokio::time::timeout(INSPECT_TIMEOUT, docker.inspect_exec(&id)).await;
+            let status = match asked {
+                Ok(Ok(r)) => match (r.running, r.exit_code.map(u32::try_from)) {
+                    (Some(false), Some(Ok(code))) => ExitStatus::Exited(code),
                     _ => ExitStatus::Unreported,
                 },
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::debug!(%container, "cannot ask how exec {id} ended: {e}");
+                    ExitStatus::Unreported
+                }
+                Err(_) => {
+                    tracing::debug!(%container, "no answer on how exec {id} ended within {INSPECT_TIMEOUT:?}");
                     ExitStatus::Unreported
                 }
             };
             let _ = exit_tx.send(Ok(status));
         });
         ExecChannel {
-            stdin: ExecStdin::new(Box::new(input), None, closed),
+            // Its drop alone would leave the connection open (the reader above holds the
+            // other half), so a command waiting for the end of its input would wait on.
+            stdin: ExecStdin::shut_down_on_drop(Box::new(input), closed),
             stdout: ExecOutput::new(stdout_rx),
             stderr: ExecOutput::new(stderr_rx),
             exit: ExitWaiter::new(exit_rx, SocketAddr::from(([0, 0, 0, 0], 0))),

@@ -57,6 +57,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use hook_protocol::store_path::StorePath;
 use hook_protocol::worker::{ActivityType, Code, Field, LogEvent, ResultType};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
@@ -73,6 +75,12 @@ const READ_IDLE: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(150);
 /// The most read (and written to fd 4) at once.
 const CHUNK: usize = 64 * 1024;
+/// The log's end, read after the build, must come at least this fast (bytes per second)
+/// once [`READ_IDLE`] has passed.
+const MIN_REST_RATE: u64 = 64 * 1024;
+/// The most of a log read after the build (the builder enforces `max-build-log-size` when the
+/// caller sets it; this bounds it when not).
+const MAX_REST: u64 = 1 << 30;
 /// The builder's Nix keeps its logs here (`NIX_LOG_DIR`); its `/nix` is the builder's volume.
 const REMOTE_LOG_DIR: &str = "/nix/var/log/nix";
 
@@ -538,26 +546,48 @@ impl<'a> Live<'a> {
         r: &mut R,
         end: u64,
     ) -> Result<(), LogError> {
-        let mut buf = vec![0u8; CHUNK];
-        while self.forwarded < end {
-            let want = usize::try_from(end - self.forwarded)
-                .unwrap_or(CHUNK)
-                .min(CHUNK);
-            match tokio::time::timeout(READ_IDLE, r.read(&mut buf[..want])).await {
-                Err(_) => return Err(LogError::Idle),
-                Ok(Err(e)) => return Err(e.into()),
-                Ok(Ok(0)) if end == u64::MAX => return Ok(()),
-                Ok(Ok(0)) => {
-                    return Err(LogError::EndedEarly {
-                        got: self.forwarded,
-                        end,
-                    });
-                }
-                Ok(Ok(n)) => self.forward(&buf[..n]),
+        let from = self.forwarded;
+        copy_rest(r, from, end, |bytes| self.forward(bytes)).await
+    }
+}
+
+/// Copies from `r` to `forward`, from offset `from` until `end` (or `r` ends, when `end` is
+/// `u64::MAX`): within [`READ_IDLE`] of silence, [`MIN_REST_RATE`] on average beyond the first
+/// [`READ_IDLE`], [`MAX_REST`] bytes at most.
+async fn copy_rest<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    from: u64,
+    end: u64,
+    mut forward: impl FnMut(&[u8]),
+) -> Result<(), LogError> {
+    let mut buf = vec![0u8; CHUNK];
+    let start = Instant::now();
+    let mut at = from;
+    while at < end {
+        let copied = at - from;
+        if copied >= MAX_REST {
+            return Err(LogError::TooLong);
+        }
+        // Every byte buys time at MIN_REST_RATE beyond the first READ_IDLE: a builder that
+        // trickles its log cannot hold the hook for ever.
+        let allowed = READ_IDLE + Duration::from_secs(copied / MIN_REST_RATE);
+        let Some(left) = allowed.checked_sub(start.elapsed()) else {
+            return Err(LogError::TooSlow);
+        };
+        let want = usize::try_from(end - at).unwrap_or(CHUNK).min(CHUNK);
+        match tokio::time::timeout(READ_IDLE.min(left), r.read(&mut buf[..want])).await {
+            Err(_) if left < READ_IDLE => return Err(LogError::TooSlow),
+            Err(_) => return Err(LogError::Idle),
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(0)) if end == u64::MAX => return Ok(()),
+            Ok(Ok(0)) => return Err(LogError::EndedEarly { got: at, end }),
+            Ok(Ok(n)) => {
+                forward(&buf[..n]);
+                at += n as u64;
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// Why the raw build log could not be followed, or read to its end (the hook then says so and
@@ -596,6 +626,10 @@ enum LogError {
     NotEnded(String),
     #[error("no data for {} s", READ_IDLE.as_secs())]
     Idle,
+    #[error("it came slower than {} KiB/s", MIN_REST_RATE >> 10)]
+    TooSlow,
+    #[error("more than {} MiB of it were left to read after the build", MAX_REST >> 20)]
+    TooLong,
     #[error("it ended after {got} of {end} bytes")]
     EndedEarly { got: u64, end: u64 },
 }
@@ -621,6 +655,56 @@ mod tests {
             typ: ResultType::BuildLogLine.into(),
             fields: vec![Field::Str(s.into())],
         }
+    }
+
+    /// A reader that gives one byte, then waits `every`, for ever.
+    struct Trickle {
+        every: Duration,
+        sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl tokio::io::AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let every = self.every;
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
+            std::task::ready!(sleep.as_mut().poll(cx));
+            self.sleep = None;
+            buf.put_slice(b"x");
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    use std::future::Future;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_log_end_that_trickles_is_given_up() {
+        // A byte every 59 s never stays silent for READ_IDLE, but is far below the rate.
+        let mut r = Trickle {
+            every: Duration::from_secs(59),
+            sleep: None,
+        };
+        let mut got = 0;
+        let t = Instant::now();
+        let e = copy_rest(&mut r, 0, 1 << 20, |b| got += b.len()).await;
+        assert!(matches!(e, Err(LogError::TooSlow)), "{e:?}");
+        assert_eq!(got, 1);
+        assert!(t.elapsed() <= READ_IDLE + Duration::from_secs(1));
+        // A silent one is idle; a whole one is copied.
+        let (mut silent, _w) = tokio::io::duplex(16);
+        let e = copy_rest(&mut silent, 0, 10, |_| {}).await;
+        assert!(matches!(e, Err(LogError::Idle)), "{e:?}");
+        let mut whole: &[u8] = b"0123456789";
+        let mut out = Vec::new();
+        copy_rest(&mut whole, 4, 10, |b| out.extend_from_slice(b))
+            .await
+            .unwrap();
+        assert_eq!(out, b"012345");
     }
 
     #[test]

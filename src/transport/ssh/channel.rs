@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 
 use super::SshError;
@@ -197,6 +197,10 @@ pub struct ExecStdin {
     dropped: Option<oneshot::Sender<()>>,
     shut_down: bool,
     closed: Arc<ClosedSignal>,
+    /// Dropped without `shutdown()`, the writer is shut down in a task of its own: a writer
+    /// whose drop alone ends nothing (an engine exec's half of a connection whose other half
+    /// still reads the command's output).
+    shut_down_on_drop: bool,
 }
 
 impl fmt::Debug for ExecStdin {
@@ -219,7 +223,18 @@ impl ExecStdin {
             dropped,
             shut_down: false,
             closed,
+            shut_down_on_drop: false,
         }
+    }
+
+    /// A writer that must be shut down to end the command's input, also when dropped.
+    pub(crate) fn shut_down_on_drop(
+        writer: Box<dyn AsyncWrite + Send + Unpin>,
+        closed: Arc<ClosedSignal>,
+    ) -> Self {
+        let mut stdin = Self::new(writer, None, closed);
+        stdin.shut_down_on_drop = true;
+        stdin
     }
 
     fn check_open(&self, cx: &mut Context<'_>) -> io::Result<()> {
@@ -283,8 +298,21 @@ impl Drop for ExecStdin {
             // after any data already queued by this writer.
             let _ = tx.send(());
         }
+        if !self.shut_down
+            && self.shut_down_on_drop
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let mut writer: Box<dyn AsyncWrite + Send + Unpin> =
+                std::mem::replace(&mut self.writer, Box::new(tokio::io::sink()));
+            rt.spawn(async move {
+                let _ = tokio::time::timeout(DROP_SHUTDOWN_TIMEOUT, writer.shutdown()).await;
+            });
+        }
     }
 }
+
+/// How long a dropped writer's shutdown may take (a connection that no longer takes bytes).
+const DROP_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Set once the channel is gone; wakes a writer waiting for window space.
 #[derive(Default)]
