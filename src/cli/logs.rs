@@ -162,11 +162,15 @@ impl<W: Write> Shown<W> {
             return self.out.write_all(bytes);
         }
         self.partial.extend_from_slice(bytes);
-        while let Some(nl) = self.partial.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=nl).collect();
-            self.line(&line[..nl])?;
+        let partial = std::mem::take(&mut self.partial);
+        let mut start = 0;
+        while let Some(nl) = partial[start..].iter().position(|b| *b == b'\n') {
+            self.line(&partial[start..start + nl])?;
             self.out.write_all(b"\n")?;
+            start += nl + 1;
         }
+        self.partial = partial;
+        self.partial.drain(..start);
         // A line that never ends is shown cut, not kept whole.
         if self.partial.len() > 4 * TERMINAL_LINE_CHARS {
             let line = std::mem::take(&mut self.partial);

@@ -103,7 +103,9 @@ pub fn parse_note(msg: &str) -> Option<String> {
 /// terminal or shell would interpret beyond what [`shell_quote`] covers.
 fn plain_path(dir: &str) -> bool {
     dir.starts_with('/')
-        && dir.len() <= 1024
+        // Short enough that the note's command line stays whole (messages are cut at
+        // `printable::MESSAGE_LINE_CHARS`).
+        && dir.len() <= 512
         && dir
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"/._+-?=".contains(&b))

@@ -681,7 +681,7 @@ async fn run_accepted<R: tokio::io::AsyncRead + Unpin>(a: Accepted<'_, R>) -> Tr
         root_inputs,
         liveness,
         lost: Default::default(),
-        first_started: Default::default(),
+        built_for: Default::default(),
     };
     let mut outcome = job.run(&mut remote, &mut local, nix_store).await;
     end_connection(parent, remote, &job.liveness).await;

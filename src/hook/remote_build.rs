@@ -74,9 +74,10 @@ pub struct Job<'a> {
     /// A connection to the builder closed under the job (set where that is seen): only such
     /// a failure can be its connection holder's.
     pub lost: AtomicBool,
-    /// When the first attempt's build started: a second attempt (after its connection holder
-    /// ended) gets what is left of the caller's `timeout`, not all of it again.
-    pub first_started: std::sync::OnceLock<Instant>,
+    /// How long earlier attempts spent building: a second attempt (after its connection
+    /// holder ended) gets what is left of the caller's `timeout`, not all of it again. Only
+    /// building counts, as for Nix's `timeout`, not the copies around it.
+    pub built_for: std::sync::Mutex<Duration>,
 }
 
 /// Why a build's wait ended without a result.
@@ -707,10 +708,10 @@ impl Job<'_> {
             opts.overrides
                 .insert("max-build-log-size".into(), n.to_string());
         }
-        let first_started = *self.first_started.get_or_init(Instant::now);
+        let built_for = *self.built_for.lock().unwrap_or_else(|p| p.into_inner());
         let timeout = self.settings.timeout();
         if let Some(t) = timeout {
-            let left = t.saturating_sub(first_started.elapsed());
+            let left = t.saturating_sub(built_for);
             if left.is_zero() {
                 return Err(Outcome::Failed {
                     exit: EXIT_TIMEOUT,
@@ -754,12 +755,13 @@ impl Job<'_> {
                 .daemon
                 .build_derivation(&self.drv_path, &basic, BuildMode::Normal, &mut relay);
         let max_silent = self.settings.max_silent_time();
+        let attempt = Instant::now();
         // Nix's parent does not enforce these for hook builds, so the hook does.
         let watchdog = async {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 if let Some(t) = timeout
-                    && first_started.elapsed() > t
+                    && built_for + attempt.elapsed() > t
                 {
                     return format!("timed out after {} seconds", t.as_secs());
                 }
@@ -784,6 +786,7 @@ impl Job<'_> {
             r = build => r.map_err(Stop::Daemon),
             why = watchdog => Err(Stop::Watchdog(why)),
         };
+        *self.built_for.lock().unwrap_or_else(|p| p.into_inner()) += attempt.elapsed();
         let capture = capture.into_inner().unwrap_or_else(|p| p.into_inner());
         let kept_dir = capture.kept_dir.clone();
         match &result {

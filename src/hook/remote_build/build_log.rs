@@ -464,6 +464,10 @@ impl<'a> Live<'a> {
                         shown: self.forwarded,
                     });
                 }
+                // The container writes the file: a sparse one can claim any size.
+                if size - self.forwarded > MAX_REST {
+                    return Err(LogError::TooLong);
+                }
                 let file = Arc::new(file);
                 while self.forwarded < size {
                     let (f, offset) = (file.clone(), self.forwarded);
@@ -560,6 +564,9 @@ async fn copy_rest<R: tokio::io::AsyncRead + Unpin>(
     end: u64,
     mut forward: impl FnMut(&[u8]),
 ) -> Result<(), LogError> {
+    if end != u64::MAX && end.saturating_sub(from) > MAX_REST {
+        return Err(LogError::TooLong);
+    }
     let mut buf = vec![0u8; CHUNK];
     let start = Instant::now();
     let mut at = from;
@@ -705,6 +712,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(out, b"012345");
+        // A log end larger than any read is refused before reading.
+        let e = copy_rest(&mut whole, 0, MAX_REST + 1, |_| panic!("read")).await;
+        assert!(matches!(e, Err(LogError::TooLong)), "{e:?}");
     }
 
     #[test]

@@ -433,7 +433,9 @@ pub(crate) fn start_lock_path(state: &StateDir, target: &Target) -> PathBuf {
 /// holder was killed before it could remove them), this one included: a recreated container's
 /// holder never comes back for its old name. Only a hook about to start a holder does it.
 /// A holder's temporary name (bound, not yet listening, renamed into place once it is) is
-/// left alone, and a socket whose backlog is full is not waited for.
+/// left alone, and a socket whose backlog is full is not waited for. (On macOS a full backlog
+/// refuses too: that holder loses its name, sees its socket gone, finishes its channels and
+/// exits, and the next hook starts another.)
 async fn sweep_stale(socket: &Path) {
     let Some(dir) = socket.parent() else {
         return;

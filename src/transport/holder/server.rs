@@ -33,7 +33,7 @@ const TICK: Duration = Duration::from_millis(500);
 const LINGER: Duration = Duration::from_secs(5);
 /// How long the builder may take to open a channel (the hook waits as long for the reply).
 const CHANNEL_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a bridge whose hook has sent its last byte looks whether the hook has gone.
+/// How often a bridge looks whether its hook has gone.
 const HANGUP_CHECK: Duration = Duration::from_secs(1);
 
 /// The holder's parameters, as the starting hook sends them on the holder's stdin (not in
@@ -562,12 +562,14 @@ async fn session_over_exec(
 }
 
 /// Whether the peer of a Unix stream socket has closed it entirely (not only its sending
-/// side): `poll` reports a hang-up, without waiting.
+/// side): `poll` reports a hang-up, without waiting. Asked with `POLLOUT`: Linux reports a
+/// hang-up whatever is asked, macOS only for what is (and for `POLLIN` already at a
+/// half-close).
 fn hung_up(stream: &UnixStream) -> bool {
     use std::os::fd::AsRawFd;
     let mut pfd = libc::pollfd {
         fd: stream.as_raw_fd(),
-        events: 0,
+        events: libc::POLLOUT,
         revents: 0,
     };
     // SAFETY: one valid pollfd for the call's duration; a zero timeout never blocks.
@@ -577,8 +579,9 @@ fn hung_up(stream: &UnixStream) -> bool {
 
 /// The hook's bytes to the channel's input and the channel's output to the hook, each until
 /// its end; the hook's side is given [`LINGER`] once the channel's output has ended. A hook
-/// that has gone ends the bridge although the channel's output has not (a builder that never
-/// closes it would otherwise hold the task, and the holder, for ever).
+/// that has gone ends the bridge although the channel's output has not, checked every
+/// [`HANGUP_CHECK`] (a builder that never closes it, or stops taking its input, would
+/// otherwise hold the task, and the holder, for ever).
 async fn bridge(stream: UnixStream, ch: ExecChannel) {
     let ExecChannel {
         mut stdin,
@@ -624,7 +627,9 @@ async fn bridge(stream: UnixStream, ch: ExecChannel) {
                 _ => break,
             },
             _ = check.tick() => {
-                if up.is_finished() && hung_up(wr.as_ref()) {
+                // Also while the hook's last bytes are still on their way: a builder that
+                // stops taking input would hold them (and `up`) for ever; `up` gets LINGER.
+                if hung_up(wr.as_ref()) {
                     tracing::info!("SSH holder: the hook went away and the builder kept its channel open: closed it");
                     break;
                 }
