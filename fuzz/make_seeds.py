@@ -228,3 +228,15 @@ for minor in [21, 25, 27, 28, 29, 30, 35, 37, 38]:
     if minor >= 35:
         hs += u64(1)
     seed("worker_client", vbyte(minor) + bytes([0x80 | 6, 6]) + hs + u64(LAST) + u64(LAST))
+
+# terminal_text: what builders and engines say, with what a terminal must not get.
+for t in [
+    "error: builder for '/nix/store/x-a.drv' failed with exit code 1",
+    "\x1b[31;1merror:\x1b[0m colour\r\nCRLF line\n\ttab",
+    "\x1b]0;title\x07 OSC \x1b[2J clear \x1bc reset \x9b31m C1",
+    "abc\u202efed \u2066isolate\u2069 zero\u200bwidth \u00adsoft \U000e0041tag \ufeffbom",
+    "qemu: uncaught target signal 11 (Segmentation fault) - core dumped",
+    "\n".join(f"line {i}" for i in range(150)),
+    "x" * 1500,
+]:
+    seed("terminal_text", t)

@@ -10,7 +10,7 @@ pub const MESSAGE_LINES: usize = 100;
 /// Unicode's format characters (general category Cf, Unicode 15): invisible, and some change
 /// how the text around them reads (bidirectional overrides and isolates) or hide it (tags,
 /// zero-width characters).
-fn format_char(c: char) -> bool {
+pub fn format_char(c: char) -> bool {
     matches!(c,
         '\u{ad}'
         | '\u{600}'..='\u{605}'
